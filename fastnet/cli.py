@@ -1,0 +1,156 @@
+"""The `fastnet` command: parses flags, calls train / evaluate / data download, and turns every
+problem the user can fix into one line on stderr and exit status 2."""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from fastnet import __version__, backends, checkpoint, data
+from fastnet.errors import CheckpointError, FastnetError
+from fastnet.optim import OPTIMIZERS, SCHEDULES
+from fastnet.train import TrainConfig, evaluate, normalizer, train
+
+USAGE_ERROR = 2
+
+
+class UsageError(FastnetError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, raised rather than printed with the usage."""
+
+    def error(self, message):
+        raise UsageError(f"{message}: see '{self.prog} --help'")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def widths(text):
+    """--hidden: a comma list of positive integers, e.g. 512,512."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of positive integers, e.g. 512,512")
+    return values
+
+
+def build_parser():
+    defaults = TrainConfig()
+    parser = Parser(prog="fastnet", description="Train dense neural networks on images, fast, on the CPU.")
+    parser.add_argument("--version", action="version", version=f"fastnet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def add_data_and_backend(sub):
+        sub.add_argument("--data", metavar="PATH", help="CIFAR-10 archive, batches folder or .npy folder "
+                         "(default: $FASTNET_DATA or data/)")
+        sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
+                         "(default: $FASTNET_BACKEND or numpy)")
+
+    t = commands.add_parser("train", help="train a network and evaluate it after every epoch")
+    add_data_and_backend(t)
+    t.add_argument("--hidden", type=widths, default=defaults.hidden, metavar="W,W,...",
+                   help="hidden layer widths (default: %(default)s)")
+    t.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="(default: %(default)s)")
+    t.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
+    t.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--momentum", type=float, default=defaults.momentum, help="(default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
+    t.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="(default: %(default)s)")
+    t.add_argument("--warmup", type=float, help="fraction of the run spent warming up "
+                   "(default: 0.3 for onecycle, else 0)")
+    t.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    t.add_argument("--val", type=int, default=0, metavar="N",
+                   help="hold out N training images for validation (default: none)")
+    t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+
+    e = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a model")
+    e.add_argument("model", help="a model.npz written by fastnet train")
+    add_data_and_backend(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    d = commands.add_parser("data", help="manage datasets")
+    data_commands = d.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
+    dl = data_commands.add_parser("download", help="download the official CIFAR-10 archive")
+    dl.add_argument("--to", metavar="DIR", help="folder to put it in (default: $FASTNET_DATA or data/)")
+    return parser
+
+
+def run_train(args):
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    summary = train(config)
+    print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; "
+          f"model in {summary['out']}/model.npz")
+
+
+def run_evaluate(args):
+    saved = checkpoint.load(args.model, backend=args.backend)
+    dataset = data.load_dataset(args.data)
+    if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:
+        raise CheckpointError(
+            f"{args.model} takes {saved.net.sizes[0]} inputs and {saved.net.sizes[-1]} classes but the "
+            f"data has {dataset.input_size} and {dataset.num_classes}: pass the data it was trained on")
+    shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, dataset.test_images.dtype,
+                              saved.net.dtype)
+    result = evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)
+    confusion = result.confusion(dataset.test_labels, dataset.num_classes)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    names = saved.class_names
+    if args.json:
+        print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "class_names": names,
+                          "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}))
+        return
+    print(f"test accuracy {result.accuracy:.2%}  loss {result.loss:.4f}  on {len(dataset.test_labels)} "
+          f"images from {dataset.source}")
+    width = max(len(n) for n in names)
+    print(f"{'class':<{width}}  accuracy")
+    for name, acc in zip(names, per_class):
+        print(f"{name:<{width}}  {acc:7.2%}")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    cell = max(len(str(confusion.max())), 4)
+    print(" " * width + "  " + " ".join(f"{i:>{cell}}" for i in range(len(names))))
+    for i, (name, row) in enumerate(zip(names, confusion)):
+        print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in row))
+
+
+def run_data(args):
+    if args.data_command != "download":
+        raise UsageError("fastnet data needs an action: fastnet data download [--to DIR]")
+    path = data.download(to=args.to)
+    print(f"CIFAR-10 archive ready: {path}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return USAGE_ERROR
+        {"train": run_train, "evaluate": run_evaluate, "data": run_data}[args.command](args)
+    except FastnetError as exc:
+        print(f"fastnet: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("fastnet: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

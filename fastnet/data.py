@@ -1,0 +1,419 @@
+"""Finding, loading, checking and downloading CIFAR-10 (or any small image set in the same layouts).
+
+Three layouts are understood, so people can use whatever they already have on disk: the official
+``cifar-10-python.tar.gz`` (read in place, never unpacked), its unpacked ``cifar-10-batches-py/``
+folder, and a folder of four ``.npy`` files. Whatever the layout, the result is a :class:`Dataset`
+checked by one function, so the trainer never sees a malformed array and every problem reaches the
+user as a one-line :class:`DataError` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import lzma
+import math
+import os
+import pathlib
+import pickle
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from fastnet.errors import DataError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+
+BATCHES_FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+NPY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
+# Images per step of channel_stats: big enough to be fast, small enough that the float64 copy of a
+# chunk (4096 CIFAR images = 100 MB) never rivals the uint8 data set itself. Tests shrink it.
+STATS_CHUNK = 4096
+_HINT = "pass --data with a CIFAR-10 archive, batches folder or .npy folder, or run `fastnet data download`"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits, checked: C-contiguous uint8/float32 images, int64 labels < num_classes."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+    warnings: tuple[str, ...] = ()  # oddities worth telling the user that do not stop training
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def input_size(self) -> int:
+        return math.prod(self.sample_shape)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.sample_shape[-1] if len(self.sample_shape) == 3 else 1
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short single line, since DataError messages must stay one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def default_data_path() -> pathlib.Path:
+    """Where data lives unless --data says otherwise: $FASTNET_DATA, else ./data."""
+    return pathlib.Path(os.environ.get("FASTNET_DATA") or "data")
+
+
+def _kind_of(path: pathlib.Path) -> str | None:
+    """The layout ``path`` itself is in, or None; a tar is recognised by content, not by name."""
+    if path.is_file():
+        try:
+            return "archive" if tarfile.is_tarfile(path) else None
+        except OSError as exc:
+            raise DataError(f"cannot read {path} ({_reason(exc)}): check its permissions") from exc
+    if path.is_dir():
+        if all((path / name).is_file() for name in NPY_FILES):
+            return "npy"
+        if (path / "data_batch_1").is_file() and (path / "test_batch").is_file():
+            return "batches"
+    return None
+
+
+def find_dataset(path: str | os.PathLike) -> tuple[str, pathlib.Path]:
+    """Return ``(kind, path)`` with kind "archive", "batches" or "npy" for the data at or inside ``path``."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist: {_HINT}")
+    kind = _kind_of(path)
+    if kind:
+        return kind, path.resolve()
+    if path.is_file():
+        raise DataError(f"data file {path} is not a tar archive: {_HINT}")
+    # Inside a folder, prefer the fastest layout to load: npy, then unpacked batches, then the archive.
+    try:
+        children = sorted(child for child in path.iterdir() if child.is_dir())
+    except OSError as exc:
+        raise DataError(f"cannot list folder {path} ({_reason(exc)}): check its permissions") from exc
+    candidates = [c for c in children if _kind_of(c) == "npy"] + [path / BATCHES_FOLDER, path / CIFAR10_ARCHIVE]
+    for candidate in candidates:
+        kind = _kind_of(candidate) if candidate.exists() else None
+        if kind:
+            return kind, candidate.resolve()
+    raise DataError(
+        f"no dataset found in {path}: looked for {', '.join(NPY_FILES)} (there or one folder down), "
+        f"{BATCHES_FOLDER}/ with data_batch_1 and test_batch, or {CIFAR10_ARCHIVE}; {_HINT}"
+    )
+
+
+def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
+    """Find the data at ``path`` (default: :func:`default_data_path`), load and check it."""
+    kind, found = find_dataset(default_data_path() if path is None else path)
+    if kind == "npy":
+        return _load_npy(found)
+    if kind == "batches":
+        source = f"CIFAR-10 python batches in {found}"
+        files = {}
+        for name in (*TRAIN_BATCHES, "test_batch", "batches.meta"):
+            try:
+                files[name] = (found / name).read_bytes()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DataError(f"cannot read {found / name} ({_reason(exc)}): check the file") from exc
+    else:
+        source = f"CIFAR-10 archive {found}"
+        files = _read_archive(found)
+    return _from_batches(files, found, source)
+
+
+def _read_archive(path: pathlib.Path) -> dict[str, bytes]:
+    """The batch files of a tar archive by base name, read in one pass (gzip cannot seek cheaply)."""
+    wanted = {*TRAIN_BATCHES, "test_batch", "batches.meta"}
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and name in wanted and name not in files:
+                    files[name] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+        raise DataError(f"archive {path} is truncated or corrupt ({_reason(exc)}): download it again") from exc
+    return files
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds (dicts, lists, bytes, numpy arrays).
+
+    Pickle can run arbitrary code, and a data file is not something users expect to be a program,
+    so any other global in the stream is refused.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # _codecs: bytes in protocol 2
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),  # numpy 1 / 2
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(raw: bytes, where: str) -> dict:
+    try:
+        value = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # garbage bytes can make the pickle machine raise almost anything
+        raise DataError(f"{where} is truncated or not a CIFAR-10 pickle ({_reason(exc)}): replace the file") from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{where} holds a {type(value).__name__}, not a CIFAR-10 batch dict: replace the file")
+    return value
+
+
+def _batch_arrays(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (HWC when rows are square RGB planes, else rows) and labels of one pickled batch."""
+    batch = _unpickle(raw, where)
+    if b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{where} has no b'data' or b'labels' entry: replace it with an official CIFAR-10 batch")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"{where} data is not a 2-D uint8 array (one row per image): replace the file")
+    try:
+        labels = np.asarray(batch[b"labels"])
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where} labels are not a list of integers: replace the file") from exc
+    labels = _as_labels(labels, where)
+    if len(labels) != len(data):  # checked per batch: opposite errors in two batches would cancel out
+        raise DataError(f"{where} has {len(data)} images but {len(labels)} labels: replace the file")
+    side = math.isqrt(data.shape[1] // 3)
+    if data.shape[1] > 0 and 3 * side * side == data.shape[1]:
+        # Rows are planar (all red, all green, all blue); the trainer wants height x width x channel.
+        data = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(data), labels
+
+
+def _from_batches(files: dict[str, bytes], where: pathlib.Path, source: str) -> Dataset:
+    missing = [name for name in (*TRAIN_BATCHES, "test_batch") if name not in files]
+    if missing:
+        raise DataError(f"{where} lacks {', '.join(missing)}: use a complete copy of CIFAR-10")
+    train = [_batch_arrays(files[name], f"batch {name} in {where}") for name in TRAIN_BATCHES]
+    test_images, test_labels = _batch_arrays(files["test_batch"], f"batch test_batch in {where}")
+    if len({images.shape[1:] for images, _ in train}) > 1:
+        raise DataError(f"the training batches in {where} have different image widths: replace the odd batch")
+    class_names = None
+    if "batches.meta" in files:
+        meta = _unpickle(files["batches.meta"], f"batches.meta in {where}")
+        try:
+            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+        except (KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise DataError(f"batches.meta in {where} has no readable b'label_names': replace or delete it") from exc
+    train_images = np.concatenate([images for images, _ in train])
+    train_labels = np.concatenate([labels for _, labels in train])
+    return _checked(train_images, train_labels, test_images, test_labels, class_names, source)
+
+
+def _load_npy(folder: pathlib.Path) -> Dataset:
+    arrays = {}
+    for name in NPY_FILES:
+        try:
+            arrays[name] = np.load(folder / name, allow_pickle=False, mmap_mode=None)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{folder / name} is truncated or not a plain .npy array ({_reason(exc)}): rewrite it") from exc
+        if not isinstance(arrays[name], np.ndarray):
+            raise DataError(f"{folder / name} is an .npz archive, not an .npy array: save each array with np.save")
+    class_names = None
+    names_file = folder / "class_names.txt"
+    if names_file.is_file():
+        try:
+            class_names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read {names_file} ({_reason(exc)}): make it UTF-8 text, one class name a line") from exc
+    labels = {name: _as_labels(arrays[name], str(folder / name)) for name in NPY_FILES if "labels" in name}
+    return _checked(arrays["train_images.npy"], labels["train_labels.npy"], arrays["test_images.npy"],
+                    labels["test_labels.npy"], class_names, f"npy files in {folder}")
+
+
+def _as_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] == 1:  # a column vector is a common way to save labels
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels in {where} must be integers in a 1-D array, got {labels.dtype} {labels.shape}: "
+                        "save them as an integer array")
+    return np.ascontiguousarray(labels, dtype=np.int64)
+
+
+def _as_images(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 kept as is, floats in [0, 1] made float32; anything else refused."""
+    if images.ndim not in (2, 3, 4):
+        raise DataError(f"images in {where} have shape {images.shape}: expected (N, H, W, C), (N, H, W) or (N, D)")
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"images in {where} are {images.dtype}: save them as uint8 0-255 or float in [0, 1]")
+    images = np.ascontiguousarray(images, dtype=np.float32)  # float64 would double memory for nothing
+    if images.size and not np.isfinite(images).all():
+        raise DataError(f"images in {where} contain NaN or infinite values: fix or drop those images")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise DataError(f"float images in {where} range over [{images.min():g}, {images.max():g}], "
+                        "not [0, 1]: divide by 255 or save them as uint8")
+    return images
+
+
+def _checked(train_images, train_labels, test_images, test_labels, class_names, source) -> Dataset:
+    """The one place where every layout's arrays are checked for consistency before use."""
+    splits = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+    for split, (images, labels) in splits.items():
+        images = _as_images(images, f"the {split} split of {source}")
+        if len(images) == 0:
+            raise DataError(f"the {split} split of {source} has no images: supply a non-empty {split} set")
+        if len(images) != len(labels):
+            raise DataError(f"the {split} split of {source} has {len(images)} images but {len(labels)} labels: "
+                            "rebuild the files so they match")
+        if labels.min() < 0:
+            raise DataError(f"the {split} split of {source} has negative labels: labels must be 0 .. classes-1")
+        splits[split] = (images, labels)
+    (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DataError(f"train images of {source} are {train_images.shape[1:]} but test images are "
+                        f"{test_images.shape[1:]}: both splits must have the same sample shape")
+    top = int(max(train_labels.max(), test_labels.max()))
+    if class_names is None:
+        class_names = [str(k) for k in range(top + 1)]
+    if top >= len(class_names):
+        raise DataError(f"{source} has label {top} but only {len(class_names)} class names: "
+                        "fix the labels or the class name list")
+    counts = np.bincount(train_labels, minlength=len(class_names))
+    warnings = tuple(f"class {name!r} ({k}) has no training examples"
+                     for k, name in enumerate(class_names) if counts[k] == 0)
+    return Dataset(train_images, train_labels, test_images, test_labels, tuple(class_names), source, warnings)
+
+
+def channel_stats(images: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and population std of ``images`` scaled to [0, 1], as float32.
+
+    Works chunk by chunk in float64, merging partial results (Chan et al.), so the memory needed stays
+    that of one chunk and the variance does not suffer the cancellation of sum-of-squares formulas.
+    """
+    images = np.asanyarray(images)  # keeps np.memmap lazy: only one chunk is ever read into memory
+    if images.ndim < 2 or len(images) == 0:
+        raise DataError(f"cannot compute channel statistics of images with shape {images.shape}: need N >= 1 samples")
+    channels = images.shape[-1] if images.ndim == 4 else 1
+    scale = 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
+    chunk = chunk or STATS_CHUNK
+    count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        block = images[start:start + chunk].reshape(-1, channels).astype(np.float64) * scale
+        block_mean = block.mean(axis=0)
+        block_m2 = ((block - block_mean) ** 2).sum(axis=0)
+        delta, total = block_mean - mean, count + len(block)
+        mean = mean + delta * (len(block) / total)
+        m2 = m2 + block_m2 + delta ** 2 * (count * len(block) / total)
+        count = total
+    # A constant channel would otherwise divide by ~0 when normalising and blow up the inputs.
+    std = np.maximum(np.sqrt(m2 / count), 1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hold out ``count`` random samples: returns (train_images, train_labels, val_images, val_labels)."""
+    total = len(images)
+    if len(labels) != total:
+        raise DataError(f"cannot split {total} images with {len(labels)} labels: pass matching arrays")
+    if not isinstance(count, (int, np.integer)) or not 0 < count < total:
+        raise DataError(f"--val {count} must be between 1 and {total - 1}: the training set has {total} samples")
+    order = rng.permutation(total)
+    # Sorting keeps both parts in their original order, so epochs see a stable sequence for a seed.
+    val, train = np.sort(order[:count]), np.sort(order[count:])
+    return (np.ascontiguousarray(images[train]), np.ascontiguousarray(labels[train]),
+            np.ascontiguousarray(images[val]), np.ascontiguousarray(labels[val]))
+
+
+def _md5(path: pathlib.Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(to: str | os.PathLike | None = None, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
+             progress: bool = True, timeout: float = 30.0) -> pathlib.Path:
+    """Download ``url`` into folder ``to`` (resuming a partial download), check its md5, return its path."""
+    folder = pathlib.Path(to) if to is not None else default_data_path()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create folder {folder} ({_reason(exc)}): pass a writable folder") from exc
+    name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or CIFAR10_ARCHIVE
+    final, part = folder / name, folder / (name + ".part")
+    if final.is_file() and _md5(final) == md5:
+        return final
+    try:
+        _fetch(url, part, progress, timeout)
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"could not download {url}: the server answered {_reason(exc)}; download {name} "
+                        f"elsewhere and put it in {folder}, or pass --data PATH to a local copy") from exc
+    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts and resets are all OSError
+        reason = _reason(exc.reason if isinstance(exc, urllib.error.URLError) else exc)
+        raise DataError(f"could not download {url} ({reason}): you seem to be offline; download {name} "
+                        f"elsewhere and put it in {folder}, or pass --data PATH to a local copy") from exc
+    actual = _md5(part)
+    if actual != md5:
+        part.unlink()
+        raise DataError(f"download of {url} has md5 {actual}, expected {md5}: the file is corrupt or not "
+                        "the expected one; run the download again or fetch it by hand")
+    os.replace(part, final)  # atomic, so a file under the final name is always complete
+    return final
+
+
+def _fetch(url: str, part: pathlib.Path, progress: bool, timeout: float) -> None:
+    """Fill ``part`` with the bytes of ``url``, continuing from what it already holds if the server lets us."""
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "fastnet"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if offset and exc.code == 416:  # nothing left past offset: the part is whole, the md5 will tell
+            return
+        raise
+    with response:
+        if response.status != 206 or not (response.headers.get("Content-Range") or "").startswith(f"bytes {offset}-"):
+            offset = 0  # the server sent the whole file: start over rather than append it
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        try:
+            out = open(part, "ab" if offset else "wb")
+        except OSError as exc:
+            raise DataError(f"cannot write {part} ({_reason(exc)}): pass a writable folder") from exc
+        with out, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=part.name[:-5], disable=not progress) as bar:
+            while block := response.read(1 << 16):
+                try:
+                    out.write(block)
+                except OSError as exc:
+                    raise DataError(f"cannot write {part} ({_reason(exc)}): free some disk space") from exc
+                bar.update(len(block))
+    if total is not None and part.stat().st_size < total:
+        raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes; run again to resume")

@@ -1,0 +1,119 @@
+"""Optimizers and learning-rate schedules.
+
+An optimizer owns one set of state arrays per parameter (velocity for the momentum methods, first
+and second moments for Adam) and applies one backend kernel per parameter and step. The state is
+plain arrays in `state`, so a checkpoint saves and restores it as it is.
+"""
+
+import math
+
+import numpy as np
+
+from fastnet import backends
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+_STATE_NAMES = {"sgd": (), "momentum": ("velocity",), "nesterov": ("velocity",),
+                "adam": ("m", "v"), "adamw": ("m", "v")}
+
+
+class Optimizer:
+    """Updates parameters in place from their gradients.
+
+    Weight decay applies to weight matrices only: decaying biases buys nothing and only pulls them
+    towards zero. For sgd, momentum, nesterov and adam it is L2 added to the gradient; for adamw it
+    is decoupled, shrinking the weights directly.
+    """
+
+    def __init__(self, params, kind="nesterov", momentum=0.9, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, backend=None):
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+        self.kind = kind
+        self.params = params
+        self.momentum = float(momentum)
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.kernels = backends.get(backend)
+        self.steps_taken = 0
+        self.state = {name: [np.zeros_like(p) for p in params] for name in _STATE_NAMES[kind]}
+
+    def decay_for(self, param):
+        return self.weight_decay if param.ndim > 1 else 0.0
+
+    def step(self, grads, lr):
+        """One update of every parameter with learning rate lr."""
+        self.steps_taken += 1
+        lr = float(lr)
+        k, kind = self.kernels, self.kind
+        for i, (param, grad) in enumerate(zip(self.params, grads)):
+            decay = self.decay_for(param)
+            if kind == "sgd":
+                k.sgd_step(param, grad, lr, decay)
+            elif kind in ("momentum", "nesterov"):
+                update = k.momentum_step if kind == "momentum" else k.nesterov_step
+                update(param, grad, self.state["velocity"][i], lr, self.momentum, decay)
+            else:
+                update = k.adam_step if kind == "adam" else k.adamw_step
+                update(param, grad, self.state["m"][i], self.state["v"][i], lr,
+                       self.beta1, self.beta2, self.eps, decay, self.steps_taken)
+
+    def state_arrays(self):
+        """The state as a flat {name: array} mapping, for checkpoints."""
+        arrays = {f"optim_{name}_{i}": a for name, group in self.state.items()
+                  for i, a in enumerate(group)}
+        arrays["optim_steps_taken"] = np.array(self.steps_taken, np.int64)
+        return arrays
+
+    def load_state_arrays(self, arrays):
+        """Restore what state_arrays() returned, into the existing arrays."""
+        for name, group in self.state.items():
+            for i, a in enumerate(group):
+                a[...] = arrays[f"optim_{name}_{i}"]
+        self.steps_taken = int(arrays["optim_steps_taken"])
+
+
+class Schedule:
+    """The learning rate at each step of a run of `total_steps` steps.
+
+    constant: lr throughout.
+    step:     lr, then lr/10 after half the steps and lr/100 after three quarters.
+    cosine:   from lr down to 0 along half a cosine.
+    onecycle: up from lr/25 to lr over the first `warmup` fraction of the steps (0.3 unless given),
+              then down along half a cosine to lr/25/1e4, as in Smith's one-cycle policy.
+    Any schedule but onecycle also ramps up linearly from 0 when `warmup` is above 0.
+    """
+
+    def __init__(self, kind, lr, total_steps, warmup=None):
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {kind!r}: choose one of {', '.join(SCHEDULES)}")
+        self.kind = kind
+        self.lr = float(lr)
+        self.total_steps = max(int(total_steps), 1)
+        if warmup is None:
+            warmup = 0.3 if kind == "onecycle" else 0.0
+        self.warmup_steps = int(round(float(warmup) * self.total_steps))
+
+    def __call__(self, step):
+        """The learning rate for step `step`, counted from 0, as a Python float."""
+        lr, total, warm = self.lr, self.total_steps, self.warmup_steps
+        if self.kind == "onecycle":
+            start, end = lr / 25, lr / 25 / 1e4
+            if step < warm:
+                return start + (lr - start) * step / warm
+            return end + (lr - end) * _half_cosine((step - warm) / max(total - warm, 1))
+        if step < warm:
+            return lr * (step + 1) / warm
+        progress = (step - warm) / max(total - warm, 1)
+        if self.kind == "constant":
+            return lr
+        if self.kind == "step":
+            return lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+        return lr * _half_cosine(progress)
+
+
+def _half_cosine(progress):
+    """1 at progress 0, falling along half a cosine to 0 at progress 1."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))

@@ -1,0 +1,46 @@
+"""Fixtures shared by the tests: where the real CIFAR-10 is, and small slices of it.
+
+The real images come from $FASTNET_TEST_DATA (what .ci/run builds from ../shared/cifar10), else from
+data/ when a dataset is there. Without either, the tests that need them are skipped, except under CI
+(CI=true), where missing data is a failure.
+"""
+
+import numpy as np
+import pytest
+
+from fastnet import data
+from helpers import real_data_path
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """The full real dataset, loaded once."""
+    return data.load_dataset(real_data_path())
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(cifar, tmp_path_factory):
+    """An npy folder with the first 4,000 training and 1,000 test images of the real set."""
+    folder = tmp_path_factory.mktemp("cifar-subset")
+    np.save(folder / "train_images.npy", cifar.train_images[:4000])
+    np.save(folder / "train_labels.npy", cifar.train_labels[:4000])
+    np.save(folder / "test_images.npy", cifar.test_images[:1000])
+    np.save(folder / "test_labels.npy", cifar.test_labels[:1000])
+    return folder
+
+
+@pytest.fixture
+def tiny_npy(tmp_path):
+    """A synthetic, learnable 3-class npy dataset: each class is a brightness level plus noise."""
+    rng = np.random.default_rng(0)
+
+    def make(count):
+        labels = rng.integers(0, 3, count)
+        images = np.clip(labels[:, None, None, None] * 80 + 40 + rng.normal(0, 20, (count, 4, 4, 3)), 0, 255)
+        return images.astype(np.uint8), labels.astype(np.uint8)
+
+    for split, count in (("train", 300), ("test", 90)):
+        images, labels = make(count)
+        np.save(tmp_path / f"{split}_images.npy", images)
+        np.save(tmp_path / f"{split}_labels.npy", labels)
+    return tmp_path

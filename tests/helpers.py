@@ -1,0 +1,63 @@
+"""The two comparisons every numerical test in fastnet goes through, and where the real data is."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from fastnet import data
+from fastnet.errors import DataError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def assert_close(actual, expected, rtol, atol=0.0, dtype=None):
+    """actual matches expected in shape, in dtype (`dtype`, or expected's when it is an array) and in
+    value to within atol + rtol * |expected|."""
+    actual = np.asarray(actual)
+    expected_array = np.asarray(expected)
+    assert actual.shape == expected_array.shape, f"shape {actual.shape} != {expected_array.shape}"
+    want = np.dtype(dtype) if dtype is not None else expected_array.dtype
+    assert actual.dtype == want, f"dtype {actual.dtype} != {want}"
+    np.testing.assert_allclose(actual, expected_array, rtol=rtol, atol=atol)
+
+
+def numerical_gradient(f, x, eps=1e-6):
+    """dF/dx by centred finite differences of the scalar function f(), perturbing x in place."""
+    grad = np.zeros_like(x, dtype=np.float64)
+    flat_x, flat_grad = x.reshape(-1), grad.reshape(-1)
+    assert np.shares_memory(flat_x, x), "x must be contiguous so it can be perturbed in place"
+    for i in range(flat_x.size):
+        original = flat_x[i]
+        flat_x[i] = original + eps
+        plus = f()
+        flat_x[i] = original - eps
+        minus = f()
+        flat_x[i] = original
+        flat_grad[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def relative_error(a, b):
+    """max |a - b| / max(|a| + |b|), the usual gradient-check measure; 0 when both are 0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.max(np.abs(a) + np.abs(b))
+    return 0.0 if scale == 0 else float(np.max(np.abs(a - b)) / scale)
+
+
+def real_data_path():
+    """Where the real CIFAR-10 is: $FASTNET_TEST_DATA, else data/ when a dataset is there."""
+    path = pathlib.Path(os.environ.get("FASTNET_TEST_DATA") or ROOT / "data")
+    try:
+        data.find_dataset(path)
+    except DataError:
+        unavailable(f"the real CIFAR-10 is not in {path}: set FASTNET_TEST_DATA (see README, Tests)")
+    return path
+
+
+def unavailable(message):
+    """Skip a test whose data is missing on a developer's machine; under CI, fail it instead."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,0 +1,117 @@
+"""The real `fastnet` command, run in a subprocess as a user runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def fastnet(*args, env=None, cwd=None):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
+                          text=True, env=environment, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastnet: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0]
+
+
+@pytest.mark.cifar
+def test_train_then_evaluate_round_trip_on_real_images(cifar_subset, tmp_path):
+    run = tmp_path / "run"
+    trained = fastnet("train", "--data", cifar_subset, "--epochs", 2, "--hidden", "64", "--out", run)
+    assert trained.returncode == 0, trained.stderr
+    assert "epoch 2/2" in trained.stdout and "done: test accuracy" in trained.stdout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+            "samples_per_second"} <= set(metrics[-1])
+
+    evaluated = fastnet("evaluate", run / "model.npz", "--data", cifar_subset, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["accuracy"] == metrics[-1]["test_acc"]
+    confusion = np.array(report["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 1000
+    assert np.trace(confusion) == round(report["accuracy"] * 1000)
+
+    table = fastnet("evaluate", run / "model.npz", "--data", cifar_subset)
+    assert table.returncode == 0 and "confusion matrix" in table.stdout
+
+
+def test_console_script_and_module_agree():
+    script = shutil.which("fastnet")
+    assert script, "the fastnet console script is not installed: pip install -e '.[dev]'"
+    via_script = subprocess.run([script, "--version"], capture_output=True, text=True)
+    assert via_script.returncode == 0 and via_script.stdout == fastnet("--version").stdout
+    assert via_script.stdout.startswith("fastnet ")
+
+
+def test_data_comes_from_fastnet_data_when_no_flag(tiny_npy, tmp_path):
+    result = fastnet("train", "--epochs", 1, "--hidden", 4, "--batch-size", 50, "--out", tmp_path / "run",
+                     env={"FASTNET_DATA": str(tiny_npy)})
+    assert result.returncode == 0, result.stderr
+    assert str(tiny_npy) in result.stdout
+
+
+@pytest.mark.parametrize("args, phrases", [
+    (["fly"], ["invalid choice: 'fly'"]),
+    (["train", "--epochs", "0"], ["--epochs", "not positive"]),
+    (["train", "--hidden", "512,x"], ["--hidden", "comma list of positive integers"]),
+    (["train", "--hidden", "512,-1"], ["--hidden"]),
+    (["train", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+    (["train", "--optimizer", "lbfgs"], ["--optimizer", "invalid choice"]),
+    (["train", "--backend", "cuda"], ["unknown backend 'cuda'", "numpy"]),
+    (["train", "--lr", "-1"], ["--lr must be a positive number"]),
+    (["train", "--data", "/no/such/place"], ["/no/such/place", "does not exist"]),
+    (["evaluate", "/no/such/model.npz"], ["does not exist"]),
+    (["data"], ["fastnet data download"]),
+])
+def test_bad_input_gets_one_line_and_status_2(args, phrases, tiny_npy, tmp_path):
+    if args[0] == "train" and "--data" not in args:
+        args = [*args, "--data", tiny_npy, "--out", tmp_path / "run"]
+    assert_one_line_error(fastnet(*args), *phrases)
+
+
+def test_foreign_and_truncated_checkpoints_are_refused(tiny_npy, tmp_path):
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.zeros(3))
+    assert_one_line_error(fastnet("evaluate", foreign, "--data", tiny_npy), "not a fastnet checkpoint")
+
+    trained = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    whole = (tmp_path / "run" / "model.npz").read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    assert_one_line_error(fastnet("evaluate", truncated, "--data", tiny_npy), "unreadable")
+
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, format=np.array("fastnet-checkpoint-1"), config=np.array([{"a": 1}], dtype=object))
+    assert_one_line_error(fastnet("evaluate", pickled, "--data", tiny_npy), "unreadable")
+
+
+def test_model_that_does_not_fit_the_data_is_refused(tiny_npy, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.save(other / f"{split}_images.npy", rng.integers(0, 256, (20, 5, 5, 3), dtype=np.uint8))
+        np.save(other / f"{split}_labels.npy", rng.integers(0, 3, 20))
+    trained = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    assert_one_line_error(fastnet("evaluate", tmp_path / "run" / "model.npz", "--data", other),
+                          "takes 48 inputs", "75")
+
+
+def test_unwritable_out_is_refused(tiny_npy, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line_error(fastnet("train", "--data", tiny_npy, "--out", blocker / "run"), "cannot write to --out")

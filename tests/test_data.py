@@ -1,0 +1,535 @@
+"""Tests of fastnet.data: the three on-disk layouts, the checks on bad files, statistics and splitting.
+
+Small synthetic data sets are written in every layout from the same arrays, so a layout that
+converts pixels wrongly (e.g. forgets the planar-to-HWC transpose) cannot agree with the originals.
+"""
+
+import collections
+import os
+import pathlib
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastnet import data
+from fastnet.data import Dataset, channel_stats, default_data_path, find_dataset, load_dataset, split_validation
+from fastnet.errors import DataError
+from helpers import real_data_path, unavailable
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PER_BATCH, TEST_COUNT = 7, 5
+
+
+def make_arrays(seed=0):
+    """35 train and 5 test random 32x32 RGB images; train labels hit every class."""
+    rng = np.random.default_rng(seed)
+    return {
+        "train_images": rng.integers(0, 256, (5 * PER_BATCH, 32, 32, 3), dtype=np.uint8),
+        "train_labels": rng.permutation(np.arange(5 * PER_BATCH) % 10).astype(np.int64),
+        "test_images": rng.integers(0, 256, (TEST_COUNT, 32, 32, 3), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, TEST_COUNT).astype(np.int64),
+    }
+
+
+def _batch_bytes(images, labels, name):
+    planar = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # official rows: R plane, G plane, B plane
+    batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in labels], b"data": planar,
+             b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))]}
+    return pickle.dumps(batch, protocol=3)
+
+
+def write_batches(folder, arrays, names=CLASSES):
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for b in range(5):
+        rows = slice(b * PER_BATCH, (b + 1) * PER_BATCH)
+        (folder / f"data_batch_{b + 1}").write_bytes(
+            _batch_bytes(arrays["train_images"][rows], arrays["train_labels"][rows], f"batch {b + 1}"))
+    (folder / "test_batch").write_bytes(_batch_bytes(arrays["test_images"], arrays["test_labels"], "test"))
+    if names is not None:
+        meta = {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": PER_BATCH}
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=3))
+    return folder
+
+
+def write_archive(path, arrays, top="cifar-10-batches-py"):
+    path = pathlib.Path(path)
+    folder = write_batches(path.parent / "_staging" / "cifar-10-batches-py", arrays)
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(folder, arcname=top)
+    return path
+
+
+def write_npy(folder, arrays, names=None):
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, value in arrays.items():
+        np.save(folder / f"{key}.npy", value)
+    if names is not None:
+        (folder / "class_names.txt").write_text("\n".join(names) + "\n")
+    return folder
+
+
+@pytest.fixture
+def arrays():
+    return make_arrays()
+
+
+def build(layout, root, arrays):
+    """Write ``arrays`` in ``layout`` under ``root``; return (path to pass, expected kind, names)."""
+    if layout == "archive":
+        return write_archive(root / "cifar-10-python.tar.gz", arrays), "archive", CLASSES
+    if layout == "batches":
+        return write_batches(root / "cifar-10-batches-py", arrays), "batches", CLASSES
+    if layout == "npy":
+        return write_npy(root / "npy", arrays), "npy", tuple(str(k) for k in range(10))
+    _, kind, names = build(layout.removeprefix("parent-"), root / "parent", arrays)
+    return root / "parent", kind, names
+
+
+LAYOUTS = ["archive", "batches", "npy", "parent-archive", "parent-batches", "parent-npy"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_the_original_arrays(tmp_path, arrays, layout):
+    path, kind, names = build(layout, tmp_path, arrays)
+    assert find_dataset(path)[0] == kind
+    ds = load_dataset(path)
+    for key, expected in arrays.items():
+        got = getattr(ds, key)
+        assert got.dtype == (np.uint8 if "images" in key else np.int64), key
+        assert got.flags.c_contiguous, key
+        np.testing.assert_array_equal(got, expected, err_msg=key)
+    assert ds.class_names == names
+    assert ds.warnings == ()
+    assert ds.sample_shape == (32, 32, 3) and ds.input_size == 3072
+    assert ds.channels == 3 and ds.num_classes == 10
+
+
+def test_find_dataset_resolves_the_inner_path(tmp_path, arrays):
+    write_batches(tmp_path / "cifar-10-batches-py", arrays)
+    assert find_dataset(tmp_path) == ("batches", (tmp_path / "cifar-10-batches-py").resolve())
+
+
+def test_folder_preference_is_npy_then_batches_then_archive(tmp_path, arrays):
+    write_archive(tmp_path / "cifar-10-python.tar.gz", arrays)
+    assert find_dataset(tmp_path)[0] == "archive"
+    write_batches(tmp_path / "cifar-10-batches-py", arrays)
+    assert find_dataset(tmp_path)[0] == "batches"
+    write_npy(tmp_path / "npy", arrays)
+    assert find_dataset(tmp_path) == ("npy", (tmp_path / "npy").resolve())
+
+
+def test_archive_is_recognised_by_content_and_members_anywhere(tmp_path, arrays):
+    path = write_archive(tmp_path / "oddly-named.bin", arrays, top="some/where/else")
+    assert find_dataset(path)[0] == "archive"
+    np.testing.assert_array_equal(load_dataset(path).train_images, arrays["train_images"])
+
+
+def test_batches_without_meta_get_numbered_classes(tmp_path, arrays):
+    path = write_batches(tmp_path / "b", arrays, names=None)
+    assert load_dataset(path).class_names == tuple(str(k) for k in range(10))
+
+
+def test_npy_class_names_file_is_used(tmp_path, arrays):
+    path = write_npy(tmp_path / "n", arrays, names=CLASSES)
+    assert load_dataset(path).class_names == CLASSES
+
+
+def test_default_data_path_follows_environment(tmp_path, arrays, monkeypatch):
+    monkeypatch.delenv("FASTNET_DATA", raising=False)
+    assert default_data_path() == pathlib.Path("data")
+    monkeypatch.setenv("FASTNET_DATA", "")
+    assert default_data_path() == pathlib.Path("data")
+    write_npy(tmp_path / "npy", arrays)
+    monkeypatch.setenv("FASTNET_DATA", str(tmp_path))
+    assert default_data_path() == tmp_path
+    np.testing.assert_array_equal(load_dataset().test_labels, arrays["test_labels"])
+
+
+def _one_line(err):
+    message = str(err.value)
+    assert "\n" not in message and message.strip() == message
+    return message
+
+
+def test_missing_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError) as err:
+        find_dataset(tmp_path / "nowhere")
+    message = _one_line(err)
+    assert "does not exist" in message and str(tmp_path / "nowhere") in message and "--data" in message
+
+
+def test_empty_folder_lists_what_was_looked_for(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path)
+    message = _one_line(err)
+    for word in (str(tmp_path), "train_images.npy", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                 "fastnet data download"):
+        assert word in message
+
+
+def test_plain_file_is_not_a_dataset(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError) as err:
+        find_dataset(tmp_path / "notes.txt")
+    assert "not a tar archive" in _one_line(err)
+
+
+# ---- npy generality --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, channels", [((32, 32), 1), ((12,), 1), ((8, 8, 4), 4)])
+def test_npy_accepts_other_sample_shapes(tmp_path, arrays, shape, channels):
+    rng = np.random.default_rng(1)
+    arrays["train_images"] = rng.integers(0, 256, (35, *shape), dtype=np.uint8)
+    arrays["test_images"] = rng.integers(0, 256, (5, *shape), dtype=np.uint8)
+    ds = load_dataset(write_npy(tmp_path, arrays))
+    assert ds.sample_shape == shape and ds.channels == channels
+    np.testing.assert_array_equal(ds.train_images, arrays["train_images"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_npy_float_images_become_float32(tmp_path, arrays, dtype):
+    for key in ("train_images", "test_images"):
+        arrays[key] = (arrays[key] / 255.0).astype(dtype)
+    ds = load_dataset(write_npy(tmp_path, arrays))
+    assert ds.train_images.dtype == np.float32 and ds.test_images.dtype == np.float32
+    assert ds.train_images.flags.c_contiguous
+    np.testing.assert_allclose(ds.test_images, arrays["test_images"].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.uint64])
+def test_npy_any_integer_labels_become_int64(tmp_path, arrays, dtype):
+    arrays["train_labels"] = arrays["train_labels"].astype(dtype)
+    ds = load_dataset(write_npy(tmp_path, arrays))
+    assert ds.train_labels.dtype == np.int64
+    np.testing.assert_array_equal(ds.train_labels, arrays["train_labels"])
+
+
+def test_class_without_training_examples_is_a_warning(tmp_path, arrays):
+    arrays["train_labels"][arrays["train_labels"] == 3] = 4
+    ds = load_dataset(write_batches(tmp_path / "b", arrays))
+    assert ds.warnings == ("class 'cat' (3) has no training examples",)
+    assert ds.num_classes == 10
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------
+
+def _truncate(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def bad_truncated_archive(root, a):
+    path = write_archive(root / "cifar-10-python.tar.gz", a)
+    _truncate(path)
+    return path
+
+
+def bad_truncated_batch(root, a):
+    path = write_batches(root / "b", a)
+    _truncate(path / "data_batch_3")
+    return path
+
+
+def bad_garbage_batch(root, a):
+    path = write_batches(root / "b", a)
+    (path / "data_batch_2").write_bytes(np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return path
+
+
+def bad_batch_is_a_list(root, a):
+    path = write_batches(root / "b", a)
+    (path / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))
+    return path
+
+
+def bad_batch_without_data(root, a):
+    path = write_batches(root / "b", a)
+    (path / "test_batch").write_bytes(pickle.dumps({b"labels": [0]}))
+    return path
+
+
+def bad_batch_with_foreign_global(root, a):
+    # Stock pickle would happily build this; the loader must refuse globals a batch never contains.
+    path = write_batches(root / "b", a)
+    (path / "test_batch").write_bytes(pickle.dumps({b"data": collections.OrderedDict(), b"labels": []}))
+    return path
+
+
+def bad_batch_float_data(root, a):
+    path = write_batches(root / "b", a)
+    batch = {b"data": np.zeros((5, 3072)), b"labels": [0] * 5}
+    (path / "test_batch").write_bytes(pickle.dumps(batch))
+    return path
+
+
+def bad_batch_wrong_width(root, a):
+    path = write_batches(root / "b", a)
+    batch = {b"data": np.zeros((7, 3000), np.uint8), b"labels": [0] * 7}
+    (path / "data_batch_4").write_bytes(pickle.dumps(batch))
+    return path
+
+
+def bad_batch_missing_file(root, a):
+    path = write_batches(root / "b", a)
+    (path / "data_batch_5").unlink()
+    return path
+
+
+def bad_batch_counts(root, a):
+    a["train_labels"] = a["train_labels"].copy()
+    path = write_batches(root / "b", a)
+    batch = pickle.loads((path / "data_batch_1").read_bytes(), encoding="bytes")
+    batch[b"labels"] = batch[b"labels"][:-1]
+    (path / "data_batch_1").write_bytes(pickle.dumps(batch))
+    return path
+
+
+def bad_batch_counts_that_cancel(root, a):
+    # One label moved from batch 1 to batch 2: the totals agree, the pairing of images and labels does not.
+    path = write_batches(root / "b", a)
+    first, second = (pickle.loads((path / n).read_bytes(), encoding="bytes") for n in ("data_batch_1", "data_batch_2"))
+    second[b"labels"].append(first[b"labels"].pop())
+    for name, batch in (("data_batch_1", first), ("data_batch_2", second)):
+        (path / name).write_bytes(pickle.dumps(batch))
+    return path
+
+
+def bad_batch_scalar_labels(root, a):
+    path = write_batches(root / "b", a)
+    (path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((5, 3072), np.uint8), b"labels": 3}))
+    return path
+
+
+def bad_meta(root, a):
+    path = write_batches(root / "b", a)
+    (path / "batches.meta").write_bytes(pickle.dumps({b"other": 1}))
+    return path
+
+
+def bad_label_beyond_class_names(root, a):
+    a["test_labels"][0] = 10
+    return write_batches(root / "b", a)
+
+
+def bad_npy_truncated(root, a):
+    path = write_npy(root / "n", a)
+    _truncate(path / "train_images.npy")
+    return path
+
+
+def _npy_with(**changes):
+    def builder(root, a):
+        for key, change in changes.items():
+            a[key] = change(a[key])
+        return write_npy(root / "n", a)
+    return builder
+
+
+def bad_npy_names_too_few(root, a):
+    return write_npy(root / "n", a, names=CLASSES[:5])
+
+
+def _negative(labels):
+    labels = labels.copy()
+    labels[2] = -1
+    return labels
+
+
+def _with_nan(images):
+    images = images / 255.0
+    images[0, 1, 2, 0] = np.nan
+    return images
+
+
+BAD_INPUTS = [
+    (bad_truncated_archive, "cifar-10-python.tar.gz"),
+    (bad_truncated_batch, "data_batch_3"),
+    (bad_garbage_batch, "data_batch_2"),
+    (bad_batch_is_a_list, "test_batch"),
+    (bad_batch_without_data, "test_batch"),
+    (bad_batch_with_foreign_global, "test_batch"),
+    (bad_batch_float_data, "uint8"),
+    (bad_batch_wrong_width, "different image widths"),
+    (bad_batch_missing_file, "data_batch_5"),
+    (bad_batch_counts, "7 images but 6 labels"),
+    (bad_batch_counts_that_cancel, "data_batch_1"),
+    (bad_batch_scalar_labels, "must be integers in a 1-D array"),
+    (bad_meta, "batches.meta"),
+    (bad_label_beyond_class_names, "label 10"),
+    (bad_npy_truncated, "train_images.npy"),
+    (bad_npy_names_too_few, "5 class names"),
+    (_npy_with(train_labels=lambda x: x[:-1]), "35 images but 34 labels"),
+    (_npy_with(test_images=lambda x: x[:, :16, :16]), "same sample shape"),
+    (_npy_with(train_images=lambda x: x / 100.0), "not [0, 1]"),
+    (_npy_with(test_images=lambda x: x / 255.0 - 0.5), "not [0, 1]"),
+    (_npy_with(train_images=_with_nan), "NaN"),
+    (_npy_with(test_images=lambda x: np.full(x.shape, np.inf)), "NaN or infinite"),
+    (_npy_with(train_images=lambda x: x.astype(np.int16)), "int16"),
+    (_npy_with(train_images=lambda x: x.reshape(-1)), "shape"),
+    (_npy_with(train_labels=_negative), "negative"),
+    (_npy_with(test_labels=lambda x: x.astype(np.float64)), "must be integers"),
+    (_npy_with(train_labels=lambda x: x.astype(bool)), "must be integers"),
+    (_npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]), "no images"),
+]
+
+
+@pytest.mark.parametrize("builder, words", BAD_INPUTS,
+                         ids=[b.__name__ if b.__name__ != "builder" else f"npy-{i}" for i, (b, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_a_one_line_data_error(tmp_path, arrays, builder, words):
+    path = builder(tmp_path, arrays)
+    with pytest.raises(DataError) as err:
+        load_dataset(path)
+    message = _one_line(err)
+    assert words in message
+    assert str(path.resolve()) in message or str(path) in message
+
+
+# ---- channel_stats ---------------------------------------------------------------------------------
+
+def _direct_stats(images):
+    x = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
+    x = x.reshape(-1, images.shape[-1]) if images.ndim == 4 else x.reshape(-1, 1)
+    return x.mean(axis=0), np.maximum(x.std(axis=0), 1e-3)
+
+
+@pytest.mark.parametrize("shape", [(50, 6, 6, 3), (50, 5, 5), (50, 17), (50, 4, 4, 1)])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 50, 1000])
+def test_channel_stats_matches_direct_computation(shape, chunk):
+    images = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    mean, std = channel_stats(images, chunk=chunk)
+    expected_mean, expected_std = _direct_stats(images)
+    assert mean.dtype == np.float32 and std.dtype == np.float32
+    assert mean.shape == std.shape == (shape[-1] if len(shape) == 4 else 1,)
+    np.testing.assert_allclose(mean, expected_mean, atol=1e-6)
+    np.testing.assert_allclose(std, expected_std, atol=1e-6)
+
+
+class _SliceRecorder(np.ndarray):
+    """An array that remembers the length of every slice taken from it."""
+
+    def __getitem__(self, key):
+        part = super().__getitem__(key)
+        if isinstance(key, slice):
+            self.info.append(len(part))
+        return part
+
+
+def test_channel_stats_uses_module_chunk_size(monkeypatch):
+    images = np.random.default_rng(3).random((40, 4, 4, 2), dtype=np.float32)
+    recorder = images.view(_SliceRecorder)
+    recorder.info = []
+    monkeypatch.setattr(data, "STATS_CHUNK", 6)
+    mean, std = channel_stats(recorder)
+    expected = _direct_stats(images)
+    np.testing.assert_allclose(mean, expected[0], atol=1e-6)
+    np.testing.assert_allclose(std, expected[1], atol=1e-6)
+    # Never more than one chunk converted at a time, and every image seen exactly once.
+    assert recorder.info == [6, 6, 6, 6, 6, 6, 4]
+
+
+def test_channel_stats_floors_constant_channels():
+    images = np.full((10, 2, 2, 3), 7, np.uint8)
+    mean, std = channel_stats(images)
+    np.testing.assert_allclose(mean, 7 / 255, atol=1e-7)
+    np.testing.assert_array_equal(std, np.float32(1e-3))
+
+
+def test_channel_stats_of_nothing_is_a_data_error():
+    with pytest.raises(DataError):
+        channel_stats(np.zeros((0, 4, 4, 3), np.uint8))
+
+
+@settings(max_examples=40, deadline=None)
+@given(count=st.integers(1, 30), chunk=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_channel_stats_does_not_depend_on_chunking(count, chunk, seed):
+    images = np.random.default_rng(seed).integers(0, 256, (count, 3, 3, 2), dtype=np.uint8)
+    whole = channel_stats(images, chunk=count)
+    chunked = channel_stats(images, chunk=chunk)
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-6)
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)
+
+
+# ---- split_validation ------------------------------------------------------------------------------
+
+def test_split_validation_partitions_the_samples():
+    labels = np.arange(100, dtype=np.int64)
+    images = np.repeat(labels[:, None], 3, axis=1).astype(np.uint8)  # image i holds value i
+    tr_x, tr_y, va_x, va_y = split_validation(images, labels, 20, np.random.default_rng(0))
+    assert len(tr_x) == len(tr_y) == 80 and len(va_x) == len(va_y) == 20
+    assert set(tr_y).isdisjoint(va_y) and set(tr_y) | set(va_y) == set(range(100))
+    assert (np.diff(tr_y) > 0).all() and (np.diff(va_y) > 0).all()  # original order kept
+    np.testing.assert_array_equal(tr_x[:, 0], tr_y)  # images travel with their labels
+    np.testing.assert_array_equal(va_x[:, 2], va_y)
+    assert all(a.flags.c_contiguous for a in (tr_x, tr_y, va_x, va_y))
+    tr_x[:] = 0
+    assert images.any()  # a copy, not a view
+
+
+def test_split_validation_follows_the_generator():
+    labels = np.arange(1000)
+    first = split_validation(labels, labels, 100, np.random.default_rng(7))[3]
+    again = split_validation(labels, labels, 100, np.random.default_rng(7))[3]
+    other = split_validation(labels, labels, 100, np.random.default_rng(8))[3]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    expected = np.sort(np.random.default_rng(7).permutation(1000)[:100])
+    np.testing.assert_array_equal(first, expected)
+
+
+@pytest.mark.parametrize("count", [0, -1, 10, 11, 2.5])
+def test_split_validation_rejects_bad_counts(count):
+    labels = np.arange(10)
+    with pytest.raises(DataError) as err:
+        split_validation(labels, labels, count, np.random.default_rng(0))
+    assert "between 1 and 9" in _one_line(err)
+
+
+def test_dataset_properties_for_flat_samples():
+    x = np.zeros((4, 6), np.uint8)
+    y = np.zeros(4, np.int64)
+    ds = Dataset(x, y, x, y, ("a", "b"), "test")
+    assert (ds.sample_shape, ds.input_size, ds.num_classes, ds.channels, ds.warnings) == ((6,), 6, 2, 1, ())
+
+
+# ---- the real CIFAR-10 -----------------------------------------------------------------------------
+
+def _real_layouts():
+    """The layouts of the real data (conftest.real_data_path): its batches and npy subfolders, or the folder itself."""
+    root = real_data_path()
+    found = {name: root / name for name in ("cifar-10-batches-py", "npy") if (root / name).is_dir()}
+    return found or {"data": root}
+
+
+@pytest.fixture(scope="module")
+def real_datasets():
+    return {name: (find_dataset(path)[0], load_dataset(path)) for name, path in _real_layouts().items()}
+
+
+@pytest.mark.cifar
+def test_real_cifar10_is_the_published_set(real_datasets):
+    for kind, ds in real_datasets.values():
+        assert ds.train_images.shape == (50000, 32, 32, 3) and ds.test_images.shape == (10000, 32, 32, 3)
+        assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int64
+        assert np.bincount(ds.train_labels).tolist() == [5000] * 10
+        assert np.bincount(ds.test_labels).tolist() == [1000] * 10
+        assert abs(float(ds.train_images.mean()) - 120.7) < 1.0
+        assert ds.warnings == ()
+        # Only the python layouts carry names; a bare npy folder has them only with class_names.txt.
+        named = kind != "npy" or "class_names.txt" in os.listdir(ds.source.removeprefix("npy files in "))
+        assert ds.class_names == (CLASSES if named else tuple(str(k) for k in range(10)))
+
+
+@pytest.mark.cifar
+def test_real_cifar10_layouts_load_identically(real_datasets):
+    if len(real_datasets) < 2:
+        unavailable("FASTNET_TEST_DATA holds one layout: build both batches and npy to compare (see .ci/run)")
+    (_, first), *others = real_datasets.values()
+    for _, other in others:
+        for key in ("train_images", "train_labels", "test_images", "test_labels"):
+            np.testing.assert_array_equal(getattr(first, key), getattr(other, key), err_msg=key)

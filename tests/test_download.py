@@ -1,0 +1,182 @@
+"""Tests of fastnet.data.download against a local HTTP server on 127.0.0.1 (no internet needed).
+
+The server's behaviour (honour Range or not, cut the body short, fail) is switched per test, and it
+records every request so the tests can tell a resumed download from a fresh one, and none at all.
+"""
+
+import hashlib
+import http.server
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from fastnet.data import download
+from fastnet.errors import DataError
+
+PAYLOAD = np.random.default_rng(42).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
+NAME = "cifar-10-python.tar.gz"
+
+
+class FakeServer:
+    """What the handler serves and what it has seen."""
+
+    def __init__(self):
+        self.payload = PAYLOAD
+        self.honour_range = True
+        self.cut_after = None  # send only this many body bytes while announcing the full length
+        self.status = 200  # anything else: answer this error code
+        self.requests = []  # (path, Range header or None)
+        self.url = ""
+
+
+def make_handler(state):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            wanted = self.headers.get("Range")
+            state.requests.append((self.path, wanted))
+            if state.status != 200:
+                self.send_error(state.status)
+                return
+            body, start = state.payload, 0
+            if wanted and state.honour_range:
+                start = int(wanted.removeprefix("bytes=").split("-")[0])
+                if start >= len(body):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            sent = body[start:] if state.cut_after is None else body[start:start + state.cut_after]
+            self.wfile.write(sent)
+            if state.cut_after is not None:
+                self.close_connection = True
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def server():
+    state = FakeServer()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/files/{NAME}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def fetch(server, folder, **kwargs):
+    return download(folder, url=server.url, md5=kwargs.pop("md5", PAYLOAD_MD5), progress=False, timeout=5, **kwargs)
+
+
+def test_download_writes_the_file_atomically(server, tmp_path):
+    folder = tmp_path / "new" / "folder"  # created on demand
+    path = fetch(server, folder)
+    assert path == folder / NAME
+    assert path.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in folder.iterdir()) == [NAME]
+    assert server.requests == [(f"/files/{NAME}", None)]
+
+
+def test_download_resumes_a_partial_file(server, tmp_path):
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD[:100_000])
+    path = fetch(server, tmp_path)
+    assert server.requests == [(f"/files/{NAME}", "bytes=100000-")]
+    assert path.read_bytes() == PAYLOAD
+    assert not (tmp_path / f"{NAME}.part").exists()
+
+
+def test_download_starts_over_when_the_server_ignores_range(server, tmp_path):
+    server.honour_range = False
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * 50_000)  # would corrupt the file if appended to
+    path = fetch(server, tmp_path)
+    assert server.requests[0][1] == "bytes=50000-"
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_download_of_a_complete_part_file_checks_it(server, tmp_path):
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD)  # e.g. a crash between download and rename
+    path = fetch(server, tmp_path)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [(f"/files/{NAME}", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_interrupted_download_keeps_the_part_for_resuming(server, tmp_path):
+    server.cut_after = 80_000
+    with pytest.raises(DataError) as err:
+        fetch(server, tmp_path)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / f"{NAME}.part").read_bytes() == PAYLOAD[:80_000]
+    assert not (tmp_path / NAME).exists()
+    server.cut_after = None
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD
+    assert server.requests[-1][1] == "bytes=80000-"
+
+
+def test_wrong_checksum_is_a_data_error_and_leaves_nothing(server, tmp_path):
+    wrong = "0" * 32
+    with pytest.raises(DataError) as err:
+        fetch(server, tmp_path, md5=wrong)
+    message = str(err.value)
+    assert "\n" not in message and wrong in message and PAYLOAD_MD5 in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_complete_file_needs_no_request(server, tmp_path):
+    (tmp_path / NAME).write_bytes(PAYLOAD)
+    assert fetch(server, tmp_path) == tmp_path / NAME
+    assert server.requests == []
+
+
+def test_existing_wrong_file_is_replaced(server, tmp_path):
+    (tmp_path / NAME).write_bytes(b"not the archive")
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
+
+
+def test_default_folder_comes_from_the_environment(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTNET_DATA", str(tmp_path / "env"))
+    path = download(url=server.url, md5=PAYLOAD_MD5, progress=False, timeout=5)
+    assert path == tmp_path / "env" / NAME and path.read_bytes() == PAYLOAD
+
+
+def test_progress_bar_does_not_break_the_download(server, tmp_path, capsys):
+    path = download(tmp_path, url=server.url, md5=PAYLOAD_MD5, progress=True, timeout=5)
+    assert path.read_bytes() == PAYLOAD
+    assert NAME in capsys.readouterr().err  # tqdm writes its bar, labelled with the file, to stderr
+
+
+def test_http_error_is_a_data_error(server, tmp_path):
+    server.status = 404
+    with pytest.raises(DataError) as err:
+        fetch(server, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "404" in message and server.url in message
+    assert not (tmp_path / NAME).exists()
+
+
+def test_unreachable_server_says_offline(tmp_path):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there any more: connections are refused at once
+    with pytest.raises(DataError) as err:
+        download(tmp_path, url=f"http://127.0.0.1:{port}/{NAME}", md5=PAYLOAD_MD5, progress=False, timeout=5)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "offline" in message and str(tmp_path) in message and "--data" in message and NAME in message
+    assert not (tmp_path / NAME).exists()

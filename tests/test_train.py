@@ -1,0 +1,102 @@
+"""The trainer, in process: learning on real images, determinism, and what a run writes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastnet import checkpoint
+from fastnet.errors import FastnetError
+from fastnet.train import TrainConfig, normalizer, train
+
+METRIC_FIELDS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+                 "samples_per_second"}
+
+
+def quiet_train(**settings):
+    return train(TrainConfig(**settings), log=lambda line: None)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.cifar
+def test_learns_real_cifar_well_above_chance(cifar_subset, tmp_path):
+    summary = quiet_train(data=str(cifar_subset), epochs=4, hidden=(256,), lr=0.02, out=str(tmp_path))
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 4
+    # 10 classes: chance is 10 %. 4,000 images and 4 epochs reach about 35 %.
+    assert summary["test_acc"] > 0.28
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+
+
+def test_a_run_writes_config_metrics_and_model(tiny_npy, tmp_path):
+    quiet_train(data=str(tiny_npy), epochs=3, hidden=(16,), batch_size=32, val=60, out=str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sizes"] == [48, 16, 3] and config["train_size"] == 240 and config["backend"] == "numpy"
+    metrics = read_metrics(tmp_path)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert METRIC_FIELDS | {"val_loss", "val_acc"} <= set(m)
+        assert m["samples_per_second"] == pytest.approx(240 / m["epoch_seconds"])
+    assert metrics[-1]["test_acc"] > 0.9  # the synthetic classes are easy to tell apart
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as saved:
+        assert {"param_0", "param_3", "mean", "std", "class_names", "config"} <= set(saved.files)
+        assert saved["mean"].shape == (3,) and saved["param_0"].dtype == np.float32
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_npy, tmp_path):
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        quiet_train(data=str(tiny_npy), epochs=2, hidden=(8,), batch_size=16, seed=seed, val=30,
+                    out=str(tmp_path / name))
+        params = checkpoint.load(str(tmp_path / name / "model.npz")).net.params
+        losses = [m["train_loss"] for m in read_metrics(tmp_path / name)]
+        runs[name] = (params, losses)
+    assert all(np.array_equal(p, q) for p, q in zip(runs["a"][0], runs["b"][0]))
+    assert runs["a"][1] == runs["b"][1]
+    assert not np.array_equal(runs["a"][0][0], runs["c"][0][0])
+
+
+def test_saved_model_reproduces_the_reported_test_accuracy(tiny_npy, tmp_path):
+    from fastnet import data
+    from fastnet.train import evaluate
+
+    summary = quiet_train(data=str(tiny_npy), epochs=2, hidden=(8,), batch_size=16, out=str(tmp_path))
+    saved = checkpoint.load(str(tmp_path / "model.npz"))
+    dataset = data.load_dataset(tiny_npy)
+    shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, np.uint8, np.float32)
+    result = evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)
+    assert result.accuracy == summary["test_acc"]
+
+
+def test_normalizer_standardises_each_channel():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 2, 2, 3), dtype=np.uint8)
+    unit = images / 255.0
+    mean, std = unit.mean(axis=(0, 1, 2)), unit.std(axis=(0, 1, 2))
+    shift, scale = normalizer(mean, std, 12, np.uint8, np.float32)
+    standardised = ((images.reshape(50, 12) - shift) * scale).reshape(50, 2, 2, 3)
+    np.testing.assert_allclose(standardised.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(standardised.std(axis=(0, 1, 2)), 1, atol=1e-5)
+    assert shift.dtype == scale.dtype == np.float32
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"epochs": 0}, "--epochs must be a positive integer"),
+    ({"batch_size": -3}, "--batch-size must be a positive integer"),
+    ({"lr": 0.0}, "--lr must be a positive number"),
+    ({"hidden": (4, 0)}, "--hidden must be a comma list"),
+    ({"batch_size": 1000}, "larger than the 300 training images"),
+    ({"backend": "cuda"}, "unknown backend 'cuda'"),
+])
+def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):
+    with pytest.raises(FastnetError, match=message):
+        quiet_train(data=str(tiny_npy), out=str(tmp_path), **settings)
+
+
+def test_divergence_stops_the_run(tiny_npy, tmp_path):
+    with pytest.raises(FastnetError, match="diverged at epoch 1"):
+        quiet_train(data=str(tiny_npy), epochs=1, hidden=(8,), lr=1e30, optimizer="sgd",
+                    schedule="constant", out=str(tmp_path))
