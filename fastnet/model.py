@@ -4,8 +4,9 @@ Layer i computes a_{i+1} = relu(a_i @ W_i + b_i), except the last, which leaves 
 logits) linear. Backpropagation walks the same layers in reverse:
 
     dlogits = (softmax(logits) - onehot(y)) / B       from the loss kernel
-    dW_i = a_i.T @ d_{i+1},  db_i = column sums of d_{i+1}
-    d_i  = (d_{i+1} @ W_i.T) * (a_i > 0)                 not for the input layer
+    g_{i+1} = d_{i+1} * (a_{i+1} > 0)                  the ReLU's mask (not after the last layer)
+    dW_i = a_i.T @ g_{i+1},  db_i = column sums of g_{i+1}
+    d_i  = g_{i+1} @ W_i.T                              not for the input layer
 
 The arrays for one batch size (activations, their gradients, the parameter gradients) are allocated
 once in a `Workspace` and reused by every step of that size.
@@ -27,7 +28,8 @@ class Workspace:
         self.batch_size = batch_size
         # activations[0] is the input batch, activations[-1] the logits.
         self.activations = [np.zeros((batch_size, width), dtype) for width in sizes]
-        # deltas[i] is dLoss/d activations[i]; the input's is never needed.
+        # deltas[i] is dLoss/d activations[i], masked in place by the ReLU during backward; the
+        # input's is never needed.
         self.deltas = [None] + [np.zeros((batch_size, width), dtype) for width in sizes[1:]]
         self.grads = [np.zeros_like(p) for p in params]
         self.labels = np.zeros(batch_size, np.int64)
@@ -105,12 +107,14 @@ class MLP:
         Returns the mean loss as a Python float."""
         k = self.kernels
         loss = k.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])
+        last = self.num_layers - 1
         for i in reversed(range(self.num_layers)):
             dx = ws.deltas[i] if i > 0 else None
-            k.dense_backward(ws.deltas[i + 1], ws.activations[i], self.weights[i],
-                             ws.grads[2 * i], ws.grads[2 * i + 1], dx)
-            if dx is not None:
-                k.relu_backward(dx, ws.activations[i], dx)
+            W, dW, db = self.weights[i], ws.grads[2 * i], ws.grads[2 * i + 1]
+            if i == last:
+                k.dense_backward(ws.deltas[i + 1], ws.activations[i], W, dW, db, dx)
+            else:
+                k.dense_relu_backward(ws.deltas[i + 1], ws.activations[i + 1], ws.activations[i], W, dW, db, dx)
         return loss
 
     # --- The public array API ----------------------------------------------------------------------

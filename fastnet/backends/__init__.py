@@ -3,8 +3,13 @@
 A backend is a module (or any object) that provides every name in `KERNELS` with the signatures that
 `fastnet.backends.numpy_backend`, the reference, defines. The model, optimizers and trainer ask
 `get(name)` for one and never import a backend module themselves.
+
+The Numba backend is registered lazily: importing numba and loading its compiled kernels takes
+a noticeable fraction of a second, which a NumPy run should not pay.
 """
 
+import importlib
+import importlib.util
 import os
 
 from fastnet.backends import numpy_backend
@@ -15,6 +20,7 @@ KERNELS = (
     "dense_forward",
     "dense_relu_forward",
     "dense_backward",
+    "dense_relu_backward",
     "relu_backward",
     "softmax_cross_entropy",
     "count_correct",
@@ -27,6 +33,9 @@ KERNELS = (
 
 DEFAULT = "numpy"
 _backends = {}
+# name -> (module to import on first use, the package it needs)
+_lazy = {"numba": ("fastnet.backends.numba_backend", "numba")}
+_unavailable = {}  # name -> why it cannot be used
 
 
 def register(name, backend):
@@ -38,17 +47,31 @@ def register(name, backend):
 
 
 def available():
-    """The names of the registered backends, in registration order."""
-    return list(_backends)
+    """The names of the usable backends: registered ones, and lazy ones whose package is installed."""
+    lazy = [name for name, (_, package) in _lazy.items()
+            if name not in _backends and name not in _unavailable and importlib.util.find_spec(package)]
+    return list(_backends) + lazy
 
 
 def resolve(name=None):
     """The name of the backend that get(name) returns: None means $FASTNET_BACKEND, or the default
     when that is unset."""
     name = name or os.environ.get("FASTNET_BACKEND") or DEFAULT
+    if name not in _backends and name in _lazy:
+        _load_lazy(name)
+    if name in _unavailable:
+        raise FastnetError(f"backend {name!r} is unavailable: {_unavailable[name]}")
     if name not in _backends:
         raise FastnetError(f"unknown backend {name!r}: choose one of {', '.join(available())}")
     return name
+
+
+def _load_lazy(name):
+    module, package = _lazy[name]
+    try:
+        register(name, importlib.import_module(module))
+    except ImportError as exc:
+        _unavailable[name] = f"{package} cannot be imported ({exc}); install it with pip install {package}"
 
 
 def get(name=None):

@@ -54,6 +54,13 @@ def dense_backward(dout, x, W, dW, db, dx):
         np.matmul(dout, W.T, out=dx)
 
 
+def dense_relu_backward(dout, out, x, W, dW, db, dx):
+    """Gradients of out = relu(x @ W + b): dout is first masked in place where the ReLU's output was
+    0 (so it becomes dLoss/d(x @ W + b)), then everything proceeds as in dense_backward."""
+    relu_backward(dout, out, dout)
+    dense_backward(dout, x, W, dW, db, dx)
+
+
 def relu_backward(dout, out, dx):
     """dx = dout where the ReLU's output was positive, else 0. Uses the forward output, not its
     input, so the forward pass need not keep the pre-activation. dx may be dout itself."""
