@@ -61,3 +61,25 @@ def unavailable(message):
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+class Float64Detector:
+    """Wraps a backend so that every kernel call fails the test if an array argument or an array
+    result is float64, which in a float32 run could only come from a silent upcast."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.calls = 0
+
+    def __getattr__(self, name):
+        kernel = getattr(self.backend, name)
+
+        def checked(*args):
+            self.calls += 1
+            for position, arg in enumerate(args):
+                assert getattr(arg, "dtype", None) != np.float64, f"{name}: argument {position} is float64"
+            result = kernel(*args)
+            assert getattr(result, "dtype", None) != np.float64, f"{name} returned float64"
+            return result
+
+        return checked

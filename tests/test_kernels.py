@@ -32,6 +32,23 @@ def test_dense_backward_matches_finite_differences(rng, batch, fan_in, fan_out):
         assert relative_error(analytic, numerical_gradient(loss, variable)) < GRAD_TOL
 
 
+def test_dense_relu_backward_matches_finite_differences(rng):
+    x, W, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 6)), rng.standard_normal(6)
+    upstream = rng.standard_normal((5, 6))
+    out = ref.dense_relu_forward(x, W, b, np.empty((5, 6)))
+    assert (out == 0).any() and (out > 0).any()
+
+    def loss():
+        return float(np.sum(ref.dense_relu_forward(x, W, b, np.empty((5, 6))) * upstream))
+
+    dout = upstream.copy()
+    dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
+    ref.dense_relu_backward(dout, out, x, W, dW, db, dx)
+    for analytic, variable in ((dW, W), (db, b), (dx, x)):
+        assert relative_error(analytic, numerical_gradient(loss, variable)) < GRAD_TOL
+    assert_close(dout, upstream * (out > 0), rtol=0)  # masked in place, as documented
+
+
 def test_dense_backward_skips_dx_when_not_asked(rng):
     x, W = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
     dW, db = np.empty_like(W), np.empty(2)

@@ -6,7 +6,7 @@ import pytest
 import fastnet
 from fastnet import backends
 from fastnet.errors import FastnetError
-from helpers import assert_close, numerical_gradient, relative_error
+from helpers import Float64Detector, assert_close, numerical_gradient, relative_error
 
 
 def small_batch(rng, sizes, batch):
@@ -90,32 +90,11 @@ def test_bad_arguments_are_rejected():
         fastnet.MLP([3, 2]).forward(np.zeros((1, 4), np.float32))
 
 
-class Float64Detector:
-    """Wraps a backend so that every kernel call fails the test if an array argument or an array
-    result is float64, which in a float32 run could only come from a silent upcast."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.calls = 0
-
-    def __getattr__(self, name):
-        kernel = getattr(self.backend, name)
-
-        def checked(*args):
-            self.calls += 1
-            for position, arg in enumerate(args):
-                assert getattr(arg, "dtype", None) != np.float64, f"{name}: argument {position} is float64"
-            result = kernel(*args)
-            assert getattr(result, "dtype", None) != np.float64, f"{name} returned float64"
-            return result
-
-        return checked
-
-
-def test_no_float64_reaches_a_kernel_in_a_float32_training_step(monkeypatch):
+@pytest.mark.parametrize("backend", backends.available())
+def test_no_float64_reaches_a_kernel_in_a_float32_training_step(backend):
     from fastnet.optim import Optimizer, Schedule
 
-    detector = Float64Detector(backends.get("numpy"))
+    detector = Float64Detector(backends.get(backend))
     backends.register("float64-detector", detector)
     try:
         net = fastnet.MLP([8, 6, 5, 3], backend="float64-detector")

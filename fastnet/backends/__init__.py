@@ -71,7 +71,10 @@ def _load_lazy(name):
     try:
         register(name, importlib.import_module(module))
     except ImportError as exc:
-        _unavailable[name] = f"{package} cannot be imported ({exc}); install it with pip install {package}"
+        if importlib.util.find_spec(package) is None:
+            _unavailable[name] = f"{package} is not installed; install it with pip install {package}"
+        else:  # the package is there but it, or the backend module, fails to import
+            _unavailable[name] = f"{module} cannot be imported ({exc}); reinstall {package} or report a bug"
 
 
 def get(name=None):

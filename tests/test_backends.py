@@ -1,0 +1,208 @@
+"""The backend registry: what is available, how a backend is chosen, registered and refused, and that
+the two backend modules mirror each other name for name."""
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from fastnet import backends
+from fastnet.backends import numpy_backend
+from fastnet.errors import FastnetError
+from fastnet.model import MLP
+from fastnet.optim import Optimizer
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry's module-level dicts, as copies that are put back after the test."""
+    monkeypatch.setattr(backends, "_backends", dict(backends._backends))
+    monkeypatch.setattr(backends, "_lazy", dict(backends._lazy))
+    monkeypatch.setattr(backends, "_unavailable", dict(backends._unavailable))
+    return backends
+
+
+def numpy_namespace(**replace):
+    """A module-like object holding the NumPy kernels (some replaced or, given None, removed)."""
+    kernels = {name: getattr(numpy_backend, name) for name in backends.KERNELS} | replace
+    return types.SimpleNamespace(**{name: k for name, k in kernels.items() if k is not None})
+
+
+def fastnet_cli(*args, env=None):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
+                          text=True, env=environment, timeout=600)
+
+
+# --- Choosing a backend ------------------------------------------------------------------------------
+
+def test_numpy_and_numba_are_available():
+    assert backends.available()[0] == "numpy"
+    assert {"numpy", "numba"} <= set(backends.available())
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_get_returns_a_backend_with_every_kernel(name):
+    backend = backends.get(name)
+    for kernel in backends.KERNELS:
+        assert callable(getattr(backend, kernel, None)), f"{name} lacks {kernel}"
+    assert backends.get(name) is backend  # loaded once, then kept
+    assert backends.resolve(name) == name
+
+
+def test_none_means_fastnet_backend_then_numpy(monkeypatch):
+    monkeypatch.setenv("FASTNET_BACKEND", "numba")
+    assert backends.resolve(None) == "numba"
+    assert backends.get(None) is backends.get("numba")
+    assert MLP([3, 2], backend=None).backend == "numba"
+    assert backends.get("numpy") is numpy_backend  # an explicit name wins over the variable
+
+    monkeypatch.setenv("FASTNET_BACKEND", "")
+    assert backends.get(None) is numpy_backend
+    monkeypatch.delenv("FASTNET_BACKEND")
+    assert backends.resolve(None) == "numpy" and backends.get(None) is numpy_backend
+    assert MLP([3, 2], backend=None).backend == "numpy"
+
+
+@pytest.mark.parametrize("lookup", [backends.get, backends.resolve])
+def test_an_unknown_backend_is_one_line_listing_the_available_ones(lookup):
+    with pytest.raises(FastnetError) as caught:
+        lookup("nope")
+    message = str(caught.value)
+    assert "\n" not in message and "'nope'" in message
+    for name in backends.available():
+        assert name in message
+
+
+def test_unknown_backend_from_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTNET_BACKEND", "nope")
+    with pytest.raises(FastnetError, match="unknown backend 'nope'"):
+        backends.get(None)
+
+
+# --- Registering --------------------------------------------------------------------------------------
+
+def test_register_refuses_a_backend_that_lacks_a_kernel(registry):
+    with pytest.raises(ValueError, match="'half'.*dense_relu_backward"):
+        registry.register("half", numpy_namespace(dense_relu_backward=None))
+    with pytest.raises(ValueError, match="adamw_step"):
+        registry.register("half", numpy_namespace(adamw_step="not callable"))
+    assert "half" not in registry.available()
+    with pytest.raises(FastnetError, match="unknown backend 'half'"):
+        registry.get("half")
+
+
+def test_a_registered_namespace_trains_exactly_like_numpy(registry):
+    namespace = numpy_namespace()
+    registry.register("namespace", namespace)
+    assert "namespace" in registry.available() and registry.get("namespace") is namespace
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 10)), rng.integers(0, 3, 6)
+    results = []
+    for backend in ("numpy", "namespace"):
+        net = MLP([10, 8, 3], backend=backend, seed=1)
+        assert net.kernels is registry.get(backend)
+        optimizer = Optimizer(net.params, "adamw", weight_decay=1e-2, backend=backend)
+        loss, grads = net.loss_and_grads(x, y)
+        optimizer.step(grads, 0.01)
+        results.append((loss, [p.copy() for p in net.params]))
+    (loss, params), (expected_loss, expected_params) = results[1], results[0]
+    assert loss == expected_loss
+    for p, q in zip(params, expected_params):
+        assert np.array_equal(p, q)
+    assert not np.array_equal(params[0], MLP([10, 8, 3], seed=1).params[0])  # the step changed something
+
+
+def test_a_lazy_backend_whose_package_is_missing(registry):
+    registry._lazy["ghost"] = ("fastnet.backends.no_such_module", "no_such_package_for_fastnet")
+    assert "ghost" not in registry.available()
+    with pytest.raises(FastnetError) as caught:
+        registry.get("ghost")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'ghost' is unavailable" in message and "pip install no_such_package_for_fastnet" in message
+    assert "ghost" in registry._unavailable
+    assert "ghost" not in registry.available()
+    with pytest.raises(FastnetError, match="unavailable"):  # and it stays so, without a second import
+        registry.resolve("ghost")
+
+
+def test_a_lazy_backend_whose_package_is_there_but_whose_module_is_not(registry):
+    # numpy is installed, so "ghost" is listed until its module fails to import.
+    registry._lazy["ghost"] = ("fastnet.backends.no_such_module", "numpy")
+    assert "ghost" in registry.available()
+    with pytest.raises(FastnetError, match="'ghost' is unavailable.*no_such_module") as caught:
+        registry.get("ghost")
+    assert "pip install" not in str(caught.value)  # numpy is installed: installing it is no remedy
+    assert "ghost" not in registry.available()
+
+
+def test_numba_is_imported_only_when_asked_for():
+    script = ("import sys, fastnet, fastnet.cli, fastnet.train; from fastnet import backends; "
+              "backends.get('numpy'); assert 'numba' in backends.available(); "
+              "print('numba' in sys.modules, 'fastnet.backends.numba_backend' in sys.modules); "
+              "backends.get('numba'); print('numba' in sys.modules)")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True"]
+
+
+# --- The backend modules mirror each other ------------------------------------------------------------
+
+BACKEND_MODULES = ["fastnet.backends.numpy_backend", "fastnet.backends.numba_backend"]
+
+
+def public_functions(module):
+    """The public callables a module defines itself: not its imports, not _private ones, not NAME."""
+    return {name for name, value in vars(module).items()
+            if callable(value) and not name.startswith("_") and name != "NAME"
+            and getattr(value, "__module__", None) == module.__name__}
+
+
+@pytest.mark.parametrize("module_name", BACKEND_MODULES)
+def test_backend_modules_define_exactly_the_kernels(module_name):
+    module = importlib.import_module(module_name)
+    for kernel in backends.KERNELS:
+        assert callable(getattr(module, kernel, None)), f"{module_name} lacks {kernel}"
+    assert public_functions(module) == set(backends.KERNELS)
+    assert backends.get(module.NAME) is module
+
+
+def test_numba_kernels_take_the_arguments_of_their_numpy_twins():
+    numba_backend = importlib.import_module("fastnet.backends.numba_backend")
+    for kernel in backends.KERNELS:
+        twin = getattr(numba_backend, kernel)
+        python_function = getattr(twin, "py_func", twin)  # a Numba dispatcher keeps the function it compiles
+        assert inspect.signature(python_function) == inspect.signature(getattr(numpy_backend, kernel)), kernel
+
+
+# --- The command line ---------------------------------------------------------------------------------
+
+def test_cli_unknown_backend_is_one_line_listing_the_available_ones(tiny_npy, tmp_path):
+    result = fastnet_cli("train", "--backend", "nope", "--data", tiny_npy, "--epochs", 1, "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastnet: error: ") and "'nope'" in lines[0], result.stderr
+    for name in backends.available():
+        assert name in lines[0]
+    assert not (tmp_path / "run").exists()  # refused before a run folder is made
+
+
+def test_cli_takes_the_backend_from_fastnet_backend(tiny_npy, tmp_path):
+    run = tmp_path / "run"
+    result = fastnet_cli("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 8, "--batch-size", 50,
+                         "--out", run, env={"FASTNET_BACKEND": "numba"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "config.json").read_text())["backend"] == "numba"
+    assert "numba backend" in result.stdout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and 0 <= metrics[0]["test_acc"] <= 1

@@ -1,0 +1,692 @@
+"""Every other backend against the NumPy reference: kernel by kernel, whole models, real training runs,
+and the promises a fast backend makes (no float64 in a float32 run, no allocation per step).
+
+The tests are parametrised over every registered backend but numpy, so a new backend is tested as soon
+as it is registered. Each kernel is called twice on identical arguments, once per backend, and every
+array argument afterwards (outputs, in-place updates, and inputs, which must be left alone) and the
+return value are compared with numpy's.
+
+Tolerances (see assert_matches). float64 results must agree to FLOAT64_TOL: far looser than float64
+rounding, far tighter than any real mistake. float32 results get float32_tol(K), where K is the length
+of the sums the kernel computes; elementwise kernels have K = 1. Both are relative, plus an absolute
+part of the same size times the scale of the result (for a sum, of its terms), for values near 0.
+"""
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fastnet import backends
+from fastnet.backends import numpy_backend as ref
+from fastnet.model import MLP
+from fastnet.optim import Optimizer
+from fastnet.train import TrainConfig, train
+from helpers import assert_close, real_data_path, unavailable
+
+OTHER_BACKENDS = [name for name in backends.available() if name != "numpy"]
+
+if importlib.util.find_spec("numba"):
+    # Numba warns that BLAS is faster on contiguous arrays when the tests pass strided ones on purpose.
+    pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
+
+
+@pytest.fixture(scope="module", params=OTHER_BACKENDS or [None])
+def other(request):
+    """The name of a backend to compare with numpy."""
+    if request.param is None:
+        unavailable("no backend but numpy is available: pip install numba")
+    return request.param
+
+
+# --- Tolerances --------------------------------------------------------------------------------------
+
+EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7, the spacing of float32 numbers at 1
+FLOAT64_TOL = 1e-12
+
+
+def float32_tol(reduction_length):
+    """The relative tolerance for two float32 computations of a sum of `reduction_length` terms.
+
+    Each addition rounds to within EPS32 / 2 of the running total. Rounding errors of random data
+    behave like independent random signs, so over K additions they grow like sqrt(K) * EPS32 times
+    the size of the running totals (the worst case, K * EPS32, needs every rounding to go the same
+    way). Two implementations err independently, which doubles the bound, and a margin of 2 makes 4.
+    Measured on this project's kernels, numpy's own float32 GEMM stays within 0.3 sqrt(K) EPS32 of the
+    exact result. Elementwise kernels are K = 1: a few ulps.
+    """
+    return 4 * math.sqrt(max(reduction_length, 1)) * EPS32
+
+
+def assert_matches(actual, expected, reduction_length, what, magnitude=None):
+    """actual == expected in shape and dtype, and in value to within the tolerance of expected's dtype.
+
+    reduction_length None means exactly (integers, selections, inputs that must be left alone). The
+    absolute part of the tolerance is the relative one times a scale: a result near 0 is a sum that
+    cancelled, and its rounding error is that of the terms, not of the result. The scale is the
+    largest of `magnitude` (for a sum: the sum of its terms' absolute values, see term_magnitudes)
+    and |expected|.
+    """
+    expected = np.asarray(expected)
+    if reduction_length is None or not np.issubdtype(expected.dtype, np.floating):
+        rtol = 0.0
+    elif expected.dtype == np.float64:
+        rtol = FLOAT64_TOL
+    else:
+        rtol = float32_tol(reduction_length)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    if magnitude is not None and np.size(magnitude):
+        scale = max(scale, float(np.max(magnitude)))
+    try:
+        assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+    except AssertionError as exc:
+        raise AssertionError(f"{what}, shape {expected.shape} {expected.dtype}, rtol {rtol:.3g}, "
+                             f"atol {rtol * scale:.3g}: {exc}") from None
+
+
+def assert_loss_matches(actual, expected, dtype, what):
+    """The mean loss, a Python float: rel 1e-6 for float32 (a mean of float32 row losses summed in
+    different orders) or 1e-12 for float64, and as much absolute for a loss near 0."""
+    assert type(actual) is float, f"{what} returned {type(actual).__name__}, not a Python float"
+    tol = 1e-6 if np.dtype(dtype) == np.float32 else 1e-12
+    assert actual == pytest.approx(expected, rel=tol, abs=tol), what
+
+
+# --- Running one kernel on both backends ------------------------------------------------------------
+
+COVERED = set()  # the kernels that have an equivalence test below; see the last test of the file
+
+
+def covers(*kernels):
+    """Marks a test as the equivalence test of these kernels."""
+    unknown = set(kernels) - set(backends.KERNELS)
+    assert not unknown, f"not kernels: {unknown}"
+    COVERED.update(kernels)
+    return lambda test: test
+
+
+def term_magnitudes(kernel, make_args):
+    """For a kernel that is linear in each input (the dense layers, forward and backward): its outputs
+    computed by the reference from the absolute values of the inputs. Each element is then the sum
+    of the absolute values of the terms that the element sums, the scale its rounding error is
+    relative to. (The ReLU's mask is unchanged: |out| > 0 where out > 0.)"""
+    args = [np.abs(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in make_args()]
+    getattr(ref, kernel)(*args)
+    return dict(zip(inspect.signature(getattr(ref, kernel)).parameters, args))
+
+
+def check_kernel(backend, kernel, make_args, reductions, what="", linear=False):
+    """Call `kernel` of numpy and of `backend`, each on its own make_args() (two calls, so two equal
+    sets of arrays laid out alike), and compare the results.
+
+    reductions maps the names of the arguments a kernel writes to the length of the sums behind
+    them; every other array argument must come back exactly as numpy leaves it. For a `linear`
+    kernel, the tolerances scale with term_magnitudes. A returned array must be the argument numpy
+    returns (the same memory, not a copy). Returns the two results.
+    """
+    names = list(inspect.signature(getattr(ref, kernel)).parameters)
+    expected_args, actual_args = make_args(), make_args()
+    expected = getattr(ref, kernel)(*expected_args)
+    actual = getattr(backends.get(backend), kernel)(*actual_args)
+    label = f"{backend}.{kernel}{what}"
+    magnitudes = term_magnitudes(kernel, make_args) if linear else {}
+
+    for name, got, want in zip(names, actual_args, expected_args):
+        if isinstance(want, np.ndarray):
+            magnitude = magnitudes.get(name) if name in reductions else None
+            assert_matches(got, want, reductions.get(name), f"{label}: argument {name}", magnitude)
+
+    if isinstance(expected, np.ndarray):
+        position = next(i for i, a in enumerate(expected_args) if a is expected)
+        assert isinstance(actual, np.ndarray) and actual.ctypes.data == actual_args[position].ctypes.data, \
+            f"{label} must return its argument {names[position]}, as numpy does"
+    elif expected is None:
+        assert actual is None, f"{label} returned {actual!r}; numpy returns None"
+    return actual, expected
+
+
+def laid_out(a, layout, axis=-1):
+    """The values of `a` in a layout: "C" contiguous, "F" Fortran-ordered, or "strided": every other
+    element along `axis` of a larger array whose other elements are NaN, so reading them shows."""
+    if layout == "C":
+        return np.ascontiguousarray(a)
+    if layout == "F":
+        return np.asfortranarray(a)
+    axis %= a.ndim
+    shape = list(a.shape)
+    shape[axis] *= 2
+    big = np.full(shape, np.nan, a.dtype)
+    view = big[(slice(None),) * axis + (slice(None, None, 2),)]
+    view[...] = a
+    return view
+
+
+def garbage(shape, dtype):
+    """A C-contiguous output buffer full of NaN, as a reused workspace would hold stale values: a
+    kernel must overwrite, not accumulate into, its outputs."""
+    return np.full(shape, np.nan, dtype)
+
+
+DTYPES = ["float32", "float64"]
+LAYOUTS = ["C", "F", "strided"]
+dims = st.integers(1, 70)
+seeds = st.integers(0, 2**32 - 1)
+shapes = st.tuples(dims, dims, dims)  # (batch, fan_in, fan_out)
+SETTINGS = settings(max_examples=30, deadline=None)
+AWKWARD = [(1, 1, 1), (1, 70, 1), (70, 1, 70), (33, 17, 1)]  # batch 1, width 1, odd sizes
+
+
+def with_awkward_shapes(**other_arguments):
+    """Hypothesis examples that run every time: the AWKWARD shapes."""
+    def decorate(test):
+        for shape in AWKWARD:
+            test = example(shape=shape, seed=0, **other_arguments)(test)
+        return test
+    return decorate
+
+
+# --- Data ---------------------------------------------------------------------------------------------
+
+@covers("gather_normalize")
+@pytest.mark.parametrize("source, dtype", [("uint8", "float32"), ("uint8", "float64"), ("float32", "float32")])
+@SETTINGS
+@given(count=st.integers(1, 40), batch=dims, width=dims, seed=seeds)
+@example(count=1, batch=5, width=3, seed=0)   # every index the same
+@example(count=9, batch=1, width=70, seed=1)  # batch 1
+def test_gather_normalize(other, source, dtype, count, batch, width, seed):
+    def make_args():
+        rng = np.random.default_rng(seed)
+        if source == "uint8":
+            images = rng.integers(0, 256, (count, width), dtype=np.uint8)
+            shift, scale = rng.uniform(0, 255, width), rng.uniform(0.5, 2, width) / 64
+        else:
+            images = rng.random((count, width), dtype=np.float32)
+            shift, scale = rng.uniform(0, 1, width), rng.uniform(2, 8, width)
+        indices = rng.integers(0, count, batch, dtype=np.int64)  # with repeats when batch > count
+        return images, indices, shift.astype(dtype), scale.astype(dtype), garbage((batch, width), dtype)
+
+    check_kernel(other, "gather_normalize", make_args, {"out": 1}, f" ({source} images)")
+
+
+# --- Dense layers -------------------------------------------------------------------------------------
+
+def dense_inputs(rng, shape, dtype, layout):
+    """x (B, D), W (D, H), b (H,) and an upstream gradient dout (B, H) in `layout`; x and dout are
+    strided along their rows, W and b along their columns."""
+    batch, fan_in, fan_out = shape
+    x = laid_out(rng.standard_normal((batch, fan_in)).astype(dtype), layout, axis=1)
+    W = laid_out((rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(dtype), layout, axis=0)
+    b = laid_out(rng.standard_normal(fan_out).astype(dtype), layout)
+    dout = laid_out(rng.standard_normal((batch, fan_out)).astype(dtype), layout, axis=1)
+    return x, W, b, dout
+
+
+@covers("dense_forward", "dense_relu_forward")
+@pytest.mark.parametrize("kernel", ["dense_forward", "dense_relu_forward"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=seeds)
+@with_awkward_shapes()
+def test_dense_forward(other, kernel, layout, dtype, shape, seed):
+    batch, fan_in, fan_out = shape
+
+    def make_args():
+        x, W, b, _ = dense_inputs(np.random.default_rng(seed), shape, dtype, layout)
+        return x, W, b, garbage((batch, fan_out), dtype)
+
+    check_kernel(other, kernel, make_args, {"out": fan_in}, f" {layout} {shape}", linear=True)
+
+
+@covers("dense_backward", "dense_relu_backward")
+@pytest.mark.parametrize("kernel", ["dense_backward", "dense_relu_backward"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=seeds, with_dx=st.booleans())
+@with_awkward_shapes(with_dx=True)
+@with_awkward_shapes(with_dx=False)
+@example(shape=(43, 1, 1), seed=0, with_dx=False)  # dW, one element, is a sum that cancels to 1 % of its terms
+def test_dense_backward(other, kernel, layout, dtype, shape, seed, with_dx):
+    batch, fan_in, fan_out = shape
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        x, W, _, dout = dense_inputs(rng, shape, dtype, layout)
+        outputs = [garbage((fan_in, fan_out), dtype), garbage(fan_out, dtype),
+                   garbage((batch, fan_in), dtype) if with_dx else None]
+        if kernel == "dense_backward":
+            return (dout, x, W, *outputs)
+        # The ReLU's forward output, about half of it 0; dout is masked in place where it is.
+        out = np.maximum(rng.standard_normal((batch, fan_out)), 0).astype(dtype)
+        return (dout, out, x, W, *outputs)
+
+    # dW and db sum over the batch, dx over the output features; the masked dout must be exact.
+    reductions = {"dW": batch, "db": batch, "dx": fan_out}
+    check_kernel(other, kernel, make_args, reductions, f" {layout} {shape} dx={'array' if with_dx else None}",
+                 linear=True)
+
+
+@covers("dense_forward", "dense_relu_forward", "dense_backward", "dense_relu_backward")
+@pytest.mark.parametrize("shape", [(128, 3072, 512), (128, 512, 10)])
+def test_dense_kernels_at_the_default_networks_shapes(other, shape):
+    """The first and last layers of the default 3072-512-512-10 network, batch 128, float32."""
+    batch, fan_in, fan_out = shape
+    rng = np.random.default_rng(sum(shape))
+    x, W, b, dout = dense_inputs(rng, shape, "float32", "C")
+    out = np.maximum(rng.standard_normal((batch, fan_out)), 0).astype(np.float32)
+
+    for kernel in ("dense_forward", "dense_relu_forward"):
+        check_kernel(other, kernel, lambda: (x.copy(), W.copy(), b.copy(), garbage((batch, fan_out), np.float32)),
+                     {"out": fan_in}, linear=True)
+
+    def backward_args(*forward_output):
+        return lambda: (dout.copy(), *(o.copy() for o in forward_output), x.copy(), W.copy(),
+                        garbage(W.shape, np.float32), garbage(fan_out, np.float32), garbage(x.shape, np.float32))
+
+    reductions = {"dW": batch, "db": batch, "dx": fan_out}
+    check_kernel(other, "dense_backward", backward_args(), reductions, linear=True)
+    check_kernel(other, "dense_relu_backward", backward_args(out), reductions, linear=True)
+
+
+@covers("relu_backward")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
+@example(shape=(1, 1), seed=0, in_place=True)
+def test_relu_backward(other, layout, dtype, shape, seed, in_place):
+    def make_args():
+        rng = np.random.default_rng(seed)
+        dout = laid_out(rng.standard_normal(shape).astype(dtype), layout, axis=1)
+        out = laid_out(np.maximum(rng.standard_normal(shape), 0).astype(dtype), layout, axis=0)
+        return dout, out, dout if in_place else garbage(shape, dtype)
+
+    # A selection, no arithmetic: exact (reductions empty), including dout when dx is dout.
+    check_kernel(other, "relu_backward", make_args, {}, f" {layout} {shape} in_place={in_place}")
+
+
+# --- Loss ---------------------------------------------------------------------------------------------
+
+@covers("softmax_cross_entropy")
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, magnitude=st.sampled_from([1.0, 30.0, 1e4]))
+@example(shape=(5, 1), seed=0, magnitude=1.0)   # one class: loss 0, gradient 0
+@example(shape=(1, 10), seed=0, magnitude=1e4)  # logits of +-1e4 overflow a naive exp
+def test_softmax_cross_entropy(other, dtype, shape, seed, magnitude):
+    batch, classes = shape
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        logits = (rng.uniform(-1, 1, shape) * magnitude).astype(dtype)
+        return logits, rng.integers(0, classes, batch, dtype=np.int64), garbage(shape, dtype)
+
+    loss, expected = check_kernel(other, "softmax_cross_entropy", make_args, {"dlogits": classes},
+                                  f" {shape} |logits| <= {magnitude:g}")
+    assert_loss_matches(loss, expected, dtype, f"{other}.softmax_cross_entropy loss, {shape} {dtype}")
+    assert math.isfinite(loss)
+
+
+@covers("count_correct")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds)
+@example(shape=(1, 1), seed=0)
+def test_count_correct(other, dtype, ties, shape, seed):
+    batch, classes = shape
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        # Random floats have no ties; small integers have many, which argmax breaks towards the
+        # first largest, and the README promises the backends agree.
+        logits = rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)
+        labels = rng.integers(0, classes, batch, dtype=np.int64)
+        hits = rng.random(batch) < 0.5  # about half the rows predicted right
+        labels[hits] = logits[hits].argmax(axis=1)
+        return logits.astype(dtype), labels
+
+    actual, expected = check_kernel(other, "count_correct", make_args, {}, f" {shape} ties={ties}")
+    assert type(actual) is int and actual == expected, f"{other}.count_correct: {actual!r} != {expected}"
+
+
+# --- Optimizer steps ----------------------------------------------------------------------------------
+
+OPTIMIZER_KERNELS = {  # kernel: (its state arrays, its hyperparameters after lr)
+    "sgd_step": ((), ()),
+    "momentum_step": (("velocity",), (0.9,)),
+    "nesterov_step": (("velocity",), (0.9,)),
+    "adam_step": (("m", "v"), (0.9, 0.999, 1e-8)),
+    "adamw_step": (("m", "v"), (0.9, 0.999, 1e-8)),
+}
+STEPS = 5
+
+
+@covers(*OPTIMIZER_KERNELS)
+@pytest.mark.parametrize("kernel", list(OPTIMIZER_KERNELS))
+@pytest.mark.parametrize("grad_layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.one_of(st.tuples(dims), st.tuples(dims, dims)), seed=seeds,
+       weight_decay=st.sampled_from([0.0, 0.05]))
+@example(shape=(1,), seed=0, weight_decay=0.05)
+@example(shape=(70, 1), seed=0, weight_decay=0.0)
+def test_optimizer_steps(other, kernel, grad_layout, dtype, shape, seed, weight_decay):
+    """Five consecutive steps (adam's step counter 1..5) on a weight matrix or a bias, each with a new
+    gradient in the given layout; params and state are C-contiguous, as the model and the optimizer
+    allocate them. After every step the parameter and every state array must match numpy's."""
+    state_names, hyper = OPTIMIZER_KERNELS[kernel]
+    lr = 0.01 if kernel.startswith("adam") else 0.1
+    rng = np.random.default_rng(seed)
+    param = rng.standard_normal(shape).astype(dtype)
+    # Nonzero state from the start, so a kernel that ignored it would show at step 1.
+    state = [rng.standard_normal(shape).astype(dtype) * 0.1 for _ in state_names]
+    if kernel.startswith("adam"):
+        state[1] = np.abs(state[1])  # the second moment is never negative
+    mine = [param.copy(), *(s.copy() for s in state)]
+    theirs = [param.copy(), *(s.copy() for s in state)]
+
+    for step in range(1, STEPS + 1):
+        grad = rng.standard_normal(shape).astype(dtype)
+        tail = (lr, *hyper, weight_decay) + ((step,) if kernel.startswith("adam") else ())
+        for arrays, backend in ((mine, other), (theirs, "numpy")):
+            laid_out_grad = laid_out(grad.copy(), grad_layout)
+            result = getattr(backends.get(backend), kernel)(arrays[0], laid_out_grad, *arrays[1:], *tail)
+            assert result is None, f"{backend}.{kernel} returned {result!r}"
+            assert np.array_equal(laid_out_grad, grad), f"{backend}.{kernel} changed its grad"
+        # Each step rounds a few times per element and the errors of successive steps add up.
+        for name, got, want in zip(("param", *state_names), mine, theirs):
+            assert_matches(got, want, 4 * step, f"{other}.{kernel} {name} after step {step} "
+                           f"(grad {grad_layout}, weight_decay {weight_decay})")
+
+
+# --- Whole models -------------------------------------------------------------------------------------
+
+def model_tolerance(dtype, sizes, batch):
+    """Relative tolerance for a model's loss gradients: each layer's forward and backward sums add
+    their rounding, so the float32 tolerances of the layers' reductions add up."""
+    if np.dtype(dtype) == np.float64:
+        return FLOAT64_TOL
+    return sum(float32_tol(k) for k in (*sizes, batch))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes, batch", [([7, 5, 3], 4), ([48, 32, 16, 3], 16), ([3072, 64, 10], 1),
+                                          ([20, 1, 4], 9)])
+def test_loss_and_grads_match_numpy(other, dtype, sizes, batch):
+    rng = np.random.default_rng(len(sizes) + batch)
+    x = rng.standard_normal((batch, sizes[0]))
+    y = rng.integers(0, sizes[-1], batch)
+    expected_loss, expected = MLP(sizes, backend="numpy", dtype=dtype, seed=4).loss_and_grads(x, y)
+    loss, grads = MLP(sizes, backend=other, dtype=dtype, seed=4).loss_and_grads(x, y)
+    assert_loss_matches(loss, expected_loss, dtype, f"{other} MLP{sizes} loss")
+    rtol = model_tolerance(dtype, sizes, batch)
+    for got, want in zip(grads, expected):
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A 3-class npy dataset of 4x4x3 uint8 images (48 inputs): each class a brightness level under
+    enough noise that a small network gets most, not all, of them right. 632 training images make 40
+    batches of 16 per epoch (the last one of 8, so a second workspace is used too)."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 632), ("test", 300)):
+        labels = rng.integers(0, 3, count)
+        images = np.clip(labels[:, None, None, None] * 30 + 100 + rng.normal(0, 70, (count, 4, 4, 3)), 0, 255)
+        np.save(folder / f"{split}_images.npy", images.astype(np.uint8))
+        np.save(folder / f"{split}_labels.npy", labels.astype(np.uint8))
+    return folder
+
+
+SYNTHETIC_RUN = dict(hidden=(32, 16), epochs=5, batch_size=16, optimizer="nesterov", weight_decay=5e-3,
+                     lr=0.05, seed=3)  # 5 epochs of 40 steps: 200 steps
+
+
+def train_run(data, backend, out):
+    """Train on `data` with `backend` into `out`; returns (params and optimizer state, per-epoch metrics)."""
+    train(TrainConfig(data=str(data), backend=backend, out=str(out), **SYNTHETIC_RUN), log=lambda line: None)
+    with np.load(out / "model.npz", allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_"))}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return arrays, metrics
+
+
+@pytest.fixture(scope="module")
+def numpy_run(synthetic, tmp_path_factory):
+    return train_run(synthetic, "numpy", tmp_path_factory.mktemp("numpy-run"))
+
+
+def test_200_training_steps_match_numpy(other, synthetic, numpy_run, tmp_path):
+    """The same seed on both backends: parameters, optimizer state and every epoch's metrics agree.
+
+    Rounding differences of one step feed into the next, so they grow over 200 steps, but training
+    is contracting here rather than chaotic (weight decay, a decaying learning rate): they stay
+    around 1e-6 of the parameters' scale (measured: 6e-7 for numba, and for a backend whose GEMMs
+    round once from float64). rtol 1e-4 with atol 1e-4 times the largest |value| of each
+    array leaves two orders of magnitude for that drift, and still fails at once if one kernel is
+    off by a fraction of a percent, or if one step's update is missing.
+    """
+    expected_arrays, expected_metrics = numpy_run
+    arrays, metrics = train_run(synthetic, other, tmp_path)
+    assert sorted(arrays) == sorted(expected_arrays)
+    assert "param_5" in arrays and "optim_velocity_5" in arrays
+    assert int(arrays["optim_steps_taken"]) == 200
+    for name, want in expected_arrays.items():
+        scale = float(np.abs(want).max())
+        assert_close(arrays[name], want, rtol=1e-4, atol=1e-4 * scale)
+
+    assert len(metrics) == len(expected_metrics) == SYNTHETIC_RUN["epochs"]
+    for got, want in zip(metrics, expected_metrics):
+        assert got["epoch"] == want["epoch"] and got["lr"] == want["lr"]
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-4)
+        # A prediction flips only for an image within rounding of the decision boundary: one at most.
+        assert abs(got["train_acc"] - want["train_acc"]) * 632 <= 1 + 1e-9, (got, want)
+        assert abs(got["test_acc"] - want["test_acc"]) * 300 <= 1 + 1e-9, (got, want)
+    # The run learned something, so the comparison above is of a real training run.
+    assert 0.6 < expected_metrics[-1]["test_acc"] < 1
+
+
+def test_same_seed_and_backend_give_bit_identical_runs(other, synthetic, tmp_path):
+    first, first_metrics = train_run(synthetic, other, tmp_path / "first")
+    second, second_metrics = train_run(synthetic, other, tmp_path / "second")
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), f"{name} differs between two runs of {other}"
+    untimed = ("epoch_seconds", "samples_per_second")
+    for a, b in zip(first_metrics, second_metrics):
+        assert {k: v for k, v in a.items() if k not in untimed} == {k: v for k, v in b.items() if k not in untimed}
+
+
+def fastnet_cli(*args):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")}
+    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
+                          text=True, env=environment, timeout=900)
+
+
+def cli_test_accuracy(backend, out):
+    result = fastnet_cli("train", "--data", real_data_path(), "--epochs", 2, "--backend", backend, "--out", out)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["backend"] == backend
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+
+
+@pytest.fixture(scope="module")
+def numpy_cifar_accuracy(tmp_path_factory):
+    return cli_test_accuracy("numpy", tmp_path_factory.mktemp("cifar-numpy"))
+
+
+@pytest.mark.cifar
+def test_cli_run_on_real_cifar_matches_numpy(other, numpy_cifar_accuracy, tmp_path):
+    """The default network for 2 epochs on the real CIFAR-10: test accuracies within 0.5 points. Over
+    two full epochs float32 rounding differences decorrelate individual predictions near the
+    boundary but cannot move the accuracy by 50 of the 10,000 test images."""
+    accuracy = cli_test_accuracy(other, tmp_path / "run")
+    assert numpy_cifar_accuracy > 0.35, "the numpy run did not learn"
+    assert abs(accuracy - numpy_cifar_accuracy) <= 0.005, (accuracy, numpy_cifar_accuracy)
+
+
+# --- No allocation per step ---------------------------------------------------------------------------
+
+# One input buffer is ALLOCATION_BATCH x 512 float32 = 128 KB; a step that allocated any buffer of the
+# model would go far past the threshold, while Python's own small objects (floats, views, the
+# arguments of calls) stay well below it.
+ALLOCATION_SIZES = [512, 256, 64, 10]
+ALLOCATION_BATCH = 64
+ALLOCATION_THRESHOLD = 16 * 1024
+
+
+def training_step(net, optimizer, images, labels, batch, shift, scale):
+    """The calls that train_epoch makes for one minibatch."""
+    k = net.kernels
+    ws = net.workspace(len(batch))
+    k.gather_normalize(images, batch, shift, scale, ws.inputs)
+    np.take(labels, batch, out=ws.labels)
+    net.run_forward(ws)
+    k.count_correct(ws.logits, ws.labels)
+    net.run_backward(ws)
+    optimizer.step(ws.grads, 0.01)
+
+
+def allocation_setup(backend):
+    rng = np.random.default_rng(0)
+    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng)
+    optimizer = Optimizer(net.params, "momentum", weight_decay=1e-3, backend=backend)
+    images = rng.integers(0, 256, (8 * ALLOCATION_BATCH, ALLOCATION_SIZES[0]), dtype=np.uint8)
+    labels = rng.integers(0, ALLOCATION_SIZES[-1], len(images))
+    shift = np.full(ALLOCATION_SIZES[0], 120, np.float32)
+    scale = np.full(ALLOCATION_SIZES[0], 1 / 64, np.float32)
+    order = rng.permutation(len(images))
+    batches = [order[i:i + ALLOCATION_BATCH] for i in range(0, len(order), ALLOCATION_BATCH)]
+    step = [lambda b=b: training_step(net, optimizer, images, labels, b, shift, scale) for b in batches]
+    for s in step[:3]:  # warm-up: compiles, and allocates the workspace
+        s()
+    return net, optimizer, [step[i % len(step)] for i in range(20)]
+
+
+def peak_allocation(steps):
+    """The peak of memory traced by tracemalloc (which sees NumPy's buffers) over running `steps`."""
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for s in steps:
+            s()
+        return tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+
+
+def buffers(net, optimizer):
+    ws = net.workspace(ALLOCATION_BATCH)
+    arrays = [*net.params, *ws.activations, *ws.deltas[1:], *ws.grads, ws.labels]
+    return arrays + [a for group in optimizer.state.values() for a in group]
+
+
+def test_the_allocation_probe_sees_numpys_temporaries():
+    """The NumPy backend gathers the batch with fancy indexing, a temporary copy: the probe below
+    must see it, or it could not see a backend allocating either."""
+    net, optimizer, steps = allocation_setup("numpy")
+    assert peak_allocation(steps) > ALLOCATION_THRESHOLD
+
+
+def test_a_training_step_allocates_nothing_after_warm_up(other):
+    net, optimizer, steps = allocation_setup(other)
+    before = [(a, a.ctypes.data) for a in buffers(net, optimizer)]
+    peak = peak_allocation(steps)
+    assert peak < ALLOCATION_THRESHOLD, f"{other}: 20 training steps allocated up to {peak} bytes"
+    # The same arrays, at the same addresses: nothing was replaced or reallocated.
+    after = buffers(net, optimizer)
+    assert len(after) == len(before)
+    for (array, address), now in zip(before, after):
+        assert now is array and now.ctypes.data == address
+    assert len(net._workspaces) == 1
+
+
+class NrtAllocationRecorder:
+    """Wraps a Numba backend and records, per kernel, the allocations of Numba's runtime (NRT) that a
+    call makes beyond those of passing its arguments in. tracemalloc does not see NRT allocations.
+
+    Numba allocates a small header (a MemInfo) for every array argument it receives and frees it on
+    return, so `per_array` (measured, see nrt_allocations_per_array_argument) is subtracted.
+    """
+
+    def __init__(self, backend, rtsys, per_array):
+        self.backend, self.rtsys, self.per_array = backend, rtsys, per_array
+        self.extra = {}    # kernel -> NRT allocations beyond the arguments' headers
+        self.leaked = {}   # kernel -> NRT allocations not freed on return
+        self.calls = 0
+
+    def __getattr__(self, name):
+        kernel = getattr(self.backend, name)
+
+        def recorded(*args):
+            arrays = sum(isinstance(a, np.ndarray) for a in args)
+            before = self.rtsys.get_allocation_stats()
+            result = kernel(*args)
+            after = self.rtsys.get_allocation_stats()
+            allocs, frees = after.alloc - before.alloc, after.free - before.free
+            self.calls += 1
+            self.extra[name] = self.extra.get(name, 0) + allocs - self.per_array * arrays
+            self.leaked[name] = self.leaked.get(name, 0) + allocs - frees
+            return result
+
+        return recorded
+
+
+def nrt_allocations_per_array_argument(rtsys):
+    from numba import njit
+
+    @njit
+    def takes_three_arrays(a, b, c):
+        return None
+
+    arrays = np.zeros(3), np.zeros((2, 2), np.float32), np.zeros(4, np.int64)
+    takes_three_arrays(*arrays)  # compile
+    before = rtsys.get_allocation_stats().alloc
+    takes_three_arrays(*arrays)
+    allocs = rtsys.get_allocation_stats().alloc - before
+    assert allocs % 3 == 0, allocs
+    return allocs // 3
+
+
+def test_numba_kernels_allocate_no_arrays_in_a_training_step():
+    if "numba" not in OTHER_BACKENDS:
+        unavailable("the numba backend is not available: pip install numba")
+    from numba.core.runtime import _nrt_python, rtsys
+
+    was_enabled = _nrt_python.memsys_stats_enabled()
+    _nrt_python.memsys_enable_stats()
+    try:
+        net, optimizer, steps = allocation_setup("numba")
+        recorder = NrtAllocationRecorder(net.kernels, rtsys, nrt_allocations_per_array_argument(rtsys))
+        net.kernels = optimizer.kernels = recorder  # what MLP and Optimizer call their kernels through
+        for s in steps:
+            s()
+    finally:
+        if not was_enabled:
+            _nrt_python.memsys_disable_stats()
+    assert recorder.calls >= 20 * 12 and set(recorder.extra) >= {"dense_relu_backward", "momentum_step"}
+    assert {k: n for k, n in recorder.extra.items() if n} == {}, "kernels allocated arrays (count over 20 steps)"
+    assert {k: n for k, n in recorder.leaked.items() if n} == {}, "kernels leaked NRT memory"
+
+
+# --- Coverage -----------------------------------------------------------------------------------------
+
+def test_every_kernel_has_an_equivalence_test():
+    """A kernel added to KERNELS needs a test here that compares it across backends."""
+    assert COVERED == set(backends.KERNELS)
