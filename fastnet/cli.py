@@ -2,11 +2,13 @@
 problem the user can fix into one line on stderr and exit status 2."""
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fastnet import __version__, backends, checkpoint, data
 from fastnet.errors import CheckpointError, FastnetError
@@ -59,6 +61,8 @@ def build_parser():
                          "(default: $FASTNET_DATA or data/)")
         sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                          "(default: $FASTNET_BACKEND or numpy)")
+        sub.add_argument("--threads", type=positive_int, metavar="N",
+                         help="BLAS threads (default: BLAS's own choice, usually one per core)")
 
     t = commands.add_parser("train", help="train a network and evaluate it after every epoch")
     add_data_and_backend(t)
@@ -90,15 +94,33 @@ def build_parser():
     return parser
 
 
+def blas_threads(args):
+    """Limit BLAS to --threads while the command runs. The backend is loaded first, because a limit
+    reaches only the libraries already loaded, and the numba backend brings its own BLAS."""
+    backends.get(args.backend)
+    return threadpool_limits(limits=args.threads) if args.threads else contextlib.nullcontext()
+
+
 def run_train(args):
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    summary = train(config)
+    with blas_threads(args):
+        summary = train(config)
     print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; "
           f"model in {summary['out']}/model.npz")
 
 
 def run_evaluate(args):
+    with blas_threads(args):
+        report = evaluation_report(args)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print_report(report)
+
+
+def evaluation_report(args):
+    """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on the test split."""
     saved = checkpoint.load(args.model, backend=args.backend)
     dataset = data.load_dataset(args.data)
     if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:
@@ -110,21 +132,23 @@ def run_evaluate(args):
     result = evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)
     confusion = result.confusion(dataset.test_labels, dataset.num_classes)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    names = saved.class_names
-    if args.json:
-        print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "class_names": names,
-                          "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}))
-        return
-    print(f"test accuracy {result.accuracy:.2%}  loss {result.loss:.4f}  on {len(dataset.test_labels)} "
-          f"images from {dataset.source}")
+    return {"accuracy": result.accuracy, "loss": result.loss, "images": len(dataset.test_labels),
+            "source": dataset.source, "class_names": saved.class_names,
+            "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
+
+
+def print_report(report):
+    names, confusion = report["class_names"], report["confusion"]
+    print(f"test accuracy {report['accuracy']:.2%}  loss {report['loss']:.4f}  on {report['images']} "
+          f"images from {report['source']}")
     width = max(len(n) for n in names)
     print(f"{'class':<{width}}  accuracy")
-    for name, acc in zip(names, per_class):
+    for name, acc in zip(names, report["per_class_accuracy"]):
         print(f"{name:<{width}}  {acc:7.2%}")
     print("confusion matrix (rows: true class, columns: predicted):")
-    cell = max(len(str(confusion.max())), 4)
+    cell = max(len(str(max(max(row) for row in confusion))), 4)
     print(" " * width + "  " + " ".join(f"{i:>{cell}}" for i in range(len(names))))
-    for i, (name, row) in enumerate(zip(names, confusion)):
+    for name, row in zip(names, confusion):
         print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in row))
 
 
@@ -149,6 +173,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("fastnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `fastnet evaluate ... | head`): not an error worth a traceback.
+        # Point stdout at /dev/null so Python's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from datetime import datetime
 
 import numpy as np
+from threadpoolctl import threadpool_info
 from tqdm import tqdm
 
 from fastnet import backends, checkpoint, data
@@ -146,6 +147,13 @@ def load_data(path, log):
     return data.load_dataset(path)
 
 
+def blas_libraries():
+    """The BLAS and OpenMP libraries loaded, their thread counts and (OpenBLAS) kernel type: they
+    decide how fast a run is, so every run records them."""
+    return [{"library": lib["internal_api"], "version": lib.get("version"), "threads": lib["num_threads"],
+             "architecture": lib.get("architecture")} for lib in threadpool_info()]
+
+
 def make_run_dir(out):
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -196,7 +204,7 @@ def train(config, log=print):
     out = make_run_dir(config.out)
     run_config = dataclasses.asdict(config) | {
         "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
-        "data_source": dataset.source, "train_size": len(train_images)}
+        "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries()}
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(run_config, f, indent=2)
     log(f"fastnet: {'-'.join(map(str, sizes))} MLP, {net.backend} backend (kernels ready in "

@@ -55,6 +55,16 @@ def test_console_script_and_module_agree():
     assert via_script.stdout.startswith("fastnet ")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_threads_limit_every_blas_library_and_the_run_records_it(tiny_npy, tmp_path, backend):
+    run = tmp_path / "run"
+    result = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--backend", backend,
+                     "--threads", 1, "--out", run)
+    assert result.returncode == 0, result.stderr
+    blas = json.loads((run / "config.json").read_text())["blas"]
+    assert blas and all(lib["threads"] == 1 for lib in blas), blas
+
+
 def test_data_comes_from_fastnet_data_when_no_flag(tiny_npy, tmp_path):
     result = fastnet("train", "--epochs", 1, "--hidden", 4, "--batch-size", 50, "--out", tmp_path / "run",
                      env={"FASTNET_DATA": str(tiny_npy)})
@@ -96,6 +106,25 @@ def test_foreign_and_truncated_checkpoints_are_refused(tiny_npy, tmp_path):
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, format=np.array("fastnet-checkpoint-1"), config=np.array([{"a": 1}], dtype=object))
     assert_one_line_error(fastnet("evaluate", pickled, "--data", tiny_npy), "unreadable")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    # 300 classes: the confusion matrix is far larger than a pipe's buffer, so the writer is still
+    # writing when the reader goes away.
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 600), ("test", 300)):
+        np.save(tmp_path / f"{split}_images.npy", rng.integers(0, 256, (count, 2, 2), dtype=np.uint8))
+        np.save(tmp_path / f"{split}_labels.npy", np.arange(count) % 300)
+    trained = fastnet("train", "--data", tmp_path, "--epochs", 1, "--hidden", 4, "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    command = [sys.executable, "-m", "fastnet", "evaluate", str(tmp_path / "run" / "model.npz"),
+               "--data", str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout.readline().startswith(b"test accuracy")
+        process.stdout.close()  # like `| head -1`
+        stderr = process.stderr.read().decode()
+    assert process.returncode == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
 def test_model_that_does_not_fit_the_data_is_refused(tiny_npy, tmp_path):

@@ -24,7 +24,8 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
 import numpy as np  # noqa: E402
-from numba import njit  # noqa: E402
+import scipy.linalg.cython_blas  # noqa: E402, F401  (the BLAS np.dot calls in Numba code; loaded now,
+from numba import njit  # noqa: E402                  so that a thread limit set after import reaches it)
 
 NAME = "numba"
 
