@@ -1,0 +1,128 @@
+"""Shared set-up for fastnet's asv suite (see README.md in this folder).
+
+asv imports this package at discovery, on whatever commit it is benchmarking, so nothing here may
+import fastnet at module level: every fastnet name is looked up inside a benchmark's `setup`, and
+anything a commit lacks (the numba backend, a kernel, an API) becomes `NotImplementedError`, which
+asv reports as a skipped benchmark instead of a broken suite.
+"""
+
+import os
+
+import numpy as np
+
+BACKENDS = ["numpy", "numba"]
+
+# The two fixed workloads of the README's Speed section, in float32.
+SIZES = {
+    "R1": ([3072, 512, 512, 10], 128),  # MLP 3072-512-512-10, batch 128
+    "R2": ([3072, 128, 10], 64),        # MLP 3072-128-10, batch 64
+}
+DTYPE = "float32"
+NUM_IMAGES = 2048  # synthetic training images built in setup: 6 MB of uint8, no dataset needed
+LR = 1e-3          # small enough that thousands of timed steps on random labels never diverge
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-3  # the default recipe's, applied to weight matrices only
+
+# BLAS threads for every benchmark. asv.conf.json sets OPENBLAS_NUM_THREADS and NUMBA_NUM_THREADS to
+# the same value for the benchmark processes; pin_threads() enforces it again through threadpoolctl,
+# which also reaches a BLAS library that was loaded after start-up (scipy's, used by numba's np.dot).
+BLAS_THREADS = int(os.environ.get("OPENBLAS_NUM_THREADS", "2"))
+
+
+def pin_threads():
+    """Limit every loaded BLAS library to BLAS_THREADS threads (for the rest of the process)."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (load scipy's OpenBLAS too, so the limit reaches it)
+    except ImportError:  # commits before the numba backend did not depend on scipy
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=BLAS_THREADS, user_api="blas")
+
+
+def useful_flops_per_sample(sizes):
+    """FLOPs of one training sample: forward, weight gradient and input gradient are 2*fan_in*fan_out
+    each, per layer, except the first layer's input gradient, which is never computed."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    return 3 * 2 * sum(i * o for i, o in pairs) - 2 * pairs[0][0] * pairs[0][1]
+
+
+def synthetic_data(num_images, input_size=3072, num_classes=10, seed=0):
+    """Random uint8 images (num_images, input_size) and int64 labels, plus a float32 shift and scale
+    like the trainer's per-channel standardisation."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(num_images, input_size), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=num_images).astype(np.int64)
+    shift = np.full(input_size, 0.47 * 255, DTYPE)
+    scale = np.full(input_size, 1.0 / (0.25 * 255), DTYPE)
+    return images, labels, shift, scale
+
+
+def get_backend(name):
+    """fastnet's backend `name`, or NotImplementedError (asv: skipped) when this commit lacks it."""
+    try:
+        from fastnet import backends
+        return backends.get(name)
+    except Exception as exc:  # ImportError, FastnetError (unknown or unavailable backend), KeyError ...
+        raise NotImplementedError(f"backend {name!r} is not available at this commit: {exc}") from exc
+
+
+def get_kernel(backend, name):
+    kernel = getattr(backend, name, None)
+    if not callable(kernel):
+        raise NotImplementedError(f"kernel {name!r} does not exist at this commit")
+    return kernel
+
+
+def require(module_name, *attributes):
+    """Import fastnet.<module_name> and return the attributes, or raise NotImplementedError."""
+    import importlib
+    try:
+        module = importlib.import_module(f"fastnet.{module_name}")
+        return [getattr(module, attribute) for attribute in attributes]
+    except (ImportError, AttributeError) as exc:
+        raise NotImplementedError(f"fastnet.{module_name} lacks {attributes} at this commit: {exc}") from exc
+
+
+class Trainer:
+    """A model, its optimizer and synthetic data, wired as fastnet.train.train_epoch wires them."""
+
+    def __init__(self, backend, size, num_images=NUM_IMAGES):
+        get_backend(backend)
+        MLP, = require("model", "MLP")
+        Optimizer, = require("optim", "Optimizer")
+        self.sizes, self.batch_size = SIZES[size]
+        self.images, self.labels, self.shift, self.scale = synthetic_data(num_images, self.sizes[0],
+                                                                          self.sizes[-1])
+        self.net = MLP(self.sizes, backend=backend, dtype=DTYPE, seed=0)
+        self.optimizer = Optimizer(self.net.params, "momentum", momentum=MOMENTUM,
+                                   weight_decay=WEIGHT_DECAY, backend=backend)
+        self.kernels = self.net.kernels
+        rng = np.random.default_rng(1)
+        order = rng.permutation(num_images)
+        usable = num_images - num_images % self.batch_size
+        self.batches = [order[start:start + self.batch_size] for start in range(0, usable, self.batch_size)]
+        self.next_batch = 0
+
+    def step(self):
+        """One training step on the next minibatch: what train_epoch does per step."""
+        batch = self.batches[self.next_batch]
+        self.next_batch = (self.next_batch + 1) % len(self.batches)
+        k, net = self.kernels, self.net
+        ws = net.workspace(len(batch))
+        k.gather_normalize(self.images, batch, self.shift, self.scale, ws.inputs)
+        np.take(self.labels, batch, out=ws.labels)
+        net.run_forward(ws)
+        k.count_correct(ws.logits, ws.labels)
+        loss = net.run_backward(ws)
+        self.optimizer.step(ws.grads, LR)
+        return loss
+
+    def order(self, steps, seed=2):
+        """Indices for `steps` full minibatches: permutations of the images, concatenated."""
+        rng = np.random.default_rng(seed)
+        needed = steps * self.batch_size
+        reps = -(-needed // len(self.images))
+        return np.concatenate([rng.permutation(len(self.images)) for _ in range(reps)])[:needed]
