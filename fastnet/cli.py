@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fastnet import __version__, backends, checkpoint, data
+from fastnet import __version__, backends, bench, checkpoint, data
 from fastnet.errors import CheckpointError, FastnetError
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.train import TrainConfig, evaluate, normalizer, train
@@ -50,6 +50,14 @@ def widths(text):
     return values
 
 
+def names(text):
+    """--backend for bench: a comma list of backend names."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of backend names, e.g. numpy,numba")
+    return values
+
+
 def build_parser():
     defaults = TrainConfig()
     parser = Parser(prog="fastnet", description="Train dense neural networks on images, fast, on the CPU.")
@@ -86,6 +94,15 @@ def build_parser():
     e.add_argument("model", help="a model.npz written by fastnet train")
     add_data_and_backend(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    b = commands.add_parser("bench", help="time training steps on synthetic data, per backend and against PyTorch")
+    b.add_argument("--backend", type=names, default=",".join(backends.available()), metavar="B,B,...",
+                   help="backends to time (default: %(default)s)")
+    b.add_argument("--hidden", type=widths, default=defaults.hidden, metavar="W,W,...",
+                   help="hidden layer widths (default: %(default)s)")
+    b.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    b.add_argument("--steps", type=positive_int, default=100, help="timed training steps (default: %(default)s)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     d = commands.add_parser("data", help="manage datasets")
     data_commands = d.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
@@ -152,6 +169,13 @@ def print_report(report):
         print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in row))
 
 
+def run_bench(args):
+    for name in args.backend:
+        backends.resolve(name)  # an unknown or unavailable name stops here, in one line
+    report = bench.bench(args.backend, args.hidden, args.batch_size, args.steps)
+    print(json.dumps(report) if args.json else bench.format_report(report))
+
+
 def run_data(args):
     if args.data_command != "download":
         raise UsageError("fastnet data needs an action: fastnet data download [--to DIR]")
@@ -166,7 +190,7 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return USAGE_ERROR
-        {"train": run_train, "evaluate": run_evaluate, "data": run_data}[args.command](args)
+        {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "data": run_data}[args.command](args)
     except FastnetError as exc:
         print(f"fastnet: error: {exc}", file=sys.stderr)
         return USAGE_ERROR

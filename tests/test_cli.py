@@ -1,7 +1,6 @@
 """The real `fastnet` command, run in a subprocess as a user runs it."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,20 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-
-def fastnet(*args, env=None, cwd=None):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
-                          text=True, env=environment, cwd=cwd, timeout=600)
-
-
-def assert_one_line_error(result, *phrases):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastnet: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0]
+from helpers import assert_one_line_error, fastnet
 
 
 @pytest.mark.cifar

@@ -1,0 +1,162 @@
+"""`fastnet bench`: time training steps on synthetic data, per backend, against this machine's sgemm
+peak and, when it is importable, PyTorch.
+
+Every measurement (each backend, PyTorch, the sgemm peak) runs in a fresh process of its own:
+OpenBLAS's threads keep spinning after a NumPy call and would slow down whatever ran next in the
+same process. The fastnet sides time `fastnet.train.train_epoch`, the loop `fastnet train` runs:
+gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+INPUT_SIZE, CLASSES = 3072, 10  # CIFAR-10's shape, so the figures compare with real training
+WARMUP_STEPS = 10
+PEAK_SIZES = (1024, 2048)
+
+
+def flops_per_sample(sizes):
+    """Useful FLOPs of one training sample: forward and two backward GEMMs per layer, except the first
+    layer's input gradient, which no trainer computes."""
+    layer_flops = [2 * fan_in * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
+    return 3 * sum(layer_flops) - layer_flops[0]
+
+
+def synthetic_batches(sizes, batch, steps):
+    rng = np.random.default_rng(0)
+    count = batch * (steps + WARMUP_STEPS)
+    images = rng.integers(0, 256, (count, sizes[0]), dtype=np.uint8)
+    labels = rng.integers(0, sizes[-1], count)
+    return images, labels, rng.permutation(count)
+
+
+def time_fastnet(backend, sizes, batch, steps):
+    from fastnet.model import MLP
+    from fastnet.optim import Optimizer, Schedule
+    from fastnet.train import train_epoch, warm_up
+
+    images, labels, order = synthetic_batches(sizes, batch, steps)
+    shift, scale = np.full(sizes[0], 127.5, np.float32), np.full(sizes[0], 1 / 64, np.float32)
+    started = time.perf_counter()
+    net = MLP(sizes, backend=backend)  # imports the backend: part of its start-up
+    optimizer = Optimizer(net.params, "momentum", backend=backend)
+    warm_up(net, optimizer, images.dtype)
+    warmup_seconds = time.perf_counter() - started
+    schedule = Schedule("constant", 0.01, steps + WARMUP_STEPS)
+    # Untimed steps first: they allocate the workspace and settle caches and thread pools.
+    train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[:batch * WARMUP_STEPS], batch, 1, 0)
+    started = time.perf_counter()
+    train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[batch * WARMUP_STEPS:], batch, 1,
+                WARMUP_STEPS)
+    return {"seconds": time.perf_counter() - started, "warmup_seconds": warmup_seconds}
+
+
+def time_torch(sizes, batch, steps):
+    import torch
+
+    torch.set_num_threads(2)
+    images, labels, order = synthetic_batches(sizes, batch, steps)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    shift, scale = torch.full((sizes[0],), 127.5), torch.full((sizes[0],), 1 / 64)
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def run(indices):
+        for start in range(0, len(indices), batch):
+            rows = torch.from_numpy(indices[start:start + batch])
+            x = images[rows].float().sub_(shift).mul_(scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), labels[rows])
+            loss.backward()
+            optimizer.step()
+
+    started = time.perf_counter()
+    run(order[:batch * WARMUP_STEPS])
+    warmup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    run(order[batch * WARMUP_STEPS:])
+    return {"seconds": time.perf_counter() - started, "warmup_seconds": warmup_seconds}
+
+
+def sgemm_peak():
+    """The best float32 GFLOP/s of NumPy's matmul over a few square sizes, and the BLAS behind it."""
+    from threadpoolctl import threadpool_info
+
+    best = 0.0
+    for n in PEAK_SIZES:
+        a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
+        out = np.empty((n, n), np.float32)
+        np.matmul(a, b, out=out)
+        for _ in range(3):
+            started = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
+    blas = [f"{lib['internal_api']} {lib.get('architecture') or ''}".strip() for lib in threadpool_info()
+            if lib["user_api"] == "blas"]
+    return {"gflops": best, "blas": ", ".join(blas)}
+
+
+def worker(spec):
+    """Run one measurement described by `spec` and print it as one JSON line."""
+    if spec["side"] == "peak":
+        result = sgemm_peak()
+    elif spec["side"] == "torch":
+        result = time_torch(spec["sizes"], spec["batch"], spec["steps"])
+    else:
+        result = time_fastnet(spec["side"], spec["sizes"], spec["batch"], spec["steps"])
+    print(json.dumps(result))
+
+
+def measure_in_own_process(side, sizes, batch, steps):
+    spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps}
+    done = subprocess.run([sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {side} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench(backend_names, hidden, batch, steps):
+    """Measure every side, each in its own process; returns the report as a dict."""
+    sizes = [INPUT_SIZE, *hidden, CLASSES]
+    sides = list(backend_names) + (["torch"] if importlib.util.find_spec("torch") else [])
+    peak = measure_in_own_process("peak", sizes, batch, steps)
+    flops = flops_per_sample(sizes)
+    results = {}
+    for side in sides:
+        timing = measure_in_own_process(side, sizes, batch, steps)
+        samples_per_second = batch * steps / timing["seconds"]
+        gflops = flops * samples_per_second / 1e9
+        results[side] = {"samples_per_second": samples_per_second, "ms_per_step": timing["seconds"] / steps * 1e3,
+                         "gflops": gflops, "percent_of_peak": 100 * gflops / peak["gflops"],
+                         "warmup_seconds": timing["warmup_seconds"]}
+    if "torch" in results:
+        for side in backend_names:
+            results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
+    return {"sizes": sizes, "batch_size": batch, "steps": steps, "flops_per_sample": flops,
+            "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
+
+
+def format_report(report):
+    lines = [f"fastnet bench: MLP {'-'.join(map(str, report['sizes']))}, batch {report['batch_size']}, "
+             f"{report['steps']} timed steps on synthetic data, float32, SGD with momentum; each side in its own process",
+             f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (NumPy float32 matmul; {report['blas']})",
+             f"{'side':<8}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}{'vs torch':>10}"]
+    for side, r in report["results"].items():
+        versus = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
+        lines.append(f"{side:<8}{r['samples_per_second']:>11,.0f}{r['ms_per_step']:>9.2f}{r['gflops']:>9.1f}"
+                     f"{r['percent_of_peak']:>8.1f}{r['warmup_seconds']:>11.2f}{versus:>10}")
+    if "torch" not in report["results"]:
+        lines.append("PyTorch is not importable, so there is no comparison with it (pip install torch)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))

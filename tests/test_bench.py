@@ -1,0 +1,48 @@
+"""`fastnet bench`: its arithmetic, and its report from the real command on a tiny network."""
+
+import importlib.util
+import json
+
+import pytest
+
+from fastnet.bench import flops_per_sample
+from helpers import assert_one_line_error, fastnet
+
+
+def test_flops_per_sample_counts_three_gemms_per_layer_but_the_first_layers_input_gradient():
+    # R1: forward 2*(3072*512 + 512*512 + 512*10) = 3,680,256 FLOPs; backward twice that, less the
+    # first layer's input gradient (2*3072*512 = 3,145,728).
+    assert flops_per_sample([3072, 512, 512, 10]) == 3 * 3_680_256 - 3_145_728
+    assert flops_per_sample([4, 3]) == 2 * 2 * 4 * 3
+
+
+def test_bench_reports_every_side_consistently():
+    result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 4, "--steps", 3, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["sizes"] == [3072, 8, 10] and report["flops_per_sample"] == flops_per_sample([3072, 8, 10])
+    expected_sides = {"numpy", "numba"} | ({"torch"} if importlib.util.find_spec("torch") else set())
+    assert set(report["results"]) == expected_sides
+    for side, r in report["results"].items():
+        seconds = r["ms_per_step"] * 3 / 1e3
+        assert r["samples_per_second"] == pytest.approx(4 * 3 / seconds)
+        assert r["gflops"] == pytest.approx(report["flops_per_sample"] * r["samples_per_second"] / 1e9)
+        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / report["sgemm_peak_gflops"])
+        assert r["warmup_seconds"] >= 0
+        assert ("vs_torch" in r) == ("torch" in report["results"] and side != "torch")
+
+
+def test_bench_table_names_each_backend():
+    result = fastnet("bench", "--backend", "numpy", "--hidden", 8, "--batch-size", 4, "--steps", 2)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines()[3:]]
+    assert rows[0] == "numpy" and "sgemm peak" in result.stdout
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--backend", "numpy,cuda"], "unknown backend 'cuda'"),
+    (["--steps", "0"], "--steps"),
+    (["--backend", ","], "comma list of backend names"),
+])
+def test_bench_bad_input(args, phrase):
+    assert_one_line_error(fastnet("bench", *args), phrase)
