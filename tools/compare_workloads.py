@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fastnet.bench import flops_per_sample  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+
 WORKLOADS = {"R1": ([3072, 512, 512, 10], 128), "R2": ([3072, 128, 10], 64)}
 GOALS = {"R1": {("numba", "torch"): 1.3, ("numba", "numpy"): 1.2, ("numpy", "torch"): 1.0},
          "R2": {("numba", "torch"): 1.5}}
@@ -46,12 +48,6 @@ PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"))
 LR, MOMENTUM, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 0.9, 20, 0, 50_000
 PEAK_SIZES, THREADS = (1024, 2048, 3072, 4096), 2
 BUSY = 0.1  # cores kept busy by other processes above which a measurement is flagged as disturbed
-
-
-def flops_per_sample(sizes):
-    """Forward 2*in*out per layer, backward twice that, less the first layer's input gradient."""
-    dense = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return 3 * 2 * dense - 2 * sizes[0] * sizes[1]
 
 
 # --- Workers: each runs in a fresh process and prints one JSON line -------------------------------
