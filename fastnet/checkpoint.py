@@ -6,6 +6,7 @@ and anything else the trainer adds. It is written to a temporary name, flushed t
 so a reader never sees half a file.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from fastnet.errors import CheckpointError
 from fastnet.model import MLP
 
 FORMAT = "fastnet-checkpoint-1"
+TEMPORARY_PREFIX = ".tmp-fastnet-"
 
 
 def save(path, net, mean, std, sample_shape, class_names, config, extra=None):
@@ -36,17 +38,43 @@ def save(path, net, mean, std, sample_shape, class_names, config, extra=None):
 
 
 def write_npz_atomically(path, arrays):
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def write_text_atomically(path, text):
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def write_atomically(path, write):
+    """Call write(binary file) on a temporary file beside `path`, flush it to disk, then rename it
+    over `path`. A crash at any moment leaves either the old file or the new one, never a mix: the
+    rename is atomic, and the fsync makes sure the data is on disk before the name points at it."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=folder)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_temporaries(folder):
+    """Delete what a killed writer left behind: temporaries are never read, only renamed."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMPORARY_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 class Checkpoint:
@@ -67,20 +95,31 @@ def load(path, backend=None):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: pass the model.npz a training run wrote")
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every .npz is a zip file
+                raise CheckpointError(f"{path} is not a fastnet checkpoint (not even an .npz file): pass the "
+                                      f"model.npz a training run wrote")
         with np.load(path, allow_pickle=False) as f:
             arrays = {name: f[name] for name in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
+            raise CheckpointError(f"{path} holds Python objects that only pickle can load, and pickle can "
+                                  f"run code: refused; pass a checkpoint written by fastnet train") from exc
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({_first_line(exc)}): it is truncated, corrupt or not "
             f"a fastnet checkpoint; retrain or pass another file") from exc
     if str(arrays.get("format", "")) != FORMAT:
         raise CheckpointError(f"{path} is not a fastnet checkpoint: pass the model.npz a training run wrote")
-    config = json.loads(str(arrays["config"]))
-    sizes = [int(s) for s in arrays["sizes"]]
-    dtype = arrays["param_0"].dtype
-    net = MLP(sizes, backend=backend, dtype=dtype)
-    for i, p in enumerate(net.params):
-        stored = arrays[f"param_{i}"]
+    try:
+        config = json.loads(str(arrays["config"]))
+        sizes = [int(s) for s in arrays["sizes"]]
+        dtype = arrays["param_0"].dtype
+        net = MLP(sizes, backend=backend, dtype=dtype)
+        stored_params = [arrays[f"param_{i}"] for i in range(len(net.params))]
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path} is an incomplete fastnet checkpoint ({_first_line(exc)} is missing "
+                              f"or malformed): retrain or pass another file") from exc
+    for i, (p, stored) in enumerate(zip(net.params, stored_params)):
         if stored.shape != p.shape:
             raise CheckpointError(f"{path} is inconsistent: param_{i} has shape {stored.shape}, "
                                   f"expected {p.shape}; retrain or pass another file")

@@ -5,17 +5,21 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fastnet import __version__, backends, bench, checkpoint, data
-from fastnet.errors import CheckpointError, FastnetError
+from fastnet.errors import CheckpointError, FastnetError, Interrupted
 from fastnet.optim import OPTIMIZERS, SCHEDULES
-from fastnet.train import TrainConfig, evaluate, normalizer, train
+from fastnet.train import TrainConfig, evaluate, normalizer, resumed_config, train
 
 USAGE_ERROR = 2
+# What --resume lets a user change: where the data is and how fast it runs, never the numbers.
+RESUMABLE_CHANGES = {"data", "backend", "checkpoint_every"}
 
 
 class UsageError(FastnetError):
@@ -74,21 +78,32 @@ def build_parser():
 
     t = commands.add_parser("train", help="train a network and evaluate it after every epoch")
     add_data_and_backend(t)
-    t.add_argument("--hidden", type=widths, default=defaults.hidden, metavar="W,W,...",
-                   help="hidden layer widths (default: %(default)s)")
-    t.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="(default: %(default)s)")
-    t.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
-    t.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--momentum", type=float, default=defaults.momentum, help="(default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
-    t.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="(default: %(default)s)")
-    t.add_argument("--warmup", type=float, help="fraction of the run spent warming up "
-                   "(default: 0.3 for onecycle, else 0)")
-    t.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
-    t.add_argument("--val", type=int, default=0, metavar="N",
-                   help="hold out N training images for validation (default: none)")
-    t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    # The settings that define a run's numbers. They default to SUPPRESS so that the namespace holds
+    # only what was typed: --resume must know which settings the user tried to change.
+    run = t.add_argument_group("run settings (fixed for a run: --resume takes them from its checkpoint)")
+
+    def setting(flag, help="", **kwargs):
+        default = getattr(defaults, flag.lstrip("-").replace("-", "_"))
+        shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
+        run.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} (default: {shown})".strip(), **kwargs)
+
+    setting("--hidden", type=widths, metavar="W,W,...", help="hidden layer widths")
+    setting("--epochs", type=positive_int)
+    setting("--batch-size", type=positive_int)
+    setting("--optimizer", choices=OPTIMIZERS)
+    setting("--lr", type=float, help="peak learning rate")
+    setting("--momentum", type=float)
+    setting("--weight-decay", type=float)
+    setting("--schedule", choices=SCHEDULES)
+    setting("--warmup", type=float, help="fraction of the run spent warming up; none means 0.3 for "
+            "onecycle, else 0")
+    setting("--seed", type=int)
+    setting("--val", type=int, metavar="N", help="hold out N training images for validation; 0: none")
+    setting("--out", metavar="DIR", help="run folder; none means runs/<timestamp>")
+    t.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",
+                   help="also write checkpoint.npz every STEPS steps (default: after every epoch only)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its checkpoint.npz, with its own settings")
 
     e = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a model")
     e.add_argument("model", help="a model.npz written by fastnet train")
@@ -119,10 +134,17 @@ def blas_threads(args):
 
 
 def run_train(args):
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if args.resume:
+        changed = sorted(set(given) - RESUMABLE_CHANGES)
+        if changed:
+            raise UsageError(f"--resume continues a run with the settings it started with: drop "
+                             f"{', '.join('--' + name.replace('_', '-') for name in changed)}")
+        config = resumed_config(args.resume, **given)
+    else:
+        config = TrainConfig(**given)
     with blas_threads(args):
-        summary = train(config)
+        summary = train(config, resume=bool(args.resume))
     print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; "
           f"model in {summary['out']}/model.npz")
 
@@ -183,8 +205,15 @@ def run_data(args):
     print(f"CIFAR-10 archive ready: {path}")
 
 
+def terminate(signum, frame):
+    """SIGTERM outside training (where fastnet.train handles it) ends the command like Ctrl-C."""
+    raise Interrupted(signum, "terminated")
+
+
 def main(argv=None):
     parser = build_parser()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -193,7 +222,10 @@ def main(argv=None):
         {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "data": run_data}[args.command](args)
     except FastnetError as exc:
         print(f"fastnet: error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+        return exc.exit_status
+    except Interrupted as exc:
+        print(f"fastnet: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("fastnet: interrupted", file=sys.stderr)
         return 130

@@ -289,12 +289,12 @@ def _checked(train_images, train_labels, test_images, test_labels, class_names, 
             raise DataError(f"the {split} split of {source} has {len(images)} images but {len(labels)} labels: "
                             "rebuild the files so they match")
         if labels.min() < 0:
-            raise DataError(f"the {split} split of {source} has negative labels: labels must be 0 .. classes-1")
+            raise DataError(f"the {split} split of {source} has negative labels: renumber the classes 0 .. classes-1")
         splits[split] = (images, labels)
     (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DataError(f"train images of {source} are {train_images.shape[1:]} but test images are "
-                        f"{test_images.shape[1:]}: both splits must have the same sample shape")
+                        f"{test_images.shape[1:]}: resize one split so both have the same sample shape")
     top = int(max(train_labels.max(), test_labels.max()))
     if class_names is None:
         class_names = [str(k) for k in range(top + 1)]
@@ -340,7 +340,7 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np
     if len(labels) != total:
         raise DataError(f"cannot split {total} images with {len(labels)} labels: pass matching arrays")
     if not isinstance(count, (int, np.integer)) or not 0 < count < total:
-        raise DataError(f"--val {count} must be between 1 and {total - 1}: the training set has {total} samples")
+        raise DataError(f"--val {count} must be between 1 and {total - 1}: the training set has {total} samples; pass a smaller one")
     order = rng.permutation(total)
     # Sorting keeps both parts in their original order, so epochs see a stable sequence for a seed.
     val, train = np.sort(order[:count]), np.sort(order[count:])

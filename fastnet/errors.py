@@ -1,12 +1,16 @@
 """The errors that fastnet reports to a person rather than as a traceback.
 
 The message of each is one line that names the problem and says what to do about it; the CLI prints
-it as it is and exits with status 2.
+it as it is and exits with the error's `exit_status`.
 """
+
+import signal
 
 
 class FastnetError(Exception):
     """A problem the user can fix: bad input, a missing file, an impossible setting."""
+
+    exit_status = 2
 
 
 class DataError(FastnetError):
@@ -15,3 +19,19 @@ class DataError(FastnetError):
 
 class CheckpointError(FastnetError):
     """A checkpoint that is missing, foreign, truncated or does not fit the data."""
+
+
+class DivergenceError(FastnetError):
+    """Training produced a NaN or infinity; its own status, so scripts can retry with a lower rate."""
+
+    exit_status = 3
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM. Not an error: the exit status is the shell's convention
+    for death by that signal (128 + its number: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signal_name = signal.Signals(signum).name
+        self.exit_status = 128 + signum

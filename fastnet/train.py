@@ -3,16 +3,21 @@
 A run draws every random number from one np.random.Generator seeded by `config.seed`: first the
 validation split (when asked for), then the initial weights, then one permutation per epoch.
 
-A run's folder holds config.json, metrics.jsonl (one JSON object per epoch) and model.npz (rewritten
-after every epoch).
+A run's folder holds config.json, metrics.jsonl (one JSON object per epoch), model.npz (the model
+after the last finished epoch) and checkpoint.npz (everything needed to resume: written after every
+epoch, every --checkpoint-every steps, and when SIGINT or SIGTERM stops the run). Every file is
+written to a temporary name and renamed, so a crash never leaves a half-written one.
 """
 
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import zlib
 from datetime import datetime
 
 import numpy as np
@@ -20,11 +25,13 @@ from threadpoolctl import threadpool_info
 from tqdm import tqdm
 
 from fastnet import backends, checkpoint, data
-from fastnet.errors import FastnetError
+from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
 from fastnet.model import MLP
 from fastnet.optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
 
 EVAL_BATCH = 1000
+CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
+MODEL = "model.npz"  # the model after the last finished epoch, to evaluate and predict with
 
 
 @dataclasses.dataclass
@@ -46,29 +53,37 @@ class TrainConfig:
     val: int = 0
     out: str | None = None
     dtype: str = "float32"
+    checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
     def check(self):
         """Raise FastnetError for settings no run can use."""
+        defaults = TrainConfig()
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise FastnetError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise FastnetError(f"--{name.replace('_', '-')} must be a positive integer, got {value}: "
+                                   f"pass one such as {getattr(defaults, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FastnetError(f"--lr must be a positive number, got {self.lr}")
+            raise FastnetError(f"--lr must be a positive number, got {self.lr}: pass one such as {defaults.lr}")
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            raise FastnetError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+            raise FastnetError(f"--weight-decay must be 0 or more, got {self.weight_decay}: pass 0 for none")
         if not 0 <= self.momentum < 1:
-            raise FastnetError(f"--momentum must be in [0, 1), got {self.momentum}")
+            raise FastnetError(f"--momentum must be in [0, 1), got {self.momentum}: pass one such as "
+                               f"{defaults.momentum}")
         if self.warmup is not None and not 0 <= self.warmup < 1:
-            raise FastnetError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup}")
+            raise FastnetError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup}: pass one such as 0.1")
         if not self.hidden or min(self.hidden) < 1:
-            raise FastnetError(f"--hidden must be a comma list of positive widths, got {self.hidden}")
+            raise FastnetError(f"--hidden must be a comma list of positive widths, got {self.hidden}: "
+                               f"pass one such as 512,512")
         if self.optimizer not in OPTIMIZERS:
             raise FastnetError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise FastnetError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise FastnetError(f"--checkpoint-every must be a positive number of steps, got "
+                               f"{self.checkpoint_every}: pass one such as 1000")
         if self.val < 0:
-            raise FastnetError(f"--val must be 0 or more, got {self.val}")
+            raise FastnetError(f"--val must be 0 or more, got {self.val}: pass 0 for no validation split")
         backends.get(self.backend)
 
 
@@ -173,9 +188,49 @@ def make_run_dir(out):
     return out
 
 
-def train(config, log=print):
-    """Run the training that `config` describes; returns the summary of the last epoch."""
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what a checkpoint must hold, besides the model and optimizer, for a
+    resumed run to continue exactly as if it had never stopped."""
+
+    epochs_done: int = 0
+    step: int = 0                     # global steps taken
+    order: np.ndarray | None = None   # this epoch's permutation, once drawn
+    seen: int = 0                     # images of this epoch trained on so far
+    loss_sum: float = 0.0             # this epoch's running sums, for its train loss and accuracy
+    correct: int = 0
+    seconds: float = 0.0              # this epoch's training time so far, over every session
+    history: list = dataclasses.field(default_factory=list)  # the metrics of every finished epoch
+
+    def state(self, rng):
+        """The JSON-able part, with the generator's exact position."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "order"}
+        return fields | {"rng": rng.bit_generator.state}
+
+    @classmethod
+    def from_checkpoint(cls, arrays, rng):
+        fields = json.loads(str(arrays["progress"]))
+        rng.bit_generator.state = fields.pop("rng")
+        return cls(**fields, order=arrays.get("order"))
+
+
+def data_fingerprint(labels, mean, std, input_size, num_classes):
+    """Enough about the training data to tell, on resume, that it is the data the run began with."""
+    return {"train_size": len(labels), "input_size": input_size, "num_classes": num_classes,
+            "labels_crc32": zlib.crc32(np.ascontiguousarray(labels, np.int64).tobytes()),
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def train(config, log=print, resume=False):
+    """Run the training that `config` describes; returns the summary of the last epoch.
+
+    With resume=True, continue the run in `config.out` from its checkpoint.npz. Everything a
+    fresh run does first (validation split, initialisation) is repeated, then overwritten with the
+    saved state, so both paths share one code path and a resumed run is bit-identical to one that
+    never stopped.
+    """
     config.check()
+    saved = load_resume_checkpoint(config.out, config.backend) if resume else None
     dataset = load_data(config.data, log)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
@@ -186,68 +241,196 @@ def train(config, log=print):
     if config.val:
         train_images, train_labels, val_images, val_labels = data.split_validation(
             train_images, train_labels, config.val, rng)
-    if config.batch_size > len(train_images):
-        raise FastnetError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} "
-                           f"training images: pass a smaller one")
 
     mean, std = data.channel_stats(train_images)
     shift, scale = normalizer(mean, std, dataset.input_size, train_images.dtype, config.dtype)
+    fingerprint = data_fingerprint(train_labels, mean, std, dataset.input_size, dataset.num_classes)
     sizes = [dataset.input_size, *config.hidden, dataset.num_classes]
     net = MLP(sizes, backend=config.backend, dtype=config.dtype, seed=rng)
     optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
                           weight_decay=config.weight_decay, backend=config.backend)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     schedule = Schedule(config.schedule, config.lr, config.epochs * steps_per_epoch, config.warmup)
+    progress = Progress()
+    if saved is not None:
+        progress = restore(saved, net, optimizer, rng, fingerprint, config.out)
+    if config.batch_size > len(train_images):
+        raise FastnetError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} "
+                           f"training images: pass a smaller one")
+        if progress.epochs_done >= config.epochs:
+            log(f"the run in {config.out} already finished its {config.epochs} epochs: nothing to resume")
+            return progress.history[-1] | {"out": config.out}
 
     startup_seconds = warm_up(net, optimizer, train_images.dtype)
 
     out = make_run_dir(config.out)
+    checkpoint.remove_temporaries(out)
     run_config = dataclasses.asdict(config) | {
         "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
-        "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries()}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=2)
+        "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries(),
+        "data_fingerprint": fingerprint}
+    if saved is not None:
+        run_config["resumed_at_step"] = saved.config.get("resumed_at_step", []) + [progress.step]
+    checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
+    write_metrics(out, progress.history)
+    where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
+             else f"{len(train_images)} training images from {dataset.source}")
     log(f"fastnet: {'-'.join(map(str, sizes))} MLP, {net.backend} backend (kernels ready in "
-        f"{startup_seconds:.2f} s), {len(train_images)} training images from {dataset.source}; "
-        f"writing to {out}/")
+        f"{startup_seconds:.2f} s), {where}; writing to {out}/")
+
+    def save_checkpoint():
+        if not all(np.isfinite(p).all() for p in net.params):
+            raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", config.lr)
+        extra = optimizer.state_arrays() | {"progress": np.array(json.dumps(progress.state(rng)))}
+        if progress.order is not None:
+            extra["order"] = progress.order
+        checkpoint.save(os.path.join(out, CHECKPOINT), net, mean, std, dataset.sample_shape,
+                        dataset.class_names, run_config, extra)
 
     flat_train = train_images.reshape(len(train_images), -1)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    open(metrics_path, "w").close()
-    step = 0
-    summary = {}
-    for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(len(train_images))
-        started = time.perf_counter()
-        loss_sum, correct = train_epoch(net, optimizer, schedule, flat_train, train_labels, shift, scale,
-                                        order, config.batch_size, epoch, step)
-        seconds = time.perf_counter() - started
-        step += steps_per_epoch
+    every = config.checkpoint_every
+    with StopRequests() as stop:
+        def pause(step):
+            return stop.signum is not None or (every is not None and step % every == 0)
 
-        test = evaluate(net, dataset.test_images, dataset.test_labels, shift, scale)
-        summary = {"epoch": epoch, "train_loss": loss_sum / len(order), "train_acc": correct / len(order),
-                   "test_loss": test.loss, "test_acc": test.accuracy, "epoch_seconds": seconds,
-                   "samples_per_second": len(order) / seconds, "lr": schedule(step - 1)}
-        if val_images is not None:
-            val = evaluate(net, val_images, val_labels, shift, scale)
-            summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(summary) + "\n")
-        checkpoint.save(os.path.join(out, "model.npz"), net, mean, std, dataset.sample_shape,
-                        dataset.class_names, run_config,
-                        extra=optimizer.state_arrays() | {"epoch": np.array(epoch), "step": np.array(step)})
-        log(format_epoch(summary, config.epochs))
-    return summary | {"out": out}
+        while progress.epochs_done < config.epochs:
+            epoch = progress.epochs_done + 1
+            if progress.order is None:
+                progress.order = rng.permutation(len(train_images))
+            started = time.perf_counter()
+            loss_sum, correct, seen = train_epoch(
+                net, optimizer, schedule, flat_train, train_labels, shift, scale,
+                progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause)
+            progress.seconds += time.perf_counter() - started
+            progress.loss_sum += loss_sum
+            progress.correct += correct
+            progress.seen += seen
+            progress.step += math.ceil(seen / config.batch_size)
+
+            if progress.seen < len(progress.order):  # paused inside the epoch
+                save_checkpoint()
+                if stop.signum is not None:
+                    raise interrupted(stop.signum, progress, out)
+                continue
+
+            test = evaluate(net, dataset.test_images, dataset.test_labels, shift, scale)
+            summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
+                       "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
+                       "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
+                       "samples_per_second": progress.seen / progress.seconds, "lr": schedule(progress.step - 1)}
+            if val_images is not None:
+                val = evaluate(net, val_images, val_labels, shift, scale)
+                summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
+            for name in ("train_loss", "test_loss", "val_loss"):
+                if not math.isfinite(summary.get(name, 0.0)):
+                    raise diverged(epoch, progress.step, f"the {name.replace('_', ' ')} is {summary[name]}", config.lr)
+            progress = dataclasses.replace(Progress(), epochs_done=epoch, step=progress.step,
+                                           history=progress.history + [summary])
+            save_checkpoint()
+            write_metrics(out, progress.history)
+            checkpoint.save(os.path.join(out, MODEL), net, mean, std, dataset.sample_shape,
+                            dataset.class_names, run_config)
+            log(format_epoch(summary, config.epochs))
+            if stop.signum is not None and progress.epochs_done < config.epochs:
+                raise interrupted(stop.signum, progress, out)
+    return (progress.history[-1] if progress.history else {}) | {"out": out}
+
+
+def load_resume_checkpoint(run_dir, backend):
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINT} to resume from: pass the folder of a run "
+                              f"that fastnet train started")
+    saved = checkpoint.load(path, backend=backend)
+    if "progress" not in saved.arrays:
+        raise CheckpointError(f"{path} holds a model but no training progress: it cannot be resumed; "
+                              f"start a new run with fastnet train")
+    return saved
+
+
+def resumed_config(run_dir, **overrides):
+    """The TrainConfig of the run in `run_dir`, with `overrides` (data, backend, checkpoint_every:
+    what may change without changing the numbers) applied."""
+    saved = load_resume_checkpoint(run_dir, overrides.get("backend"))
+    fields = {name: saved.config[name] for name in TrainConfig.__dataclass_fields__ if name in saved.config}
+    fields["hidden"] = tuple(fields["hidden"])
+    fields["out"] = run_dir
+    return TrainConfig(**fields | {k: v for k, v in overrides.items() if v is not None})
+
+
+def restore(saved, net, optimizer, rng, fingerprint, run_dir):
+    """Load the parameters, optimizer state and progress of `saved` into this run's objects."""
+    if saved.config.get("data_fingerprint") != fingerprint:
+        raise CheckpointError(f"the data differs from the data the run in {run_dir} was trained on: pass "
+                              f"--data with the original dataset")
+    if [p.shape for p in saved.net.params] != [p.shape for p in net.params]:
+        raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
+    for param, stored in zip(net.params, saved.net.params):
+        param[...] = stored
+    optimizer.load_state_arrays(saved.arrays)
+    return Progress.from_checkpoint(saved.arrays, rng)
+
+
+def write_metrics(out, history):
+    checkpoint.write_text_atomically(os.path.join(out, "metrics.jsonl"),
+                                     "".join(json.dumps(summary) + "\n" for summary in history))
+
+
+def diverged(epoch, step, what, lr):
+    """Nothing is saved after this: the checkpoint on disk is the last one from before it happened."""
+    return DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; earlier checkpoints are "
+                           f"kept; lower the learning rate (e.g. --lr {lr / 10:g})")
+
+
+def interrupted(signum, progress, out):
+    return Interrupted(signum, f"stopped by {signal.Signals(signum).name} at epoch "
+                               f"{progress.epochs_done + 1}, step {progress.step}; checkpoint saved: "
+                               f"continue with: fastnet train --resume {out}")
+
+
+class StopRequests:
+    """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step
+    instead of raising wherever the interpreter happens to be: mid-update, the parameters and the
+    optimizer state could disagree, and the checkpoint written on the way out must be consistent.
+    A second signal stops at once, for a user who does not want to wait."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+            return self
+        for signum in self.SIGNALS:
+            # A signal the caller ignores (a background job's SIGINT, say) stays ignored.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _request(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is reported below, in one line
-def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, batch_size, epoch, step):
-    """One pass over images[order] in minibatches; returns (sum of batch losses times batch sizes,
-    number of correct training predictions). `step` is the global step the epoch starts at."""
+def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, batch_size, epoch, step,
+                pause=None):
+    """Train on images[order] in minibatches, starting at global step `step`.
+
+    After each step, pause(steps taken so far) may return True to stop there. Returns (sum of batch
+    losses times batch sizes, number of correct training predictions, number of images trained on).
+    """
     k = net.kernels
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, seen = 0.0, 0, 0
     with tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
-              disable=not sys.stderr.isatty()) as progress:
+              disable=not sys.stderr.isatty()) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             ws = net.workspace(len(batch))
@@ -257,13 +440,15 @@ def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, b
             correct += k.count_correct(ws.logits, ws.labels)
             loss = net.run_backward(ws)
             if not math.isfinite(loss):
-                raise FastnetError(f"training diverged at epoch {epoch}, step {step}: the loss is {loss}; "
-                                   f"lower the learning rate (e.g. --lr {schedule.lr / 10:g})")
+                raise diverged(epoch, step, f"the loss is {loss}", schedule.lr)
             loss_sum += loss * len(batch)
             optimizer.step(ws.grads, schedule(step))
             step += 1
-            progress.update(len(batch))
-    return loss_sum, correct
+            seen += len(batch)
+            bar.update(len(batch))
+            if pause is not None and pause(step):
+                break
+    return loss_sum, correct, seen
 
 
 def format_epoch(m, epochs):

@@ -101,4 +101,4 @@ def assert_one_line_error(result, *phrases):
     assert len(lines) == 1 and lines[0].startswith("fastnet: error: "), result.stderr
     assert "Traceback" not in result.stderr
     for phrase in phrases:
-        assert phrase in lines[0]
+        assert phrase in lines[0], lines[0]

@@ -458,7 +458,7 @@ SYNTHETIC_RUN = dict(hidden=(32, 16), epochs=5, batch_size=16, optimizer="nester
 def train_run(data, backend, out):
     """Train on `data` with `backend` into `out`; returns (params and optimizer state, per-epoch metrics)."""
     train(TrainConfig(data=str(data), backend=backend, out=str(out), **SYNTHETIC_RUN), log=lambda line: None)
-    with np.load(out / "model.npz", allow_pickle=False) as f:
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as f:
         arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_"))}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return arrays, metrics

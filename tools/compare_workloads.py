@@ -88,8 +88,8 @@ def worker_train(side, workload, source):
         t0 = time.perf_counter()
         train.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0)
         t1, c1 = time.perf_counter(), time.process_time()
-        loss_sum, _ = train.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
-                                        WARMUP_STEPS)
+        loss_sum, _, _ = train.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
+                                           WARMUP_STEPS)
         t2, c2 = time.perf_counter(), time.process_time()
         result |= {"warmup_seconds": t1 - t0, "epoch_seconds": t2 - t1, "cpu_seconds": c2 - c1,
                    "final_loss": loss_sum / len(order)}

@@ -1,0 +1,392 @@
+"""Reliability, through the real `fastnet` command in a subprocess, as a user meets it.
+
+- Every bad input in CASES gets one line on stderr that names the problem and what to do, exit
+  status 2, no traceback, and leaves no file behind.
+- Divergence exits with status 3 and keeps the last good checkpoint as it was.
+- A run stopped by a crash, SIGINT, SIGTERM or kill -9 resumes with `--resume` and ends with exactly
+  the parameters and metrics of a run that never stopped, on each backend.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastnet import checkpoint
+from fastnet.train import TrainConfig, resumed_config, train
+from helpers import assert_one_line_error, fastnet
+from test_data import make_arrays, write_archive, write_batches, write_npy
+
+# Words of advice, one of which every error message must contain: it says what to do, not only what is wrong.
+ADVICE = ("pass", "use", "choose", "drop", "see", "run", "replace", "fix", "save", "retrain", "download",
+          "rewrite", "rebuild", "renumber", "resize", "supply", "lower", "make", "check", "free")
+
+
+# --- The bad-input table -----------------------------------------------------------------------------
+# Each case builds what it needs under `root` and returns the command's arguments. `tiny` is a small
+# valid npy dataset, `run` the folder of a finished run on it (model.npz, checkpoint.npz).
+
+def npy_with(**changes):
+    """A valid npy dataset (the arrays of test_data.make_arrays) with some arrays changed."""
+    def build(root, tiny, run):
+        arrays = make_arrays()
+        for key, change in changes.items():
+            arrays[key] = change(arrays[key])
+        return ["train", "--data", write_npy(root / "bad", arrays, names=[f"c{i}" for i in range(10)])]
+    return build
+
+
+def truncated(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+def with_one(value, at=0):
+    def change(array):
+        array = array.astype(np.float64) if isinstance(value, float) else array.copy()
+        array.reshape(-1)[at] = value
+        return array
+    return change
+
+
+def copy_of(run, name, root, transform=lambda raw: raw):
+    target = root / "copy.npz"
+    target.write_bytes(transform((run / name).read_bytes()))
+    return target
+
+
+def resumable_copy(run, root, name="checkpoint.npz", transform=lambda raw: raw):
+    """A copy of the finished run's folder whose checkpoint says it has epochs left to train."""
+    folder = root / "resumable"
+    folder.mkdir()
+    (folder / "checkpoint.npz").write_bytes(transform((run / name).read_bytes()))
+    return folder
+
+
+def other_data(root, shape=(4, 4, 3), classes=3, seed=1):
+    rng = np.random.default_rng(seed)
+    folder = root / "other"
+    folder.mkdir()
+    for split, count in (("train", 60), ("test", 20)):
+        np.save(folder / f"{split}_images.npy", rng.integers(0, 256, (count, *shape), dtype=np.uint8))
+        np.save(folder / f"{split}_labels.npy", np.arange(count) % classes)
+    return folder
+
+
+def foreign_npz(root):
+    np.savez(root / "foreign.npz", weights=np.zeros(3))
+    return root / "foreign.npz"
+
+
+def pickled_npz(root):
+    np.savez(root / "pickled.npz", format=np.array(checkpoint.FORMAT),
+             config=np.array([{"code": "would run on load"}], dtype=object))
+    return root / "pickled.npz"
+
+
+CASES = {
+    # The command line
+    "unknown command": (lambda root, tiny, run: ["fly"], ["invalid choice: 'fly'"]),
+    "unknown flag": (lambda root, tiny, run: ["train", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+    "unknown backend": (lambda root, tiny, run: ["train", "--backend", "cuda"], ["unknown backend 'cuda'", "numpy"]),
+    "unknown optimizer": (lambda root, tiny, run: ["train", "--optimizer", "lbfgs"], ["--optimizer", "'lbfgs'"]),
+    "unknown schedule": (lambda root, tiny, run: ["train", "--schedule", "sometimes"], ["--schedule", "'sometimes'"]),
+    "hidden not numbers": (lambda root, tiny, run: ["train", "--hidden", "512,x"],
+                           ["--hidden", "comma list of positive integers"]),
+    "hidden negative": (lambda root, tiny, run: ["train", "--hidden", "512,-1"], ["--hidden", "'512,-1'"]),
+    "hidden empty": (lambda root, tiny, run: ["train", "--hidden", ""], ["--hidden"]),
+    "zero epochs": (lambda root, tiny, run: ["train", "--epochs", "0"], ["--epochs", "not positive"]),
+    "fractional epochs": (lambda root, tiny, run: ["train", "--epochs", "2.5"], ["--epochs", "not a whole number"]),
+    "negative batch size": (lambda root, tiny, run: ["train", "--batch-size", "-8"], ["--batch-size", "not positive"]),
+    "zero lr": (lambda root, tiny, run: ["train", "--lr", "0"], ["--lr must be a positive number"]),
+    "negative lr": (lambda root, tiny, run: ["train", "--lr", "-1"], ["--lr must be a positive number"]),
+    "nan lr": (lambda root, tiny, run: ["train", "--lr", "nan"], ["--lr must be a positive number"]),
+    "momentum of 1.5": (lambda root, tiny, run: ["train", "--momentum", "1.5"], ["--momentum must be in [0, 1)"]),
+    "batch larger than the data": (lambda root, tiny, run: ["train", "--batch-size", "1000"],
+                                   ["--batch-size 1000", "300 training images"]),
+    "val too large": (lambda root, tiny, run: ["train", "--val", "300"], ["--val 300", "between 1 and 299"]),
+    "negative val": (lambda root, tiny, run: ["train", "--val", "-5"], ["--val must be 0 or more"]),
+    "zero checkpoint-every": (lambda root, tiny, run: ["train", "--checkpoint-every", "0"],
+                              ["--checkpoint-every", "not positive"]),
+    "zero threads": (lambda root, tiny, run: ["train", "--threads", "0"], ["--threads", "not positive"]),
+    "unwritable out": (lambda root, tiny, run: ["train", "--out", (root / "a-file").touch() or root / "a-file" / "run"],
+                       ["cannot write to --out"]),
+    "bench on an unknown backend": (lambda root, tiny, run: ["bench", "--backend", "numpy,cuda"],
+                                    ["unknown backend 'cuda'"]),
+    "data without action": (lambda root, tiny, run: ["data"], ["fastnet data download"]),
+    "evaluate without model": (lambda root, tiny, run: ["evaluate"], ["required: model"]),
+    # Data
+    "data path missing": (lambda root, tiny, run: ["train", "--data", root / "nowhere"], ["nowhere", "does not exist"]),
+    "data is a plain file": (lambda root, tiny, run: ["train", "--data", (root / "notes.txt").write_text("hi") and
+                                                      root / "notes.txt"], ["notes.txt", "not a tar archive"]),
+    "archive truncated": (lambda root, tiny, run: ["train", "--data", truncated(
+        write_archive(root / "cifar-10-python.tar.gz", make_arrays()))], ["cifar-10-python.tar.gz", "truncated"]),
+    "pickle batch truncated": (lambda root, tiny, run: ["train", "--data", truncated(
+        write_batches(root / "b", make_arrays()) / "data_batch_3").parent], ["data_batch_3", "truncated"]),
+    "npy counts differ": (npy_with(train_labels=lambda x: x[:-1]), ["35 images but 34 labels"]),
+    "npy shapes differ": (npy_with(test_images=lambda x: x[:, :16, :16]), ["same sample shape"]),
+    "images of dtype int16": (npy_with(train_images=lambda x: x.astype(np.int16)), ["int16", "uint8"]),
+    "float images beyond [0, 1]": (npy_with(train_images=lambda x: x / 100.0), ["not [0, 1]"]),
+    "NaN pixel": (npy_with(train_images=lambda x: with_one(np.nan)(x / 255.0)), ["NaN"]),
+    "infinite pixel": (npy_with(test_images=lambda x: with_one(np.inf, at=7)(x / 255.0)), ["infinite"]),
+    "negative label": (npy_with(train_labels=with_one(-1, at=2)), ["negative labels"]),
+    "fractional labels": (npy_with(test_labels=lambda x: x + 0.5), ["must be integers"]),
+    "label beyond the classes": (npy_with(test_labels=with_one(12)), ["label 12", "10 class names"]),
+    "empty test split": (npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]), ["test split", "no images"]),
+    # Checkpoints
+    "checkpoint missing": (lambda root, tiny, run: ["evaluate", root / "none.npz", "--data", tiny],
+                           ["none.npz does not exist"]),
+    "not a fastnet checkpoint": (lambda root, tiny, run: ["evaluate", foreign_npz(root), "--data", tiny],
+                                 ["not a fastnet checkpoint"]),
+    "not even a zip": (lambda root, tiny, run: ["evaluate", (root / "m.npz").write_text("hello") and root / "m.npz",
+                                                "--data", tiny], ["m.npz is not a fastnet checkpoint", "not even an .npz"]),
+    "checkpoint truncated": (lambda root, tiny, run: ["evaluate", copy_of(run, "model.npz", root,
+                                                                           lambda raw: raw[: len(raw) // 2]),
+                                                      "--data", tiny], ["unreadable", "truncated"]),
+    "checkpoint needing pickle": (lambda root, tiny, run: ["evaluate", pickled_npz(root), "--data", tiny],
+                                  ["only pickle can load", "refused"]),
+    "model input size differs": (lambda root, tiny, run: ["evaluate", run / "model.npz", "--data",
+                                                          other_data(root, shape=(5, 5, 3))],
+                                 ["takes 48 inputs", "the data has 75"]),
+    "model classes differ": (lambda root, tiny, run: ["evaluate", run / "model.npz", "--data",
+                                                      other_data(root, classes=4)], ["3 classes", "and 4"]),
+    "resume without checkpoint": (lambda root, tiny, run: ["train", "--resume", root], ["no checkpoint.npz"]),
+    "resume changing a setting": (lambda root, tiny, run: ["train", "--resume", run, "--lr", "0.5"],
+                                  ["--resume continues", "drop --lr"]),
+    "resume a truncated checkpoint": (lambda root, tiny, run: ["train", "--resume", resumable_copy(
+        run, root, transform=lambda raw: raw[:-100])], ["unreadable"]),
+    "resume a model without progress": (lambda root, tiny, run: ["train", "--resume", resumable_copy(
+        run, root, name="model.npz")], ["no training progress"]),
+    "resume on other data": (lambda root, tiny, run: ["train", "--resume", run, "--data", other_data(root)],
+                             ["data differs", "--data"]),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 1-epoch run on a tiny dataset like conftest's tiny_npy, and that dataset."""
+    root = tmp_path_factory.mktemp("finished")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 390)
+    images = np.clip(labels[:, None, None, None] * 80 + 40 + rng.normal(0, 20, (390, 4, 4, 3)), 0, 255)
+    tiny = write_npy(root / "tiny", {"train_images": images[:300].astype(np.uint8), "train_labels": labels[:300],
+                                     "test_images": images[300:].astype(np.uint8), "test_labels": labels[300:]})
+    trained = fastnet("train", "--data", tiny, "--epochs", 1, "--hidden", 4, "--out", root / "run")
+    assert trained.returncode == 0, trained.stderr
+    return tiny, root / "run"
+
+
+def snapshot(folder):
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_line_with_status_2_and_writes_nothing(name, finished_run, tmp_path):
+    build, phrases = CASES[name]
+    tiny, run = finished_run
+    args = build(tmp_path, tiny, run)
+    if args[0] == "train" and "--data" not in args and "--resume" not in args:
+        args = [*args, "--data", tiny]
+    if args[0] == "train" and "--out" not in args and "--resume" not in args:
+        args = [*args, "--out", tmp_path / "run"]
+    before, run_before = snapshot(tmp_path), snapshot(run)
+
+    result = fastnet(*args)
+
+    assert_one_line_error(result, *phrases)
+    assert any(word in result.stderr for word in ADVICE), f"no advice in: {result.stderr}"
+    assert snapshot(tmp_path) == before and snapshot(run) == run_before, "a failed command left files behind"
+
+
+def test_the_table_covers_what_the_issue_lists():
+    assert len(CASES) >= 25
+
+
+def test_a_class_without_examples_is_reported_not_refused(tmp_path):
+    arrays = make_arrays()
+    arrays["train_labels"] = np.where(arrays["train_labels"] == 3, 4, arrays["train_labels"])
+    data = write_npy(tmp_path / "data", arrays, names=[f"c{i}" for i in range(10)])
+    result = fastnet("train", "--data", data, "--epochs", 1, "--hidden", 4, "--batch-size", 5, "--out", tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    assert "warning: class 'c3' (3) has no training examples" in result.stdout
+
+
+# --- Divergence ----------------------------------------------------------------------------------------
+
+def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
+    tiny, _ = finished_run
+    # A learning rate that warms up into divergence during the second epoch (found by trying).
+    args = ["train", "--data", tiny, "--hidden", 8, "--epochs", 6, "--batch-size", 50, "--schedule", "constant",
+            "--warmup", 0.9, "--lr", 1e3, "--out", tmp_path / "run"]
+    result = fastnet(*args)
+    assert result.returncode == 3, result.stderr
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "diverged at epoch 2, step" in message[0] and "--lr 100" in message[0]
+
+    saved = checkpoint.load(str(tmp_path / "run" / "checkpoint.npz"))
+    assert all(np.isfinite(p).all() for p in saved.net.params)
+    assert json.loads(str(saved.arrays["progress"]))["epochs_done"] == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # Resuming diverges again, at the same place, and leaves the checkpoint byte for byte as it was.
+    kept = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    again = fastnet("train", "--resume", tmp_path / "run")
+    assert again.returncode == 3 and again.stderr == result.stderr
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == kept
+
+
+# --- Resume ------------------------------------------------------------------------------------------
+
+TIMING = ("epoch_seconds", "samples_per_second")
+
+
+def outcome(run):
+    """What must be bit-identical between runs: parameters, optimizer state, and metrics but timings."""
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_"))}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return arrays, [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
+def assert_same_outcome(run, reference):
+    arrays, metrics = outcome(run)
+    expected_arrays, expected_metrics = outcome(reference)
+    assert arrays.keys() == expected_arrays.keys()
+    for name in arrays:
+        assert np.array_equal(arrays[name], expected_arrays[name]), f"{name} differs"
+        assert arrays[name].dtype == expected_arrays[name].dtype
+    assert metrics == expected_metrics
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, finished_run, tmp_path):
+    tiny, _ = finished_run
+    settings = dict(data=str(tiny), backend=backend, hidden=(16, 8), epochs=4, batch_size=32, val=40, seed=3)
+    train(TrainConfig(**settings, out=str(tmp_path / "whole")), log=lambda line: None)
+
+    def crash_after_epoch_2(line):
+        if line.startswith("epoch 2/"):
+            raise Crash  # after epoch 2's checkpoint, as a power cut would
+
+    with pytest.raises(Crash):
+        train(TrainConfig(**settings, out=str(tmp_path / "cut")), log=crash_after_epoch_2)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+    train(resumed_config(str(tmp_path / "cut")), log=lambda line: None, resume=True)
+
+    assert_same_outcome(tmp_path / "cut", tmp_path / "whole")
+
+
+# --- Signals and kill -9, on a run long enough to be stopped in the middle ----------------------------
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """A dataset, the arguments of a run on it that takes a few seconds and checkpoints every 5 steps,
+    and that run's uninterrupted outcome per backend (computed when first asked for)."""
+    root = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4, 3400)
+    images = np.clip(labels[:, None, None, None] * 50 + 50 + rng.normal(0, 70, (3400, 16, 16, 3)), 0, 255)
+    data = write_npy(root / "data", {"train_images": images[:3000].astype(np.uint8), "train_labels": labels[:3000],
+                                     "test_images": images[3000:].astype(np.uint8), "test_labels": labels[3000:]})
+    references = {}
+
+    def args(backend, out):
+        return ["train", "--data", data, "--backend", backend, "--hidden", "512", "--epochs", 4, "--batch-size", 32,
+                "--checkpoint-every", 5, "--out", out]
+
+    def reference(backend):
+        if backend not in references:
+            result = fastnet(*args(backend, root / f"whole-{backend}"))
+            assert result.returncode == 0, result.stderr
+            references[backend] = root / f"whole-{backend}"
+        return references[backend]
+
+    return args, reference
+
+
+def start(args):
+    """The command in a subprocess with SIGINT's default handling, even if this process ignores it
+    (as the jobs a non-interactive shell puts in the background do)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")}
+    return subprocess.Popen([sys.executable, "-m", "fastnet", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environment,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_checkpoint(path, process, newer_than=0):
+    """Block until `path` exists with a modification time after `newer_than` (ns)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_mtime_ns > newer_than:
+            return
+        assert process.poll() is None, f"the run ended before writing a checkpoint: {process.communicate()}"
+        time.sleep(0.005)
+    pytest.fail("no checkpoint within 2 minutes")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum, status, backend, long_run, tmp_path):
+    args, reference = long_run
+    out = tmp_path / "run"
+    process = start(args(backend, out))
+    wait_for_checkpoint(out / "checkpoint.npz", process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == status, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"fastnet: stopped by {signal.Signals(signum).name} at epoch ")
+    assert lines[0].endswith(f"continue with: fastnet train --resume {out}")
+    step = int(lines[0].split("step ")[1].split(";")[0])
+    progress = json.loads(str(checkpoint.load(str(out / "checkpoint.npz")).arrays["progress"]))
+    assert progress["step"] == step > 0
+
+    resumed = fastnet("train", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at epoch {progress['epochs_done'] + 1}, step {step}" in resumed.stdout
+    assert_same_outcome(out, reference(backend))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(backend, long_run, tmp_path):
+    args, reference = long_run
+    out = tmp_path / "run"
+    moments = random.Random(backend)
+    kills_after_a_checkpoint = 0
+    for attempt in range(5):
+        path = out / "checkpoint.npz"
+        resuming = path.exists()
+        last_write = path.stat().st_mtime_ns if resuming else 0
+        process = start(["train", "--resume", out] if resuming else args(backend, out))
+        if attempt == 0:
+            time.sleep(moments.uniform(0.0, 0.5))  # most likely still starting up
+        else:
+            wait_for_checkpoint(path, process, newer_than=last_write)  # then somewhere in training,
+            time.sleep(moments.uniform(0.0, 0.3))                      # perhaps mid-write
+            kills_after_a_checkpoint += 1
+        process.kill()
+        process.communicate()
+        assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
+        if path.exists():  # whatever the moment, what carries the name is a whole checkpoint
+            saved = checkpoint.load(str(path))
+            assert "progress" in saved.arrays and all(np.isfinite(p).all() for p in saved.net.params)
+
+    finished = fastnet("train", "--resume", out)
+    assert finished.returncode == 0, finished.stderr
+    assert kills_after_a_checkpoint == 4
+    assert len(json.loads((out / "config.json").read_text())["resumed_at_step"]) >= 4
+    assert not [name for name in os.listdir(out) if name.startswith(checkpoint.TEMPORARY_PREFIX)]
+    assert_same_outcome(out, reference(backend))
