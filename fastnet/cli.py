@@ -12,10 +12,10 @@ import threading
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fastnet import __version__, backends, bench, checkpoint, data
-from fastnet.errors import CheckpointError, FastnetError, Interrupted
+from fastnet import __version__, backends, bench, data, report
+from fastnet.errors import FastnetError, Interrupted
 from fastnet.optim import OPTIMIZERS, SCHEDULES
-from fastnet.train import TrainConfig, evaluate, normalizer, resumed_config, train
+from fastnet.train import TrainConfig, resumed_config, train
 
 USAGE_ERROR = 2
 # What --resume lets a user change: where the data is and how fast it runs, never the numbers.
@@ -104,11 +104,15 @@ def build_parser():
                    help="also write checkpoint.npz every STEPS steps (default: after every epoch only)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its checkpoint.npz, with its own settings")
+    t.add_argument("--plot", action="store_true",
+                   help="at the end, draw curves.png and confusion.png into the run folder (needs matplotlib)")
 
     e = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a model")
     e.add_argument("model", help="a model.npz written by fastnet train")
     add_data_and_backend(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--out", metavar="DIR", help="also write DIR/report.json: accuracy, per-class precision, "
+                   "recall and F1, confusion matrix")
 
     b = commands.add_parser("bench", help="time training steps on synthetic data, per backend and against PyTorch")
     b.add_argument("--backend", type=names, default=",".join(backends.available()), metavar="B,B,...",
@@ -118,6 +122,25 @@ def build_parser():
     b.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
     b.add_argument("--steps", type=positive_int, default=100, help="timed training steps (default: %(default)s)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = commands.add_parser("predict", help="classify image files (PNG, JPEG, BMP) with a trained model")
+    p.add_argument("model", help="a model.npz written by fastnet train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    p.add_argument("--top", type=positive_int, default=3, metavar="K",
+                   help="how many classes to show per image (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
+                   "(default: $FASTNET_BACKEND or numpy)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="BLAS threads (default: BLAS's own choice)")
+
+    pl = commands.add_parser("plot", help="draw a run's learning curves and confusion matrix as PNG files")
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by fastnet train")
+    add_data_and_backend(pl)
+
+    r = commands.add_parser("runs", help="list past runs: model, epochs, best test accuracy, speed")
+    r.add_argument("dir", nargs="?", default="runs", metavar="DIR",
+                   help="the folder that holds the runs (default: %(default)s)")
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     d = commands.add_parser("data", help="manage datasets")
     data_commands = d.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
@@ -145,30 +168,28 @@ def run_train(args):
         config = TrainConfig(**given)
     with blas_threads(args):
         summary = train(config, resume=bool(args.resume))
+        if args.plot:
+            print("wrote " + " and ".join(report.plot_run(summary["out"], data=config.data, backend=config.backend)))
     print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; "
           f"model in {summary['out']}/model.npz")
 
 
 def run_evaluate(args):
     with blas_threads(args):
-        report = evaluation_report(args)
+        evaluation = evaluation_report(args)
+    if args.out:
+        written = report.write_classification_report(args.out, evaluation, model=args.model)
+        if not args.json:
+            print(f"report written to {written}")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(evaluation))
         return
-    print_report(report)
+    print_report(evaluation)
 
 
 def evaluation_report(args):
     """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on the test split."""
-    saved = checkpoint.load(args.model, backend=args.backend)
-    dataset = data.load_dataset(args.data)
-    if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:
-        raise CheckpointError(
-            f"{args.model} takes {saved.net.sizes[0]} inputs and {saved.net.sizes[-1]} classes but the "
-            f"data has {dataset.input_size} and {dataset.num_classes}: pass the data it was trained on")
-    shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, dataset.test_images.dtype,
-                              saved.net.dtype)
-    result = evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)
+    saved, dataset, result = report.evaluate_saved_model(args.model, args.data, args.backend)
     confusion = result.confusion(dataset.test_labels, dataset.num_classes)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     return {"accuracy": result.accuracy, "loss": result.loss, "images": len(dataset.test_labels),
@@ -176,13 +197,13 @@ def evaluation_report(args):
             "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
 
 
-def print_report(report):
-    names, confusion = report["class_names"], report["confusion"]
-    print(f"test accuracy {report['accuracy']:.2%}  loss {report['loss']:.4f}  on {report['images']} "
-          f"images from {report['source']}")
+def print_report(evaluation):
+    names, confusion = evaluation["class_names"], evaluation["confusion"]
+    print(f"test accuracy {evaluation['accuracy']:.2%}  loss {evaluation['loss']:.4f}  on {evaluation['images']} "
+          f"images from {evaluation['source']}")
     width = max(len(n) for n in names)
     print(f"{'class':<{width}}  accuracy")
-    for name, acc in zip(names, report["per_class_accuracy"]):
+    for name, acc in zip(names, evaluation["per_class_accuracy"]):
         print(f"{name:<{width}}  {acc:7.2%}")
     print("confusion matrix (rows: true class, columns: predicted):")
     cell = max(len(str(max(max(row) for row in confusion))), 4)
@@ -194,8 +215,8 @@ def print_report(report):
 def run_bench(args):
     for name in args.backend:
         backends.resolve(name)  # an unknown or unavailable name stops here, in one line
-    report = bench.bench(args.backend, args.hidden, args.batch_size, args.steps)
-    print(json.dumps(report) if args.json else bench.format_report(report))
+    timings = bench.bench(args.backend, args.hidden, args.batch_size, args.steps)
+    print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 
 def run_data(args):
@@ -210,6 +231,47 @@ def terminate(signum, frame):
     raise Interrupted(signum, "terminated")
 
 
+def run_predict(args):
+    from fastnet import predict
+
+    with blas_threads(args):
+        model = predict.load(args.model, backend=args.backend)
+        if predict.image_geometry(model.sample_shape) is None:
+            raise UsageError(f"{args.model} takes samples of shape {model.sample_shape}, which no image file "
+                             "maps onto: use fastnet.load(...).predict on arrays instead")
+        results, failed = [], 0
+        for path, top, error in predict.predict_files(model, predict.image_files(args.images), args.top):
+            if error is not None:
+                failed += 1
+                print(f"fastnet: error: {error}", file=sys.stderr)
+                results.append({"file": path, "error": str(error)})
+            elif args.json:
+                results.append({"file": path, "top": [{"class": name, "index": index, "probability": p}
+                                                      for index, name, p in top]})
+            else:
+                print(f"{path}: " + ", ".join(f"{name} {predict.percent(p)}" for _, name, p in top), flush=True)
+    if args.json:
+        print(json.dumps({"model": args.model, "top": args.top, "predictions": results}))
+    if failed:
+        raise SystemExit(1)  # each failure already has its own line; the others were classified
+
+
+def run_plot(args):
+    with blas_threads(args):
+        written = report.plot_run(args.run_dir, data=args.data, backend=args.backend)
+    print("wrote " + " and ".join(written))
+
+
+def run_runs(args):
+    rows = report.list_runs(args.dir)
+    if args.json:
+        print(json.dumps({"dir": args.dir, "runs": rows}))
+    elif rows:
+        print(report.format_runs(rows))
+    else:
+        print(f"no runs in {args.dir}: a run is a folder with a config.json, as fastnet train writes")
+
+
 def main(argv=None):
     parser = build_parser()
     if threading.current_thread() is threading.main_thread():
@@ -219,7 +281,8 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return USAGE_ERROR
-        {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "data": run_data}[args.command](args)
+        {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "data": run_data,
+         "predict": run_predict, "plot": run_plot, "runs": run_runs}[args.command](args)
     except FastnetError as exc:
         print(f"fastnet: error: {exc}", file=sys.stderr)
         return exc.exit_status

@@ -36,9 +36,9 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 BATCHES_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 NPY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
-# Images per step of channel_stats: big enough to be fast, small enough that the float64 copy of a
-# chunk (4096 CIFAR images = 100 MB) never rivals the uint8 data set itself. Tests shrink it.
-STATS_CHUNK = 4096
+# Images per step of channel_stats: big enough to be fast, small enough that the float64 copies of a
+# chunk (512 CIFAR images: 12.6 MB each) stay small beside the uint8 data set. Tests shrink it.
+STATS_CHUNK = 512
 _HINT = "pass --data with a CIFAR-10 archive, batches folder or .npy folder, or run `fastnet data download`"
 
 
@@ -129,34 +129,36 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
     if kind == "npy":
         return _load_npy(found)
     if kind == "batches":
-        source = f"CIFAR-10 python batches in {found}"
-        files = {}
-        for name in (*TRAIN_BATCHES, "test_batch", "batches.meta"):
-            try:
-                files[name] = (found / name).read_bytes()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise DataError(f"cannot read {found / name} ({_reason(exc)}): check the file") from exc
-    else:
-        source = f"CIFAR-10 archive {found}"
-        files = _read_archive(found)
-    return _from_batches(files, found, source)
+        return _from_batches(_folder_files(found), found, f"CIFAR-10 python batches in {found}")
+    return _from_batches(_archive_files(found), found, f"CIFAR-10 archive {found}")
 
 
-def _read_archive(path: pathlib.Path) -> dict[str, bytes]:
-    """The batch files of a tar archive by base name, read in one pass (gzip cannot seek cheaply)."""
-    wanted = {*TRAIN_BATCHES, "test_batch", "batches.meta"}
-    files: dict[str, bytes] = {}
+_BATCH_FILES = (*TRAIN_BATCHES, "test_batch", "batches.meta")
+
+
+def _folder_files(folder: pathlib.Path):
+    """(name, bytes) of each batch file in the folder, one at a time."""
+    for name in _BATCH_FILES:
+        try:
+            yield name, (folder / name).read_bytes()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise DataError(f"cannot read {folder / name} ({_reason(exc)}): check the file") from exc
+
+
+def _archive_files(path: pathlib.Path):
+    """(name, bytes) of each batch file in a tar archive, in one pass (gzip cannot seek cheaply)."""
+    seen = set()
     try:
         with tarfile.open(path, "r:*") as archive:
             for member in archive:
                 name = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and name in wanted and name not in files:
-                    files[name] = archive.extractfile(member).read()
+                if member.isfile() and name in _BATCH_FILES and name not in seen:
+                    seen.add(name)
+                    yield name, archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"archive {path} is truncated or corrupt ({_reason(exc)}): download it again") from exc
-    return files
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -211,24 +213,44 @@ def _batch_arrays(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data), labels
 
 
-def _from_batches(files: dict[str, bytes], where: pathlib.Path, source: str) -> Dataset:
-    missing = [name for name in (*TRAIN_BATCHES, "test_batch") if name not in files]
+def _from_batches(files, where: pathlib.Path, source: str) -> Dataset:
+    """The dataset in the (name, bytes) pairs of `files`.
+
+    Memory is the point here. Each file's bytes are dropped once decoded, and each training batch is
+    copied into its place in one preallocated array as soon as the batches before it are in, rather
+    than all five being held and then concatenated into a second copy of the images.
+    """
+    decoded, class_names = {}, None
+    train_images, train_labels, filled = None, [], 0
+    for name, raw in files:
+        if name == "batches.meta":
+            meta = _unpickle(raw, f"batches.meta in {where}")
+            try:
+                class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+            except (KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise DataError(f"batches.meta in {where} has no readable b'label_names': replace or delete it") from exc
+            continue
+        decoded[name] = _batch_arrays(raw, f"batch {name} in {where}")
+        del raw
+        while len(train_labels) < len(TRAIN_BATCHES) and TRAIN_BATCHES[len(train_labels)] in decoded:
+            images, labels = decoded.pop(TRAIN_BATCHES[len(train_labels)])
+            if train_images is None:
+                # Room for every batch at the first one's size: the official batches are all equal.
+                train_images = np.empty((len(TRAIN_BATCHES) * len(images), *images.shape[1:]), images.dtype)
+            elif images.shape[1:] != train_images.shape[1:]:
+                raise DataError(f"the training batches in {where} have different image widths: replace the odd batch")
+            if filled + len(images) > len(train_images):
+                train_images.resize((filled + len(images), *images.shape[1:]), refcheck=False)
+            train_images[filled:filled + len(images)] = images
+            filled += len(images)
+            train_labels.append(labels)
+    missing = [name for name in TRAIN_BATCHES[len(train_labels):] if name not in decoded]
+    missing += [] if "test_batch" in decoded else ["test_batch"]
     if missing:
         raise DataError(f"{where} lacks {', '.join(missing)}: use a complete copy of CIFAR-10")
-    train = [_batch_arrays(files[name], f"batch {name} in {where}") for name in TRAIN_BATCHES]
-    test_images, test_labels = _batch_arrays(files["test_batch"], f"batch test_batch in {where}")
-    if len({images.shape[1:] for images, _ in train}) > 1:
-        raise DataError(f"the training batches in {where} have different image widths: replace the odd batch")
-    class_names = None
-    if "batches.meta" in files:
-        meta = _unpickle(files["batches.meta"], f"batches.meta in {where}")
-        try:
-            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
-        except (KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise DataError(f"batches.meta in {where} has no readable b'label_names': replace or delete it") from exc
-    train_images = np.concatenate([images for images, _ in train])
-    train_labels = np.concatenate([labels for _, labels in train])
-    return _checked(train_images, train_labels, test_images, test_labels, class_names, source)
+    train_images.resize((filled, *train_images.shape[1:]), refcheck=False)  # if later batches were smaller
+    test_images, test_labels = decoded.pop("test_batch")
+    return _checked(train_images, np.concatenate(train_labels), test_images, test_labels, class_names, source)
 
 
 def _load_npy(folder: pathlib.Path) -> Dataset:

@@ -269,7 +269,9 @@ def train(config, log=print, resume=False):
         "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
         "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries(),
         "data_fingerprint": fingerprint}
+    run_config["started"] = datetime.now().isoformat(timespec="seconds")
     if saved is not None:
+        run_config["started"] = saved.config.get("started", run_config["started"])
         run_config["resumed_at_step"] = saved.config.get("resumed_at_step", []) + [progress.step]
     checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
     write_metrics(out, progress.history)

@@ -1,0 +1,256 @@
+"""Using a trained model on images: `fastnet.load(...)` in Python and `fastnet predict` on files.
+
+Whatever the input, a picture goes through the same preprocessing as in training and in
+`fastnet evaluate`: the checkpoint's channel statistics, turned into a per-feature shift and scale
+by `fastnet.train.normalizer` and applied by the backend's own `gather_normalize` kernel. A uint8
+image therefore gets the same logits here as it does in `fastnet evaluate`.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from fastnet import checkpoint
+from fastnet.errors import FastnetError
+from fastnet.train import EVAL_BATCH, normalizer
+
+# What a folder given to `fastnet predict` is searched for. A file named on the command line is
+# tried whatever its name: Pillow recognises formats by content.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# The Pillow mode that gives a picture the channel count a model was trained on.
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class ImageError(FastnetError):
+    """An image file that cannot be read or used; the message starts with the file's name."""
+
+
+def softmax(logits):
+    """Row-wise probabilities, as float32. Subtracting each row's maximum keeps exp() from
+    overflowing, and float64 keeps tiny probabilities from rounding to a sum that is not 1."""
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def top_k(probabilities, k):
+    """(indices, probabilities) of the k most likely classes of each row, most likely first; ties go
+    to the lower class index, so the order never depends on the sort's whims."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probabilities, order, axis=1)
+
+
+def percent(probability):
+    """A probability for people: one decimal, without claiming a certainty of 0 % or 100 % that
+    rounding made up."""
+    if 0 < probability < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= probability < 1:
+        return ">99.9%"
+    return f"{probability:.1%}"
+
+
+def image_geometry(sample_shape):
+    """(Pillow mode, (width, height), shape of one sample) for a model's sample shape, or None when
+    the model was not trained on something an image file can be turned into.
+
+    A flat sample (D,) has lost its geometry; the only unambiguous readings are a square grey
+    image (D = s*s) or a square colour one (D = 3*s*s), and no D is both.
+    """
+    if len(sample_shape) == 3 and sample_shape[2] in _MODES:
+        height, width, channels = sample_shape
+        return _MODES[channels], (width, height), tuple(sample_shape)
+    if len(sample_shape) == 2:
+        height, width = sample_shape
+        return "L", (width, height), tuple(sample_shape)
+    if len(sample_shape) == 1:
+        size = sample_shape[0]
+        for channels, mode in ((1, "L"), (3, "RGB")):
+            side = math.isqrt(size // channels)
+            if side * side * channels == size:
+                return mode, (side, side), tuple(sample_shape)
+    return None
+
+
+class Model:
+    """A trained network with the preprocessing it was trained with.
+
+    `images` may be one image in the model's input shape or a batch of them ((N, H, W, C), or
+    (N, H, W) / (N, D) for models trained on such data); flattened rows (N, D) are accepted too.
+    Pixels are uint8 0-255 or floats in [0, 1], as in training.
+    """
+
+    def __init__(self, saved):
+        self.net = saved.net
+        self.mean, self.std = saved.mean, saved.std
+        self.sample_shape = tuple(saved.sample_shape)
+        self.class_names = list(saved.class_names)
+        self.config = saved.config
+        self.input_size = self.net.sizes[0]
+
+    @property
+    def num_classes(self):
+        return self.net.sizes[-1]
+
+    def __repr__(self):
+        sizes = "-".join(map(str, self.net.sizes))
+        return f"<fastnet.Model {sizes} MLP, {self.net.backend} backend, inputs {self.sample_shape}>"
+
+    def logits(self, images):
+        """Raw scores (N, classes) in the network's dtype."""
+        rows = self._as_rows(images)
+        shift, scale = normalizer(self.mean, self.std, self.input_size, rows.dtype, self.net.dtype)
+        logits = np.empty((len(rows), self.num_classes), self.net.dtype)
+        # In slices, so that the float copy of a large batch never has to exist all at once.
+        for start in range(0, len(rows), EVAL_BATCH):
+            stop = min(start + EVAL_BATCH, len(rows))
+            inputs = np.empty((stop - start, self.input_size), self.net.dtype)
+            self.net.kernels.gather_normalize(rows, np.arange(start, stop), shift, scale, inputs)
+            logits[start:stop] = self.net.forward(inputs)
+        return logits
+
+    def predict_proba(self, images):
+        """Class probabilities (N, classes), float32, each row summing to 1."""
+        return softmax(self.logits(images))
+
+    def predict(self, images):
+        """The most likely class index of each image, (N,) int64."""
+        return self.logits(images).argmax(axis=1).astype(np.int64)
+
+    def _as_rows(self, images):
+        images = np.asarray(images)
+        if images.shape in (self.sample_shape, (self.input_size,)):
+            images = images[None]
+        if images.ndim < 2 or images.shape[1:] not in (self.sample_shape, (self.input_size,)):
+            batch = ", ".join(map(str, ("N", *self.sample_shape)))
+            raise ValueError(f"images of shape {images.shape} do not fit this model: it takes one image of "
+                             f"shape {self.sample_shape} or a batch ({batch})")
+        if images.dtype == np.uint8:
+            pass
+        elif np.issubdtype(images.dtype, np.integer):
+            if images.size and (images.min() < 0 or images.max() > 255):
+                raise ValueError(f"integer pixels range over [{images.min()}, {images.max()}], not 0-255: "
+                                 "pass uint8 0-255 or floats in [0, 1]")
+            images = images.astype(np.uint8)
+        elif np.issubdtype(images.dtype, np.floating):
+            # float32, because that is what training turns float images into.
+            images = images.astype(np.float32, copy=False)
+            if images.size and not np.isfinite(images).all():
+                raise ValueError("images contain NaN or infinite values")
+            if images.size and (images.min() < 0.0 or images.max() > 1.0):
+                raise ValueError(f"float pixels range over [{images.min():g}, {images.max():g}], not [0, 1]: "
+                                 "divide by 255 or pass uint8")
+        else:
+            raise ValueError(f"images are {images.dtype}: pass uint8 0-255 or floats in [0, 1]")
+        return np.ascontiguousarray(images.reshape(len(images), -1))
+
+
+def load(path, backend=None):
+    """The model saved at `path` (a model.npz written by `fastnet train`), ready to predict.
+
+    `backend` picks the kernels as everywhere else (default: $FASTNET_BACKEND or numpy).
+    """
+    return Model(checkpoint.load(os.fspath(path), backend=backend))
+
+
+# --- Image files ------------------------------------------------------------------------------------
+
+def image_files(paths):
+    """The files to classify: each path as given, and each folder replaced by the image files
+    directly inside it, sorted by name. A path that does not exist is kept, so that it gets its own
+    error line like any other unreadable file."""
+    found, empty = [], []
+    for path in map(os.fspath, paths):
+        if not os.path.isdir(path):
+            found.append(path)
+            continue
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as exc:
+            raise FastnetError(f"cannot list folder {path} ({exc.strerror}): check its permissions") from exc
+        inside = [os.path.join(path, name) for name in entries
+                  if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(path, name))]
+        found.extend(inside)
+        if not inside:
+            empty.append(path)
+    if not found:
+        where = ", ".join(empty) or "what was given"
+        raise FastnetError(f"no image files in {where}: pass image files, or folders that hold "
+                           f"{', '.join(IMAGE_SUFFIXES)} files")
+    return found
+
+
+def read_image(path, sample_shape):
+    """The image file at `path` as a uint8 array of `sample_shape`: oriented as its EXIF tag says,
+    converted to the model's channels and resized (stretched, not cropped) to its input size."""
+    geometry = image_geometry(sample_shape)
+    if geometry is None:
+        raise FastnetError(f"the model takes samples of shape {tuple(sample_shape)}, which no image file "
+                           "maps onto: call fastnet.load(model).predict on arrays instead")
+    mode, size, shape = geometry
+    try:
+        from PIL import Image, ImageOps
+    except ImportError as exc:
+        raise FastnetError("Pillow is not installed, and predict reads images with it: pip install pillow") from exc
+
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file; check the path")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # open() only reads the header: a truncated file would fail later
+            picture = ImageOps.exif_transpose(opened)
+            picture = _to_mode(picture, mode)
+            if picture.size != size:
+                picture = picture.resize(size, Image.Resampling.LANCZOS)
+            pixels = np.asarray(picture, dtype=np.uint8)
+    # Pillow raises a zoo of types on malformed files (OSError, SyntaxError, ValueError, struct.error,
+    # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+    return pixels.reshape(shape)
+
+
+def _to_mode(picture, mode):
+    from PIL import Image
+
+    if picture.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float greyscale: convert() would clip to 255 rather than scale.
+        values = np.asarray(picture, dtype=np.float64)
+        top = values.max() if values.size else 0
+        scale = 255.0 / 65535.0 if top > 255 else 1.0
+        picture = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8))
+    if mode != "RGBA" and ("A" in picture.mode or "transparency" in picture.info):
+        # Put transparent pixels on white, as a viewer shows them, instead of on whatever colour the
+        # transparent pixels happen to carry (often black).
+        rgba = picture.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        picture = Image.alpha_composite(background, rgba)
+    return picture.convert(mode)
+
+
+def _describe(exc):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file Pillow can read"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too many pixels to decode safely"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def predict_files(model, paths, top=3):
+    """Classify each file: yields (path, result, error) with exactly one of result / error set.
+    result is a list of (class index, class name, probability), most likely first; error is an
+    ImageError whose message starts with the path."""
+    for path in paths:
+        try:
+            pixels = read_image(path, model.sample_shape)
+        except ImageError as exc:
+            yield path, None, exc
+            continue
+        indices, probabilities = top_k(model.predict_proba(pixels), top)
+        yield path, [(int(i), model.class_names[i], float(p)) for i, p in zip(indices[0], probabilities[0])], None
