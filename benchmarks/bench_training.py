@@ -5,12 +5,13 @@ optimizer (momentum 0.9, weight decay 5e-3 on weights) and step are fastnet's ow
 fastnet.train.train_epoch uses it. Numba kernels are compiled in setup, by running real steps.
 """
 
+import os
 import time
 
 import numpy as np
 
-from . import (BACKENDS, BLAS_THREADS, LR, SIZES, Trainer, get_backend, pin_threads, require,
-               useful_flops_per_sample)
+from . import (BACKENDS, BLAS_THREADS, LR, MOMENTUM, SIZES, WEIGHT_DECAY, Trainer, get_backend, pin_threads,
+               require, useful_flops_per_sample)
 
 EPOCH_SLICE_STEPS = 50
 
@@ -98,6 +99,50 @@ class EpochMemory:
         t = self.trainer
         self.train_epoch(t.net, t.optimizer, self.schedule, t.images, t.labels, t.shift, t.scale,
                          self.order, t.batch_size, 1, 0)
+
+
+class FullDatasetMemory:
+    """Peak resident memory of what `fastnet train` does for R1 on a CIFAR-10-sized data set: load
+    50,000 + 10,000 images from python batches, compute the channel statistics, train 100 steps and
+    evaluate. Issue 7's bound is 0.6 GB for the whole process, on either backend; holding the
+    training set as float32 alone would take 614 MB."""
+
+    params = [BACKENDS]
+    param_names = ["backend"]
+    timeout = 600
+
+    def setup_cache(self):
+        """A folder of random CIFAR-10-shaped python batches (184 MB), in asv's working folder."""
+        import pickle
+        folder = os.path.abspath("cifar-sized/cifar-10-batches-py")
+        os.makedirs(folder, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"data": rng.integers(0, 256, (10_000, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, 10, 10_000).tolist()}
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump(batch, f, protocol=2)
+        return folder
+
+    def setup(self, folder, backend):
+        pin_threads()
+        get_backend(backend)
+
+    def peakmem_load_train_evaluate(self, folder, backend):
+        load_dataset, channel_stats = require("data", "load_dataset", "channel_stats")
+        normalizer, train_epoch, evaluate = require("train", "normalizer", "train_epoch", "evaluate")
+        MLP, = require("model", "MLP")
+        Optimizer, Schedule = require("optim", "Optimizer", "Schedule")
+        dataset = load_dataset(folder)
+        mean, std = channel_stats(dataset.train_images)
+        shift, scale = normalizer(mean, std, dataset.input_size, dataset.train_images.dtype, "float32")
+        sizes, batch = SIZES["R1"]
+        net = MLP(sizes, backend=backend)
+        optimizer = Optimizer(net.params, "nesterov", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend)
+        order = np.random.default_rng(0).permutation(len(dataset.train_labels))[:100 * batch]
+        train_epoch(net, optimizer, Schedule("constant", LR, 100), dataset.train_images.reshape(-1, 3072),
+                    dataset.train_labels, shift, scale, order, batch, 1, 0)
+        evaluate(net, dataset.test_images, dataset.test_labels, shift, scale)
 
 
 # --- Numba start-up: import, compile or load from cache, in a fresh interpreter -------------------

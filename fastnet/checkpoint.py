@@ -27,6 +27,7 @@ def save(path, net, mean, std, sample_shape, class_names, config, extra=None):
     arrays.update(
         format=np.array(FORMAT),
         sizes=np.array(net.sizes, np.int64),
+        spec=np.array(json.dumps(net.spec(), sort_keys=True)),  # activation, norm, dropout
         mean=np.asarray(mean, np.float32),
         std=np.asarray(std, np.float32),
         sample_shape=np.array(sample_shape, np.int64),
@@ -114,9 +115,10 @@ def load(path, backend=None):
         config = json.loads(str(arrays["config"]))
         sizes = [int(s) for s in arrays["sizes"]]
         dtype = arrays["param_0"].dtype
-        net = MLP(sizes, backend=backend, dtype=dtype)
+        spec = json.loads(str(arrays["spec"])) if "spec" in arrays else {}  # older files: plain ReLU
+        net = MLP(sizes, backend=backend, dtype=dtype, **spec)
         stored_params = [arrays[f"param_{i}"] for i in range(len(net.params))]
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} is an incomplete fastnet checkpoint ({_first_line(exc)} is missing "
                               f"or malformed): retrain or pass another file") from exc
     for i, (p, stored) in enumerate(zip(net.params, stored_params)):

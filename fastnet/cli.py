@@ -15,7 +15,8 @@ from threadpoolctl import threadpool_limits
 from fastnet import __version__, backends, bench, data, report
 from fastnet.errors import FastnetError, Interrupted
 from fastnet.optim import OPTIMIZERS, SCHEDULES
-from fastnet.train import TrainConfig, resumed_config, train
+from fastnet.model import ACTIVATIONS, NORMS
+from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, train
 
 USAGE_ERROR = 2
 # What --resume lets a user change: where the data is and how fast it runs, never the numbers.
@@ -52,6 +53,12 @@ def widths(text):
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of positive integers, e.g. 512,512")
     return values
+
+
+def norm_name(text):
+    if text not in NORMS and text != "none":
+        raise argparse.ArgumentTypeError(f"{text!r} is not a normalisation: choose layernorm or none")
+    return None if text == "none" else text
 
 
 def names(text):
@@ -100,6 +107,16 @@ def build_parser():
     setting("--seed", type=int)
     setting("--val", type=int, metavar="N", help="hold out N training images for validation; 0: none")
     setting("--out", metavar="DIR", help="run folder; none means runs/<timestamp>")
+    setting("--activation", choices=ACTIVATIONS)
+    setting("--norm", type=norm_name, metavar="layernorm|none", help="normalisation of every hidden layer")
+    setting("--dropout", type=float, metavar="RATE", help="dropout after every hidden activation")
+    setting("--label-smoothing", type=float, metavar="EPSILON")
+    setting("--flip", action=argparse.BooleanOptionalAction, help="augment: random horizontal flips")
+    setting("--translate", type=int, metavar="PIXELS", help="augment: random shifts of up to PIXELS")
+    setting("--cutout", type=int, metavar="PIXELS", help="augment: blank a random PIXELS x PIXELS square")
+    setting("--clip", type=float, metavar="NORM", help="clip gradients to this global norm")
+    setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
+            "most 15 minutes); other flags override its settings")
     t.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",
                    help="also write checkpoint.npz every STEPS steps (default: after every epoch only)")
     t.add_argument("--resume", metavar="RUN_DIR",
@@ -149,10 +166,10 @@ def build_parser():
     return parser
 
 
-def blas_threads(args):
+def blas_threads(args, backend=None):
     """Limit BLAS to --threads while the command runs. The backend is loaded first, because a limit
     reaches only the libraries already loaded, and the numba backend brings its own BLAS."""
-    backends.get(args.backend)
+    backends.get(backend or args.backend)
     return threadpool_limits(limits=args.threads) if args.threads else contextlib.nullcontext()
 
 
@@ -165,13 +182,15 @@ def run_train(args):
                              f"{', '.join('--' + name.replace('_', '-') for name in changed)}")
         config = resumed_config(args.resume, **given)
     else:
-        config = TrainConfig(**given)
-    with blas_threads(args):
+        config = recipe_config(**given)
+    with blas_threads(args, config.backend):
         summary = train(config, resume=bool(args.resume))
         if args.plot:
             print("wrote " + " and ".join(report.plot_run(summary["out"], data=config.data, backend=config.backend)))
-    print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; "
-          f"model in {summary['out']}/model.npz")
+    kept = summary["kept"]
+    which = "" if kept["epoch"] == summary["epoch"] else f" (epoch {kept['epoch']}, the best by validation accuracy)"
+    print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; model in "
+          f"{summary['out']}/model.npz{which}: test accuracy {kept['test_acc']:.2%}")
 
 
 def run_evaluate(args):

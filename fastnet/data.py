@@ -439,3 +439,86 @@ def _fetch(url: str, part: pathlib.Path, progress: bool, timeout: float) -> None
                 bar.update(len(block))
     if total is not None and part.stat().st_size < total:
         raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes; run again to resume")
+
+
+class Augmentation:
+    """The random choices of one training batch for the augment_gather_normalize kernel, drawn from the
+    run's generator into arrays allocated once, so drawing allocates nothing per step.
+
+    flip: mirror each image left to right with probability 1/2.
+    translate: move each image by whole pixels, dy and dx each uniform in [-translate, translate]; what
+        comes in from beyond the border is padding, the mean pixel (0 after normalisation).
+    cutout: blank a cutout x cutout square (to the mean pixel) around a centre uniform over the image,
+        clipped at the border (DeVries and Taylor, 2017); 0 switches it off.
+
+    image_shape is one sample's (H, W, C), or (H, W) for one channel. draw() takes, in this order and
+    only for what is switched on, one rng.random call for the flips, one for the offsets, one for the
+    cutout centres, so a seed gives the same batches every run.
+    """
+
+    def __init__(self, image_shape, flip=False, translate=0, cutout=0):
+        if len(image_shape) not in (2, 3):
+            raise ValueError(f"augmentation needs images of shape (H, W, C) or (H, W), got samples of shape "
+                             f"{tuple(image_shape)}")
+        self.image_shape = tuple(int(s) for s in image_shape) + ((1,) if len(image_shape) == 2 else ())
+        self.flip, self.translate, self.cutout = bool(flip), int(translate), int(cutout)
+        if self.translate < 0 or self.cutout < 0:
+            raise ValueError(f"translate and cutout must be 0 or more, got {translate} and {cutout}")
+        self._capacity = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.translate > 0 or self.cutout > 0
+
+    def spec(self) -> dict:
+        """The settings as a JSON-serialisable dict: Augmentation(shape, **spec()) rebuilds it."""
+        return {"flip": self.flip, "translate": self.translate, "cutout": self.cutout}
+
+    def _reserve(self, batch_size):
+        if batch_size > self._capacity:
+            self._capacity = batch_size
+            self._uniform = np.empty((batch_size, 2), np.float64)
+            self._uniform_flips = np.empty(batch_size, np.float64)
+            self._flips = np.zeros(batch_size, np.uint8)
+            self._offsets = np.zeros((batch_size, 2), np.int64)
+            self._centres = np.zeros((batch_size, 2), np.int64)
+
+    def draw(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flips (B,) uint8, offsets (B, 2) int64, cutout_centres (B, 2) int64) for a batch of
+        batch_size, views of arrays that the next draw overwrites. What is switched off stays 0."""
+        self._reserve(batch_size)
+        flips, offsets, centres = self._flips[:batch_size], self._offsets[:batch_size], self._centres[:batch_size]
+        if self.flip:
+            uniform = self._uniform_flips[:batch_size]
+            rng.random(out=uniform)
+            np.less(uniform, 0.5, out=flips.view(np.bool_))  # a bool view: no cast, so no temporary
+        if self.translate:
+            uniform = self._uniform[:batch_size]
+            rng.random(out=uniform)
+            self._to_integers(uniform, (2 * self.translate + 1,) * 2, offsets)
+            offsets -= self.translate
+        if self.cutout:
+            uniform = self._uniform[:batch_size]
+            rng.random(out=uniform)
+            self._to_integers(uniform, self.image_shape[:2], centres)
+        return flips, offsets, centres
+
+    @staticmethod
+    def _to_integers(uniform, counts, out):
+        """floor(uniform * count) into the integer array out, column by column with one count each:
+        uniform in [0, 1) over 0 .. count - 1. (Generator.integers cannot write into an existing array.)
+        In float64, u * count < count for every u < 1, so no draw lands on count."""
+        for column, count in enumerate(counts):
+            # One column at a time with a scalar: broadcasting an array of counts made NumPy copy.
+            np.multiply(uniform[:, column], count, out=uniform[:, column])
+        np.floor(uniform, out=uniform)
+        np.copyto(out, uniform, casting="unsafe")
+
+    def apply(self, kernels, images, indices, rng, shift, scale, out):
+        """Draw this batch's choices and gather, augment and normalise images[indices] into out, with
+        `kernels` a backend (net.kernels). images: (N, H, W, C), or anything of N * H * W * C values
+        in that order (it is reshaped, a view for a contiguous array)."""
+        flips, offsets, centres = self.draw(rng, len(indices))
+        images = images.reshape(len(images), *self.image_shape)
+        return kernels.augment_gather_normalize(images, indices, flips, offsets, centres, self.cutout, shift,
+                                                scale, out)

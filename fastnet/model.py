@@ -1,38 +1,77 @@
 """The multilayer perceptron: parameters, forward and backward passes, and their workspaces.
 
-Layer i computes a_{i+1} = relu(a_i @ W_i + b_i), except the last, which leaves its output (the
-logits) linear. Backpropagation walks the same layers in reverse:
+Each hidden layer computes, in this order,
+
+    z = a_i @ W_i + b_i
+    z = layernorm(z) * gain_i + bias_i       only with norm="layernorm"
+    h = activation(z)                          relu, leaky_relu (slope 0.01), gelu (tanh form) or tanh
+    a_{i+1} = dropout(h)                       only in training, with dropout > 0
+
+and the last layer leaves its output (the logits) linear. Layer norm sits before the activation, so
+the activation sees inputs of unit scale whatever the weights do. Backpropagation walks the same steps
+in reverse; for the default network (ReLU, no norm, no dropout) it is
 
     dlogits = (softmax(logits) - onehot(y)) / B       from the loss kernel
     g_{i+1} = d_{i+1} * (a_{i+1} > 0)                  the ReLU's mask (not after the last layer)
     dW_i = a_i.T @ g_{i+1},  db_i = column sums of g_{i+1}
     d_i  = g_{i+1} @ W_i.T                              not for the input layer
 
-The arrays for one batch size (activations, their gradients, the parameter gradients) are allocated
-once in a `Workspace` and reused by every step of that size.
+Without norm, the bias and activation are fused into the GEMM's kernels (dense_<activation>_forward
+and _backward). With norm, the layer is dense_forward, layernorm_forward and <activation>_forward.
+
+The arrays for one batch size (activations, their gradients, the parameter gradients, and what
+dropout and layer norm keep for backward) are allocated once in a `Workspace` and reused by every
+step of that size.
 """
+
+import math
 
 import numpy as np
 
 from fastnet import backends
 
 DTYPES = ("float32", "float64")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh")
+NORMS = (None, "layernorm")
+LEAKY_RELU_SLOPE = 0.01
+LAYERNORM_EPS = 1e-5
 _MAX_WORKSPACES = 4  # a training batch, its last partial batch, an evaluation chunk, and one spare
 _FORWARD_CHUNK = 1024
 
 
 class Workspace:
-    """Every array that one forward and backward pass of `batch_size` rows writes."""
+    """Every array that one forward and backward pass of `batch_size` rows writes.
 
-    def __init__(self, sizes, params, batch_size, dtype):
+    Per hidden layer i (None where the network does not need it):
+    pre[i]      the activation's input, kept for GELU's backward, and the dense output that layer
+                norm normalises in place;
+    xhat[i], inv_std[i]   layer norm's normalised input and 1/std per row;
+    hidden[i]   the activation's output before dropout, in training; without dropout the activation
+                writes straight into activations[i + 1];
+    uniform[i]  the numbers in [0, 1) that decide which units dropout drops.
+    """
+
+    def __init__(self, sizes, params, batch_size, dtype, activation="relu", norm=None, dropout=0.0):
         self.batch_size = batch_size
         # activations[0] is the input batch, activations[-1] the logits.
         self.activations = [np.zeros((batch_size, width), dtype) for width in sizes]
-        # deltas[i] is dLoss/d activations[i], masked in place by the ReLU during backward; the
-        # input's is never needed.
+        # deltas[i] is dLoss/d activations[i], transformed in place on the way back through layer
+        # i - 1 (dropout, activation, norm); the input's is never needed.
         self.deltas = [None] + [np.zeros((batch_size, width), dtype) for width in sizes[1:]]
         self.grads = [np.zeros_like(p) for p in params]
         self.labels = np.zeros(batch_size, np.int64)
+
+        hidden_widths = sizes[1:-1]
+
+        def per_hidden_layer(needed, shape=lambda width: (batch_size, width)):
+            return [np.zeros(shape(width), dtype) if needed else None for width in hidden_widths]
+
+        self.pre = per_hidden_layer(activation == "gelu" or norm is not None)
+        self.xhat = per_hidden_layer(norm is not None)
+        self.inv_std = per_hidden_layer(norm is not None, shape=lambda width: (batch_size,))
+        self.hidden = per_hidden_layer(dropout > 0)
+        self.uniform = per_hidden_layer(dropout > 0)
+        self.dropout_applied = False  # whether the last forward pass dropped units
 
     @property
     def inputs(self):
@@ -44,31 +83,75 @@ class Workspace:
 
 
 class MLP:
-    """A fully connected network with ReLU between layers.
+    """A fully connected network.
 
     sizes: widths from input to output, e.g. [3072, 512, 512, 10].
     backend: a registered backend name (None: $FASTNET_BACKEND or "numpy").
     dtype: "float32" (training) or "float64" (gradient checks).
-    seed: an int, or a np.random.Generator to draw the He initialisation from.
+    seed: an int, or a np.random.Generator to draw the initial weights from.
+    activation: "relu" (default), "leaky_relu" (slope 0.01), "gelu" (tanh approximation) or "tanh",
+        after every hidden layer.
+    dropout: the rate of inverted dropout after every hidden activation (0: none).
+    norm: None, or "layernorm" on every hidden layer, between the dense layer and the activation.
+
+    Weights are drawn from a normal with std sqrt(2 / fan_in) (He), or sqrt(1 / fan_in) for tanh,
+    which saturates; biases start at 0, layer-norm gains at 1. params lists each layer's W and b,
+    followed for a hidden layer with norm by its gain and bias: [W1, b1, (g1, beta1,) W2, b2, ...].
+    weights and biases are the dense layers' W and b only. All 1-D params are exempt from weight decay.
+
+    Training mode: run_forward(ws, rng) with a np.random.Generator applies dropout, drawing its
+    masks from rng (one rng.random call per hidden layer, in layer order; nothing is drawn when
+    dropout is 0); run_forward(ws) without one is evaluation and deterministic. run_backward follows
+    whichever the last run_forward did. forward, predict and loss_and_grads evaluate (no dropout)
+    unless loss_and_grads is given an rng.
+
+    spec() returns the keyword arguments above as a JSON-serialisable dict, so that
+    MLP(net.sizes, **net.spec(), backend=..., dtype=...) builds the same architecture.
     """
 
-    def __init__(self, sizes, backend="numpy", dtype="float32", seed=0):
+    def __init__(self, sizes, backend="numpy", dtype="float32", seed=0, *, activation="relu", dropout=0.0,
+                 norm=None):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must be at least two positive widths, got {sizes}")
         if str(np.dtype(dtype)) not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        dropout = float(dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout is a rate in [0, 1), got {dropout}")
+        if norm == "none":
+            norm = None
+        if norm not in NORMS:
+            raise ValueError(f"norm must be None or 'layernorm', got {norm!r}")
         self.sizes = sizes
         self.dtype = np.dtype(dtype)
+        self.activation, self.dropout, self.norm = activation, dropout, norm
         self.backend = backends.resolve(backend)
         self.kernels = backends.get(self.backend)
         rng = np.random.default_rng(seed)
+        gain = 1.0 if activation == "tanh" else 2.0
         self.params = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        self._weights, self._biases, self.norm_gains, self.norm_biases = [], [], [], []
+        self._grad_positions = []  # per layer: where its W, b (and gain, bias) are in params
+        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             # Drawn in float64 and rounded, so float32 and float64 models of one seed start alike.
-            weights = rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
-            self.params += [weights.astype(self.dtype), np.zeros(fan_out, self.dtype)]
+            weights = rng.standard_normal((fan_in, fan_out)) * np.sqrt(gain / fan_in)
+            arrays = [weights.astype(self.dtype), np.zeros(fan_out, self.dtype)]
+            self._weights.append(arrays[0])
+            self._biases.append(arrays[1])
+            if norm is not None and layer < len(sizes) - 2:
+                arrays += [np.ones(fan_out, self.dtype), np.zeros(fan_out, self.dtype)]
+                self.norm_gains.append(arrays[2])
+                self.norm_biases.append(arrays[3])
+            self._grad_positions.append(list(range(len(self.params), len(self.params) + len(arrays))))
+            self.params += arrays
         self._workspaces = {}
+
+    def spec(self):
+        """The architecture beyond `sizes`, as keyword arguments of MLP (JSON-serialisable)."""
+        return {"activation": self.activation, "dropout": self.dropout, "norm": self.norm}
 
     @property
     def num_layers(self):
@@ -76,11 +159,11 @@ class MLP:
 
     @property
     def weights(self):
-        return self.params[0::2]
+        return list(self._weights)
 
     @property
     def biases(self):
-        return self.params[1::2]
+        return list(self._biases)
 
     def workspace(self, batch_size):
         """The reusable arrays for batches of `batch_size` rows, allocated on first use."""
@@ -88,39 +171,123 @@ class MLP:
         if workspace is None:
             if len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.pop(next(iter(self._workspaces)))
-            workspace = Workspace(self.sizes, self.params, batch_size, self.dtype)
+            workspace = Workspace(self.sizes, self.params, batch_size, self.dtype, self.activation, self.norm,
+                                  self.dropout)
             self._workspaces[batch_size] = workspace
         return workspace
 
     # --- The passes, on a workspace whose inputs are filled in ------------------------------------
 
-    def run_forward(self, ws):
-        """Forward pass of ws.inputs; the logits land in ws.logits."""
+    def run_forward(self, ws, rng=None):
+        """Forward pass of ws.inputs; the logits land in ws.logits. With a np.random.Generator `rng`
+        this is a training pass: dropout (if any) draws its masks from rng."""
         k = self.kernels
-        for i, (W, b) in enumerate(zip(self.weights, self.biases)):
-            layer = k.dense_forward if i == self.num_layers - 1 else k.dense_relu_forward
-            layer(ws.activations[i], W, b, ws.activations[i + 1])
+        training = rng is not None and self.dropout > 0
+        ws.dropout_applied = training
+        last = self.num_layers - 1
+        for i in range(last):
+            x, W, b = ws.activations[i], self._weights[i], self._biases[i]
+            h = ws.hidden[i] if training else ws.activations[i + 1]
+            if self.norm is None:
+                self._dense_activation_forward(k, x, W, b, ws.pre[i], h)
+            else:
+                k.dense_forward(x, W, b, ws.pre[i])
+                k.layernorm_forward(ws.pre[i], self.norm_gains[i], self.norm_biases[i], LAYERNORM_EPS,
+                                    ws.xhat[i], ws.inv_std[i], ws.pre[i])
+                self._activation_forward(k, ws.pre[i], h)
+            if training:
+                rng.random(out=ws.uniform[i], dtype=self.dtype)
+                k.dropout(h, ws.uniform[i], self.dropout, ws.activations[i + 1])
+        k.dense_forward(ws.activations[last], self._weights[last], self._biases[last], ws.activations[last + 1])
         return ws.logits
 
-    def run_backward(self, ws):
+    def run_backward(self, ws, label_smoothing=0.0):
         """Loss of ws.logits against ws.labels, and every parameter's gradient into ws.grads.
+        label_smoothing in [0, 1) mixes that much of the uniform distribution into the targets.
         Returns the mean loss as a Python float."""
         k = self.kernels
-        loss = k.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])
+        if label_smoothing:
+            loss = k.softmax_cross_entropy_smoothed(ws.logits, ws.labels, float(label_smoothing), ws.deltas[-1])
+        else:
+            loss = k.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])
         last = self.num_layers - 1
         for i in reversed(range(self.num_layers)):
-            dx = ws.deltas[i] if i > 0 else None
-            W, dW, db = self.weights[i], ws.grads[2 * i], ws.grads[2 * i + 1]
+            positions = self._grad_positions[i]
+            x, W, dW, db = ws.activations[i], self._weights[i], ws.grads[positions[0]], ws.grads[positions[1]]
+            delta, dx = ws.deltas[i + 1], ws.deltas[i] if i > 0 else None
             if i == last:
-                k.dense_backward(ws.deltas[i + 1], ws.activations[i], W, dW, db, dx)
+                k.dense_backward(delta, x, W, dW, db, dx)
+                continue
+            if ws.dropout_applied:
+                k.dropout(delta, ws.uniform[i], self.dropout, delta)
+            # The activation's backward reads its input (GELU) or its output (the others).
+            saved = ws.pre[i] if self.activation == "gelu" else ws.hidden[i] if ws.dropout_applied \
+                else ws.activations[i + 1]
+            if self.norm is None:
+                self._dense_activation_backward(k, delta, saved, x, W, dW, db, dx)
             else:
-                k.dense_relu_backward(ws.deltas[i + 1], ws.activations[i + 1], ws.activations[i], W, dW, db, dx)
+                self._activation_backward(k, delta, saved, delta)
+                dgain, dbias = ws.grads[positions[2]], ws.grads[positions[3]]
+                k.layernorm_backward(delta, ws.xhat[i], ws.inv_std[i], self.norm_gains[i], dgain, dbias, delta)
+                k.dense_backward(delta, x, W, dW, db, dx)
         return loss
+
+    def _dense_activation_forward(self, k, x, W, b, pre, out):
+        if self.activation == "relu":
+            k.dense_relu_forward(x, W, b, out)
+        elif self.activation == "leaky_relu":
+            k.dense_leaky_relu_forward(x, W, b, LEAKY_RELU_SLOPE, out)
+        elif self.activation == "tanh":
+            k.dense_tanh_forward(x, W, b, out)
+        else:
+            k.dense_gelu_forward(x, W, b, pre, out)
+
+    def _dense_activation_backward(self, k, dout, saved, x, W, dW, db, dx):
+        if self.activation == "relu":
+            k.dense_relu_backward(dout, saved, x, W, dW, db, dx)
+        elif self.activation == "leaky_relu":
+            k.dense_leaky_relu_backward(dout, saved, x, W, LEAKY_RELU_SLOPE, dW, db, dx)
+        elif self.activation == "tanh":
+            k.dense_tanh_backward(dout, saved, x, W, dW, db, dx)
+        else:
+            k.dense_gelu_backward(dout, saved, x, W, dW, db, dx)
+
+    def _activation_forward(self, k, x, out):
+        if self.activation == "relu":
+            k.relu_forward(x, out)
+        elif self.activation == "leaky_relu":
+            k.leaky_relu_forward(x, LEAKY_RELU_SLOPE, out)
+        elif self.activation == "tanh":
+            k.tanh_forward(x, out)
+        else:
+            k.gelu_forward(x, out)
+
+    def _activation_backward(self, k, dout, saved, dx):
+        if self.activation == "relu":
+            k.relu_backward(dout, saved, dx)
+        elif self.activation == "leaky_relu":
+            k.leaky_relu_backward(dout, saved, LEAKY_RELU_SLOPE, dx)
+        elif self.activation == "tanh":
+            k.tanh_backward(dout, saved, dx)
+        else:
+            k.gelu_backward(dout, saved, dx)
+
+    def clip_grad_norm(self, grads, max_norm):
+        """Scale `grads` (e.g. ws.grads) in place so that their global L2 norm is at most max_norm, as
+        torch.nn.utils.clip_grad_norm_ does; returns the norm before clipping. Call it between
+        run_backward and the optimizer's step. Costs one read of every gradient (sum_of_squares),
+        and one in-place multiply of each only when the norm is over the limit."""
+        norm = math.sqrt(sum(self.kernels.sum_of_squares(g) for g in grads))
+        if norm > max_norm:
+            factor = float(max_norm) / (norm + 1e-6)
+            for g in grads:
+                g *= factor
+        return norm
 
     # --- The public array API ----------------------------------------------------------------------
 
     def forward(self, x):
-        """Logits (N, sizes[-1]) for inputs x (N, sizes[0]) already preprocessed."""
+        """Logits (N, sizes[-1]) for inputs x (N, sizes[0]) already preprocessed; no dropout."""
         x = self._as_inputs(x)
         logits = np.empty((len(x), self.sizes[-1]), self.dtype)
         for start in range(0, len(x), _FORWARD_CHUNK):
@@ -134,18 +301,21 @@ class MLP:
         """The most likely class of each row of x."""
         return self.forward(x).argmax(axis=1)
 
-    def loss_and_grads(self, x, y):
+    def loss_and_grads(self, x, y, rng=None, label_smoothing=0.0):
         """(mean softmax cross-entropy of the batch, gradients in the order of params).
-        The gradients are new arrays, safe to keep."""
+        Deterministic, without dropout, unless `rng` is given (see run_forward); label_smoothing as in
+        run_backward. The gradients are new arrays, safe to keep."""
         x = self._as_inputs(x)
         y = np.asarray(y)
         if y.shape != (len(x),):
             raise ValueError(f"expected {len(x)} labels, got an array of shape {y.shape}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         ws = self.workspace(len(x))
         ws.inputs[...] = x
         ws.labels[...] = y
-        self.run_forward(ws)
-        loss = self.run_backward(ws)
+        self.run_forward(ws, rng)
+        loss = self.run_backward(ws, label_smoothing)
         return loss, [g.copy() for g in ws.grads]
 
     def _as_inputs(self, x):

@@ -26,10 +26,12 @@ from tqdm import tqdm
 
 from fastnet import backends, checkpoint, data
 from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
-from fastnet.model import MLP
+from fastnet.model import ACTIVATIONS, MLP, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
 
 EVAL_BATCH = 1000
+# The metrics that measure time: they differ between runs that are otherwise bit-identical.
+TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
 CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
 MODEL = "model.npz"  # the model after the last finished epoch, to evaluate and predict with
 
@@ -53,6 +55,15 @@ class TrainConfig:
     val: int = 0
     out: str | None = None
     dtype: str = "float32"
+    activation: str = "relu"
+    norm: str | None = None          # "layernorm": on every hidden layer, before the activation
+    dropout: float = 0.0             # after every hidden activation
+    label_smoothing: float = 0.0
+    flip: bool = False               # augmentation: random horizontal flips,
+    translate: int = 0               # random shifts of up to this many pixels (zero padding),
+    cutout: int = 0                  # and a blanked square of this side
+    clip: float | None = None        # gradient clipping by global norm
+    recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
     def check(self):
@@ -84,7 +95,38 @@ class TrainConfig:
                                f"{self.checkpoint_every}: pass one such as 1000")
         if self.val < 0:
             raise FastnetError(f"--val must be 0 or more, got {self.val}: pass 0 for no validation split")
+        if self.activation not in ACTIVATIONS:
+            raise FastnetError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise FastnetError(f"unknown norm {self.norm!r}: choose layernorm, or leave it out")
+        if not 0 <= self.dropout < 1:
+            raise FastnetError(f"--dropout is a rate in [0, 1), got {self.dropout}: pass one such as 0.1")
+        if not 0 <= self.label_smoothing < 1:
+            raise FastnetError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}: pass one such as 0.1")
+        if self.translate < 0 or self.cutout < 0:
+            raise FastnetError(f"--translate and --cutout are sizes in pixels, got {self.translate} and "
+                               f"{self.cutout}: pass 0 or more")
+        if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
+            raise FastnetError(f"--clip must be a positive gradient norm, got {self.clip}: pass one such as 5")
         backends.get(self.backend)
+
+
+# Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
+# How they were found is in the README's Accuracy section.
+RECIPES = {
+    "fast": dict(backend="numba"),
+    "best": dict(backend="numba"),
+}
+
+
+def recipe_config(recipe=None, **settings):
+    """The TrainConfig of `recipe` (None: the plain defaults) with `settings` on top; a setting of
+    None leaves the recipe's value in place."""
+    if recipe is not None and recipe not in RECIPES:
+        raise FastnetError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    base = RECIPES.get(recipe, {})
+    return TrainConfig(**(base | {k: v for k, v in settings.items() if v is not None or k not in base}),
+                       recipe=recipe)
 
 
 @dataclasses.dataclass
@@ -131,21 +173,33 @@ def evaluate(net, images, labels, shift, scale):
     return Evaluation(total_loss / max(len(images), 1), accuracy, predictions)
 
 
-def warm_up(net, optimizer, images_dtype):
+@dataclasses.dataclass
+class StepOptions:
+    """What a training step does besides gather, forward, backward and update."""
+
+    rng: np.random.Generator | None = None  # draws dropout masks and augmentations; None: neither
+    augmentation: data.Augmentation | None = None
+    label_smoothing: float = 0.0
+    clip: float | None = None  # the largest global gradient norm; larger gradients are scaled down
+
+
+def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     """Run every kernel a training step uses once, on tiny arrays of the run's dtypes, and return
     the seconds it took. A JIT backend compiles (or loads from its cache) per argument type, not
     per shape, so this moves all of that out of the first epoch's timing."""
     started = time.perf_counter()
-    scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype)
+    scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, **net.spec())
     scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend)
+    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0))  # not the run's generator
     ws = scratch.workspace(2)
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
     scratch.kernels.gather_normalize(images, np.arange(2), shift, scale, ws.inputs)
-    scratch.run_forward(ws)
-    scratch.kernels.count_correct(ws.logits, ws.labels)
-    scratch.run_backward(ws)
-    scratch_optimizer.step(ws.grads, 0.1)
+    if options.augmentation is not None:
+        scratch_options.augmentation = data.Augmentation((1, 1, 3), **options.augmentation.spec())
+    scratch.kernels.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])  # evaluation's loss
+    training_step(scratch, scratch_optimizer, images, np.zeros(4, np.int64), shift, scale, np.arange(2), 0.1,
+                  scratch_options)
     return time.perf_counter() - started
 
 
@@ -246,7 +300,15 @@ def train(config, log=print, resume=False):
     shift, scale = normalizer(mean, std, dataset.input_size, train_images.dtype, config.dtype)
     fingerprint = data_fingerprint(train_labels, mean, std, dataset.input_size, dataset.num_classes)
     sizes = [dataset.input_size, *config.hidden, dataset.num_classes]
-    net = MLP(sizes, backend=config.backend, dtype=config.dtype, seed=rng)
+    net = MLP(sizes, backend=config.backend, dtype=config.dtype, seed=rng, activation=config.activation,
+              norm=config.norm, dropout=config.dropout)
+    augmentation = None
+    if config.flip or config.translate or config.cutout:
+        if len(dataset.sample_shape) not in (2, 3):
+            raise FastnetError(f"--flip, --translate and --cutout need images, but the samples of "
+                               f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
+        augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
+    options = StepOptions(rng, augmentation, config.label_smoothing, config.clip)
     optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
                           weight_decay=config.weight_decay, backend=config.backend)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
@@ -254,14 +316,14 @@ def train(config, log=print, resume=False):
     progress = Progress()
     if saved is not None:
         progress = restore(saved, net, optimizer, rng, fingerprint, config.out)
+        if progress.epochs_done >= config.epochs:
+            log(f"the run in {config.out} already finished its {config.epochs} epochs: nothing to resume")
+            return outcome(progress.history, config.out)
     if config.batch_size > len(train_images):
         raise FastnetError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} "
                            f"training images: pass a smaller one")
-        if progress.epochs_done >= config.epochs:
-            log(f"the run in {config.out} already finished its {config.epochs} epochs: nothing to resume")
-            return progress.history[-1] | {"out": config.out}
 
-    startup_seconds = warm_up(net, optimizer, train_images.dtype)
+    startup_seconds = warm_up(net, optimizer, train_images.dtype, options)
 
     out = make_run_dir(config.out)
     checkpoint.remove_temporaries(out)
@@ -302,7 +364,7 @@ def train(config, log=print, resume=False):
             started = time.perf_counter()
             loss_sum, correct, seen = train_epoch(
                 net, optimizer, schedule, flat_train, train_labels, shift, scale,
-                progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause)
+                progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause, options)
             progress.seconds += time.perf_counter() - started
             progress.loss_sum += loss_sum
             progress.correct += correct
@@ -319,7 +381,8 @@ def train(config, log=print, resume=False):
             summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
                        "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
                        "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
-                       "samples_per_second": progress.seen / progress.seconds, "lr": schedule(progress.step - 1)}
+                       "samples_per_second": progress.seen / progress.seconds, "lr": schedule(progress.step - 1),
+                       "train_seconds": sum(m["epoch_seconds"] for m in progress.history) + progress.seconds}
             if val_images is not None:
                 val = evaluate(net, val_images, val_labels, shift, scale)
                 summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
@@ -330,12 +393,39 @@ def train(config, log=print, resume=False):
                                            history=progress.history + [summary])
             save_checkpoint()
             write_metrics(out, progress.history)
-            checkpoint.save(os.path.join(out, MODEL), net, mean, std, dataset.sample_shape,
-                            dataset.class_names, run_config)
+            if best_epoch(progress.history) == epoch:
+                checkpoint.save(os.path.join(out, MODEL), net, mean, std, dataset.sample_shape,
+                                dataset.class_names, run_config, extra={"epoch": np.array(epoch)})
             log(format_epoch(summary, config.epochs))
             if stop.signum is not None and progress.epochs_done < config.epochs:
                 raise interrupted(stop.signum, progress, out)
-    return (progress.history[-1] if progress.history else {}) | {"out": out}
+    for line in time_to_accuracy(progress.history):
+        log(line)
+    return outcome(progress.history, out)
+
+
+def outcome(history, out):
+    """The last epoch's metrics, the run folder, and the metrics of the epoch model.npz holds."""
+    return history[-1] | {"out": out, "kept": history[best_epoch(history) - 1]}
+
+
+def best_epoch(history):
+    """The epoch model.npz keeps: the first with the best validation accuracy when there is a
+    validation split, else the last one. Choosing by test accuracy would tune on the test set."""
+    if "val_acc" not in history[-1]:
+        return len(history)
+    return max(range(len(history)), key=lambda i: (history[i]["val_acc"], -i)) + 1
+
+
+def time_to_accuracy(history, thresholds=(0.50, 0.55, 0.60, 0.65, 0.70)):
+    """One line: after how many seconds of training (evaluation excluded) the test accuracy first
+    reached each threshold; empty when it reached none."""
+    reached = []
+    for threshold in thresholds:
+        first = next((m for m in history if m["test_acc"] >= threshold), None)
+        if first is not None:
+            reached.append(f"{threshold:.0%} after {first['train_seconds']:.1f} s (epoch {first['epoch']})")
+    return ["time to test accuracy: " + ", ".join(reached)] if reached else []
 
 
 def load_resume_checkpoint(run_dir, backend):
@@ -423,34 +513,48 @@ class StopRequests:
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is reported below, in one line
 def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, batch_size, epoch, step,
-                pause=None):
+                pause=None, options=StepOptions()):
     """Train on images[order] in minibatches, starting at global step `step`.
 
     After each step, pause(steps taken so far) may return True to stop there. Returns (sum of batch
     losses times batch sizes, number of correct training predictions, number of images trained on).
     """
-    k = net.kernels
     loss_sum, correct, seen = 0.0, 0, 0
     with tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
               disable=not sys.stderr.isatty()) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            ws = net.workspace(len(batch))
-            k.gather_normalize(images, batch, shift, scale, ws.inputs)
-            np.take(labels, batch, out=ws.labels)
-            net.run_forward(ws)
-            correct += k.count_correct(ws.logits, ws.labels)
-            loss = net.run_backward(ws)
+            loss, batch_correct = training_step(net, optimizer, images, labels, shift, scale, batch,
+                                                schedule(step), options)
             if not math.isfinite(loss):
                 raise diverged(epoch, step, f"the loss is {loss}", schedule.lr)
             loss_sum += loss * len(batch)
-            optimizer.step(ws.grads, schedule(step))
+            correct += batch_correct
             step += 1
             seen += len(batch)
             bar.update(len(batch))
             if pause is not None and pause(step):
                 break
     return loss_sum, correct, seen
+
+
+def training_step(net, optimizer, images, labels, shift, scale, batch, lr, options):
+    """One minibatch: gather (and augment) images[batch], forward, backward, update. Returns (mean
+    loss, correct predictions); the parameters are updated even when the loss is not finite."""
+    k = net.kernels
+    ws = net.workspace(len(batch))
+    if options.augmentation is not None:
+        options.augmentation.apply(k, images, batch, options.rng, shift, scale, ws.inputs)
+    else:
+        k.gather_normalize(images, batch, shift, scale, ws.inputs)
+    np.take(labels, batch, out=ws.labels)
+    net.run_forward(ws, options.rng)
+    correct = k.count_correct(ws.logits, ws.labels)
+    loss = net.run_backward(ws, options.label_smoothing)
+    if options.clip is not None:
+        net.clip_grad_norm(ws.grads, options.clip)
+    optimizer.step(ws.grads, lr)
+    return loss, correct
 
 
 def format_epoch(m, epochs):

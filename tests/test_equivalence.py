@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 
 from fastnet import backends
 from fastnet.backends import numpy_backend as ref
+from fastnet.data import Augmentation
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
-from fastnet.train import TrainConfig, train
+from fastnet.train import TIMING_METRICS, TrainConfig, train
 from helpers import assert_close, real_data_path, unavailable
 
 OTHER_BACKENDS = [name for name in backends.available() if name != "numpy"]
@@ -124,21 +125,23 @@ def term_magnitudes(kernel, make_args):
     return dict(zip(inspect.signature(getattr(ref, kernel)).parameters, args))
 
 
-def check_kernel(backend, kernel, make_args, reductions, what="", linear=False):
+def check_kernel(backend, kernel, make_args, reductions, what="", linear=False, magnitudes=None):
     """Call `kernel` of numpy and of `backend`, each on its own make_args() (two calls, so two equal
     sets of arrays laid out alike), and compare the results.
 
     reductions maps the names of the arguments a kernel writes to the length of the sums behind
     them; every other array argument must come back exactly as numpy leaves it. For a `linear`
-    kernel, the tolerances scale with term_magnitudes. A returned array must be the argument numpy
-    returns (the same memory, not a copy). Returns the two results.
+    kernel, the tolerances scale with term_magnitudes; for another, `magnitudes` may map argument
+    names to the scale of their terms. A returned array must be the argument numpy returns (the same
+    memory, not a copy). Returns the two results.
     """
     names = list(inspect.signature(getattr(ref, kernel)).parameters)
     expected_args, actual_args = make_args(), make_args()
     expected = getattr(ref, kernel)(*expected_args)
     actual = getattr(backends.get(backend), kernel)(*actual_args)
     label = f"{backend}.{kernel}{what}"
-    magnitudes = term_magnitudes(kernel, make_args) if linear else {}
+    if magnitudes is None:
+        magnitudes = term_magnitudes(kernel, make_args) if linear else {}
 
     for name, got, want in zip(names, actual_args, expected_args):
         if isinstance(want, np.ndarray):
@@ -215,6 +218,36 @@ def test_gather_normalize(other, source, dtype, count, batch, width, seed):
         return images, indices, shift.astype(dtype), scale.astype(dtype), garbage((batch, width), dtype)
 
     check_kernel(other, "gather_normalize", make_args, {"out": 1}, f" ({source} images)")
+
+
+@covers("augment_gather_normalize")
+@pytest.mark.parametrize("source, dtype", [("uint8", "float32"), ("uint8", "float64"), ("float32", "float32")])
+@SETTINGS
+@given(count=st.integers(1, 20), batch=st.integers(1, 20), image=st.tuples(st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, 4)), cutout_size=st.integers(0, 6), seed=seeds)
+@example(count=1, batch=3, image=(1, 1, 1), cutout_size=0, seed=0)   # one pixel, every index the same
+@example(count=5, batch=1, image=(9, 7, 3), cutout_size=20, seed=1)  # a cutout wider than the image
+def test_augment_gather_normalize(other, source, dtype, count, batch, image, cutout_size, seed):
+    height, width, channels = image
+    features = height * width * channels
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        if source == "uint8":
+            images = rng.integers(0, 256, (count, *image), dtype=np.uint8)
+            shift, scale = rng.uniform(0, 255, features), rng.uniform(0.5, 2, features) / 64
+        else:
+            images = rng.random((count, *image), dtype=np.float32)
+            shift, scale = rng.uniform(0, 1, features), rng.uniform(2, 8, features)
+        indices = rng.integers(0, count, batch, dtype=np.int64)
+        flips = rng.integers(0, 2, batch, dtype=np.uint8)
+        # Offsets reach past the image, so some samples are all padding.
+        offsets = rng.integers(-max(height, width) - 1, max(height, width) + 2, (batch, 2))
+        centres = np.stack([rng.integers(0, height, batch), rng.integers(0, width, batch)], axis=1)
+        return (images, indices, flips, offsets, centres, cutout_size, shift.astype(dtype), scale.astype(dtype),
+                garbage((batch, features), dtype))
+
+    check_kernel(other, "augment_gather_normalize", make_args, {"out": 1}, f" ({source} images {image})")
 
 
 # --- Dense layers -------------------------------------------------------------------------------------
@@ -315,6 +348,258 @@ def test_relu_backward(other, layout, dtype, shape, seed, in_place):
     check_kernel(other, "relu_backward", make_args, {}, f" {layout} {shape} in_place={in_place}")
 
 
+# --- Other activations, layer norm, dropout -----------------------------------------------------------
+
+ELEMENTWISE_FORWARD = {  # kernel: its scalar arguments between x and out
+    "relu_forward": (), "leaky_relu_forward": (0.01,), "tanh_forward": (), "gelu_forward": (),
+}
+ELEMENTWISE_BACKWARD = {  # kernel: (what it reads the derivative from, its scalar arguments)
+    "leaky_relu_backward": ("output", (0.01,)), "tanh_backward": ("output", ()), "gelu_backward": ("input", ()),
+}
+
+
+def slope_error_scale(kernel, saved):
+    """How much the last-bit differences between backends weigh in an activation's slope, per unit of
+    upstream gradient: 1 for leaky ReLU (exact); 1 + out**2 for tanh, whose 1 - out**2 cancels; for
+    GELU, whose tanh(.) may differ in its last bit between NumPy's and the C library's, the largest
+    weight of that tanh in gelu'(z), 1 + |z| sqrt(2/pi) (1 + 3 * 0.044715 z**2)."""
+    saved = np.asarray(saved, np.float64)
+    if "leaky_relu" in kernel:
+        return np.ones_like(saved)
+    if "tanh" in kernel:
+        return 1 + saved * saved
+    return 1 + np.abs(saved) * 0.7978845608028654 * (1 + 3 * 0.044715 * saved * saved)
+
+
+def activation_saved(kernel, z):
+    """What the backward kernel of `kernel`'s activation reads for pre-activations z: the output of
+    leaky ReLU or tanh, or z itself for GELU."""
+    if "leaky_relu" in kernel:
+        return np.where(z > 0, z, 0.01 * z)
+    if "tanh" in kernel:
+        return np.tanh(z)
+    return z
+
+
+@covers(*ELEMENTWISE_FORWARD)
+@pytest.mark.parametrize("kernel", list(ELEMENTWISE_FORWARD))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans(), magnitude=st.sampled_from([1.0, 10.0]))
+@example(shape=(1, 1), seed=0, in_place=True, magnitude=1.0)
+def test_activation_forward(other, kernel, layout, dtype, shape, seed, in_place, magnitude):
+    scalars = ELEMENTWISE_FORWARD[kernel]
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        x = laid_out((rng.standard_normal(shape) * magnitude).astype(dtype), layout, axis=1)
+        return (x, *scalars, x if in_place else garbage(shape, dtype))
+
+    reductions = {"out": 1, "x": 1} if in_place else {"out": 1}
+    magnitudes = None
+    if kernel == "gelu_forward":  # x/2 * (1 + tanh(.)): the 1 + tanh cancels for x < 0
+        x = np.abs(make_args()[0].astype(np.float64))
+        magnitudes = {"out": x * slope_error_scale(kernel, x), "x": x * slope_error_scale(kernel, x)}
+    check_kernel(other, kernel, make_args, reductions, f" {layout} {shape} in_place={in_place}",
+                 magnitudes=magnitudes)
+
+
+@covers(*ELEMENTWISE_BACKWARD)
+@pytest.mark.parametrize("kernel", list(ELEMENTWISE_BACKWARD))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
+@example(shape=(1, 1), seed=0, in_place=True)
+def test_activation_backward(other, kernel, layout, dtype, shape, seed, in_place):
+    _, scalars = ELEMENTWISE_BACKWARD[kernel]
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        dout = laid_out(rng.standard_normal(shape).astype(dtype), layout, axis=1)
+        saved = activation_saved(kernel, rng.standard_normal(shape) * 2).astype(dtype)
+        return (dout, laid_out(saved, layout, axis=0), *scalars, dout if in_place else garbage(shape, dtype))
+
+    reductions = {"dx": 1, "dout": 1} if in_place else {"dx": 1}
+    dout, saved = make_args()[:2]
+    scale = np.abs(dout.astype(np.float64)) * slope_error_scale(kernel, saved)
+    check_kernel(other, kernel, make_args, reductions, f" {layout} {shape} in_place={in_place}",
+                 magnitudes={"dx": scale, "dout": scale})
+
+
+DENSE_ACTIVATION_FORWARD = ("dense_leaky_relu_forward", "dense_tanh_forward", "dense_gelu_forward")
+DENSE_ACTIVATION_BACKWARD = ("dense_leaky_relu_backward", "dense_tanh_backward", "dense_gelu_backward")
+
+
+def dense_activation_forward_args(kernel, x, W, b, dtype):
+    batch, fan_out = x.shape[0], W.shape[1]
+    if kernel == "dense_leaky_relu_forward":
+        return x, W, b, 0.01, garbage((batch, fan_out), dtype)
+    if kernel == "dense_gelu_forward":
+        return x, W, b, garbage((batch, fan_out), dtype), garbage((batch, fan_out), dtype)
+    return x, W, b, garbage((batch, fan_out), dtype)
+
+
+def dense_magnitudes(x, W, b):
+    """The scale of the terms of x @ W + b (see term_magnitudes). The activations' slopes are at most
+    1.13 (GELU's), so the outputs' rounding errors are of the same scale."""
+    scale = np.abs(x) @ np.abs(W) + np.abs(b)
+    return {"out": scale, "pre": scale}
+
+
+def dense_activation_backward_magnitudes(kernel, dout, saved, x, W):
+    """The scale of the terms of each result of dense_<activation>_backward: the scaled dout errs
+    like slope_error_scale, and dW, db and dx sum it as dense_backward does."""
+    scaled = np.abs(dout.astype(np.float64)) * slope_error_scale(kernel, saved)
+    x, W = np.abs(x.astype(np.float64)), np.abs(W.astype(np.float64))
+    return {"dout": scaled, "dW": x.T @ scaled, "db": scaled.sum(axis=0), "dx": scaled @ W.T}
+
+
+@covers(*DENSE_ACTIVATION_FORWARD)
+@pytest.mark.parametrize("kernel", DENSE_ACTIVATION_FORWARD)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=seeds)
+@with_awkward_shapes()
+def test_dense_activation_forward(other, kernel, layout, dtype, shape, seed):
+    fan_in = shape[1]
+
+    def make_args():
+        x, W, b, _ = dense_inputs(np.random.default_rng(seed), shape, dtype, layout)
+        return dense_activation_forward_args(kernel, x, W, b, dtype)
+
+    x, W, b, _ = dense_inputs(np.random.default_rng(seed), shape, "float64", "C")
+    check_kernel(other, kernel, make_args, {"out": fan_in, "pre": fan_in}, f" {layout} {shape}",
+                 magnitudes=dense_magnitudes(x, W, b))
+
+
+@covers(*DENSE_ACTIVATION_BACKWARD)
+@pytest.mark.parametrize("kernel", DENSE_ACTIVATION_BACKWARD)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=shapes, seed=seeds, with_dx=st.booleans())
+@with_awkward_shapes(with_dx=True)
+@with_awkward_shapes(with_dx=False)
+def test_dense_activation_backward(other, kernel, layout, dtype, shape, seed, with_dx):
+    batch, fan_in, fan_out = shape
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        x, W, _, dout = dense_inputs(rng, shape, dtype, layout)
+        saved = activation_saved(kernel, rng.standard_normal((batch, fan_out)) * 2).astype(dtype)
+        outputs = [garbage((fan_in, fan_out), dtype), garbage(fan_out, dtype),
+                   garbage((batch, fan_in), dtype) if with_dx else None]
+        scalars = (0.01,) if "leaky" in kernel else ()
+        return (dout, saved, x, W, *scalars, *outputs)
+
+    # dout is scaled in place by the activation's slope (elementwise), then the sums of dense_backward.
+    reductions = {"dW": batch, "db": batch, "dx": fan_out, "dout": 1}
+    check_kernel(other, kernel, make_args, reductions, f" {layout} {shape} dx={'array' if with_dx else None}",
+                 magnitudes=dense_activation_backward_magnitudes(kernel, *make_args()[:4]))
+
+
+@covers(*DENSE_ACTIVATION_FORWARD, *DENSE_ACTIVATION_BACKWARD)
+@pytest.mark.parametrize("activation", ["leaky_relu", "tanh", "gelu"])
+@pytest.mark.parametrize("shape", [(128, 3072, 512), (128, 512, 512)])
+def test_dense_activation_kernels_at_the_default_networks_shapes(other, activation, shape):
+    """The default network's first and hidden layers, batch 128, float32, with the other activations."""
+    batch, fan_in, fan_out = shape
+    rng = np.random.default_rng(sum(shape))
+    x, W, b, dout = dense_inputs(rng, shape, "float32", "C")
+    forward = f"dense_{activation}_forward"
+    check_kernel(other, forward, lambda: dense_activation_forward_args(forward, x.copy(), W.copy(), b.copy(),
+                                                                        np.float32),
+                 {"out": fan_in, "pre": fan_in}, magnitudes=dense_magnitudes(x, W, b))
+    backward = f"dense_{activation}_backward"
+    saved = activation_saved(backward, rng.standard_normal((batch, fan_out))).astype(np.float32)
+    scalars = (0.01,) if activation == "leaky_relu" else ()
+    check_kernel(other, backward, lambda: (dout.copy(), saved.copy(), x.copy(), W.copy(), *scalars,
+                                           garbage(W.shape, np.float32), garbage(fan_out, np.float32),
+                                           garbage(x.shape, np.float32)),
+                 {"dW": batch, "db": batch, "dx": fan_out, "dout": 1},
+                 magnitudes=dense_activation_backward_magnitudes(backward, dout, saved, x, W))
+
+
+@covers("layernorm_forward")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
+@example(shape=(1, 1), seed=0, in_place=False)  # a single feature: variance 0, xhat 0
+@example(shape=(3, 70), seed=0, in_place=True)
+def test_layernorm_forward(other, layout, dtype, shape, seed, in_place):
+    batch, width = shape
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        # Rows of different offsets and spreads, the offset at most a few spreads (as after a dense layer).
+        x = rng.standard_normal(shape) * rng.uniform(0.5, 3, (batch, 1)) + rng.uniform(-2, 2, (batch, 1))
+        x = laid_out(x.astype(dtype), layout, axis=1)
+        gain = laid_out(rng.uniform(0.5, 1.5, width).astype(dtype), layout)
+        bias = laid_out(rng.standard_normal(width).astype(dtype), layout)
+        return (x, gain, bias, 1e-5, garbage(shape, dtype), garbage(batch, dtype),
+                x if in_place else garbage(shape, dtype))
+
+    reductions = {"xhat": width, "inv_std": width, "out": width}
+    if in_place:
+        reductions["x"] = width
+    check_kernel(other, "layernorm_forward", make_args, reductions, f" {layout} {shape} in_place={in_place}")
+
+
+@covers("layernorm_backward")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
+@example(shape=(1, 1), seed=0, in_place=True)
+def test_layernorm_backward(other, layout, dtype, shape, seed, in_place):
+    batch, width = shape
+
+    def arrays(rng):
+        x = rng.standard_normal(shape) * rng.uniform(0.5, 3, (batch, 1))
+        mean, std = x.mean(axis=1, keepdims=True), np.sqrt(x.var(axis=1, keepdims=True) + 1e-5)
+        return rng.standard_normal(shape), (x - mean) / std, 1 / std[:, 0], rng.uniform(0.5, 1.5, width)
+
+    def make_args():
+        dout, xhat, inv_std, gain = arrays(np.random.default_rng(seed))
+        dout = laid_out(dout.astype(dtype), layout, axis=1)
+        return (dout, laid_out(xhat.astype(dtype), layout, axis=0), laid_out(inv_std.astype(dtype), layout),
+                laid_out(gain.astype(dtype), layout), garbage(width, dtype), garbage(width, dtype),
+                dout if in_place else garbage(shape, dtype))
+
+    # The terms of each result: dx subtracts the row means of g = dout * gain and of g * xhat from g.
+    dout, xhat, inv_std, gain = (np.abs(a) for a in arrays(np.random.default_rng(seed)))
+    g = dout * gain
+    dx_terms = inv_std[:, None] * (g + g.mean(axis=1, keepdims=True) + xhat * (g * xhat).mean(axis=1, keepdims=True))
+    magnitudes = {"dgain": (dout * xhat).sum(axis=0), "dbias": dout.sum(axis=0), "dx": dx_terms, "dout": dx_terms}
+    reductions = {"dgain": batch, "dbias": batch, "dx": width}
+    if in_place:
+        reductions["dout"] = width
+    check_kernel(other, "layernorm_backward", make_args, reductions, f" {layout} {shape} in_place={in_place}",
+                 magnitudes=magnitudes)
+
+
+@covers("dropout")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans(), rate=st.sampled_from([0.0, 0.1, 0.5, 0.9]))
+@example(shape=(1, 1), seed=0, in_place=True, rate=0.5)
+def test_dropout(other, layout, dtype, shape, seed, in_place, rate):
+    def make_args():
+        rng = np.random.default_rng(seed)
+        x = laid_out(rng.standard_normal(shape).astype(dtype), layout, axis=1)
+        # Multiples of 0.1 make ties with the rate: a unit whose number equals the rate is kept.
+        uniform = laid_out((rng.integers(0, 10, shape) / 10).astype(dtype), layout, axis=0)
+        return x, uniform, rate, x if in_place else garbage(shape, dtype)
+
+    # One multiplication per element, in the same order: exact.
+    check_kernel(other, "dropout", make_args, {}, f" {layout} {shape} rate={rate} in_place={in_place}")
+
+
 # --- Loss ---------------------------------------------------------------------------------------------
 
 @covers("softmax_cross_entropy")
@@ -334,6 +619,30 @@ def test_softmax_cross_entropy(other, dtype, shape, seed, magnitude):
     loss, expected = check_kernel(other, "softmax_cross_entropy", make_args, {"dlogits": classes},
                                   f" {shape} |logits| <= {magnitude:g}")
     assert_loss_matches(loss, expected, dtype, f"{other}.softmax_cross_entropy loss, {shape} {dtype}")
+    assert math.isfinite(loss)
+
+
+@covers("softmax_cross_entropy_smoothed")
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), seed=seeds, magnitude=st.sampled_from([1.0, 30.0, 1e4]),
+       smoothing=st.sampled_from([0.0, 0.1, 0.5]))
+@example(shape=(5, 1), seed=0, magnitude=1.0, smoothing=0.1)   # one class: loss 0, gradient 0
+@example(shape=(1, 10), seed=0, magnitude=1e4, smoothing=0.1)  # logits of +-1e4 overflow a naive exp
+def test_softmax_cross_entropy_smoothed(other, dtype, shape, seed, magnitude, smoothing):
+    batch, classes = shape
+
+    def make_args():
+        rng = np.random.default_rng(seed)
+        logits = (rng.uniform(-1, 1, shape) * magnitude).astype(dtype)
+        return logits, rng.integers(0, classes, batch, dtype=np.int64), smoothing, garbage(shape, dtype)
+
+    loss, expected = check_kernel(other, "softmax_cross_entropy_smoothed", make_args, {"dlogits": classes},
+                                  f" {shape} |logits| <= {magnitude:g} smoothing {smoothing}")
+    # The smoothed loss adds the row's mean logit, a sum of K terms of the logits' magnitude.
+    tol = (1e-6 if dtype == "float32" else 1e-12) * max(1.0, smoothing * magnitude)
+    assert type(loss) is float
+    assert loss == pytest.approx(expected, rel=tol, abs=tol), f"{other}.softmax_cross_entropy_smoothed loss"
     assert math.isfinite(loss)
 
 
@@ -358,6 +667,23 @@ def test_count_correct(other, dtype, ties, shape, seed):
 
     actual, expected = check_kernel(other, "count_correct", make_args, {}, f" {shape} ties={ties}")
     assert type(actual) is int and actual == expected, f"{other}.count_correct: {actual!r} != {expected}"
+
+
+@covers("sum_of_squares")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.one_of(st.tuples(dims), st.tuples(dims, dims)), seed=seeds)
+@example(shape=(1,), seed=0)
+def test_sum_of_squares(other, layout, dtype, shape, seed):
+    def make_args():
+        return (laid_out(np.random.default_rng(seed).standard_normal(shape).astype(dtype), layout),)
+
+    actual, expected = check_kernel(other, "sum_of_squares", make_args, {}, f" {layout} {shape}")
+    assert type(actual) is float
+    size = math.prod(shape)
+    rtol = FLOAT64_TOL if dtype == "float64" else float32_tol(size)
+    assert actual == pytest.approx(expected, rel=rtol), f"{other}.sum_of_squares {shape} {dtype}"
 
 
 # --- Optimizer steps ----------------------------------------------------------------------------------
@@ -436,6 +762,36 @@ def test_loss_and_grads_match_numpy(other, dtype, sizes, batch):
         assert_close(got, want, rtol=rtol, atol=rtol * scale)
 
 
+REGULARISED_SPECS = [  # (MLP keyword arguments, label smoothing): every activation, norm, dropout
+    (dict(activation="leaky_relu"), 0.0),
+    (dict(activation="tanh", dropout=0.3), 0.1),
+    (dict(activation="gelu", norm="layernorm"), 0.0),
+    (dict(activation="relu", norm="layernorm", dropout=0.2), 0.1),
+    (dict(activation="gelu", dropout=0.5), 0.2),
+    (dict(activation="tanh", norm="layernorm", dropout=0.1), 0.0),
+    (dict(activation="leaky_relu", norm="layernorm", dropout=0.1), 0.1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec, smoothing", REGULARISED_SPECS)
+@pytest.mark.parametrize("sizes, batch", [([48, 32, 16, 3], 16), ([20, 1, 4], 9), ([7, 5, 3], 1)])
+def test_regularised_loss_and_grads_match_numpy(other, dtype, spec, smoothing, sizes, batch):
+    """A training pass (dropout masks from a generator of one seed) of every kind of layer. Layer norm
+    adds a sum over each layer's width to the forward and backward sums; the tolerance doubles for it."""
+    rng = np.random.default_rng(len(sizes) + batch)
+    x = rng.standard_normal((batch, sizes[0]))
+    y = rng.integers(0, sizes[-1], batch)
+    results = [MLP(sizes, backend=backend, dtype=dtype, seed=4, **spec).loss_and_grads(
+        x, y, rng=np.random.default_rng(5), label_smoothing=smoothing) for backend in ("numpy", other)]
+    (expected_loss, expected), (loss, grads) = results
+    assert_loss_matches(loss, expected_loss, dtype, f"{other} MLP{sizes} {spec} loss")
+    rtol = 2 * model_tolerance(dtype, sizes, batch)
+    for got, want in zip(grads, expected):
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A 3-class npy dataset of 4x4x3 uint8 images (48 inputs): each class a brightness level under
@@ -506,9 +862,9 @@ def test_same_seed_and_backend_give_bit_identical_runs(other, synthetic, tmp_pat
     assert sorted(first) == sorted(second)
     for name in first:
         assert np.array_equal(first[name], second[name]), f"{name} differs between two runs of {other}"
-    untimed = ("epoch_seconds", "samples_per_second")
     for a, b in zip(first_metrics, second_metrics):
-        assert {k: v for k, v in a.items() if k not in untimed} == {k: v for k, v in b.items() if k not in untimed}
+        assert ({k: v for k, v in a.items() if k not in TIMING_METRICS}
+                == {k: v for k, v in b.items() if k not in TIMING_METRICS})
 
 
 def fastnet_cli(*args):
@@ -562,9 +918,27 @@ def training_step(net, optimizer, images, labels, batch, shift, scale):
     optimizer.step(ws.grads, 0.01)
 
 
-def allocation_setup(backend):
+def regularised_training_step(net, optimizer, images, labels, batch, shift, scale, augmentation, rng):
+    """A training step with everything issue 6 adds: augmentation, dropout, label smoothing and
+    gradient clipping (on a network with layer norm and another activation)."""
+    k = net.kernels
+    ws = net.workspace(len(batch))
+    augmentation.apply(k, images, batch, rng, shift, scale, ws.inputs)
+    np.take(labels, batch, out=ws.labels)
+    net.run_forward(ws, rng)
+    k.count_correct(ws.logits, ws.labels)
+    net.run_backward(ws, label_smoothing=0.1)
+    net.clip_grad_norm(ws.grads, 1.0)
+    optimizer.step(ws.grads, 0.01)
+
+
+ALLOCATION_IMAGE = (16, 16, 2)  # ALLOCATION_SIZES[0] inputs
+REGULARISED = dict(activation="gelu", dropout=0.2, norm="layernorm")
+
+
+def allocation_setup(backend, regularised=False):
     rng = np.random.default_rng(0)
-    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng)
+    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng, **(REGULARISED if regularised else {}))
     optimizer = Optimizer(net.params, "momentum", weight_decay=1e-3, backend=backend)
     images = rng.integers(0, 256, (8 * ALLOCATION_BATCH, ALLOCATION_SIZES[0]), dtype=np.uint8)
     labels = rng.integers(0, ALLOCATION_SIZES[-1], len(images))
@@ -572,7 +946,12 @@ def allocation_setup(backend):
     scale = np.full(ALLOCATION_SIZES[0], 1 / 64, np.float32)
     order = rng.permutation(len(images))
     batches = [order[i:i + ALLOCATION_BATCH] for i in range(0, len(order), ALLOCATION_BATCH)]
-    step = [lambda b=b: training_step(net, optimizer, images, labels, b, shift, scale) for b in batches]
+    if regularised:
+        augmentation = Augmentation(ALLOCATION_IMAGE, flip=True, translate=2, cutout=4)
+        step = [lambda b=b: regularised_training_step(net, optimizer, images, labels, b, shift, scale,
+                                                      augmentation, rng) for b in batches]
+    else:
+        step = [lambda b=b: training_step(net, optimizer, images, labels, b, shift, scale) for b in batches]
     for s in step[:3]:  # warm-up: compiles, and allocates the workspace
         s()
     return net, optimizer, [step[i % len(step)] for i in range(20)]
@@ -594,6 +973,7 @@ def peak_allocation(steps):
 def buffers(net, optimizer):
     ws = net.workspace(ALLOCATION_BATCH)
     arrays = [*net.params, *ws.activations, *ws.deltas[1:], *ws.grads, ws.labels]
+    arrays += [a for group in (ws.pre, ws.xhat, ws.inv_std, ws.hidden, ws.uniform) for a in group if a is not None]
     return arrays + [a for group in optimizer.state.values() for a in group]
 
 
@@ -604,8 +984,9 @@ def test_the_allocation_probe_sees_numpys_temporaries():
     assert peak_allocation(steps) > ALLOCATION_THRESHOLD
 
 
-def test_a_training_step_allocates_nothing_after_warm_up(other):
-    net, optimizer, steps = allocation_setup(other)
+@pytest.mark.parametrize("regularised", [False, True], ids=["default", "regularised"])
+def test_a_training_step_allocates_nothing_after_warm_up(other, regularised):
+    net, optimizer, steps = allocation_setup(other, regularised)
     before = [(a, a.ctypes.data) for a in buffers(net, optimizer)]
     peak = peak_allocation(steps)
     assert peak < ALLOCATION_THRESHOLD, f"{other}: 20 training steps allocated up to {peak} bytes"
@@ -664,7 +1045,8 @@ def nrt_allocations_per_array_argument(rtsys):
     return allocs // 3
 
 
-def test_numba_kernels_allocate_no_arrays_in_a_training_step():
+@pytest.mark.parametrize("regularised", [False, True], ids=["default", "regularised"])
+def test_numba_kernels_allocate_no_arrays_in_a_training_step(regularised):
     if "numba" not in OTHER_BACKENDS:
         unavailable("the numba backend is not available: pip install numba")
     from numba.core.runtime import _nrt_python, rtsys
@@ -672,7 +1054,7 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step():
     was_enabled = _nrt_python.memsys_stats_enabled()
     _nrt_python.memsys_enable_stats()
     try:
-        net, optimizer, steps = allocation_setup("numba")
+        net, optimizer, steps = allocation_setup("numba", regularised)
         recorder = NrtAllocationRecorder(net.kernels, rtsys, nrt_allocations_per_array_argument(rtsys))
         net.kernels = optimizer.kernels = recorder  # what MLP and Optimizer call their kernels through
         for s in steps:
@@ -680,7 +1062,10 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step():
     finally:
         if not was_enabled:
             _nrt_python.memsys_disable_stats()
-    assert recorder.calls >= 20 * 12 and set(recorder.extra) >= {"dense_relu_backward", "momentum_step"}
+    used = ({"augment_gather_normalize", "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
+             "dropout", "softmax_cross_entropy_smoothed", "sum_of_squares", "momentum_step"} if regularised
+            else {"dense_relu_backward", "momentum_step"})
+    assert recorder.calls >= 20 * 12 and set(recorder.extra) >= used
     assert {k: n for k, n in recorder.extra.items() if n} == {}, "kernels allocated arrays (count over 20 steps)"
     assert {k: n for k, n in recorder.leaked.items() if n} == {}, "kernels leaked NRT memory"
 

@@ -180,3 +180,203 @@ def test_optimizer_steps_stay_float32(rng, kind):
         getattr(ref, f"{kind}_step")(p, g, state[0], state[1], 0.1, 0.9, 0.999, 1e-8, 0.01, 1)
     assert p.dtype == np.float32 and all(s.dtype == np.float32 for s in state)
     assert not np.array_equal(p, before)
+
+
+# --- Other activations ---------------------------------------------------------------------------------
+
+def away_from_zero(rng, shape):
+    """Inputs at least 0.1 from 0, where the ReLUs have their kink and finite differences fail."""
+    return rng.uniform(0.1, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+
+
+ACTIVATIONS = {  # name: (forward kernel call, backward kernel call, the textbook function)
+    "relu": (lambda x, out: ref.relu_forward(x, out),
+             lambda dout, x, out, dx: ref.relu_backward(dout, out, dx),
+             lambda x: np.maximum(x, 0)),
+    "leaky_relu": (lambda x, out: ref.leaky_relu_forward(x, 0.01, out),
+                   lambda dout, x, out, dx: ref.leaky_relu_backward(dout, out, 0.01, dx),
+                   lambda x: np.where(x > 0, x, 0.01 * x)),
+    "tanh": (lambda x, out: ref.tanh_forward(x, out),
+             lambda dout, x, out, dx: ref.tanh_backward(dout, out, dx),
+             np.tanh),
+    "gelu": (lambda x, out: ref.gelu_forward(x, out),
+             lambda dout, x, out, dx: ref.gelu_backward(dout, x, dx),
+             lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_forward_is_the_textbook_function(rng, name):
+    forward, _, textbook = ACTIVATIONS[name]
+    x = rng.standard_normal((6, 7)) * 3
+    assert_close(forward(x, np.empty_like(x)), textbook(x), rtol=1e-12, atol=1e-15)
+    in_place = x.copy()
+    forward(in_place, in_place)
+    assert_close(in_place, textbook(x), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+@pytest.mark.parametrize("in_place", [False, True])
+def test_activation_backward_matches_finite_differences(rng, name, in_place):
+    forward, backward, _ = ACTIVATIONS[name]
+    x = away_from_zero(rng, (4, 6))
+    upstream = rng.standard_normal((4, 6))
+
+    def loss():
+        return float(np.sum(forward(x, np.empty_like(x)) * upstream))
+
+    out = forward(x, np.empty_like(x))
+    dout = upstream.copy()
+    dx = backward(dout, x, out, dout if in_place else np.empty_like(x))
+    assert relative_error(dx, numerical_gradient(loss, x)) < GRAD_TOL
+
+
+def test_gelu_is_close_to_the_exact_one(rng):
+    """The tanh form is within 1e-3 of x * Phi(x), the exact GELU, everywhere."""
+    from math import erf
+    x = np.linspace(-6, 6, 241)
+    exact = x * 0.5 * (1 + np.array([erf(v / np.sqrt(2)) for v in x]))
+    assert np.max(np.abs(ref.gelu_forward(x, np.empty_like(x)) - exact)) < 1e-3
+
+
+DENSE_ACTIVATIONS = {  # name: (forward(x, W, b, pre, out), backward(dout, pre, out, x, W, dW, db, dx))
+    "leaky_relu": (lambda x, W, b, pre, out: ref.dense_leaky_relu_forward(x, W, b, 0.01, out),
+                   lambda dout, pre, out, x, W, dW, db, dx: ref.dense_leaky_relu_backward(dout, out, x, W, 0.01,
+                                                                                         dW, db, dx)),
+    "tanh": (lambda x, W, b, pre, out: ref.dense_tanh_forward(x, W, b, out),
+             lambda dout, pre, out, x, W, dW, db, dx: ref.dense_tanh_backward(dout, out, x, W, dW, db, dx)),
+    "gelu": (lambda x, W, b, pre, out: ref.dense_gelu_forward(x, W, b, pre, out),
+             lambda dout, pre, out, x, W, dW, db, dx: ref.dense_gelu_backward(dout, pre, x, W, dW, db, dx)),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_ACTIVATIONS))
+@pytest.mark.parametrize("batch, fan_in, fan_out", [(1, 1, 1), (5, 4, 6)])
+def test_dense_activation_backward_matches_finite_differences(rng, name, batch, fan_in, fan_out):
+    forward, backward = DENSE_ACTIVATIONS[name]
+    x, W = rng.standard_normal((batch, fan_in)), rng.standard_normal((fan_in, fan_out))
+    b = rng.standard_normal(fan_out)
+    upstream = rng.standard_normal((batch, fan_out))
+
+    def loss():
+        return float(np.sum(forward(x, W, b, np.empty_like(upstream), np.empty_like(upstream)) * upstream))
+
+    pre, out = np.empty_like(upstream), np.empty_like(upstream)
+    forward(x, W, b, pre, out)
+    if name == "gelu":  # the only one that keeps its pre-activation for backward
+        assert_close(pre, x @ W + b, rtol=1e-12, atol=1e-14)
+    assert_close(out, ACTIVATIONS[name][2](x @ W + b), rtol=1e-12, atol=1e-14)
+    dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
+    backward(upstream.copy(), pre, out, x, W, dW, db, dx)
+    for analytic, variable in ((dW, W), (db, b), (dx, x)):
+        assert relative_error(analytic, numerical_gradient(loss, variable)) < GRAD_TOL
+
+
+# --- Layer norm, dropout ------------------------------------------------------------------------------
+
+def test_layernorm_forward_normalises_each_row(rng):
+    x = rng.standard_normal((5, 9)) * 4 + 3
+    gain, bias = rng.uniform(0.5, 2, 9), rng.standard_normal(9)
+    xhat, inv_std, out = np.empty_like(x), np.empty(5), np.empty_like(x)
+    ref.layernorm_forward(x, gain, bias, 1e-5, xhat, inv_std, out)
+    assert_close(xhat.mean(axis=1), np.zeros(5), rtol=0, atol=1e-12)
+    assert_close(xhat.var(axis=1), x.var(axis=1) / (x.var(axis=1) + 1e-5), rtol=1e-12)
+    assert_close(inv_std, 1 / np.sqrt(x.var(axis=1) + 1e-5), rtol=1e-12)
+    assert_close(out, xhat * gain + bias, rtol=1e-12)
+    ref.layernorm_forward(x, gain, bias, 1e-5, xhat, inv_std, x)  # in place, as the model calls it
+    assert_close(x, out, rtol=1e-12)
+
+
+@pytest.mark.parametrize("batch, width", [(1, 1), (1, 5), (4, 6)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_layernorm_backward_matches_finite_differences(rng, batch, width, in_place):
+    x = rng.standard_normal((batch, width)) * 2 + 1
+    gain, bias = rng.uniform(0.5, 2, width), rng.standard_normal(width)
+    upstream = rng.standard_normal((batch, width))
+
+    def forward():
+        xhat, inv_std = np.empty_like(x), np.empty(batch)
+        out = ref.layernorm_forward(x, gain, bias, 1e-5, xhat, inv_std, np.empty_like(x))
+        return out, xhat, inv_std
+
+    def loss():
+        return float(np.sum(forward()[0] * upstream))
+
+    _, xhat, inv_std = forward()
+    dgain, dbias = np.empty_like(gain), np.empty_like(bias)
+    dout = upstream.copy()
+    dx = ref.layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dout if in_place else np.empty_like(x))
+    for analytic, variable in ((dgain, gain), (dbias, bias), (dx, x)):
+        assert relative_error(analytic, numerical_gradient(loss, variable)) < GRAD_TOL
+
+
+def test_dropout_drops_below_the_rate_and_scales_the_rest(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    uniform = np.array([[0.0, 0.25, 0.2499, 0.9]] * 3, np.float32)
+    out = ref.dropout(x, uniform, 0.25, np.empty_like(x))
+    keep = np.array([False, True, False, True])
+    assert_close(out[:, keep], x[:, keep] / np.float32(0.75), rtol=1e-7)
+    assert not out[:, ~keep].any()
+    # It is its own backward: the gradient of sum(out * g) with respect to x is dropout(g).
+    x64, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    u64 = uniform.astype(np.float64)
+    numeric = numerical_gradient(lambda: float(np.sum(ref.dropout(x64, u64, 0.25, np.empty_like(x64)) * g)), x64)
+    assert relative_error(ref.dropout(g, u64, 0.25, np.empty_like(g)), numeric) < GRAD_TOL
+
+
+def test_dropout_keeps_the_expected_value(rng):
+    x = np.ones((200, 500), np.float32)
+    out = ref.dropout(x, rng.random(x.shape, dtype=np.float32), 0.3, np.empty_like(x))
+    assert out.mean() == pytest.approx(1.0, abs=0.01)
+    assert np.mean(out == 0) == pytest.approx(0.3, abs=0.01)
+
+
+# --- Label smoothing, gradient clipping ---------------------------------------------------------------
+
+def naive_smoothed_cross_entropy(logits, labels, smoothing):
+    """-sum_j q_j log softmax(logits)_j with q = (1 - smoothing) onehot + smoothing / K, averaged."""
+    classes = logits.shape[1]
+    log_probabilities = np.log(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True))
+    targets = np.full(logits.shape, smoothing / classes)
+    targets[np.arange(len(labels)), labels] += 1 - smoothing
+    return float(-np.mean(np.sum(targets * log_probabilities, axis=1)))
+
+
+@pytest.mark.parametrize("batch, classes", [(1, 1), (1, 10), (6, 3), (13, 10)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.6])
+def test_smoothed_cross_entropy_value_and_gradient(rng, batch, classes, smoothing):
+    logits = rng.standard_normal((batch, classes)) * 3
+    labels = rng.integers(0, classes, batch)
+    dlogits = np.empty_like(logits)
+    loss = ref.softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(naive_smoothed_cross_entropy(logits, labels, smoothing), rel=1e-12, abs=1e-12)
+    numeric = numerical_gradient(
+        lambda: ref.softmax_cross_entropy_smoothed(logits, labels, smoothing, np.empty_like(logits)), logits)
+    assert relative_error(dlogits, numeric) < GRAD_TOL
+
+
+def test_smoothing_zero_is_the_plain_cross_entropy(rng):
+    logits = (rng.standard_normal((9, 10)) * 5).astype(np.float32)
+    labels = rng.integers(0, 10, 9)
+    plain, smoothed = np.empty_like(logits), np.empty_like(logits)
+    loss = ref.softmax_cross_entropy(logits, labels, plain)
+    assert ref.softmax_cross_entropy_smoothed(logits, labels, 0.0, smoothed) == pytest.approx(loss, rel=1e-6)
+    assert np.array_equal(plain, smoothed)
+
+
+def test_smoothed_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[1000.0, 0.0, -1000.0], [-5000.0, 5000.0, 0.0]], np.float32)
+    dlogits = np.empty_like(logits)
+    loss = ref.softmax_cross_entropy_smoothed(logits, np.array([2, 1]), 0.3, dlogits)
+    # Targets 0.1 off the label and 0.8 on it; -log p is (0, 1000, 2000) and (10000, 0, 5000).
+    assert loss == pytest.approx((0.1 * 1000 + 0.8 * 2000 + 0.1 * 10000 + 0.1 * 5000) / 2, rel=1e-6)
+    assert np.isfinite(dlogits).all() and dlogits.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (5, 3)])
+def test_sum_of_squares(rng, shape):
+    x = rng.standard_normal(shape)
+    assert ref.sum_of_squares(x) == pytest.approx(float(np.sum(x ** 2)), rel=1e-12)
+    assert type(ref.sum_of_squares(x.astype(np.float32))) is float
+    assert ref.sum_of_squares(np.asfortranarray(rng.standard_normal((4, 3)))[:, ::2]) > 0

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fastnet import checkpoint
-from fastnet.train import TrainConfig, resumed_config, train
+from fastnet.train import TIMING_METRICS, TrainConfig, resumed_config, train
 from helpers import assert_one_line_error, fastnet
 from test_data import make_arrays, write_archive, write_batches, write_npy
 
@@ -32,13 +32,14 @@ ADVICE = ("pass", "use", "choose", "drop", "see", "run", "replace", "fix", "save
 # Each case builds what it needs under `root` and returns the command's arguments. `tiny` is a small
 # valid npy dataset, `run` the folder of a finished run on it (model.npz, checkpoint.npz).
 
-def npy_with(**changes):
-    """A valid npy dataset (the arrays of test_data.make_arrays) with some arrays changed."""
+def npy_with(flags=(), **changes):
+    """A valid npy dataset (the arrays of test_data.make_arrays) with some arrays changed, and the
+    `fastnet train` flags to use it with."""
     def build(root, tiny, run):
         arrays = make_arrays()
         for key, change in changes.items():
             arrays[key] = change(arrays[key])
-        return ["train", "--data", write_npy(root / "bad", arrays, names=[f"c{i}" for i in range(10)])]
+        return ["train", "--data", write_npy(root / "bad", arrays, names=[f"c{i}" for i in range(10)]), *flags]
     return build
 
 
@@ -115,6 +116,18 @@ CASES = {
     "negative val": (lambda root, tiny, run: ["train", "--val", "-5"], ["--val must be 0 or more"]),
     "zero checkpoint-every": (lambda root, tiny, run: ["train", "--checkpoint-every", "0"],
                               ["--checkpoint-every", "not positive"]),
+    "unknown activation": (lambda root, tiny, run: ["train", "--activation", "swish"], ["--activation", "'swish'"]),
+    "unknown norm": (lambda root, tiny, run: ["train", "--norm", "batchnorm"], ["--norm", "layernorm or none"]),
+    "dropout of 1": (lambda root, tiny, run: ["train", "--dropout", "1"], ["--dropout is a rate in [0, 1)"]),
+    "negative label smoothing": (lambda root, tiny, run: ["train", "--label-smoothing", "-0.1"],
+                                 ["--label-smoothing must be in [0, 1)"]),
+    "negative translate": (lambda root, tiny, run: ["train", "--translate", "-2"], ["--translate and --cutout"]),
+    "zero clip": (lambda root, tiny, run: ["train", "--clip", "0"], ["--clip must be a positive gradient norm"]),
+    "unknown recipe": (lambda root, tiny, run: ["train", "--recipe", "slow"], ["--recipe", "'slow'"]),
+    "flip on samples that are not images": (npy_with(["--flip", "--batch-size", "5"],
+                                                     train_images=lambda x: x.reshape(len(x), -1),
+                                                     test_images=lambda x: x.reshape(len(x), -1)),
+                                            ["--flip", "need images", "drop those flags"]),
     "zero threads": (lambda root, tiny, run: ["train", "--threads", "0"], ["--threads", "not positive"]),
     "unwritable out": (lambda root, tiny, run: ["train", "--out", (root / "a-file").touch() or root / "a-file" / "run"],
                        ["cannot write to --out"]),
@@ -218,6 +231,15 @@ def test_a_class_without_examples_is_reported_not_refused(tmp_path):
     assert "warning: class 'c3' (3) has no training examples" in result.stdout
 
 
+def test_resuming_a_finished_run_changes_nothing(finished_run):
+    _, run = finished_run
+    before = snapshot(run)
+    result = fastnet("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    assert "already finished its 1 epochs: nothing to resume" in result.stdout
+    assert snapshot(run) == before
+
+
 # --- Divergence ----------------------------------------------------------------------------------------
 
 def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
@@ -244,7 +266,6 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(finished_run, tmp
 
 # --- Resume ------------------------------------------------------------------------------------------
 
-TIMING = ("epoch_seconds", "samples_per_second")
 
 
 def outcome(run):
@@ -252,7 +273,7 @@ def outcome(run):
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
         arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_"))}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return arrays, [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+    return arrays, [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics]
 
 
 def assert_same_outcome(run, reference):
@@ -269,10 +290,16 @@ class Crash(Exception):
     pass
 
 
+# Dropout masks and augmentations draw from the run's generator every step: resuming must restore it.
+REGULARISED = dict(activation="tanh", norm="layernorm", dropout=0.2, label_smoothing=0.1, flip=True, translate=1,
+                   cutout=2, clip=2.0)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, finished_run, tmp_path):
+@pytest.mark.parametrize("extra", [{}, REGULARISED], ids=["plain", "regularised"])
+def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path):
     tiny, _ = finished_run
-    settings = dict(data=str(tiny), backend=backend, hidden=(16, 8), epochs=4, batch_size=32, val=40, seed=3)
+    settings = dict(data=str(tiny), backend=backend, hidden=(16, 8), epochs=4, batch_size=32, val=40, seed=3) | extra
     train(TrainConfig(**settings, out=str(tmp_path / "whole")), log=lambda line: None)
 
     def crash_after_epoch_2(line):

@@ -100,3 +100,68 @@ def test_divergence_stops_the_run(tiny_npy, tmp_path):
     with pytest.raises(FastnetError, match="diverged at epoch 1"):
         quiet_train(data=str(tiny_npy), epochs=1, hidden=(8,), lr=1e30, optimizer="sgd",
                     schedule="constant", out=str(tmp_path))
+
+
+# --- Regularised runs, recipes and keeping the best epoch ------------------------------------------
+
+REGULARISED = dict(activation="gelu", norm="layernorm", dropout=0.2, label_smoothing=0.1, flip=True,
+                   translate=1, cutout=2, clip=1.0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_regularised_run_is_deterministic_and_its_model_reloads(backend, tiny_npy, tmp_path):
+    from fastnet import data
+    from fastnet.train import evaluate
+
+    for name in ("a", "b"):
+        quiet_train(data=str(tiny_npy), backend=backend, epochs=2, hidden=(16, 8), batch_size=32, seed=1,
+                    out=str(tmp_path / name), **REGULARISED)
+    a, b = (checkpoint.load(str(tmp_path / name / "model.npz"), backend=backend) for name in "ab")
+    assert all(np.array_equal(p, q) for p, q in zip(a.net.params, b.net.params))
+    assert a.net.spec() == {"activation": "gelu", "norm": "layernorm", "dropout": 0.2}
+    # The reloaded model (layer norm gains included) gives the accuracy the run reported.
+    dataset = data.load_dataset(tiny_npy)
+    shift, scale = normalizer(a.mean, a.std, dataset.input_size, np.uint8, np.float32)
+    reported = read_metrics(tmp_path / "a")[-1]["test_acc"]
+    assert evaluate(a.net, dataset.test_images, dataset.test_labels, shift, scale).accuracy == reported
+    # And the regularisers change the numbers: a plain run of the same seed ends elsewhere.
+    quiet_train(data=str(tiny_npy), backend=backend, epochs=2, hidden=(16, 8), batch_size=32, seed=1,
+                out=str(tmp_path / "plain"))
+    assert read_metrics(tmp_path / "plain")[-1]["train_loss"] != read_metrics(tmp_path / "a")[-1]["train_loss"]
+
+
+def test_model_npz_keeps_the_epoch_with_the_best_validation_accuracy(tiny_npy, tmp_path):
+    from fastnet.train import best_epoch
+
+    summary = quiet_train(data=str(tiny_npy), epochs=6, hidden=(4,), batch_size=16, lr=0.5, val=100, seed=2,
+                          schedule="constant", out=str(tmp_path))
+    metrics = read_metrics(tmp_path)
+    best = max(metrics, key=lambda m: m["val_acc"])["epoch"]  # the first of equals, as model.npz keeps
+    assert best < len(metrics)  # so keeping the last epoch would fail this test
+    assert best_epoch(metrics) == best == summary["kept"]["epoch"]
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as saved:
+        assert int(saved["epoch"]) == best
+    without_val = quiet_train(data=str(tiny_npy), epochs=3, hidden=(4,), out=str(tmp_path / "plain"))
+    assert without_val["kept"]["epoch"] == 3
+
+
+def test_time_to_accuracy_reports_the_first_epoch_past_each_threshold():
+    from fastnet.train import time_to_accuracy
+
+    history = [{"epoch": 1, "test_acc": 0.48, "train_seconds": 2.0}, {"epoch": 2, "test_acc": 0.56, "train_seconds": 4.0},
+               {"epoch": 3, "test_acc": 0.55, "train_seconds": 6.0}, {"epoch": 4, "test_acc": 0.61, "train_seconds": 8.0}]
+    assert time_to_accuracy(history, (0.5, 0.55, 0.6, 0.65)) == [
+        "time to test accuracy: 50% after 4.0 s (epoch 2), 55% after 4.0 s (epoch 2), 60% after 8.0 s (epoch 4)"]
+    assert time_to_accuracy(history[:1], (0.5,)) == []
+
+
+def test_a_recipe_is_a_starting_point_that_flags_override():
+    from fastnet.train import RECIPES, recipe_config
+
+    fast = recipe_config("fast")
+    assert fast.recipe == "fast" and all(getattr(fast, k) == v for k, v in RECIPES["fast"].items())
+    changed = recipe_config("best", epochs=2, backend=None)  # None: the CLI's "not given"
+    assert changed.epochs == 2 and changed.backend == RECIPES["best"]["backend"]
+    assert recipe_config(None, epochs=3) == TrainConfig(epochs=3)
+    with pytest.raises(FastnetError, match="unknown recipe 'slow'"):
+        recipe_config("slow")

@@ -45,6 +45,42 @@ def gather_normalize(images, indices, shift, scale, out):
     return out
 
 
+@njit(cache=True, error_model="numpy")
+def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
+    """gather_normalize of (N, H, W, C) images with each sample's flip, translation and cutout: every
+    output pixel is read from where the flip and translation put it, or written as 0 (padding and
+    cutout) in the same pass."""
+    to_float = out.dtype.type
+    zero = to_float(0)
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    for i in range(indices.shape[0]):
+        image = images[indices[i]]
+        dy, dx = offsets[i, 0], offsets[i, 1]
+        mirrored = flips[i] != 0
+        cut_top = cutout_centres[i, 0] - cutout_size // 2
+        cut_left = cutout_centres[i, 1] - cutout_size // 2
+        for y in range(height):
+            source_y = y - dy
+            row_inside = 0 <= source_y < height
+            row_cut = cut_top <= y < cut_top + cutout_size
+            for x in range(width):
+                source_x = x - dx
+                if mirrored:
+                    source_x = width - 1 - source_x
+                feature = (y * width + x) * channels
+                visible = row_inside and 0 <= source_x < width
+                if row_cut and cut_left <= x < cut_left + cutout_size:
+                    visible = False
+                if visible:
+                    for c in range(channels):
+                        f = feature + c
+                        out[i, f] = (to_float(image[source_y, source_x, c]) - shift[f]) * scale[f]
+                else:
+                    for c in range(channels):
+                        out[i, feature + c] = zero
+    return out
+
+
 # --- Dense layer -----------------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy")
@@ -110,6 +146,268 @@ def relu_backward(dout, out, dx):
     return dx
 
 
+# --- Other activations -----------------------------------------------------------------------------
+# The dense forms fuse the bias and the activation into one pass after the GEMM, and in backward the
+# activation's derivative and the bias-gradient column sums into one pass before the GEMMs, as the
+# ReLU's do. Constants are converted to the arrays' dtype once, so float32 stays float32.
+
+@njit(cache=True, error_model="numpy")
+def relu_forward(x, out):
+    """out = max(x, 0); out may be x."""
+    zero = out.dtype.type(0)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = max(x[i, j], zero)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def leaky_relu_forward(x, negative_slope, out):
+    """out = x where x > 0, else negative_slope * x; out may be x."""
+    slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            z = x[i, j]
+            out[i, j] = z if z > zero else z * slope
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def leaky_relu_backward(dout, out, negative_slope, dx):
+    """dx = dout where out > 0, else negative_slope * dout; dx may be dout."""
+    slope, zero = dx.dtype.type(negative_slope), dx.dtype.type(0)
+    for i in range(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            g = dout[i, j]
+            dx[i, j] = g if out[i, j] > zero else g * slope
+    return dx
+
+
+@njit(cache=True, error_model="numpy")
+def dense_leaky_relu_forward(x, W, b, negative_slope, out):
+    """out = leaky_relu(x @ W + b), the bias and activation fused after the GEMM."""
+    np.dot(x, W, out)
+    slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            z = out[i, j] + b[j]
+            out[i, j] = z if z > zero else z * slope
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx):
+    """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
+    db[:] = 0
+    slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
+    for i in range(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            if out[i, j] <= zero:
+                dout[i, j] = dout[i, j] * slope
+            db[j] += dout[i, j]
+    _weight_and_input_grads(dout, x, W, dW, dx)
+
+
+# tanh and GELU go through exp, which LLVM vectorises, instead of the C library's tanh, which it
+# does not: 13 ns an element against 2 to 3. For tanh in float32 the exp form is evaluated in float64,
+# where 1 - 2 / (exp(2z) + 1) has no cancellation that float32 could see; a float64 model (gradient
+# checks) keeps np.tanh. GELU's tanh form is rewritten exactly as z * sigmoid(2u), u = sqrt(2/pi) *
+# (z + 0.044715 z^3), whose slope s + 2 z u' s (1 - s) needs no cancelling 1 - s either: 1 - s = e s
+# with e = exp(-2u). The exponent is capped so that e stays finite and e * s stays a number.
+
+@njit(cache=True, error_model="numpy")
+def _tanh_via_exp(z):
+    """tanh of a float64 z from one exp."""
+    return 1.0 - 2.0 / (np.exp(2.0 * z) + 1.0)
+
+
+@njit(cache=True, error_model="numpy")
+def tanh_forward(x, out):
+    """out = tanh(x); out may be x."""
+    real = out.dtype.type
+    fast = out.itemsize == 4
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = real(_tanh_via_exp(float(x[i, j]))) if fast else np.tanh(x[i, j])
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def tanh_backward(dout, out, dx):
+    """dx = dout * (1 - out**2); dx may be dout."""
+    one = dx.dtype.type(1)
+    for i in range(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            dx[i, j] = dout[i, j] * (one - out[i, j] * out[i, j])
+    return dx
+
+
+@njit(cache=True, error_model="numpy")
+def dense_tanh_forward(x, W, b, out):
+    """out = tanh(x @ W + b), the bias and tanh fused after the GEMM."""
+    np.dot(x, W, out)
+    real = out.dtype.type
+    fast = out.itemsize == 4
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            z = out[i, j] + b[j]
+            out[i, j] = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def dense_tanh_backward(dout, out, x, W, dW, db, dx):
+    """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
+    db[:] = 0
+    one = dout.dtype.type(1)
+    for i in range(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            g = dout[i, j] * (one - out[i, j] * out[i, j])
+            dout[i, j] = g
+            db[j] += g
+    _weight_and_input_grads(dout, x, W, dW, dx)
+
+
+# The constants of numpy_backend's GELU.
+_GELU_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_CUBIC = 0.044715
+_EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overflows harmlessly to inf
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu(z, one, two_root, cubic, cap):
+    """gelu(z) = z * sigmoid(2u), in the dtype of the constants, which the caller converted."""
+    e = np.exp(min(-two_root * (z + cubic * (z * z * z)), cap))
+    return z / (one + e)
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
+    """gelu'(z) = s + 2 z u' s (1 - s), with s = sigmoid(2u) and 1 - s = e * s."""
+    e = np.exp(min(-two_root * (z + cubic * (z * z * z)), cap))
+    s = one / (one + e)
+    return s + z * (two_root * (one + three_cubic * (z * z))) * s * (e * s)
+
+
+@njit(cache=True, error_model="numpy")
+def gelu_forward(x, out):
+    """out = gelu(x), tanh approximation."""
+    real = out.dtype.type
+    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = _gelu(x[i, j], one, two_root, cubic, cap)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def gelu_backward(dout, x, dx):
+    """dx = dout * gelu'(x); dx may be dout."""
+    real = dx.dtype.type
+    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
+    three_cubic = real(3 * _GELU_CUBIC)
+    for i in range(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            dx[i, j] = dout[i, j] * _gelu_slope(x[i, j], one, two_root, cubic, three_cubic, cap)
+    return dx
+
+
+@njit(cache=True, error_model="numpy")
+def dense_gelu_forward(x, W, b, pre, out):
+    """pre = x @ W + b and out = gelu(pre) in one pass after the GEMM."""
+    np.dot(x, W, pre)
+    real = out.dtype.type
+    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
+    for i in range(pre.shape[0]):
+        for j in range(pre.shape[1]):
+            z = pre[i, j] + b[j]
+            pre[i, j] = z
+            out[i, j] = _gelu(z, one, two_root, cubic, cap)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def dense_gelu_backward(dout, pre, x, W, dW, db, dx):
+    """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
+    db[:] = 0
+    real = dout.dtype.type
+    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
+    three_cubic = real(3 * _GELU_CUBIC)
+    for i in range(dout.shape[0]):
+        for j in range(dout.shape[1]):
+            g = dout[i, j] * _gelu_slope(pre[i, j], one, two_root, cubic, three_cubic, cap)
+            dout[i, j] = g
+            db[j] += g
+    _weight_and_input_grads(dout, x, W, dW, dx)
+
+
+# --- Layer normalisation ---------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
+    """Layer norm one row at a time: the mean, then the variance from the centred values (two passes,
+    so no cancellation), then xhat and out in a third. The row sums are float64 scalars."""
+    real = out.dtype.type
+    width = x.shape[1]
+    eps = real(eps)
+    for i in range(x.shape[0]):
+        total = 0.0
+        for j in range(width):
+            total += x[i, j]
+        mean = real(total / width)
+        squares = 0.0
+        for j in range(width):
+            d = x[i, j] - mean
+            squares += d * d
+        scale = real(1) / np.sqrt(real(squares / width) + eps)
+        inv_std[i] = scale
+        for j in range(width):
+            h = (x[i, j] - mean) * scale
+            xhat[i, j] = h
+            out[i, j] = h * gain[j] + bias[j]
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
+    """Layer norm's gradients one row at a time: a pass that adds the row into dgain and dbias and sums
+    the two row means, then a pass that writes dx (after reading dout, so dx may be dout)."""
+    real = dx.dtype.type
+    width = dout.shape[1]
+    dgain[:] = 0
+    dbias[:] = 0
+    for i in range(dout.shape[0]):
+        sum_g, sum_g_xhat = 0.0, 0.0
+        for j in range(width):
+            upstream = dout[i, j]
+            dgain[j] += upstream * xhat[i, j]
+            dbias[j] += upstream
+            g = upstream * gain[j]
+            sum_g += g
+            sum_g_xhat += g * xhat[i, j]
+        mean_g, mean_g_xhat = real(sum_g / width), real(sum_g_xhat / width)
+        scale = inv_std[i]
+        for j in range(width):
+            g = dout[i, j] * gain[j]
+            dx[i, j] = (g - mean_g - xhat[i, j] * mean_g_xhat) * scale
+    return dx
+
+
+# --- Dropout ---------------------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def dropout(x, uniform, rate, out):
+    """Inverted dropout with the caller's uniform numbers; its own backward. out may be x."""
+    # rate is compared in uniform's dtype, as NumPy compares an array with a Python float.
+    threshold = uniform.dtype.type(rate)
+    keep_scale = out.dtype.type(1 / (1 - rate))
+    zero = out.dtype.type(0)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = x[i, j] * keep_scale if uniform[i, j] >= threshold else zero
+    return out
+
+
 # --- Loss ------------------------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy")
@@ -139,6 +437,37 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 
 @njit(cache=True, error_model="numpy")
+def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
+    """softmax_cross_entropy against label-smoothed targets, one row at a time as there; the row's
+    mean logit joins the loss, and smoothing / K comes off every gradient element."""
+    batch, classes = logits.shape
+    real = dlogits.dtype.type
+    spread, keep = real(smoothing / classes), real(1 - smoothing)
+    smoothing_real = real(smoothing)
+    total = 0.0
+    for i in range(batch):
+        top = logits[i, 0]
+        for j in range(1, classes):
+            top = max(top, logits[i, j])
+        row_sum = real(0)
+        shifted_sum = 0.0
+        for j in range(classes):
+            shifted = logits[i, j] - top
+            shifted_sum += shifted
+            e = np.exp(shifted)
+            dlogits[i, j] = e
+            row_sum += e
+        mean_shifted = real(shifted_sum / classes)
+        total += np.log(row_sum) - keep * (logits[i, labels[i]] - top) - smoothing_real * mean_shifted
+        for j in range(classes):
+            dlogits[i, j] = dlogits[i, j] / row_sum - spread
+        dlogits[i, labels[i]] -= keep
+        for j in range(classes):
+            dlogits[i, j] = dlogits[i, j] / real(batch)
+    return total / batch
+
+
+@njit(cache=True, error_model="numpy")
 def count_correct(logits, labels):
     """Rows whose first largest logit is at the label, as np.argmax breaks ties."""
     correct = 0
@@ -149,6 +478,16 @@ def count_correct(logits, labels):
                 best = j
         correct += best == labels[i]
     return correct
+
+
+# --- Gradient clipping -----------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def sum_of_squares(x):
+    """The sum of x's squared elements as a float: BLAS's dot of x with itself, as in the reference,
+    which reads the array once at memory speed. A gradient is contiguous, so ravel is a view."""
+    flat = np.ravel(x)
+    return float(np.dot(flat, flat))
 
 
 # --- Optimizer updates -----------------------------------------------------------------------------

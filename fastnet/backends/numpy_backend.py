@@ -25,6 +25,41 @@ def gather_normalize(images, indices, shift, scale, out):
     return out
 
 
+def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
+    """gather_normalize for channel-last images (N, H, W, C), each one flipped, translated and cut out
+    on its way into out (B, H*W*C), as the caller's per-sample random draws say:
+
+    flips (B,) integers: nonzero mirrors the image left to right;
+    offsets (B, 2) integers (dy, dx): the content moves dy rows down and dx columns right (negative:
+        up, left), and what comes in from beyond the border is padding;
+    cutout_centres (B, 2) integers (cy, cx): the centre of a cutout_size x cutout_size square that is
+        blanked, rows cy - cutout_size // 2 onwards, clipped at the border; cutout_size 0 blanks nothing.
+
+    The flip comes first, then the translation, then cutout. Padding and cutout write 0, which is what
+    a pixel equal to `shift` (the training mean) normalises to, so they add no signal. shift and scale
+    are per output feature, as in gather_normalize.
+    """
+    batch = len(indices)
+    height, width, channels = images.shape[1:]
+    rows = np.arange(height) - offsets[:, 0:1]     # (B, H): the source row of each output row
+    cols = np.arange(width) - offsets[:, 1:2]      # (B, W): the column in the flipped image
+    cols = np.where(flips[:, None] != 0, width - 1 - cols, cols)
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+
+    top = cutout_centres[:, 0:1] - cutout_size // 2
+    left = cutout_centres[:, 1:2] - cutout_size // 2
+    cut_rows = (np.arange(height) >= top) & (np.arange(height) < top + cutout_size)
+    cut_cols = (np.arange(width) >= left) & (np.arange(width) < left + cutout_size)
+    cut = cut_rows[:, :, None] & cut_cols[:, None, :]
+
+    pixels = images[indices[:, None, None], np.clip(rows, 0, height - 1)[:, :, None],
+                    np.clip(cols, 0, width - 1)[:, None, :]]          # (B, H, W, C)
+    normalized = (pixels - shift.reshape(height, width, channels)) * scale.reshape(height, width, channels)
+    normalized[~inside | cut] = 0
+    out[...] = normalized.reshape(batch, -1)
+    return out
+
+
 # --- Dense layer -----------------------------------------------------------------------------------
 
 def dense_forward(x, W, b, out):
@@ -68,6 +103,144 @@ def relu_backward(dout, out, dx):
     return dx
 
 
+# --- Other activations -----------------------------------------------------------------------------
+# Each activation has a forward and a backward kernel on its own (used after layer norm), and a dense
+# forward and backward with the activation fused, as the ReLU has. The backward kernels take what
+# the derivative is cheapest from: the output for leaky ReLU and tanh, the input for GELU.
+
+def relu_forward(x, out):
+    """out = max(x, 0); out may be x."""
+    np.maximum(x, 0, out=out)
+    return out
+
+
+def leaky_relu_forward(x, negative_slope, out):
+    """out = x where x > 0, else negative_slope * x; out may be x."""
+    np.copyto(out, np.where(x > 0, x, x * negative_slope))
+    return out
+
+
+def leaky_relu_backward(dout, out, negative_slope, dx):
+    """dx = dout where the output was positive, else negative_slope * dout. A slope in (0, 1) keeps
+    the sign, so the output tells the side of the kink. dx may be dout."""
+    np.copyto(dx, np.where(out > 0, dout, dout * negative_slope))
+    return dx
+
+
+def dense_leaky_relu_forward(x, W, b, negative_slope, out):
+    """out = leaky_relu(x @ W + b)."""
+    dense_forward(x, W, b, out)
+    return leaky_relu_forward(out, negative_slope, out)
+
+
+def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx):
+    """dense_backward behind a leaky ReLU whose output was `out`; dout is scaled in place first."""
+    leaky_relu_backward(dout, out, negative_slope, dout)
+    dense_backward(dout, x, W, dW, db, dx)
+
+
+def tanh_forward(x, out):
+    """out = tanh(x); out may be x."""
+    np.tanh(x, out=out)
+    return out
+
+
+def tanh_backward(dout, out, dx):
+    """dx = dout * (1 - out**2), from tanh's output. dx may be dout."""
+    np.multiply(dout, 1 - out * out, out=dx)
+    return dx
+
+
+def dense_tanh_forward(x, W, b, out):
+    """out = tanh(x @ W + b)."""
+    dense_forward(x, W, b, out)
+    return tanh_forward(out, out)
+
+
+def dense_tanh_backward(dout, out, x, W, dW, db, dx):
+    """dense_backward behind a tanh whose output was `out`; dout is scaled in place first."""
+    tanh_backward(dout, out, dout)
+    dense_backward(dout, x, W, dW, db, dx)
+
+
+# GELU in its tanh approximation (Hendrycks and Gimpel; PyTorch's approximate="tanh"):
+# gelu(x) = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), within 1e-3 of x * Phi(x).
+GELU_SQRT_2_OVER_PI = 0.7978845608028654
+GELU_CUBIC = 0.044715
+
+
+def gelu_forward(x, out):
+    """out = gelu(x), tanh approximation; out must not be x, which gelu_backward needs."""
+    inner = GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * (x * x * x))
+    np.multiply(0.5 * x, 1 + np.tanh(inner), out=out)
+    return out
+
+
+def gelu_backward(dout, x, dx):
+    """dx = dout * gelu'(x), from the GELU's input x. dx may be dout."""
+    t = np.tanh(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * (x * x * x)))
+    slope = 0.5 * (1 + t) + (0.5 * x) * (1 - t * t) * (GELU_SQRT_2_OVER_PI * (1 + 3 * GELU_CUBIC * (x * x)))
+    np.multiply(dout, slope, out=dx)
+    return dx
+
+
+def dense_gelu_forward(x, W, b, pre, out):
+    """pre = x @ W + b and out = gelu(pre): the backward pass needs pre."""
+    dense_forward(x, W, b, pre)
+    return gelu_forward(pre, out)
+
+
+def dense_gelu_backward(dout, pre, x, W, dW, db, dx):
+    """dense_backward behind a GELU whose input was `pre`; dout is scaled in place first."""
+    gelu_backward(dout, pre, dout)
+    dense_backward(dout, x, W, dW, db, dx)
+
+
+# --- Layer normalisation ---------------------------------------------------------------------------
+
+def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
+    """Layer norm of each row of x (B, H): xhat = (x - mean) / sqrt(var + eps), out = xhat * gain + bias.
+
+    Writes xhat (B, H) and inv_std = 1 / sqrt(var + eps) (B,), all that layernorm_backward needs, so
+    out may be x. The variance is the population one (divided by H), as in PyTorch.
+    """
+    mean = x.mean(axis=1, keepdims=True)
+    centred = x - mean
+    variance = np.mean(centred * centred, axis=1)
+    np.divide(1, np.sqrt(variance + eps), out=inv_std)
+    np.multiply(centred, inv_std[:, None], out=xhat)
+    np.multiply(xhat, gain, out=out)
+    out += bias
+    return out
+
+
+def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
+    """Gradients of layernorm_forward given dout (B, H): dgain and dbias (H,) summed over the batch,
+    and dx = inv_std * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * gain, the means taken
+    over each row. dx may be dout."""
+    np.sum(dout * xhat, axis=0, out=dgain)
+    np.sum(dout, axis=0, out=dbias)
+    g = dout * gain
+    mean_g = g.mean(axis=1, keepdims=True)
+    mean_g_xhat = (g * xhat).mean(axis=1, keepdims=True)
+    np.multiply(g - mean_g - xhat * mean_g_xhat, inv_std[:, None], out=dx)
+    return dx
+
+
+# --- Dropout ---------------------------------------------------------------------------------------
+
+def dropout(x, uniform, rate, out):
+    """Inverted dropout: out = x / (1 - rate) where uniform >= rate, else 0.
+
+    `uniform` (same shape as x) holds numbers drawn from [0, 1) by the caller's generator, so every
+    backend drops the same units. The backward pass is the same call on the gradient, with the same
+    uniform numbers. out may be x.
+    """
+    np.multiply(x, uniform >= rate, out=out)  # rate is compared as uniform's dtype (NumPy 2's rule)
+    out *= 1 / (1 - rate)
+    return out
+
+
 # --- Loss ------------------------------------------------------------------------------------------
 
 def softmax_cross_entropy(logits, labels, dlogits):
@@ -90,9 +263,44 @@ def softmax_cross_entropy(logits, labels, dlogits):
     return loss
 
 
+def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
+    """softmax_cross_entropy against label-smoothed targets q = (1 - smoothing) * onehot + smoothing / K.
+
+    The loss per row is -sum_j q_j log p_j = logsumexp(logits) - (1 - smoothing) * logit[label]
+    - smoothing * mean(logits), and dlogits = (softmax(logits) - q) / B. smoothing 0 gives the same
+    numbers as softmax_cross_entropy, which stays the kernel for that case.
+    """
+    batch, classes = logits.shape
+    rows = np.arange(batch)
+    np.subtract(logits, logits.max(axis=1, keepdims=True), out=dlogits)
+    correct_shifted = dlogits[rows, labels]
+    mean_shifted = dlogits.mean(axis=1)
+    np.exp(dlogits, out=dlogits)
+    sums = dlogits.sum(axis=1)
+    row_losses = np.log(sums) - (1 - smoothing) * correct_shifted - smoothing * mean_shifted
+    loss = float(np.mean(row_losses))
+    dlogits /= sums[:, None]
+    dlogits -= smoothing / classes
+    dlogits[rows, labels] -= 1 - smoothing
+    dlogits /= batch
+    return loss
+
+
 def count_correct(logits, labels):
     """How many rows of logits (B, K) have their largest value at the label's position."""
     return int(np.count_nonzero(logits.argmax(axis=1) == labels))
+
+
+# --- Gradient clipping -----------------------------------------------------------------------------
+
+def sum_of_squares(x):
+    """The sum of the squares of x's elements, as a Python float.
+
+    For clipping by global norm: norm = sqrt(sum of sum_of_squares(g) over the gradients), and when
+    norm > max_norm every gradient is scaled in place, g *= max_norm / norm (MLP.clip_grad_norm).
+    """
+    flat = x.ravel()
+    return float(np.dot(flat, flat))
 
 
 # --- Optimizer updates -----------------------------------------------------------------------------
