@@ -114,9 +114,9 @@ class TrainConfig:
 # Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
 # How they were found is in the README's Accuracy section.
 RECIPES = {
-    "fast": dict(backend="numba", epochs=10, flip=True),
-    "best": dict(backend="numba", hidden=(2048, 2048), epochs=40, weight_decay=5e-4, flip=True, translate=3,
-                 dropout=0.1, label_smoothing=0.1),
+    "fast": dict(backend="numba", epochs=10, lr=0.02, flip=True),
+    "best": dict(backend="numba", hidden=(2048, 2048), epochs=45, lr=0.02, weight_decay=5e-4, flip=True,
+                 translate=2, dropout=0.1, label_smoothing=0.1),
 }
 
 
@@ -277,7 +277,8 @@ def data_fingerprint(labels, mean, std, input_size, num_classes):
 
 
 def train(config, log=print, resume=False):
-    """Run the training that `config` describes; returns the summary of the last epoch.
+    """Run the training that `config` describes; returns outcome(): the last epoch's metrics, the
+    run folder, and the metrics of the epoch that model.npz keeps.
 
     With resume=True, continue the run in `config.out` from its checkpoint.npz. Everything a
     fresh run does first (validation split, initialisation) is repeated, then overwritten with the
