@@ -115,8 +115,8 @@ class TrainConfig:
 # How they were found is in the README's Accuracy section.
 RECIPES = {
     "fast": dict(backend="numba", epochs=10, lr=0.02, flip=True),
-    "best": dict(backend="numba", hidden=(2048, 2048), epochs=45, lr=0.02, weight_decay=5e-4, flip=True,
-                 translate=2, dropout=0.1, label_smoothing=0.1),
+    "best": dict(backend="numba", hidden=(2048, 2048), activation="gelu", norm="layernorm", epochs=45, lr=0.02,
+                 weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1),
 }
 
 
