@@ -91,7 +91,12 @@ def build_parser():
 
     def setting(flag, help="", **kwargs):
         default = getattr(defaults, flag.lstrip("-").replace("-", "_"))
-        shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if default is None:
+            shown = "none"
+        elif isinstance(default, tuple):
+            shown = ",".join(map(str, default))
+        else:
+            shown = default
         run.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} (default: {shown})".strip(), **kwargs)
 
     setting("--hidden", type=widths, metavar="W,W,...", help="hidden layer widths")

@@ -55,6 +55,14 @@ def probabilities_by_name(entry):
     return {item["class"]: item["probability"] for item in entry["top"]}
 
 
+def assert_scored_as(entries, model_path, images):
+    """Each predict --json entry gives the probabilities fastnet.load gives the matching image array."""
+    model = fastnet.load(model_path)
+    for entry, pixels in zip(entries, images, strict=True):
+        got = probabilities_by_name(entry)
+        np.testing.assert_allclose([got[n] for n in NAMES], model.predict_proba(pixels)[0], rtol=1e-5, atol=1e-6)
+
+
 # --- The command -----------------------------------------------------------------------------------
 
 def test_predict_agrees_with_the_api_and_with_evaluate(tiny_model, tmp_path):
@@ -155,10 +163,7 @@ def test_grey_and_transparent_images_are_converted_like_a_viewer_shows_them(tiny
     result = run_fastnet("predict", tiny_model, grey, see_through, "--json")
     assert result.returncode == 0, result.stderr
     entries = json.loads(result.stdout)["predictions"]
-    model = fastnet.load(tiny_model)
-    for entry, pixels in zip(entries, (uniform(90), uniform(255))):
-        got = probabilities_by_name(entry)
-        np.testing.assert_allclose([got[n] for n in NAMES], model.predict_proba(pixels)[0], rtol=1e-5, atol=1e-6)
+    assert_scored_as(entries, tiny_model, [uniform(90), uniform(255)])
     assert entries[1]["top"][0]["class"] == "bright"
 
 
@@ -169,11 +174,8 @@ def test_a_bigger_image_is_resized_to_the_model_input(tiny_model, tmp_path):
     result = run_fastnet("predict", tiny_model, big, wide, "--json")
     assert result.returncode == 0, result.stderr
     entries = json.loads(result.stdout)["predictions"]
-    model = fastnet.load(tiny_model)
     # A uniform picture stays uniform when resized, so it must score as the small one does.
-    for entry, pixels in zip(entries, (uniform(180), uniform(30))):
-        got = probabilities_by_name(entry)
-        np.testing.assert_allclose([got[n] for n in NAMES], model.predict_proba(pixels)[0], rtol=1e-5, atol=1e-6)
+    assert_scored_as(entries, tiny_model, [uniform(180), uniform(30)])
 
 
 @pytest.mark.parametrize("make_args, phrases", [

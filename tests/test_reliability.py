@@ -182,15 +182,22 @@ CASES = {
 }
 
 
+def brightness_classes(folder, seed, classes, train, test, shape, step, offset, noise):
+    """An npy dataset whose class k is the brightness offset + k * step under Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, train + test)
+    images = np.clip(labels.reshape(-1, *[1] * len(shape)) * step + offset
+                     + rng.normal(0, noise, (train + test, *shape)), 0, 255).astype(np.uint8)
+    return write_npy(folder, {"train_images": images[:train], "train_labels": labels[:train],
+                              "test_images": images[train:], "test_labels": labels[train:]})
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A 1-epoch run on a tiny dataset like conftest's tiny_npy, and that dataset."""
     root = tmp_path_factory.mktemp("finished")
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 390)
-    images = np.clip(labels[:, None, None, None] * 80 + 40 + rng.normal(0, 20, (390, 4, 4, 3)), 0, 255)
-    tiny = write_npy(root / "tiny", {"train_images": images[:300].astype(np.uint8), "train_labels": labels[:300],
-                                     "test_images": images[300:].astype(np.uint8), "test_labels": labels[300:]})
+    tiny = brightness_classes(root / "tiny", seed=0, classes=3, train=300, test=90, shape=(4, 4, 3), step=80,
+                              offset=40, noise=20)
     trained = fastnet("train", "--data", tiny, "--epochs", 1, "--hidden", 4, "--out", root / "run")
     assert trained.returncode == 0, trained.stderr
     return tiny, root / "run"
@@ -321,11 +328,8 @@ def long_run(tmp_path_factory):
     """A dataset, the arguments of a run on it that takes a few seconds and checkpoints every 5 steps,
     and that run's uninterrupted outcome per backend (computed when first asked for)."""
     root = tmp_path_factory.mktemp("long")
-    rng = np.random.default_rng(7)
-    labels = rng.integers(0, 4, 3400)
-    images = np.clip(labels[:, None, None, None] * 50 + 50 + rng.normal(0, 70, (3400, 16, 16, 3)), 0, 255)
-    data = write_npy(root / "data", {"train_images": images[:3000].astype(np.uint8), "train_labels": labels[:3000],
-                                     "test_images": images[3000:].astype(np.uint8), "test_labels": labels[3000:]})
+    data = brightness_classes(root / "data", seed=7, classes=4, train=3000, test=400, shape=(16, 16, 3), step=50,
+                              offset=50, noise=70)
     references = {}
 
     def args(backend, out):
