@@ -8,6 +8,7 @@ so a reader never sees half a file.
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -21,9 +22,13 @@ FORMAT = "fastnet-checkpoint-1"
 TEMPORARY_PREFIX = ".tmp-fastnet-"
 
 
-def save(path, net, mean, std, sample_shape, class_names, config, extra=None):
-    """Write `net` and what it needs to classify raw images to `path` atomically."""
+def save(path, net, mean, std, sample_shape, class_names, config, extra=None, projection=None):
+    """Write `net` and what it needs to classify raw images to `path` atomically. A `net` trained on
+    projected inputs (fastnet train --pca) is saved as it is, with its `projection`; load() folds the
+    two into one network on raw inputs."""
     arrays = {f"param_{i}": p for i, p in enumerate(net.params)}
+    if projection is not None:
+        arrays["input_projection"] = projection
     arrays.update(
         format=np.array(FORMAT),
         sizes=np.array(net.sizes, np.int64),
@@ -79,10 +84,18 @@ def remove_temporaries(folder):
 
 
 class Checkpoint:
-    """A loaded checkpoint: the model and what came with it."""
+    """A loaded checkpoint: the model and what came with it.
 
-    def __init__(self, net, mean, std, sample_shape, class_names, config, arrays):
+    net classifies raw inputs. For a run trained on projected inputs, trained_net is the network as
+    it was trained (what a resumed run continues) and projection the matrix that net folds in; for
+    any other run, trained_net is net and projection None.
+    """
+
+    def __init__(self, net, mean, std, sample_shape, class_names, config, arrays, trained_net=None,
+                 projection=None):
         self.net = net
+        self.trained_net = trained_net or net
+        self.projection = projection
         self.mean = mean
         self.std = std
         self.sample_shape = sample_shape
@@ -126,8 +139,15 @@ def load(path, backend=None):
             raise CheckpointError(f"{path} is inconsistent: param_{i} has shape {stored.shape}, "
                                   f"expected {p.shape}; retrain or pass another file")
         p[...] = stored
-    return Checkpoint(net, arrays["mean"], arrays["std"], tuple(int(s) for s in arrays["sample_shape"]),
-                      [str(c) for c in arrays["class_names"]], config, arrays)
+    sample_shape = tuple(int(s) for s in arrays["sample_shape"])
+    trained_net, projection = net, arrays.get("input_projection")
+    if projection is not None:
+        if projection.shape != (math.prod(sample_shape), sizes[0]) or projection.dtype != dtype:
+            raise CheckpointError(f"{path} is inconsistent: its input projection has shape {projection.shape}, "
+                                  f"expected {(math.prod(sample_shape), sizes[0])}; retrain or pass another file")
+        net = trained_net.with_input_projection(projection)
+    return Checkpoint(net, arrays["mean"], arrays["std"], sample_shape, [str(c) for c in arrays["class_names"]],
+                      config, arrays, trained_net, projection)
 
 
 def _first_line(exc):

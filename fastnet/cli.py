@@ -34,14 +34,23 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}: see '{self.prog} --help'")
 
 
-def positive_int(text):
+def whole_number(text, minimum):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} is {'not positive' if minimum > 0 else 'negative'}")
     return value
+
+
+def positive_int(text):
+    return whole_number(text, 1)
+
+
+def count(text):
+    """A whole number, 0 or more."""
+    return whole_number(text, 0)
 
 
 def widths(text):
@@ -120,6 +129,9 @@ def build_parser():
     setting("--translate", type=int, metavar="PIXELS", help="augment: random shifts of up to PIXELS")
     setting("--cutout", type=int, metavar="PIXELS", help="augment: blank a random PIXELS x PIXELS square")
     setting("--clip", type=float, metavar="NORM", help="clip gradients to this global norm")
+    setting("--pca", type=count, metavar="K", help="train on the images' top K principal components instead "
+            "of their pixels, fitted to 5,000 training images; works with --flip, not with --translate or --cutout; "
+            "0: pixels")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
             "most 15 minutes); other flags override its settings")
     t.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",

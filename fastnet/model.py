@@ -284,6 +284,20 @@ class MLP:
                 g *= factor
         return norm
 
+    def with_input_projection(self, projection, into=None):
+        """The network that computes on raw inputs x what this one computes on x @ projection: the same
+        layers, with projection @ W1 as the first weight matrix. A network trained on projected inputs
+        (fastnet train --pca) is saved and used in this form, so it classifies raw images like any
+        other. Written into `into`, a network of that shape, when given; else into a new one."""
+        if into is None:
+            into = MLP([projection.shape[0], *self.sizes[1:]], backend=self.backend, dtype=self.dtype,
+                       **self.spec())
+        for target, source in zip(into.params[1:], self.params[1:]):
+            target[...] = source
+        # In float64 and rounded once, so the folded weights are as exact as float32 can hold them.
+        into.params[0][...] = np.dot(projection.astype(np.float64), self.params[0].astype(np.float64))
+        return into
+
     # --- The public array API ----------------------------------------------------------------------
 
     def forward(self, x):

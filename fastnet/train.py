@@ -63,6 +63,7 @@ class TrainConfig:
     translate: int = 0               # random shifts of up to this many pixels (zero padding),
     cutout: int = 0                  # and a blanked square of this side
     clip: float | None = None        # gradient clipping by global norm
+    pca: int = 0                     # train on this many principal components of the images; 0: pixels
     recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
@@ -108,13 +109,19 @@ class TrainConfig:
                                f"{self.cutout}: pass 0 or more")
         if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
             raise FastnetError(f"--clip must be a positive gradient norm, got {self.clip}: pass one such as 5")
+        if not isinstance(self.pca, int) or self.pca < 0:
+            raise FastnetError(f"--pca must be a number of components, got {self.pca}: pass one such as 256, "
+                               f"or 0 for none")
+        if self.pca and (self.translate or self.cutout):
+            raise FastnetError("--pca projects the images once, before training, but --translate and --cutout "
+                               "change their pixels at every step: drop one or the other (--flip works with --pca)")
         backends.get(self.backend)
 
 
 # Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
 # How they were found is in the README's Accuracy section.
 RECIPES = {
-    "fast": dict(backend="numba", epochs=10, lr=0.02, flip=True),
+    "fast": dict(backend="numba", pca=256, epochs=40, lr=0.02, flip=True),
     "best": dict(backend="numba", hidden=(2048, 2048), activation="gelu", norm="layernorm", epochs=45, lr=0.02,
                  weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1),
 }
@@ -196,7 +203,9 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
     scratch.kernels.gather_normalize(images, np.arange(2), shift, scale, ws.inputs)
-    if options.augmentation is not None:
+    if isinstance(options.augmentation, data.ComponentFlip):
+        scratch_options.augmentation = data.ComponentFlip(np.ones(3, net.dtype))
+    elif options.augmentation is not None:
         scratch_options.augmentation = data.Augmentation((1, 1, 3), **options.augmentation.spec())
     scratch.kernels.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])  # evaluation's loss
     training_step(scratch, scratch_optimizer, images, np.zeros(4, np.int64), shift, scale, np.arange(2), 0.1,
@@ -301,7 +310,7 @@ def train(config, log=print, resume=False):
     mean, std = data.channel_stats(train_images)
     shift, scale = normalizer(mean, std, dataset.input_size, train_images.dtype, config.dtype)
     fingerprint = data_fingerprint(train_labels, mean, std, dataset.input_size, dataset.num_classes)
-    sizes = [dataset.input_size, *config.hidden, dataset.num_classes]
+    sizes = [config.pca or dataset.input_size, *config.hidden, dataset.num_classes]
     net = MLP(sizes, backend=config.backend, dtype=config.dtype, seed=rng, activation=config.activation,
               norm=config.norm, dropout=config.dropout)
     augmentation = None
@@ -325,14 +334,26 @@ def train(config, log=print, resume=False):
         raise FastnetError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} "
                            f"training images: pass a smaller one")
 
-    startup_seconds = warm_up(net, optimizer, train_images.dtype, options)
+    flat_train = train_images.reshape(len(train_images), -1)
+    train_shift, train_scale, projection, preprocess_seconds = shift, scale, None, 0.0
+    if config.pca:
+        mirrored = dataset.sample_shape if config.flip else None
+        flat_train, projection, preprocess_seconds = principal_component_inputs(
+            flat_train, shift, scale, config.pca, rng, net.kernels, saved, mirrored)
+        train_shift, train_scale = np.zeros(config.pca, net.dtype), np.ones(config.pca, net.dtype)
+        if config.flip:
+            options.augmentation = data.ComponentFlip(data.mirror_signs(projection, mirrored))
+    # What evaluation and model.npz see: the network on raw images, the projection folded in.
+    classifier = net if projection is None else net.with_input_projection(projection)
+
+    startup_seconds = warm_up(net, optimizer, flat_train.dtype, options)
 
     out = make_run_dir(config.out)
     checkpoint.remove_temporaries(out)
     run_config = dataclasses.asdict(config) | {
         "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
         "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries(),
-        "data_fingerprint": fingerprint}
+        "data_fingerprint": fingerprint, "preprocess_seconds": preprocess_seconds}
     run_config["started"] = datetime.now().isoformat(timespec="seconds")
     if saved is not None:
         run_config["started"] = saved.config.get("started", run_config["started"])
@@ -341,7 +362,8 @@ def train(config, log=print, resume=False):
     write_metrics(out, progress.history)
     where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
              else f"{len(train_images)} training images from {dataset.source}")
-    log(f"fastnet: {'-'.join(map(str, sizes))} MLP, {net.backend} backend (kernels ready in "
+    inputs = f" on the top {config.pca} principal components of {dataset.input_size} inputs" if config.pca else ""
+    log(f"fastnet: {'-'.join(map(str, sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
         f"{startup_seconds:.2f} s), {where}; writing to {out}/")
 
     def save_checkpoint():
@@ -351,9 +373,8 @@ def train(config, log=print, resume=False):
         if progress.order is not None:
             extra["order"] = progress.order
         checkpoint.save(os.path.join(out, CHECKPOINT), net, mean, std, dataset.sample_shape,
-                        dataset.class_names, run_config, extra)
+                        dataset.class_names, run_config, extra, projection)
 
-    flat_train = train_images.reshape(len(train_images), -1)
     every = config.checkpoint_every
     with StopRequests() as stop:
         def pause(step):
@@ -365,7 +386,7 @@ def train(config, log=print, resume=False):
                 progress.order = rng.permutation(len(train_images))
             started = time.perf_counter()
             loss_sum, correct, seen = train_epoch(
-                net, optimizer, schedule, flat_train, train_labels, shift, scale,
+                net, optimizer, schedule, flat_train, train_labels, train_shift, train_scale,
                 progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause, options)
             progress.seconds += time.perf_counter() - started
             progress.loss_sum += loss_sum
@@ -379,14 +400,17 @@ def train(config, log=print, resume=False):
                     raise interrupted(stop.signum, progress, out)
                 continue
 
-            test = evaluate(net, dataset.test_images, dataset.test_labels, shift, scale)
+            if projection is not None:
+                net.with_input_projection(projection, into=classifier)
+            test = evaluate(classifier, dataset.test_images, dataset.test_labels, shift, scale)
             summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
                        "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
                        "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
                        "samples_per_second": progress.seen / progress.seconds, "lr": schedule(progress.step - 1),
-                       "train_seconds": sum(m["epoch_seconds"] for m in progress.history) + progress.seconds}
+                       "train_seconds": preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
+                       + progress.seconds}
             if val_images is not None:
-                val = evaluate(net, val_images, val_labels, shift, scale)
+                val = evaluate(classifier, val_images, val_labels, shift, scale)
                 summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
             for name in ("train_loss", "test_loss", "val_loss"):
                 if not math.isfinite(summary.get(name, 0.0)):
@@ -397,13 +421,27 @@ def train(config, log=print, resume=False):
             write_metrics(out, progress.history)
             if best_epoch(progress.history) == epoch:
                 checkpoint.save(os.path.join(out, MODEL), net, mean, std, dataset.sample_shape,
-                                dataset.class_names, run_config, extra={"epoch": np.array(epoch)})
+                                dataset.class_names, run_config, {"epoch": np.array(epoch)}, projection)
             log(format_epoch(summary, config.epochs))
             if stop.signum is not None and progress.epochs_done < config.epochs:
                 raise interrupted(stop.signum, progress, out)
     for line in time_to_accuracy(progress.history):
         log(line)
     return outcome(progress.history, out)
+
+
+def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=None, mirrored=None):
+    """--pca: (the standardised images projected onto their top `count` principal components, the
+    projection, the seconds both took). With --flip, `mirrored` is the image shape, and the components
+    are fitted so that a flip only changes signs (data.principal_components). A resumed run (`saved`)
+    keeps the components it began with, and its generator was saved past their draw. The seconds are
+    part of training, which time to accuracy counts; a resumed run counts those of its first session."""
+    if saved is not None:
+        return data.project(images, shift, scale, saved.projection, kernels), saved.projection, \
+            saved.config["preprocess_seconds"]
+    started = time.perf_counter()
+    projection = data.principal_components(images, shift, scale, count, rng, kernels, mirrored=mirrored)
+    return data.project(images, shift, scale, projection, kernels), projection, time.perf_counter() - started
 
 
 def outcome(history, out):
@@ -420,8 +458,8 @@ def best_epoch(history):
 
 
 def time_to_accuracy(history, thresholds=(0.50, 0.55, 0.60, 0.65, 0.70)):
-    """One line: after how many seconds of training (evaluation excluded) the test accuracy first
-    reached each threshold; empty when it reached none."""
+    """One line: after how many seconds of training (evaluation excluded; the --pca fit and
+    projection included) the test accuracy first reached each threshold; empty when it reached none."""
     reached = []
     for threshold in thresholds:
         first = next((m for m in history if m["test_acc"] >= threshold), None)
@@ -457,9 +495,10 @@ def restore(saved, net, optimizer, rng, fingerprint, run_dir):
     if saved.config.get("data_fingerprint") != fingerprint:
         raise CheckpointError(f"the data differs from the data the run in {run_dir} was trained on: pass "
                               f"--data with the original dataset")
-    if [p.shape for p in saved.net.params] != [p.shape for p in net.params]:
+    if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
+            (saved.projection is None) == bool(saved.config.get("pca")):
         raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
-    for param, stored in zip(net.params, saved.net.params):
+    for param, stored in zip(net.params, saved.trained_net.params):
         param[...] = stored
     optimizer.load_state_arrays(saved.arrays)
     return Progress.from_checkpoint(saved.arrays, rng)

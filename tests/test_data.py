@@ -533,3 +533,132 @@ def test_real_cifar10_layouts_load_identically(real_datasets):
     for _, other in others:
         for key in ("train_images", "train_labels", "test_images", "test_labels"):
             np.testing.assert_array_equal(getattr(first, key), getattr(other, key), err_msg=key)
+
+
+# --- Principal components (fastnet train --pca) --------------------------------------------------------
+
+def low_rank_images(seed=0, count=400):
+    """(count, 4, 4, 3) uint8 images that vary mostly along three directions, with distinct strengths,
+    plus a little noise: their leading principal components are well defined."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((3, 48))
+    strengths = rng.standard_normal((count, 3)) * np.array([40.0, 25.0, 12.0])
+    pixels = 128 + strengths @ directions + rng.normal(0, 2, (count, 48))
+    return np.clip(pixels, 0, 255).astype(np.uint8).reshape(count, 4, 4, 3)
+
+
+def standardisation(images):
+    shift = np.full(48, 120.0, np.float32)
+    scale = np.linspace(0.01, 0.03, 48).astype(np.float32)  # unequal, so it matters that it is applied
+    return shift, scale
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_principal_components_are_the_top_singular_vectors_of_the_standardised_images(backend):
+    from fastnet import backends
+
+    images = low_rank_images()
+    shift, scale = standardisation(images)
+    components = data.principal_components(images, shift, scale, 5, np.random.default_rng(0),
+                                           backends.get(backend), sample=len(images))
+    assert components.shape == (48, 5) and components.dtype == np.float32
+    # The independent reference: an SVD, in float64, of the centred standardised images.
+    standardised = (images.reshape(len(images), -1) - shift.astype(np.float64)) * scale
+    _, _, rows = np.linalg.svd(standardised - standardised.mean(axis=0), full_matrices=False)
+    overlap = components.T.astype(np.float64) @ rows[:5].T  # +-1 on the diagonal, 0 elsewhere
+    np.testing.assert_allclose(np.abs(overlap), np.eye(5), atol=2e-4)
+    np.testing.assert_allclose(components.T @ components, np.eye(5), atol=1e-5)
+    # Each column's largest entry is positive, whichever sign LAPACK returned.
+    assert (components[np.abs(components).argmax(axis=0), np.arange(5)] > 0).all()
+
+
+def test_principal_components_of_a_sample_are_drawn_from_the_generator():
+    from fastnet import backends
+
+    images = low_rank_images(count=300)
+    shift, scale = standardisation(images)
+    kernels = backends.get("numpy")
+
+    def fit(seed):
+        return data.principal_components(images, shift, scale, 3, np.random.default_rng(seed), kernels, sample=100)
+
+    assert np.array_equal(fit(1), fit(1))
+    assert not np.array_equal(fit(1), fit(2))
+    # Any sample finds the space of the three strong directions the data was made of (its axes within
+    # that space turn with the sample): the cosines of the angles between two samples' spaces are ~1.
+    np.testing.assert_allclose(np.linalg.svd(fit(1).T @ fit(2), compute_uv=False), 1, atol=1e-3)
+    with pytest.raises(DataError, match="--pca 101 asks for more components than 100 images of 48 inputs"):
+        data.principal_components(images, shift, scale, 101, np.random.default_rng(0), kernels, sample=100)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_project_standardises_then_multiplies_chunk_by_chunk(backend, dtype, rtol):
+    from fastnet import backends
+
+    images = low_rank_images(count=23)  # 23 rows in chunks of 5: a short last chunk
+    shift, scale = (a.astype(dtype) for a in standardisation(images))
+    projection = np.random.default_rng(1).standard_normal((48, 7)).astype(dtype)
+    projected = data.project(images, shift, scale, projection, backends.get(backend), chunk=5)
+    expected = ((images.reshape(23, -1) - shift.astype(np.float64)) * scale) @ projection
+    # float32: each of the 7 outputs sums 48 products of inputs near 1, so errors scale with sqrt(48).
+    assert projected.dtype == np.dtype(dtype) and projected.shape == (23, 7)
+    np.testing.assert_allclose(projected, expected, rtol=rtol, atol=rtol * np.sqrt(48) * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("shape", [(4, 4, 3), (3, 5, 2), (4, 5)], ids=["even", "odd-width", "one-channel"])
+def test_mirrored_components_turn_a_flip_of_the_image_into_a_change_of_signs(backend, shape):
+    from fastnet import backends
+
+    rng = np.random.default_rng(3)
+    features = int(np.prod(shape))
+    directions = rng.standard_normal((3, features))
+    strengths = rng.standard_normal((300, 3)) * [40.0, 25.0, 12.0]
+    pixels = 128 + strengths @ directions + rng.normal(0, 2, (300, features))
+    images = np.clip(pixels, 0, 255).astype(np.uint8).reshape(300, *shape)
+    channels = shape[2] if len(shape) == 3 else 1
+    # Per-channel statistics, as the trainer's normalizer makes: the same for a pixel and its mirror.
+    shift = np.tile(rng.uniform(100, 140, channels), features // channels).astype(np.float32)
+    scale = np.tile(rng.uniform(0.01, 0.03, channels), features // channels).astype(np.float32)
+    kernels = backends.get(backend)
+    components = data.principal_components(images, shift, scale, 6, rng, kernels, sample=300, mirrored=shape)
+    signs = data.mirror_signs(components, shape)
+    assert set(signs) <= {-1.0, 1.0} and signs.dtype == np.float32
+    np.testing.assert_allclose(components.T @ components, np.eye(6), atol=1e-5)
+
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    projected, of_mirrored = (data.project(x, shift, scale, components, kernels) for x in (images, mirrored))
+    np.testing.assert_allclose(of_mirrored, projected * signs, atol=1e-4 * np.abs(projected).max())
+    # The independent reference: an SVD of the images and their mirror images together. The three
+    # directions and their mirrors make six, which the six components span.
+    both = np.concatenate([images, mirrored]).reshape(600, -1).astype(np.float64)
+    standardised = (both - shift) * scale
+    _, _, rows = np.linalg.svd(standardised - standardised.mean(axis=0), full_matrices=False)
+    np.testing.assert_allclose(np.linalg.svd(components.T @ rows[:6].T, compute_uv=False), 1, atol=1e-4)
+
+
+def test_mirror_signs_refuse_components_that_a_flip_mixes():
+    from fastnet import backends
+
+    images = low_rank_images()
+    shift, scale = standardisation(images)
+    plain = data.principal_components(images, shift, scale, 4, np.random.default_rng(0), backends.get("numpy"))
+    with pytest.raises(ValueError, match="not mirror-symmetric or antisymmetric"):
+        data.mirror_signs(plain, (4, 4, 3))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_component_flip_negates_the_antisymmetric_components_of_the_images_it_draws(backend):
+    from fastnet import backends
+
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((30, 7)).astype(np.float32)
+    signs = np.array([1, -1, 1, 1, -1, -1, 1], np.float32)
+    indices = rng.permutation(30)[:17]
+    out = np.full((17, 7), np.nan, np.float32)
+    data.ComponentFlip(signs).apply(backends.get(backend), inputs, indices, np.random.default_rng(5), None, None, out)
+    # The flips are the ones Augmentation(flip=True) draws from the same generator.
+    flips = data.Augmentation((1, 1), flip=True).draw(np.random.default_rng(5), 17)[0]
+    assert 0 < flips.sum() < 17
+    np.testing.assert_array_equal(out, inputs[indices] * np.where(flips[:, None] != 0, signs, 1))

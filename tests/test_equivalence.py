@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from fastnet import backends
 from fastnet.backends import numpy_backend as ref
-from fastnet.data import Augmentation
+from fastnet.data import Augmentation, ComponentFlip
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
 from fastnet.train import TIMING_METRICS, TrainConfig, train
@@ -248,6 +248,24 @@ def test_augment_gather_normalize(other, source, dtype, count, batch, image, cut
                 garbage((batch, features), dtype))
 
     check_kernel(other, "augment_gather_normalize", make_args, {"out": 1}, f" ({source} images {image})")
+
+
+@covers("gather_flip_components")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@SETTINGS
+@given(count=st.integers(1, 30), batch=dims, width=dims, seed=seeds)
+@example(count=1, batch=4, width=3, seed=0)   # every index the same
+@example(count=7, batch=1, width=65, seed=1)  # batch 1
+def test_gather_flip_components(other, dtype, count, batch, width, seed):
+    def make_args():
+        rng = np.random.default_rng(seed)
+        inputs = rng.standard_normal((count, width)).astype(dtype)
+        indices = rng.integers(0, count, batch, dtype=np.int64)
+        flips = rng.integers(0, 2, batch, dtype=np.uint8)
+        signs = np.where(rng.random(width) < 0.5, -1.0, 1.0).astype(dtype)
+        return inputs, indices, flips, signs, garbage((batch, width), dtype)
+
+    check_kernel(other, "gather_flip_components", make_args, {"out": 1})
 
 
 # --- Dense layers -------------------------------------------------------------------------------------
@@ -936,9 +954,12 @@ ALLOCATION_IMAGE = (16, 16, 2)  # ALLOCATION_SIZES[0] inputs
 REGULARISED = dict(activation="gelu", dropout=0.2, norm="layernorm")
 
 
-def allocation_setup(backend, regularised=False):
+def allocation_setup(backend, variant="default"):
+    """A network, its optimizer and 20 training steps of one of three kinds: "default", "regularised"
+    (pixel augmentation, dropout, layer norm, label smoothing, clipping) or "components" (images
+    stored as principal components and flipped by sign, as fastnet train --pca K --flip trains)."""
     rng = np.random.default_rng(0)
-    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng, **(REGULARISED if regularised else {}))
+    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng, **(REGULARISED if variant == "regularised" else {}))
     optimizer = Optimizer(net.params, "momentum", weight_decay=1e-3, backend=backend)
     images = rng.integers(0, 256, (8 * ALLOCATION_BATCH, ALLOCATION_SIZES[0]), dtype=np.uint8)
     labels = rng.integers(0, ALLOCATION_SIZES[-1], len(images))
@@ -946,8 +967,14 @@ def allocation_setup(backend, regularised=False):
     scale = np.full(ALLOCATION_SIZES[0], 1 / 64, np.float32)
     order = rng.permutation(len(images))
     batches = [order[i:i + ALLOCATION_BATCH] for i in range(0, len(order), ALLOCATION_BATCH)]
-    if regularised:
+    if variant == "components":
+        images = rng.standard_normal(images.shape).astype(np.float32)
+        shift, scale = np.zeros_like(shift), np.ones_like(scale)
+        signs = np.where(rng.random(ALLOCATION_SIZES[0]) < 0.5, -1, 1).astype(np.float32)
+        augmentation = ComponentFlip(signs)
+    else:
         augmentation = Augmentation(ALLOCATION_IMAGE, flip=True, translate=2, cutout=4)
+    if variant != "default":
         step = [lambda b=b: regularised_training_step(net, optimizer, images, labels, b, shift, scale,
                                                       augmentation, rng) for b in batches]
     else:
@@ -984,9 +1011,9 @@ def test_the_allocation_probe_sees_numpys_temporaries():
     assert peak_allocation(steps) > ALLOCATION_THRESHOLD
 
 
-@pytest.mark.parametrize("regularised", [False, True], ids=["default", "regularised"])
-def test_a_training_step_allocates_nothing_after_warm_up(other, regularised):
-    net, optimizer, steps = allocation_setup(other, regularised)
+@pytest.mark.parametrize("variant", ["default", "regularised", "components"])
+def test_a_training_step_allocates_nothing_after_warm_up(other, variant):
+    net, optimizer, steps = allocation_setup(other, variant)
     before = [(a, a.ctypes.data) for a in buffers(net, optimizer)]
     peak = peak_allocation(steps)
     assert peak < ALLOCATION_THRESHOLD, f"{other}: 20 training steps allocated up to {peak} bytes"
@@ -1045,8 +1072,8 @@ def nrt_allocations_per_array_argument(rtsys):
     return allocs // 3
 
 
-@pytest.mark.parametrize("regularised", [False, True], ids=["default", "regularised"])
-def test_numba_kernels_allocate_no_arrays_in_a_training_step(regularised):
+@pytest.mark.parametrize("variant", ["default", "regularised", "components"])
+def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
     if "numba" not in OTHER_BACKENDS:
         unavailable("the numba backend is not available: pip install numba")
     from numba.core.runtime import _nrt_python, rtsys
@@ -1054,7 +1081,7 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(regularised):
     was_enabled = _nrt_python.memsys_stats_enabled()
     _nrt_python.memsys_enable_stats()
     try:
-        net, optimizer, steps = allocation_setup("numba", regularised)
+        net, optimizer, steps = allocation_setup("numba", variant)
         recorder = NrtAllocationRecorder(net.kernels, rtsys, nrt_allocations_per_array_argument(rtsys))
         net.kernels = optimizer.kernels = recorder  # what MLP and Optimizer call their kernels through
         for s in steps:
@@ -1062,9 +1089,11 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(regularised):
     finally:
         if not was_enabled:
             _nrt_python.memsys_disable_stats()
-    used = ({"augment_gather_normalize", "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward",
-             "dropout", "softmax_cross_entropy_smoothed", "sum_of_squares", "momentum_step"} if regularised
-            else {"dense_relu_backward", "momentum_step"})
+    used = {"default": {"dense_relu_backward", "momentum_step"},
+            "regularised": {"augment_gather_normalize", "layernorm_forward", "layernorm_backward", "gelu_forward",
+                            "gelu_backward", "dropout", "softmax_cross_entropy_smoothed", "sum_of_squares",
+                            "momentum_step"},
+            "components": {"gather_flip_components", "dense_relu_backward", "momentum_step"}}[variant]
     assert recorder.calls >= 20 * 12 and set(recorder.extra) >= used
     assert {k: n for k, n in recorder.extra.items() if n} == {}, "kernels allocated arrays (count over 20 steps)"
     assert {k: n for k, n in recorder.leaked.items() if n} == {}, "kernels leaked NRT memory"

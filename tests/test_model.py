@@ -340,3 +340,20 @@ def test_no_float64_reaches_a_kernel_in_a_regularised_float32_training_step(back
         assert detector.calls > 40
     finally:
         backends._backends.pop("float64-detector")
+
+
+@pytest.mark.parametrize("spec", [{}, {"activation": "gelu", "norm": "layernorm"}], ids=["relu", "gelu-layernorm"])
+def test_a_network_with_its_input_projection_folded_in_computes_the_same_on_raw_inputs(spec):
+    rng = np.random.default_rng(4)
+    net = fastnet.MLP([5, 4, 3], dtype="float64", seed=2, **spec)
+    for p in net.params:
+        p += rng.standard_normal(p.shape) * 0.1  # layer-norm gains and biases away from 1 and 0 too
+    projection = rng.standard_normal((12, 5))
+    raw = rng.standard_normal((7, 12))
+    folded = net.with_input_projection(projection)
+    assert folded.sizes == [12, 4, 3] and folded.spec() == net.spec() and folded.dtype == np.float64
+    assert_close(folded.forward(raw), net.forward(raw @ projection), rtol=1e-12, atol=1e-12)
+    # Folding into an existing network overwrites all of it and returns it.
+    target = fastnet.MLP([12, 4, 3], dtype="float64", seed=9, **spec)
+    assert net.with_input_projection(projection, into=target) is target
+    assert all(np.array_equal(p, q) for p, q in zip(target.params, folded.params))

@@ -179,6 +179,11 @@ CASES = {
         run, root, name="model.npz")], ["no training progress"]),
     "resume on other data": (lambda root, tiny, run: ["train", "--resume", run, "--data", other_data(root)],
                              ["data differs", "--data"]),
+    "negative pca": (lambda root, tiny, run: ["train", "--pca", "-2"], ["--pca", "negative"]),
+    "pca with augmentation": (lambda root, tiny, run: ["train", "--pca", "4", "--translate", "1"],
+                              ["--pca", "--translate", "drop one"]),
+    "more pca components than inputs": (lambda root, tiny, run: ["train", "--pca", "49"],
+                                        ["--pca 49", "48 inputs", "pass at most 48"]),
 }
 
 
@@ -278,7 +283,7 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(finished_run, tmp
 def outcome(run):
     """What must be bit-identical between runs: parameters, optimizer state, and metrics but timings."""
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_"))}
+        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_", "input_projection"))}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return arrays, [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics]
 
@@ -303,7 +308,7 @@ REGULARISED = dict(activation="tanh", norm="layernorm", dropout=0.2, label_smoot
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("extra", [{}, REGULARISED], ids=["plain", "regularised"])
+@pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}], ids=["plain", "regularised", "pca"])
 def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path):
     tiny, _ = finished_run
     settings = dict(data=str(tiny), backend=backend, hidden=(16, 8), epochs=4, batch_size=32, val=40, seed=3) | extra

@@ -90,6 +90,9 @@ def test_normalizer_standardises_each_channel():
     ({"hidden": (4, 0)}, "--hidden must be a comma list"),
     ({"batch_size": 1000}, "larger than the 300 training images"),
     ({"backend": "cuda"}, "unknown backend 'cuda'"),
+    ({"pca": 4, "translate": 1}, "--pca projects the images once"),
+    ({"pca": -1}, "--pca must be a number of components"),
+    ({"pca": 49}, "--pca 49 asks for more components than 300 images of 48 inputs"),
 ])
 def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):
     with pytest.raises(FastnetError, match=message):
@@ -165,3 +168,56 @@ def test_a_recipe_is_a_starting_point_that_flags_override():
     assert recipe_config(None, epochs=3) == TrainConfig(epochs=3)
     with pytest.raises(FastnetError, match="unknown recipe 'slow'"):
         recipe_config("slow")
+
+
+# --- Training on principal components (--pca) --------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
+def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend, flip, tiny_npy, tmp_path):
+    from fastnet import data
+    from fastnet.train import evaluate
+
+    for name in ("a", "b"):
+        quiet_train(data=str(tiny_npy), backend=backend, pca=6, flip=flip, epochs=2, hidden=(8,), batch_size=32,
+                    val=30, out=str(tmp_path / name))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["sizes"] == [6, 8, 3] and config["pca"] == 6
+    metrics = read_metrics(tmp_path / "a")
+    assert metrics[-1]["test_acc"] > 0.9  # six components of 48 pixels keep the brightness classes apart
+    # The fit and projection count as training time.
+    assert 0 < config["preprocess_seconds"]
+    assert metrics[0]["train_seconds"] == pytest.approx(config["preprocess_seconds"] + metrics[0]["epoch_seconds"])
+
+    saved = checkpoint.load(str(tmp_path / "a" / "model.npz"), backend=backend)
+    assert saved.net.sizes == [48, 8, 3] and saved.trained_net.sizes == [6, 8, 3]
+    assert saved.projection.shape == (48, 6) and saved.projection.dtype == np.float32
+    dataset = data.load_dataset(tiny_npy)
+    shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, np.uint8, np.float32)
+    assert evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale).accuracy == \
+        metrics[-1]["test_acc"]
+    other = checkpoint.load(str(tmp_path / "b" / "model.npz"), backend=backend)
+    assert np.array_equal(saved.projection, other.projection)
+    assert all(np.array_equal(p, q) for p, q in zip(saved.net.params, other.net.params))
+    if flip:  # the components can be flipped by sign, and flipping changed the training
+        assert set(data.mirror_signs(saved.projection, dataset.sample_shape)) == {-1.0, 1.0}
+        quiet_train(data=str(tiny_npy), backend=backend, pca=6, epochs=2, hidden=(8,), batch_size=32, val=30,
+                    out=str(tmp_path / "plain"))
+        assert read_metrics(tmp_path / "plain")[-1]["train_loss"] != metrics[-1]["train_loss"]
+
+
+def test_no_float64_reaches_a_kernel_in_a_float32_pca_run(tiny_npy, tmp_path):
+    from fastnet import backends
+    from helpers import Float64Detector
+
+    detector = Float64Detector(backends.get("numba"))
+    backends.register("float64-detector", detector)
+    try:
+        quiet_train(data=str(tiny_npy), backend="float64-detector", pca=5, epochs=1, hidden=(8,), batch_size=32,
+                    out=str(tmp_path))
+    finally:
+        backends._backends.pop("float64-detector")
+    assert detector.calls > 50  # the projection, every training step and the evaluation went through it
+    with np.load(tmp_path / "checkpoint.npz", allow_pickle=False) as saved:
+        assert {saved[name].dtype for name in saved.files if name.startswith(("param_", "optim_", "input_"))
+                if saved[name].ndim} == {np.dtype(np.float32)}

@@ -18,6 +18,7 @@ from fastnet.errors import FastnetError
 KERNELS = (
     "gather_normalize",
     "augment_gather_normalize",
+    "gather_flip_components",
     "dense_forward",
     "dense_relu_forward",
     "dense_backward",

@@ -46,6 +46,21 @@ def gather_normalize(images, indices, shift, scale, out):
 
 
 @njit(cache=True, error_model="numpy")
+def gather_flip_components(inputs, indices, flips, signs, out):
+    """out[i] = inputs[indices[i]], times signs where flips[i] is set: a mirrored image, for images
+    stored as mirror-symmetric and antisymmetric components."""
+    for i in range(indices.shape[0]):
+        row = inputs[indices[i]]
+        if flips[i] != 0:
+            for j in range(out.shape[1]):
+                out[i, j] = row[j] * signs[j]
+        else:
+            for j in range(out.shape[1]):
+                out[i, j] = row[j]
+    return out
+
+
+@njit(cache=True, error_model="numpy")
 def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
     """gather_normalize of (N, H, W, C) images with each sample's flip, translation and cutout: every
     output pixel is read from where the flip and translation put it, or written as 0 (padding and

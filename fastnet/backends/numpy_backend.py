@@ -25,6 +25,15 @@ def gather_normalize(images, indices, shift, scale, out):
     return out
 
 
+def gather_flip_components(inputs, indices, flips, signs, out):
+    """out[i] = inputs[indices[i]], times `signs` (D,) where flips[i] (B,) is nonzero. For images
+    stored as components that are each mirror-symmetric (sign +1) or antisymmetric (-1), as
+    `fastnet train --pca --flip` stores them, that is a left-right flip of the image."""
+    one = signs.dtype.type(1)
+    np.multiply(inputs[indices], np.where(flips[:, None] != 0, signs, one), out=out)
+    return out
+
+
 def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
     """gather_normalize for channel-last images (N, H, W, C), each one flipped, translated and cut out
     on its way into out (B, H*W*C), as the caller's per-sample random draws say:

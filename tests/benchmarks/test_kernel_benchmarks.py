@@ -1,4 +1,5 @@
-"""Micro benchmarks of every kernel, numpy and numba side by side, on the shapes of two real workloads.
+"""Micro benchmarks of the training step's kernels, numpy and numba side by side, on the shapes of two
+real workloads.
 
 Each benchmark sets `benchmark.group` to "<kernel> <workload>", so pytest-benchmark prints numpy and
 numba of one kernel and shape in one table. Under the project's default `--benchmark-disable` each
@@ -101,6 +102,18 @@ def test_gather_normalize(benchmark, backend, workload):
     out = np.zeros((w.batch, w.sizes[0]), np.float32)
     run_checked(benchmark, backend, "gather_normalize", (w.images, w.indices, w.shift, w.scale, out),
                 f"gather_normalize {w.name}", MB_moved=round(out.size * 5 / 1e6, 3))  # 1 B read, 4 written
+
+
+def test_gather_flip_components(benchmark, backend, workload):
+    """The gather of fastnet train --pca 256 --flip: rows of 256 components, about half of them flipped."""
+    w = workload
+    rng = np.random.default_rng(1)
+    components = rng.standard_normal((N_IMAGES, 256)).astype(np.float32)
+    flips = rng.integers(0, 2, w.batch).astype(np.uint8)
+    signs = np.where(rng.random(256) < 0.5, -1, 1).astype(np.float32)
+    out = np.zeros((w.batch, 256), np.float32)
+    run_checked(benchmark, backend, "gather_flip_components", (components, w.indices, flips, signs, out),
+                f"gather_flip_components {w.name}")
 
 
 @pytest.mark.parametrize("layer", ["first", "last"])
