@@ -191,7 +191,10 @@ def blas_threads(args, backend=None):
 
 
 def run_train(args):
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    # --data, --backend and --checkpoint-every are None when not typed; a run setting is there only when
+    # typed, and then None is what the user asked for (--norm none), even over a recipe's value.
+    given = {k: v for k, v in vars(args).items()
+             if k in TrainConfig.__dataclass_fields__ and (v is not None or k not in RESUMABLE_CHANGES)}
     if args.resume:
         changed = sorted(set(given) - RESUMABLE_CHANGES)
         if changed:

@@ -128,13 +128,10 @@ RECIPES = {
 
 
 def recipe_config(recipe=None, **settings):
-    """The TrainConfig of `recipe` (None: the plain defaults) with `settings` on top; a setting of
-    None leaves the recipe's value in place."""
+    """The TrainConfig of `recipe` (None: the plain defaults) with `settings` on top."""
     if recipe is not None and recipe not in RECIPES:
         raise FastnetError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    base = RECIPES.get(recipe, {})
-    return TrainConfig(**(base | {k: v for k, v in settings.items() if v is not None or k not in base}),
-                       recipe=recipe)
+    return TrainConfig(**(RECIPES.get(recipe, {}) | settings), recipe=recipe)
 
 
 @dataclasses.dataclass

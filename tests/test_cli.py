@@ -51,6 +51,19 @@ def test_threads_limit_every_blas_library_and_the_run_records_it(tiny_npy, tmp_p
     assert blas and all(lib["threads"] == 1 for lib in blas), blas
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"norm": "layernorm", "translate": 2, "pca": 0, "backend": "numba"}),
+    (["--norm", "none", "--translate", "0", "--pca", "6", "--backend", "numpy"],
+     {"norm": None, "translate": 0, "pca": 6, "backend": "numpy"}),
+], ids=["recipe", "overridden"])
+def test_flags_override_a_recipe_even_to_none(tiny_npy, tmp_path, flags, expected):
+    result = fastnet("train", "--data", tiny_npy, "--recipe", "best", "--epochs", 1, "--hidden", 4, *flags,
+                     "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {name: config[name] for name in expected} == expected and config["dropout"] == 0.1
+
+
 def test_data_comes_from_fastnet_data_when_no_flag(tiny_npy, tmp_path):
     result = fastnet("train", "--epochs", 1, "--hidden", 4, "--batch-size", 50, "--out", tmp_path / "run",
                      env={"FASTNET_DATA": str(tiny_npy)})

@@ -163,8 +163,8 @@ def test_a_recipe_is_a_starting_point_that_flags_override():
 
     fast = recipe_config("fast")
     assert fast.recipe == "fast" and all(getattr(fast, k) == v for k, v in RECIPES["fast"].items())
-    changed = recipe_config("best", epochs=2, backend=None)  # None: the CLI's "not given"
-    assert changed.epochs == 2 and changed.backend == RECIPES["best"]["backend"]
+    changed = recipe_config("best", epochs=2, norm=None)  # --norm none turns the recipe's layer norm off
+    assert changed.epochs == 2 and changed.norm is None and changed.backend == RECIPES["best"]["backend"]
     assert recipe_config(None, epochs=3) == TrainConfig(epochs=3)
     with pytest.raises(FastnetError, match="unknown recipe 'slow'"):
         recipe_config("slow")
