@@ -5,6 +5,10 @@ Three layouts are understood, so people can use whatever they already have on di
 folder, and a folder of four ``.npy`` files. Whatever the layout, the result is a :class:`Dataset`
 checked by one function, so the trainer never sees a malformed array and every problem reaches the
 user as a one-line :class:`DataError` instead of a traceback.
+
+What the trainer does to the images before they reach the network lives here too: channel
+statistics, the validation split, principal components (``fastnet train --pca``) and the random
+augmentations of each batch.
 """
 
 from __future__ import annotations

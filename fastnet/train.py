@@ -1,7 +1,8 @@
 """Training and evaluation: the epoch loop, its metrics, and what a run writes to disk.
 
 A run draws every random number from one np.random.Generator seeded by `config.seed`: first the
-validation split (when asked for), then the initial weights, then one permutation per epoch.
+validation split (when asked for), then the initial weights, then the images the --pca components
+are fitted to, then one permutation per epoch, and within it each step's augmentations and dropout.
 
 A run's folder holds config.json, metrics.jsonl (one JSON object per epoch), model.npz (the model
 after the last finished epoch) and checkpoint.npz (everything needed to resume: written after every
