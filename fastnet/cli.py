@@ -130,8 +130,7 @@ def build_parser():
     setting("--cutout", type=int, metavar="PIXELS", help="augment: blank a random PIXELS x PIXELS square")
     setting("--clip", type=float, metavar="NORM", help="clip gradients to this global norm")
     setting("--pca", type=count, metavar="K", help="train on the images' top K principal components instead "
-            "of their pixels, fitted to 5,000 training images; works with --flip, not with --translate or --cutout; "
-            "0: pixels")
+            "of their pixels, fitted to 5,000 training images; 0: pixels")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
             "most 15 minutes); other flags override its settings")
     t.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",

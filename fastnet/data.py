@@ -650,3 +650,24 @@ class ComponentFlip:
         scale are not used: the components are standardised already."""
         flips, _, _ = self._draws.draw(rng, len(indices))
         return kernels.gather_flip_components(inputs, indices, flips, self.signs, out)
+
+
+class ProjectedAugmentation:
+    """Pixel augmentations for a run on principal components (fastnet train --pca K with --translate
+    or --cutout): each batch is augmented as pixels, as ``augmentation`` does, then projected onto the
+    components, which costs one (B, input_size) x (input_size, K) GEMM per step. The pixel batch is
+    kept in a buffer per batch size, allocated once."""
+
+    def __init__(self, augmentation: Augmentation, projection: np.ndarray):
+        self.augmentation, self.projection = augmentation, projection
+        self._no_bias = np.zeros(projection.shape[1], projection.dtype)
+        self._pixels = {}
+
+    def apply(self, kernels, images, indices, rng, shift, scale, out):
+        """Draw this batch's augmentations, gather, augment and standardise images[indices] as pixels,
+        and write their projection into out."""
+        pixels = self._pixels.get(len(indices))
+        if pixels is None:
+            pixels = self._pixels[len(indices)] = np.empty((len(indices), len(self.projection)), out.dtype)
+        self.augmentation.apply(kernels, images, indices, rng, shift, scale, pixels)
+        return kernels.dense_forward(pixels, self.projection, self._no_bias, out)

@@ -113,9 +113,6 @@ class TrainConfig:
         if not isinstance(self.pca, int) or self.pca < 0:
             raise FastnetError(f"--pca must be a number of components, got {self.pca}: pass one such as 256, "
                                f"or 0 for none")
-        if self.pca and (self.translate or self.cutout):
-            raise FastnetError("--pca projects the images once, before training, but --translate and --cutout "
-                               "change their pixels at every step: drop one or the other (--flip works with --pca)")
         backends.get(self.backend)
 
 
@@ -123,8 +120,8 @@ class TrainConfig:
 # How they were found is in the README's Accuracy section.
 RECIPES = {
     "fast": dict(backend="numba", pca=256, epochs=40, lr=0.02, flip=True),
-    "best": dict(backend="numba", hidden=(2048, 2048), activation="gelu", norm="layernorm", epochs=45, lr=0.02,
-                 weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1),
+    "best": dict(backend="numba", pca=512, hidden=(2048, 2048), activation="gelu", norm="layernorm", epochs=55,
+                 lr=0.02, weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1),
 }
 
 
@@ -184,6 +181,8 @@ class StepOptions:
     """What a training step does besides gather, forward, backward and update."""
 
     rng: np.random.Generator | None = None  # draws dropout masks and augmentations; None: neither
+    # data.Augmentation, or for --pca runs data.ComponentFlip or data.ProjectedAugmentation: anything
+    # with Augmentation's apply()
     augmentation: data.Augmentation | None = None
     label_smoothing: float = 0.0
     clip: float | None = None  # the largest global gradient norm; larger gradients are scaled down
@@ -201,10 +200,14 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
     scratch.kernels.gather_normalize(images, np.arange(2), shift, scale, ws.inputs)
-    if isinstance(options.augmentation, data.ComponentFlip):
+    augmentation = options.augmentation
+    if isinstance(augmentation, data.ComponentFlip):
         scratch_options.augmentation = data.ComponentFlip(np.ones(3, net.dtype))
-    elif options.augmentation is not None:
-        scratch_options.augmentation = data.Augmentation((1, 1, 3), **options.augmentation.spec())
+    elif isinstance(augmentation, data.ProjectedAugmentation):
+        scratch_options.augmentation = data.ProjectedAugmentation(
+            data.Augmentation((1, 1, 3), **augmentation.augmentation.spec()), np.eye(3, dtype=net.dtype))
+    elif augmentation is not None:
+        scratch_options.augmentation = data.Augmentation((1, 1, 3), **augmentation.spec())
     scratch.kernels.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])  # evaluation's loss
     training_step(scratch, scratch_optimizer, images, np.zeros(4, np.int64), shift, scale, np.arange(2), 0.1,
                   scratch_options)
@@ -335,12 +338,18 @@ def train(config, log=print, resume=False):
     flat_train = train_images.reshape(len(train_images), -1)
     train_shift, train_scale, projection, preprocess_seconds = shift, scale, None, 0.0
     if config.pca:
-        mirrored = dataset.sample_shape if config.flip else None
+        # Components cannot follow shifts and cutout: with those, each batch is augmented as pixels and
+        # then projected. Otherwise the images are projected once, and a flip is a change of signs.
+        per_batch = bool(config.translate or config.cutout)
+        mirrored = dataset.sample_shape if config.flip and not per_batch else None
         flat_train, projection, preprocess_seconds = principal_component_inputs(
-            flat_train, shift, scale, config.pca, rng, net.kernels, saved, mirrored)
-        train_shift, train_scale = np.zeros(config.pca, net.dtype), np.ones(config.pca, net.dtype)
-        if config.flip:
-            options.augmentation = data.ComponentFlip(data.mirror_signs(projection, mirrored))
+            flat_train, shift, scale, config.pca, rng, net.kernels, saved, mirrored, project=not per_batch)
+        if per_batch:
+            options.augmentation = data.ProjectedAugmentation(options.augmentation, projection)
+        else:
+            train_shift, train_scale = np.zeros(config.pca, net.dtype), np.ones(config.pca, net.dtype)
+            if config.flip:
+                options.augmentation = data.ComponentFlip(data.mirror_signs(projection, mirrored))
     # What evaluation and model.npz see: the network on raw images, the projection folded in.
     classifier = net if projection is None else net.with_input_projection(projection)
 
@@ -428,18 +437,20 @@ def train(config, log=print, resume=False):
     return outcome(progress.history, out)
 
 
-def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=None, mirrored=None):
-    """--pca: (the standardised images projected onto their top `count` principal components, the
-    projection, the seconds both took). With --flip, `mirrored` is the image shape, and the components
-    are fitted so that a flip only changes signs (data.principal_components). A resumed run (`saved`)
-    keeps the components it began with, and its generator was saved past their draw. The seconds are
-    part of training, which time to accuracy counts; a resumed run counts those of its first session."""
-    if saved is not None:
-        return data.project(images, shift, scale, saved.projection, kernels), saved.projection, \
-            saved.config["preprocess_seconds"]
+def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=None, mirrored=None, project=True):
+    """--pca: (the standardised images projected onto their top `count` principal components, or the
+    images as they are when not `project`; the projection; the seconds it all took). With `mirrored`,
+    the image shape, the components are fitted so that a flip only changes signs
+    (data.principal_components). A resumed run (`saved`) keeps the components it began with, and its
+    generator was saved past their draw. The seconds are part of training, which time to accuracy
+    counts; a resumed run counts those of its first session."""
     started = time.perf_counter()
-    projection = data.principal_components(images, shift, scale, count, rng, kernels, mirrored=mirrored)
-    return data.project(images, shift, scale, projection, kernels), projection, time.perf_counter() - started
+    projection = saved.projection if saved is not None else data.principal_components(
+        images, shift, scale, count, rng, kernels, mirrored=mirrored)
+    if project:
+        images = data.project(images, shift, scale, projection, kernels)
+    seconds = saved.config["preprocess_seconds"] if saved is not None else time.perf_counter() - started
+    return images, projection, seconds
 
 
 def outcome(history, out):

@@ -662,3 +662,22 @@ def test_component_flip_negates_the_antisymmetric_components_of_the_images_it_dr
     flips = data.Augmentation((1, 1), flip=True).draw(np.random.default_rng(5), 17)[0]
     assert 0 < flips.sum() < 17
     np.testing.assert_array_equal(out, inputs[indices] * np.where(flips[:, None] != 0, signs, 1))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_projected_augmentation_augments_the_pixels_then_projects_them(backend):
+    from fastnet import backends
+
+    kernels = backends.get(backend)
+    images = low_rank_images(count=40)
+    shift, scale = standardisation(images)
+    projection = np.random.default_rng(2).standard_normal((48, 5)).astype(np.float32)
+    augmentation = data.Augmentation((4, 4, 3), flip=True, translate=1, cutout=2)
+    indices = np.arange(3, 20)
+    out = np.full((17, 5), np.nan, np.float32)
+    data.ProjectedAugmentation(augmentation, projection).apply(kernels, images, indices, np.random.default_rng(7),
+                                                               shift, scale, out)
+    pixels = np.empty((17, 48), np.float32)  # the same draws, from the same generator state
+    augmentation.apply(kernels, images, indices, np.random.default_rng(7), shift, scale, pixels)
+    np.testing.assert_allclose(out, pixels.astype(np.float64) @ projection, rtol=1e-5,
+                               atol=1e-5 * np.abs(pixels).max() * np.sqrt(48))

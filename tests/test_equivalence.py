@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from fastnet import backends
 from fastnet.backends import numpy_backend as ref
-from fastnet.data import Augmentation, ComponentFlip
+from fastnet.data import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
 from fastnet.train import TIMING_METRICS, TrainConfig, train
@@ -951,13 +951,15 @@ def regularised_training_step(net, optimizer, images, labels, batch, shift, scal
 
 
 ALLOCATION_IMAGE = (16, 16, 2)  # ALLOCATION_SIZES[0] inputs
+PROJECTED_IMAGE = (32, 16, 2)  # pixels that a projection takes to ALLOCATION_SIZES[0] inputs
 REGULARISED = dict(activation="gelu", dropout=0.2, norm="layernorm")
 
 
 def allocation_setup(backend, variant="default"):
-    """A network, its optimizer and 20 training steps of one of three kinds: "default", "regularised"
-    (pixel augmentation, dropout, layer norm, label smoothing, clipping) or "components" (images
-    stored as principal components and flipped by sign, as fastnet train --pca K --flip trains)."""
+    """A network, its optimizer and 20 training steps of one of four kinds: "default", "regularised"
+    (pixel augmentation, dropout, layer norm, label smoothing, clipping), "components" (images
+    stored as principal components and flipped by sign, as fastnet train --pca K --flip trains) or
+    "projected" (pixel augmentation, then a projection, as --pca K --translate N trains)."""
     rng = np.random.default_rng(0)
     net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng, **(REGULARISED if variant == "regularised" else {}))
     optimizer = Optimizer(net.params, "momentum", weight_decay=1e-3, backend=backend)
@@ -967,13 +969,19 @@ def allocation_setup(backend, variant="default"):
     scale = np.full(ALLOCATION_SIZES[0], 1 / 64, np.float32)
     order = rng.permutation(len(images))
     batches = [order[i:i + ALLOCATION_BATCH] for i in range(0, len(order), ALLOCATION_BATCH)]
+    augmentation = Augmentation(ALLOCATION_IMAGE, flip=True, translate=2, cutout=4)
     if variant == "components":
         images = rng.standard_normal(images.shape).astype(np.float32)
         shift, scale = np.zeros_like(shift), np.ones_like(scale)
         signs = np.where(rng.random(ALLOCATION_SIZES[0]) < 0.5, -1, 1).astype(np.float32)
         augmentation = ComponentFlip(signs)
-    else:
-        augmentation = Augmentation(ALLOCATION_IMAGE, flip=True, translate=2, cutout=4)
+    elif variant == "projected":  # the network's inputs are the projection of the augmented pixels
+        pixels = int(np.prod(PROJECTED_IMAGE))
+        images = rng.integers(0, 256, (len(images), pixels), dtype=np.uint8)
+        shift, scale = np.full(pixels, 120, np.float32), np.full(pixels, 1 / 64, np.float32)
+        projection = (rng.standard_normal((pixels, ALLOCATION_SIZES[0])) / np.sqrt(pixels)).astype(np.float32)
+        augmentation = ProjectedAugmentation(Augmentation(PROJECTED_IMAGE, flip=True, translate=2, cutout=4),
+                                             projection)
     if variant != "default":
         step = [lambda b=b: regularised_training_step(net, optimizer, images, labels, b, shift, scale,
                                                       augmentation, rng) for b in batches]
@@ -1011,7 +1019,7 @@ def test_the_allocation_probe_sees_numpys_temporaries():
     assert peak_allocation(steps) > ALLOCATION_THRESHOLD
 
 
-@pytest.mark.parametrize("variant", ["default", "regularised", "components"])
+@pytest.mark.parametrize("variant", ["default", "regularised", "components", "projected"])
 def test_a_training_step_allocates_nothing_after_warm_up(other, variant):
     net, optimizer, steps = allocation_setup(other, variant)
     before = [(a, a.ctypes.data) for a in buffers(net, optimizer)]
@@ -1072,7 +1080,7 @@ def nrt_allocations_per_array_argument(rtsys):
     return allocs // 3
 
 
-@pytest.mark.parametrize("variant", ["default", "regularised", "components"])
+@pytest.mark.parametrize("variant", ["default", "regularised", "components", "projected"])
 def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
     if "numba" not in OTHER_BACKENDS:
         unavailable("the numba backend is not available: pip install numba")
@@ -1093,7 +1101,8 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
             "regularised": {"augment_gather_normalize", "layernorm_forward", "layernorm_backward", "gelu_forward",
                             "gelu_backward", "dropout", "softmax_cross_entropy_smoothed", "sum_of_squares",
                             "momentum_step"},
-            "components": {"gather_flip_components", "dense_relu_backward", "momentum_step"}}[variant]
+            "components": {"gather_flip_components", "dense_relu_backward", "momentum_step"},
+            "projected": {"augment_gather_normalize", "dense_forward", "dense_relu_backward", "momentum_step"}}[variant]
     assert recorder.calls >= 20 * 12 and set(recorder.extra) >= used
     assert {k: n for k, n in recorder.extra.items() if n} == {}, "kernels allocated arrays (count over 20 steps)"
     assert {k: n for k, n in recorder.leaked.items() if n} == {}, "kernels leaked NRT memory"

@@ -180,8 +180,6 @@ CASES = {
     "resume on other data": (lambda root, tiny, run: ["train", "--resume", run, "--data", other_data(root)],
                              ["data differs", "--data"]),
     "negative pca": (lambda root, tiny, run: ["train", "--pca", "-2"], ["--pca", "negative"]),
-    "pca with augmentation": (lambda root, tiny, run: ["train", "--pca", "4", "--translate", "1"],
-                              ["--pca", "--translate", "drop one"]),
     "more pca components than inputs": (lambda root, tiny, run: ["train", "--pca", "49"],
                                         ["--pca 49", "48 inputs", "pass at most 48"]),
 }
@@ -308,7 +306,8 @@ REGULARISED = dict(activation="tanh", norm="layernorm", dropout=0.2, label_smoot
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}], ids=["plain", "regularised", "pca"])
+@pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}, {"pca": 6, "flip": True, "translate": 1}],
+                         ids=["plain", "regularised", "pca-flip", "pca-translate"])
 def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path):
     tiny, _ = finished_run
     settings = dict(data=str(tiny), backend=backend, hidden=(16, 8), epochs=4, batch_size=32, val=40, seed=3) | extra

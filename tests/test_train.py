@@ -90,7 +90,6 @@ def test_normalizer_standardises_each_channel():
     ({"hidden": (4, 0)}, "--hidden must be a comma list"),
     ({"batch_size": 1000}, "larger than the 300 training images"),
     ({"backend": "cuda"}, "unknown backend 'cuda'"),
-    ({"pca": 4, "translate": 1}, "--pca projects the images once"),
     ({"pca": -1}, "--pca must be a number of components"),
     ({"pca": 49}, "--pca 49 asks for more components than 300 images of 48 inputs"),
 ])
@@ -173,18 +172,21 @@ def test_a_recipe_is_a_starting_point_that_flags_override():
 # --- Training on principal components (--pca) --------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
-def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend, flip, tiny_npy, tmp_path):
+@pytest.mark.parametrize("augmentation", [{}, {"flip": True}, {"flip": True, "translate": 1}],
+                         ids=["plain", "flip", "pixel-augmentation"])
+def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend, augmentation, tiny_npy, tmp_path):
     from fastnet import data
     from fastnet.train import evaluate
 
     for name in ("a", "b"):
-        quiet_train(data=str(tiny_npy), backend=backend, pca=6, flip=flip, epochs=2, hidden=(8,), batch_size=32,
-                    val=30, out=str(tmp_path / name))
+        quiet_train(data=str(tiny_npy), backend=backend, pca=6, epochs=2, hidden=(8,), batch_size=32, val=30,
+                    out=str(tmp_path / name), **augmentation)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["sizes"] == [6, 8, 3] and config["pca"] == 6
     metrics = read_metrics(tmp_path / "a")
-    assert metrics[-1]["test_acc"] > 0.9  # six components of 48 pixels keep the brightness classes apart
+    # Six components of 48 pixels keep the brightness classes apart (chance: 1/3), though shifts that
+    # bring in a quarter of padding blur them in 2 epochs.
+    assert metrics[-1]["test_acc"] > (0.7 if "translate" in augmentation else 0.9)
     # The fit and projection count as training time.
     assert 0 < config["preprocess_seconds"]
     assert metrics[0]["train_seconds"] == pytest.approx(config["preprocess_seconds"] + metrics[0]["epoch_seconds"])
@@ -199,8 +201,9 @@ def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend,
     other = checkpoint.load(str(tmp_path / "b" / "model.npz"), backend=backend)
     assert np.array_equal(saved.projection, other.projection)
     assert all(np.array_equal(p, q) for p, q in zip(saved.net.params, other.net.params))
-    if flip:  # the components can be flipped by sign, and flipping changed the training
+    if augmentation == {"flip": True}:  # flips by sign, so the components are mirror-symmetric or not
         assert set(data.mirror_signs(saved.projection, dataset.sample_shape)) == {-1.0, 1.0}
+    if augmentation:  # and augmenting changed the training
         quiet_train(data=str(tiny_npy), backend=backend, pca=6, epochs=2, hidden=(8,), batch_size=32, val=30,
                     out=str(tmp_path / "plain"))
         assert read_metrics(tmp_path / "plain")[-1]["train_loss"] != metrics[-1]["train_loss"]
