@@ -426,6 +426,15 @@ def dropout(x, uniform, rate, out):
 # --- Loss ------------------------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy")
+def _row_max(logits, i):
+    """The largest logit of row i, which the losses subtract before exponentiating so none overflows."""
+    top = logits[i, 0]
+    for j in range(1, logits.shape[1]):
+        top = max(top, logits[i, j])
+    return top
+
+
+@njit(cache=True, error_model="numpy")
 def softmax_cross_entropy(logits, labels, dlogits):
     """Mean softmax cross-entropy and its gradient, one row at a time: the row's maximum, then its
     exponentials and their sum, then the normalised gradient. The mean loss is summed in float64,
@@ -434,9 +443,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
     real = dlogits.dtype.type
     total = 0.0
     for i in range(batch):
-        top = logits[i, 0]
-        for j in range(1, classes):
-            top = max(top, logits[i, j])
+        top = _row_max(logits, i)
         row_sum = real(0)
         for j in range(classes):
             e = np.exp(logits[i, j] - top)
@@ -461,9 +468,7 @@ def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
     smoothing_real = real(smoothing)
     total = 0.0
     for i in range(batch):
-        top = logits[i, 0]
-        for j in range(1, classes):
-            top = max(top, logits[i, j])
+        top = _row_max(logits, i)
         row_sum = real(0)
         shifted_sum = 0.0
         for j in range(classes):
