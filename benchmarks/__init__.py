@@ -23,18 +23,31 @@ LR = 1e-3          # small enough that thousands of timed steps on random labels
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-3  # the default recipe's, applied to weight matrices only
 
-# BLAS threads for every benchmark. asv.conf.json sets OPENBLAS_NUM_THREADS and NUMBA_NUM_THREADS to
-# the same value for the benchmark processes; pin_threads() enforces it again through threadpoolctl,
-# which also reaches a BLAS library that was loaded after start-up (scipy's, used by numba's np.dot).
+# Cores for every benchmark. asv.conf.json sets OPENBLAS_NUM_THREADS and NUMBA_NUM_THREADS to the same
+# value for the benchmark processes; pin_threads() applies it as `fastnet --threads` does: numpy's BLAS
+# threads, or the numba backend's tile threads with its BLAS held to one (backends.use_threads).
 BLAS_THREADS = int(os.environ.get("OPENBLAS_NUM_THREADS", "2"))
 
 
-def pin_threads():
-    """Limit every loaded BLAS library to BLAS_THREADS threads (for the rest of the process)."""
+def pin_threads(backend="numpy"):
+    """Run `backend` on BLAS_THREADS cores for the rest of the process. At commits before
+    backends.use_threads, every loaded BLAS library is limited to BLAS_THREADS instead."""
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (load scipy's OpenBLAS too, so the limit reaches it)
     except ImportError:  # commits before the numba backend did not depend on scipy
         pass
+    try:
+        from fastnet import backends
+        use_threads = backends.use_threads
+    except (ImportError, AttributeError):
+        use_threads = None
+    if use_threads is not None:
+        try:
+            context = use_threads(backend, BLAS_THREADS)
+        except Exception as exc:  # an unavailable backend: its benchmark is skipped
+            raise NotImplementedError(f"backend {backend!r}: {exc}") from exc
+        context.__enter__()  # kept for the rest of the process, as the limit below is
+        return context
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -17,7 +17,7 @@ class _Kernel:
     kernel_name = None
 
     def setup(self, backend, size):
-        pin_threads()
+        pin_threads(backend)
         self.kernel = get_kernel(get_backend(backend), self.kernel_name)
         t = Trainer(backend, size)
         t.step()  # fills every activation, delta and gradient with a real step's values
@@ -71,3 +71,44 @@ class GatherNormalize(_Kernel):
 
     def call(self):
         self.kernel(self.images, self.batch, self.shift, self.scale, self.x)
+
+
+PRODUCTS = {  # name: (m, k, n, whether a is a transposed view, as x.T in a weight gradient)
+    "128x3072@3072x512": (128, 3072, 512, False),
+    "3072x128@128x512 (x.T @ dout)": (3072, 128, 512, True),
+    "128x512@512x512": (128, 512, 512, False),
+    "2048x2048@2048x2048": (2048, 2048, 2048, False),
+}
+
+
+class Product:
+    """One float32 matrix product: NumPy's np.dot (BLAS's own threads) against the numba backend's
+    GEMM driver (one tile per core, one-thread BLAS calls), at R1's shapes and at 2048^3, where the
+    driver must not lose to BLAS."""
+
+    params = [["blas", "driver"], list(PRODUCTS)]
+    param_names = ["side", "shape"]
+
+    def setup(self, side, shape):
+        m, k, n, transposed = PRODUCTS[shape]
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((k, m) if transposed else (m, k), dtype=np.float32)
+        if transposed:
+            self.a = self.a.T
+        self.b = rng.standard_normal((k, n), dtype=np.float32)
+        self.out = np.empty((m, n), np.float32)
+        if side == "driver":
+            get_backend("numba")
+            try:
+                from fastnet.backends import numba_gemm
+            except ImportError as exc:
+                raise NotImplementedError("this commit has no GEMM driver") from exc
+            pin_threads("numba")
+            self.product = numba_gemm.matmul
+        else:
+            pin_threads("numpy")
+            self.product = np.dot
+        self.product(self.a, self.b, self.out)
+
+    def time_product(self, side, shape):
+        self.product(self.a, self.b, self.out)

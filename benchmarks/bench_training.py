@@ -21,7 +21,7 @@ class TrainingStep:
     param_names = ["backend", "size"]
 
     def setup(self, backend, size):
-        pin_threads()
+        pin_threads(backend)
         self.trainer = Trainer(backend, size)
         train_epoch, = require("train", "train_epoch")
         Schedule, = require("optim", "Schedule")
@@ -50,7 +50,7 @@ class Throughput:
     blocks, steps_per_block = 5, 20
 
     def setup(self, backend):
-        pin_threads()
+        pin_threads(backend)
         self.trainer = Trainer(backend, "R1")
         for _ in range(3):
             self.trainer.step()
@@ -86,7 +86,7 @@ class EpochMemory:
     num_images = 10_000
 
     def setup(self, backend, size):
-        pin_threads()
+        pin_threads(backend)
         self.trainer = Trainer(backend, size, num_images=self.num_images)
         train_epoch, = require("train", "train_epoch")
         Schedule, = require("optim", "Schedule")
@@ -125,7 +125,7 @@ class FullDatasetMemory:
         return folder
 
     def setup(self, folder, backend):
-        pin_threads()
+        pin_threads(backend)
         get_backend(backend)
 
     def peakmem_load_train_evaluate(self, folder, backend):

@@ -9,6 +9,7 @@ gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ def synthetic_batches(sizes, batch, steps):
     return images, labels, rng.permutation(count)
 
 
-def time_fastnet(backend, sizes, batch, steps):
+def time_fastnet(backend, sizes, batch, steps, threads=None):
+    from fastnet import backends
     from fastnet.model import MLP
     from fastnet.optim import Optimizer, Schedule
     from fastnet.train import train_epoch, warm_up
@@ -44,22 +46,26 @@ def time_fastnet(backend, sizes, batch, steps):
     shift, scale = np.full(sizes[0], 127.5, np.float32), np.full(sizes[0], 1 / 64, np.float32)
     started = time.perf_counter()
     net = MLP(sizes, backend=backend)  # imports the backend: part of its start-up
-    optimizer = Optimizer(net.params, "momentum", backend=backend)
-    warm_up(net, optimizer, images.dtype)
-    warmup_seconds = time.perf_counter() - started
-    schedule = Schedule("constant", 0.01, steps + WARMUP_STEPS)
-    # Untimed steps first: they allocate the workspace and settle caches and thread pools.
-    train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[:batch * WARMUP_STEPS], batch, 1, 0)
-    started = time.perf_counter()
-    train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[batch * WARMUP_STEPS:], batch, 1,
-                WARMUP_STEPS)
-    return {"seconds": time.perf_counter() - started, "warmup_seconds": warmup_seconds}
+    with backends.use_threads(backend, threads):
+        optimizer = Optimizer(net.params, "momentum", backend=backend)
+        warm_up(net, optimizer, images.dtype)
+        warmup_seconds = time.perf_counter() - started
+        schedule = Schedule("constant", 0.01, steps + WARMUP_STEPS)
+        # Untimed steps first: they allocate the workspace and settle caches and thread pools.
+        train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[:batch * WARMUP_STEPS], batch, 1,
+                    0)
+        started = time.perf_counter()
+        train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[batch * WARMUP_STEPS:], batch, 1,
+                    WARMUP_STEPS)
+        seconds = time.perf_counter() - started
+        parallelism = backends.parallelism(backend)
+    return {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism}
 
 
-def time_torch(sizes, batch, steps):
+def time_torch(sizes, batch, steps, threads=None):
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads or os.cpu_count())
     images, labels, order = synthetic_batches(sizes, batch, steps)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     shift, scale = torch.full((sizes[0],), 127.5), torch.full((sizes[0],), 1 / 64)
@@ -109,50 +115,75 @@ def worker(spec):
     if spec["side"] == "peak":
         result = sgemm_peak()
     elif spec["side"] == "torch":
-        result = time_torch(spec["sizes"], spec["batch"], spec["steps"])
+        result = time_torch(spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"))
     else:
-        result = time_fastnet(spec["side"], spec["sizes"], spec["batch"], spec["steps"])
+        result = time_fastnet(spec["side"], spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"))
     print(json.dumps(result))
 
 
-def measure_in_own_process(side, sizes, batch, steps):
-    spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps}
+def measure_in_own_process(side, sizes, batch, steps, threads=None):
+    spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps, "threads": threads}
     done = subprocess.run([sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(backend_names, hidden, batch, steps):
-    """Measure every side, each in its own process; returns the report as a dict."""
+def bench(backend_names, hidden, batch, steps, threads=None):
+    """Measure every side, each in its own process, on `threads` cores (None: all); returns the
+    report as a dict."""
     sizes = [INPUT_SIZE, *hidden, CLASSES]
     sides = list(backend_names) + (["torch"] if importlib.util.find_spec("torch") else [])
     peak = measure_in_own_process("peak", sizes, batch, steps)
     flops = flops_per_sample(sizes)
     results = {}
     for side in sides:
-        timing = measure_in_own_process(side, sizes, batch, steps)
+        timing = measure_in_own_process(side, sizes, batch, steps, threads)
         samples_per_second = batch * steps / timing["seconds"]
         gflops = flops * samples_per_second / 1e9
         results[side] = {"samples_per_second": samples_per_second, "ms_per_step": timing["seconds"] / steps * 1e3,
                          "gflops": gflops, "percent_of_peak": 100 * gflops / peak["gflops"],
                          "warmup_seconds": timing["warmup_seconds"]}
+        if "parallelism" in timing:
+            results[side]["parallelism"] = timing["parallelism"]
     if "torch" in results:
         for side in backend_names:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
-    return {"sizes": sizes, "batch_size": batch, "steps": steps, "flops_per_sample": flops,
+    return {"sizes": sizes, "batch_size": batch, "steps": steps, "threads": threads or os.cpu_count(),
+            "cpu": cpu_model(), "flops_per_sample": flops,
             "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
+
+
+def cpu_model():
+    """The CPU's model name and the vector instructions that decide its sgemm speed."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    vector = [name for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
+                                      ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return f"{model} ({', '.join(vector) or 'no AVX2'})"
 
 
 def format_report(report):
     lines = [f"fastnet bench: MLP {'-'.join(map(str, report['sizes']))}, batch {report['batch_size']}, "
-             f"{report['steps']} timed steps on synthetic data, float32, SGD with momentum; each side in its own process",
+             f"{report['steps']} timed steps on synthetic data, float32, SGD with momentum; each side in its own "
+             f"process on {report['threads']} threads",
+             f"CPU: {report['cpu']}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (NumPy float32 matmul; {report['blas']})",
              f"{'side':<8}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}{'vs torch':>10}"]
     for side, r in report["results"].items():
         versus = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
         lines.append(f"{side:<8}{r['samples_per_second']:>11,.0f}{r['ms_per_step']:>9.2f}{r['gflops']:>9.1f}"
                      f"{r['percent_of_peak']:>8.1f}{r['warmup_seconds']:>11.2f}{versus:>10}")
+    for side, r in report["results"].items():
+        if "parallelism" in r:
+            p = r["parallelism"]
+            blas = f"; BLAS {p['blas']}" if "blas" in p else ""
+            lines.append(f"{side}: {p['threads']} threads, {p['split']}{blas}")
     if "torch" not in report["results"]:
         lines.append("PyTorch is not importable, so there is no comparison with it (pip install torch)")
     return "\n".join(lines)

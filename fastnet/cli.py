@@ -2,7 +2,6 @@
 problem the user can fix into one line on stderr and exit status 2."""
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import sys
 import threading
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from fastnet import __version__, backends, bench, data, report
 from fastnet.errors import FastnetError, Interrupted
@@ -90,7 +88,7 @@ def build_parser():
         sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                          "(default: $FASTNET_BACKEND or numpy)")
         sub.add_argument("--threads", type=positive_int, metavar="N",
-                         help="BLAS threads (default: BLAS's own choice, usually one per core)")
+                         help="cores to use (default: all): the numba backend's threads, or numpy's BLAS threads")
 
     t = commands.add_parser("train", help="train a network and evaluate it after every epoch")
     add_data_and_backend(t)
@@ -154,6 +152,7 @@ def build_parser():
                    help="hidden layer widths (default: %(default)s)")
     b.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
     b.add_argument("--steps", type=positive_int, default=100, help="timed training steps (default: %(default)s)")
+    b.add_argument("--threads", type=positive_int, metavar="N", help="cores each side uses (default: all)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     p = commands.add_parser("predict", help="classify image files (PNG, JPEG, BMP) with a trained model")
@@ -164,7 +163,8 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                    "(default: $FASTNET_BACKEND or numpy)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="BLAS threads (default: BLAS's own choice)")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="cores to use (default: all): the numba backend's threads, or numpy's BLAS threads")
 
     pl = commands.add_parser("plot", help="draw a run's learning curves and confusion matrix as PNG files")
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by fastnet train")
@@ -183,10 +183,9 @@ def build_parser():
 
 
 def blas_threads(args, backend=None):
-    """Limit BLAS to --threads while the command runs. The backend is loaded first, because a limit
-    reaches only the libraries already loaded, and the numba backend brings its own BLAS."""
-    backends.get(backend or args.backend)
-    return threadpool_limits(limits=args.threads) if args.threads else contextlib.nullcontext()
+    """Run the command on --threads cores: the backend's own way of using them (see
+    backends.use_threads), or its default when --threads is not given."""
+    return backends.use_threads(backend or args.backend, args.threads)
 
 
 def run_train(args):
@@ -253,7 +252,7 @@ def print_report(evaluation):
 def run_bench(args):
     for name in args.backend:
         backends.resolve(name)  # an unknown or unavailable name stops here, in one line
-    timings = bench.bench(args.backend, args.hidden, args.batch_size, args.steps)
+    timings = bench.bench(args.backend, args.hidden, args.batch_size, args.steps, args.threads)
     print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 

@@ -231,7 +231,7 @@ def blas_libraries():
     """The BLAS and OpenMP libraries loaded, their thread counts and (OpenBLAS) kernel type: they
     decide how fast a run is, so every run records them."""
     return [{"library": lib["internal_api"], "version": lib.get("version"), "threads": lib["num_threads"],
-             "architecture": lib.get("architecture")} for lib in threadpool_info()]
+             "architecture": lib.get("architecture"), "filepath": lib.get("filepath")} for lib in threadpool_info()]
 
 
 def make_run_dir(out):
@@ -360,11 +360,17 @@ def train(config, log=print, resume=False):
     run_config = dataclasses.asdict(config) | {
         "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
         "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries(),
+        "parallelism": backends.parallelism(net.backend),
         "data_fingerprint": fingerprint, "preprocess_seconds": preprocess_seconds}
     run_config["started"] = datetime.now().isoformat(timespec="seconds")
     if saved is not None:
         run_config["started"] = saved.config.get("started", run_config["started"])
         run_config["resumed_at_step"] = saved.config.get("resumed_at_step", []) + [progress.step]
+        before = (saved.config.get("backend"), saved.config.get("parallelism", {}).get("threads"))
+        if before != (net.backend, run_config["parallelism"]["threads"]) and None not in before:
+            log(f"note: the run trained on the {before[0]} backend with {before[1]} threads and resumes on "
+                f"{net.backend} with {run_config['parallelism']['threads']}: it will match a run that never "
+                f"stopped to float32 rounding, not bit for bit (products are split per thread)")
     checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
     write_metrics(out, progress.history)
     where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None

@@ -35,8 +35,8 @@ def test_bench_reports_every_side_consistently():
 def test_bench_table_names_each_backend():
     result = fastnet("bench", "--backend", "numpy", "--hidden", 8, "--batch-size", 4, "--steps", 2)
     assert result.returncode == 0, result.stderr
-    rows = [line.split()[0] for line in result.stdout.splitlines()[3:]]
-    assert rows[0] == "numpy" and "sgemm peak" in result.stdout
+    rows = [line.split()[0] for line in result.stdout.splitlines()[4:]]
+    assert rows[0] == "numpy" and "sgemm peak" in result.stdout and "CPU: " in result.stdout
 
 
 @pytest.mark.parametrize("args, phrase", [

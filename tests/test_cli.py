@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import fastnet
+from helpers import assert_one_line_error, fastnet
 
 
 @pytest.mark.cifar
@@ -42,13 +42,26 @@ def test_console_script_and_module_agree():
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_threads_limit_every_blas_library_and_the_run_records_it(tiny_npy, tmp_path, backend):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_sets_the_cores_a_run_uses_and_the_run_records_it(tiny_npy, tmp_path, backend, threads):
     run = tmp_path / "run"
     result = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--backend", backend,
-                     "--threads", 1, "--out", run)
+                     "--threads", threads, "--out", run, env={"NUMBA_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr
-    blas = json.loads((run / "config.json").read_text())["blas"]
-    assert blas and all(lib["threads"] == 1 for lib in blas), blas
+    config = json.loads((run / "config.json").read_text())
+    assert config["parallelism"]["threads"] == threads
+    blas = {lib["filepath"]: lib["threads"] for lib in config["blas"]}
+    if backend == "numpy":  # BLAS's own threads are the cores
+        assert blas and set(blas.values()) == {threads}, blas
+    else:  # the driver's tiles are: the BLAS it calls stays on one thread
+        assert blas[config["parallelism"]["blas_path"]] == 1, blas
+
+
+def test_more_threads_than_numba_started_with_is_one_line(tiny_npy, tmp_path):
+    result = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--backend", "numba",
+                     "--threads", 3, "--out", tmp_path / "run", env={"NUMBA_NUM_THREADS": "2"})
+    assert_one_line_error(result, "--threads 3 is more than the 2 threads", "NUMBA_NUM_THREADS=3")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flags, expected", [

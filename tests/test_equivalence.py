@@ -541,6 +541,66 @@ def test_dense_activation_kernels_at_the_default_networks_shapes(other, activati
                  magnitudes=dense_activation_backward_magnitudes(backward, dout, saved, x, W))
 
 
+# --- The dense kernels on any number of threads ----------------------------------------------------------
+# The numba backend splits each product into one tile per thread (fastnet/backends/numba_gemm.py), and
+# every test above runs on all of them. Here the dense kernels also run on one thread, and at shapes
+# where some of two threads get no tile (batch 1, fewer than 16 output columns per thread) or
+# tiles of unequal, unaligned sizes.
+
+THREAD_SHAPES = [(1, 1, 1), (1, 70, 33), (2, 5, 10), (33, 17, 47), (129, 40, 31), (7, 3, 130)]
+
+
+def dense_kernel_cases(shape, dtype, seed=0):
+    """(kernel, make_args, reductions, magnitudes) for every dense kernel at `shape`, with dx."""
+    batch, fan_in, fan_out = shape
+    rng = np.random.default_rng(seed)
+    x, W, b, dout = dense_inputs(rng, shape, dtype, "C")
+    wide = {name: a.astype(np.float64) for name, a in (("x", x), ("W", W), ("b", b))}
+    forward_magnitudes = dense_magnitudes(wide["x"], wide["W"], wide["b"])
+    for kernel in ("dense_forward", "dense_relu_forward", *DENSE_ACTIVATION_FORWARD):
+        yield (kernel, lambda kernel=kernel: dense_activation_forward_args(kernel, x.copy(), W.copy(), b.copy(), dtype),
+               {"out": fan_in, "pre": fan_in}, forward_magnitudes)
+    gradients = lambda: (garbage(W.shape, dtype), garbage(fan_out, dtype), garbage(x.shape, dtype))  # noqa: E731
+    magnitudes = dense_activation_backward_magnitudes("dense_leaky_relu_backward", dout, np.ones_like(dout), x, W)
+    yield ("dense_backward", lambda: (dout.copy(), x.copy(), W.copy(), *gradients()),
+           {"dW": batch, "db": batch, "dx": fan_out}, magnitudes)
+    relu_out = np.maximum(rng.standard_normal((batch, fan_out)), 0).astype(dtype)
+    yield ("dense_relu_backward", lambda: (dout.copy(), relu_out.copy(), x.copy(), W.copy(), *gradients()),
+           {"dW": batch, "db": batch, "dx": fan_out, "dout": 1}, magnitudes)
+    for kernel in DENSE_ACTIVATION_BACKWARD:
+        saved = activation_saved(kernel, rng.standard_normal((batch, fan_out)) * 2).astype(dtype)
+        scalars = (0.01,) if "leaky" in kernel else ()
+        yield (kernel, lambda saved=saved, scalars=scalars: (dout.copy(), saved.copy(), x.copy(), W.copy(), *scalars,
+                                                              *gradients()),
+               {"dW": batch, "db": batch, "dx": fan_out, "dout": 1},
+               dense_activation_backward_magnitudes(kernel, dout, saved, x, W))
+
+
+@covers("dense_forward", "dense_relu_forward", "dense_backward", "dense_relu_backward", *DENSE_ACTIVATION_FORWARD,
+        *DENSE_ACTIVATION_BACKWARD)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", THREAD_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_kernels_on_one_thread_and_on_more_threads_than_tiles(other, threads, shape, dtype):
+    with backends.use_threads(other, threads):
+        for kernel, make_args, reductions, magnitudes in dense_kernel_cases(shape, dtype):
+            check_kernel(other, kernel, make_args, reductions, f" {shape} on {threads} threads", magnitudes=magnitudes)
+
+
+def test_the_dense_kernels_give_the_same_bits_every_time(other):
+    """The tiles depend on the shape and the thread count only, and each is summed in a fixed order:
+    repeated calls give identical bits, whichever thread ran which tile."""
+    for kernel, make_args, _, _ in dense_kernel_cases((129, 300, 200), "float32", seed=1):
+        runs = []
+        for _ in range(3):
+            args = make_args()
+            getattr(backends.get(other), kernel)(*args)
+            runs.append([a for a in args if isinstance(a, np.ndarray)])
+        for run in runs[1:]:
+            for got, first in zip(run, runs[0]):
+                assert np.array_equal(got, first, equal_nan=True), f"{other}.{kernel} differs between calls"
+
+
 @covers("layernorm_forward")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -564,7 +624,15 @@ def test_layernorm_forward(other, layout, dtype, shape, seed, in_place):
     reductions = {"xhat": width, "inv_std": width, "out": width}
     if in_place:
         reductions["x"] = width
-    check_kernel(other, "layernorm_forward", make_args, reductions, f" {layout} {shape} in_place={in_place}")
+    # xhat = (x - mean) / std cancels when a row's spread is small beside its offset: its rounding
+    # error is that of the terms, x / std and mean / std, not of the result (seed 26, (26, 3) has a
+    # row [2.04, 1.87, 1.98]).
+    x, gain, bias = (a.astype(np.float64) for a in make_args()[:3])
+    inv_std = 1 / np.sqrt(x.var(axis=1, keepdims=True) + 1e-5)
+    terms = (np.abs(x) + np.abs(x.mean(axis=1, keepdims=True))) * inv_std
+    out_terms = terms * np.abs(gain) + np.abs(bias)
+    check_kernel(other, "layernorm_forward", make_args, reductions, f" {layout} {shape} in_place={in_place}",
+                 magnitudes={"xhat": terms, "out": out_terms, "x": out_terms})
 
 
 @covers("layernorm_backward")

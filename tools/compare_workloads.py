@@ -1,6 +1,6 @@
 """Compare fastnet's backends with PyTorch on two fixed training workloads, one epoch each.
 
-    python tools/compare_workloads.py [--workloads R1,R2] [--sides numpy,numba,torch]
+    python tools/compare_workloads.py [--workloads R1,R2] [--sides numpy,numba,numba:1,torch]
                                       [--repeats 3] [--data PATH] [--json FILE] [--quiet-wait 60]
 
 R1 is an MLP 3072-512-512-10 with batch 128, R2 an MLP 3072-128-10 with batch 64; both train one
@@ -8,7 +8,8 @@ epoch of the 50,000 CIFAR-10 training images in float32 with SGD, momentum 0.9, 
 no weight decay: shuffle, gather uint8 rows, normalise, forward, softmax cross-entropy, backward,
 update. The numpy and numba sides run `fastnet.train.train_epoch`, the code path of `fastnet train`;
 the torch side (when torch imports; it is a peer to measure against, not a dependency) runs the
-same model with nn.Linear, F.cross_entropy and torch.optim.SGD on 2 threads.
+same model with nn.Linear, F.cross_entropy and torch.optim.SGD on 2 threads. A side `NAME:N` runs
+backend NAME on N cores (`fastnet train --threads N`); a plain name uses them all.
 
 Every measurement runs in its own fresh process (`--worker SIDE WORKLOAD`, one JSON line out):
 after a NumPy call OpenBLAS's threads keep spinning for a while and slow whatever runs next in the
@@ -42,9 +43,10 @@ sys.path.insert(0, str(ROOT))
 from fastnet.bench import flops_per_sample  # noqa: E402  (after the path is set; fastnet needs no extra setup)
 
 WORKLOADS = {"R1": ([3072, 512, 512, 10], 128), "R2": ([3072, 128, 10], 64)}
-GOALS = {"R1": {("numba", "torch"): 1.3, ("numba", "numpy"): 1.2, ("numpy", "torch"): 1.0},
+GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8},
          "R2": {("numba", "torch"): 1.5}}
-PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"))
+PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of the sgemm peak
+PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"))
 LR, MOMENTUM, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 0.9, 20, 0, 50_000
 PEAK_SIZES, THREADS = (1024, 2048, 3072, 4096), 2
 BUSY = 0.1  # cores kept busy by other processes above which a measurement is flagged as disturbed
@@ -65,9 +67,16 @@ def load_images(source):
     return ds.train_images.reshape(len(ds.train_images), -1), ds.train_labels, ds.train_images, ds.source
 
 
+def split_side(side):
+    """(backend or 'torch', threads or None) of a side such as 'numba:1'."""
+    name, _, threads = side.partition(":")
+    return name, int(threads) if threads else None
+
+
 def worker_train(side, workload, source):
     import numpy as np
-    from fastnet import data, train
+    from fastnet import backends, data, train
+    backend, threads = split_side(side)
     images2d, labels, images, described = load_images(source)
     mean, std = data.channel_stats(images)
     shift, scale = train.normalizer(mean, std, images2d.shape[1], images2d.dtype, "float32")
@@ -77,33 +86,31 @@ def worker_train(side, workload, source):
     order = rng.permutation(len(images2d))  # the timed epoch's fresh permutation
     steps = math.ceil(len(order) / batch)
     result = {"side": side, "workload": workload, "data": described, "samples": len(order), "steps": steps}
-    if side == "torch":
-        result |= torch_epoch(sizes, batch, images2d, labels, shift, scale, warm_order, order)
+    if backend == "torch":
+        result |= torch_epoch(sizes, batch, images2d, labels, shift, scale, warm_order, order, threads or THREADS)
     else:
         from fastnet.model import MLP
         from fastnet.optim import Optimizer, Schedule
-        net = MLP(sizes, backend=side, dtype="float32", seed=rng)
-        opt = Optimizer(net.params, "momentum", momentum=MOMENTUM, weight_decay=0.0, backend=side)
-        sched = Schedule("constant", LR, steps + WARMUP_STEPS)
-        t0 = time.perf_counter()
-        train.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0)
-        t1, c1 = time.perf_counter(), time.process_time()
-        loss_sum, _, _ = train.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
-                                           WARMUP_STEPS)
-        t2, c2 = time.perf_counter(), time.process_time()
-        result |= {"warmup_seconds": t1 - t0, "epoch_seconds": t2 - t1, "cpu_seconds": c2 - c1,
-                   "final_loss": loss_sum / len(order)}
-        if side == "numba":
-            import numba
-            result["numba_num_threads"] = numba.config.NUMBA_NUM_THREADS
+        net = MLP(sizes, backend=backend, dtype="float32", seed=rng)
+        with backends.use_threads(backend, threads):
+            opt = Optimizer(net.params, "momentum", momentum=MOMENTUM, weight_decay=0.0, backend=backend)
+            sched = Schedule("constant", LR, steps + WARMUP_STEPS)
+            t0 = time.perf_counter()
+            train.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0)
+            t1, c1 = time.perf_counter(), time.process_time()
+            loss_sum, _, _ = train.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
+                                               WARMUP_STEPS)
+            t2, c2 = time.perf_counter(), time.process_time()
+            result |= {"warmup_seconds": t1 - t0, "epoch_seconds": t2 - t1, "cpu_seconds": c2 - c1,
+                       "final_loss": loss_sum / len(order), "parallelism": backends.parallelism(backend)}
     return result | worker_env()
 
 
-def torch_epoch(sizes, batch, images2d, labels, shift, scale, warm_order, order):
+def torch_epoch(sizes, batch, images2d, labels, shift, scale, warm_order, order, threads):
     import torch
     import torch.nn.functional as F
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -213,6 +220,7 @@ def version(package):
 
 
 def skip_reason(side):
+    side = split_side(side)[0]
     if side == "torch":
         if importlib.util.find_spec("torch") is None:
             return "torch is not installed"
@@ -249,7 +257,7 @@ def print_env(sides, results, peaks):
            if k.split("_")[0] in ("OPENBLAS", "OMP", "MKL", "NUMBA", "GOTO", "KMP", "FASTNET")}
     print(f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', '(unset)')}; thread/BLAS environment: "
           + (", ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"))
-    print(f"thread settings: fastnet sides use OpenBLAS's default pool; torch.set_num_threads({THREADS})")
+    print(f"thread settings: torch.set_num_threads({THREADS}) unless a side says :N; fastnet sides as listed below")
     for key, r in [(f"{s} worker", next((m for m in results if m.get("side") == s), None)) for s in sides] + \
                   [(f"{lib} sgemm peak worker", p) for lib, p in peaks.items()]:
         if r and "threadpools" in r:
@@ -260,8 +268,9 @@ def print_env(sides, results, peaks):
             if "torch_threads" in r:
                 extra = (f"; torch threads {r['torch_threads_default']} by default, {r['torch_threads']} set, "
                          f"interop {r['torch_interop_threads']}, MKL {r['torch_mkl']}, oneDNN {r['torch_mkldnn']}")
-            if "numba_num_threads" in r:
-                extra = f"; numba.config.NUMBA_NUM_THREADS {r['numba_num_threads']}"
+            if "parallelism" in r:
+                p = r["parallelism"]
+                extra = f"; {p['threads']} threads: {p['split']}" + (f", BLAS {p['blas']}" if "blas" in p else "")
             print(f"  {key}: {pools}; {r['os_threads']} OS threads at the end{extra}")
 
 
@@ -270,17 +279,17 @@ def report(workload, sides, results, skipped, peak, repeats):
     fps = flops_per_sample(sizes)
     print(f"\n{workload}  MLP {'-'.join(map(str, sizes))}, batch {batch}, one epoch "
           f"(median of {repeats} runs, each in its own process); {fps / 1e6:.3f} MFLOP per sample")
-    print(f"{'side':<7}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'epoch s (min-max)':>24}"
+    print(f"{'side':<9}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'epoch s (min-max)':>24}"
           f"{'warm-up s':>11}{'final loss':>12}{'cpu/wall':>9}{'others':>8}")
     speed = {}
     for side in sides:
         if side in skipped:
-            print(f"{side:<7}skipped: {skipped[side]}")
+            print(f"{side:<9}skipped: {skipped[side]}")
             continue
         runs = [r for r in results if r.get("side") == side and r.get("workload") == workload]
         errors = [r["error"] for r in results if r.get("key") == (side, workload) and "error" in r]
         if errors:
-            print(f"{side:<7}FAILED {len(errors)} of {repeats}: {errors[0]}")
+            print(f"{side:<9}FAILED {len(errors)} of {repeats}: {errors[0]}")
         if not runs:
             continue
         secs = [r["epoch_seconds"] for r in runs]
@@ -289,7 +298,7 @@ def report(workload, sides, results, skipped, peak, repeats):
         gflops = fps * speed[side] / 1e9
         cpu = statistics.median(r["cpu_seconds"] / r["epoch_seconds"] for r in runs)
         losses = statistics.median(r["final_loss"] for r in runs)
-        print(f"{side:<7}{speed[side]:>11,.0f}{median * 1e3 / runs[0]['steps']:>9.2f}{gflops:>9.1f}"
+        print(f"{side:<9}{speed[side]:>11,.0f}{median * 1e3 / runs[0]['steps']:>9.2f}{gflops:>9.1f}"
               f"{(f'{100 * gflops / peak:.1f}' if peak else 'n/a'):>8}"
               f"{f'{median:.2f} ({min(secs):.2f}-{max(secs):.2f})':>24}"
               f"{statistics.median(r['warmup_seconds'] for r in runs):>11.2f}{losses:>12.3f}{cpu:>9.2f}"
@@ -308,12 +317,16 @@ def report(workload, sides, results, skipped, peak, repeats):
         elif (a, b) in GOALS[workload]:
             parts.append(f"{a}/{b} n/a (goal >= {GOALS[workload][(a, b)]:.1f}x: not measured)")
     print("ratios (samples/s, >1: first is faster): " + ("   ".join(parts) or "none"))
+    if workload in PEAK_GOAL and PEAK_GOAL[workload][0] in speed and peak:
+        side, goal = PEAK_GOAL[workload]
+        percent = 100 * fps * speed[side] / 1e9 / peak
+        print(f"{side} at {percent:.1f} % of the sgemm peak (goal >= {goal:.0f} %: {'met' if percent >= goal else 'NOT met'})")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="R1,R2")
-    parser.add_argument("--sides", default="numpy,numba,torch")
+    parser.add_argument("--sides", default="numpy,numba,numba:1,torch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", help="CIFAR-10 archive, batches folder or .npy folder (default: data/)")
     parser.add_argument("--json", help="write every raw measurement to this file")
@@ -329,7 +342,9 @@ def main():
 
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = [w for w in workloads if w not in WORKLOADS] + [s for s in sides if s not in ("numpy", "numba", "torch")]
+    unknown = [w for w in workloads if w not in WORKLOADS] + [
+        s for s in sides if split_side(s)[0] not in ("numpy", "numba", "torch") or not s.partition(":")[2].isdigit()
+        and ":" in s]
     if unknown or args.repeats < 1:
         parser.error(f"unknown workloads/sides {unknown} or --repeats < 1")
     try:
@@ -366,7 +381,7 @@ def main():
                 res |= {"repeat": r + 1} | ({"key": (side, workload)} if "error" in res else {})
                 results.append(res)
                 shown = f"{res['epoch_seconds']:.2f} s" if "epoch_seconds" in res else res["error"]
-                print(f"  run {r + 1}/{args.repeats} {workload} {side:<6} {shown}  (other processes kept "
+                print(f"  run {r + 1}/{args.repeats} {workload} {side:<8} {shown}  (other processes kept "
                       f"{res['other_load']:.2f} cores busy)", flush=True)
     if any("data" in r for r in results):
         print(f"workers trained on: {next(r['data'] for r in results if 'data' in r)}")

@@ -4,6 +4,10 @@ A backend is a module (or any object) that provides every name in `KERNELS` with
 `fastnet.backends.numpy_backend`, the reference, defines. The model, optimizers and trainer ask
 `get(name)` for one and never import a backend module themselves.
 
+Besides its kernels, a backend may provide `use_threads(n)`, a context in which its kernels run on n
+cores, and `parallelism()`, what config.json records of how they share the cores; `use_threads`
+and `parallelism` below fall back to BLAS's threads for a backend that has neither.
+
 The Numba backend is registered lazily: importing numba and loading its compiled kernels takes
 a noticeable fraction of a second, which a NumPy run should not pay.
 """
@@ -11,6 +15,8 @@ a noticeable fraction of a second, which a NumPy run should not pay.
 import importlib
 import importlib.util
 import os
+
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from fastnet.backends import numpy_backend
 from fastnet.errors import FastnetError
@@ -50,6 +56,9 @@ KERNELS = (
     "adam_step",
     "adamw_step",
 )
+
+# What a backend may provide besides its kernels (see use_threads and parallelism below).
+HOOKS = ("use_threads", "parallelism")
 
 DEFAULT = "numpy"
 _backends = {}
@@ -103,3 +112,21 @@ def get(name=None):
 
 
 register("numpy", numpy_backend)
+
+
+def use_threads(name, threads):
+    """A context in which backend `name`'s kernels run on `threads` cores (None: the backend's default)."""
+    backend = get(name)
+    if hasattr(backend, "use_threads"):
+        return backend.use_threads(threads)
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def parallelism(name):
+    """How backend `name`'s kernels use the cores, as config.json and fastnet bench record it."""
+    backend = get(name)
+    if hasattr(backend, "parallelism"):
+        return backend.parallelism()
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return {"threads": max((lib["num_threads"] for lib in blas), default=1),
+            "split": "BLAS's own threads, inside each product; every other pass on one thread"}

@@ -10,14 +10,17 @@ What it does that NumPy cannot:
 - divides as NumPy does (`error_model="numpy"`: inf or nan, no ZeroDivisionError). Numba's default
   checks every division for zero, and that branch kept the Adam loop from vectorising: 7x slower.
 
-The GEMMs call BLAS through `np.dot(a, b, out)`, with transposes as views, and BLAS uses both
-cores. The loops around them are serial, on purpose: they are short and memory-bound, and
-running them with Numba's own threads (`parallel=True`) made a training step three times slower.
-After every BLAS call OpenBLAS's threads keep spinning for a while, so the two thread pools fought
-over the two cores. Serial loops also keep every sum in a fixed order, so results never depend on
-thread timing. Compiled code is cached on disk (`cache=True`), so a second process starts warm.
+The products go through the GEMM driver of numba_gemm.py: BLAS held to one thread, each product
+split into one tile per thread, each tile's bias, activation, mask or bias-gradient sums done by
+the thread that computed the tile. The memory-bound loops (gathering the batch, the elementwise
+passes, the optimizer updates) split their rows or elements across the same threads with `prange`.
+Nothing is summed across threads: every sum is done by one thread in a fixed order, so results
+never depend on thread timing. The losses and count_correct stay serial: a 128 x 10 batch is less
+work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
+starts warm.
 """
 
+import contextlib
 import os
 
 if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
@@ -26,30 +29,58 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
 import numpy as np  # noqa: E402
-import scipy.linalg.cython_blas  # noqa: E402, F401  (the BLAS np.dot calls in Numba code; loaded now,
-from numba import njit  # noqa: E402                  so that a thread limit set after import reaches it)
+from numba import njit, prange  # noqa: E402
+
+from fastnet.backends import numba_gemm  # noqa: E402
+from fastnet.backends.numba_gemm import ALIGN_COLUMNS, copy_back, gemm, product_tile, span, thread_count  # noqa: E402
+
+from fastnet.errors import FastnetError  # noqa: E402
+
+numba_gemm.hold_blas_to_one_thread()
+
+
+@contextlib.contextmanager
+def use_threads(threads):
+    """A context in which the kernels split their work into `threads` tiles on as many threads
+    (None: one per core, Numba's default)."""
+    before = numba_gemm.threads()
+    if threads is not None:
+        if threads > numba_gemm.MAX_THREADS:
+            raise FastnetError(f"--threads {threads} is more than the {numba_gemm.MAX_THREADS} threads Numba "
+                               f"started with: pass at most {numba_gemm.MAX_THREADS}, or set "
+                               f"NUMBA_NUM_THREADS={threads}")
+        numba_gemm.use_threads(threads)
+    try:
+        yield
+    finally:
+        numba_gemm.use_threads(before)
+
+
+def parallelism():
+    return numba_gemm.describe()
 
 NAME = "numba"
 
 
 # --- Data ------------------------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy")
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def gather_normalize(images, indices, shift, scale, out):
     """out[i] = (images[indices[i]] - shift) * scale, converting each row as it is copied."""
     to_float = out.dtype.type
-    for i in range(indices.shape[0]):
+    for i in prange(indices.shape[0]):
         row = images[indices[i]]
         for j in range(out.shape[1]):
             out[i, j] = (to_float(row[j]) - shift[j]) * scale[j]
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def gather_flip_components(inputs, indices, flips, signs, out):
     """out[i] = inputs[indices[i]], times signs where flips[i] is set: a mirrored image, for images
     stored as mirror-symmetric and antisymmetric components."""
-    for i in range(indices.shape[0]):
+    for i in prange(indices.shape[0]):
         row = inputs[indices[i]]
         if flips[i] != 0:
             for j in range(out.shape[1]):
@@ -60,7 +91,7 @@ def gather_flip_components(inputs, indices, flips, signs, out):
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
     """gather_normalize of (N, H, W, C) images with each sample's flip, translation and cutout: every
     output pixel is read from where the flip and translation put it, or written as 0 (padding and
@@ -68,7 +99,7 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
     to_float = out.dtype.type
     zero = to_float(0)
     height, width, channels = images.shape[1], images.shape[2], images.shape[3]
-    for i in range(indices.shape[0]):
+    for i in prange(indices.shape[0]):
         image = images[indices[i]]
         dy, dx = offsets[i, 0], offsets[i, 1]
         mirrored = flips[i] != 0
@@ -98,64 +129,141 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
 
 # --- Dense layer -----------------------------------------------------------------------------------
 
+# Each kernel is a serial entry and a parallel loop. The entry hands the loop C-contiguous arrays
+# (np.ascontiguousarray returns a C array itself, and copies any other layout, which the model never
+# passes; copy_back returns what was written into such a copy), so the loop, slow to compile, is
+# compiled once per dtype and not once per layout. Forward: one prange iteration per tile of the
+# output (numba_gemm.product_tile); the thread that computed a tile adds its bias and applies its
+# activation. Backward: a first pass over column tiles of dout applies the activation's derivative
+# in place and sums each column for db, in batch order, then _weight_and_input_products splits dW
+# by its rows and dx by its rows (the batch).
+
+
 @njit(cache=True, error_model="numpy")
 def dense_forward(x, W, b, out):
-    """out = x @ W + b: BLAS for the product, then the bias added in one pass."""
-    np.dot(x, W, out)
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            out[i, j] += b[j]
+    """out = x @ W + b: each tile's product, then its bias."""
+    work_out = np.ascontiguousarray(out)
+    _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out)
+    copy_back(out, work_out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _dense_forward(x, W, b, out):
+    """The tiles of dense_forward, on C-contiguous arrays."""
+    parts = thread_count()
+    for part in prange(parts):
+        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
+        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        for i in range(r0, r1):
+            for j in range(c0, c1):
+                out[i, j] += b[j]
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_relu_forward(x, W, b, out):
-    """out = max(x @ W + b, 0), the bias and ReLU fused into one pass after the GEMM."""
-    np.dot(x, W, out)
+    """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
+    work_out = np.ascontiguousarray(out)
+    _dense_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out)
+    copy_back(out, work_out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _dense_relu_forward(x, W, b, out):
+    """The tiles of dense_relu_forward, on C-contiguous arrays."""
     zero = out.dtype.type(0)
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            out[i, j] = max(out[i, j] + b[j], zero)
+    parts = thread_count()
+    for part in prange(parts):
+        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
+        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        for i in range(r0, r1):
+            for j in range(c0, c1):
+                out[i, j] = max(out[i, j] + b[j], zero)
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_backward(dout, x, W, dW, db, dx):
     """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None."""
-    db[:] = 0
-    for i in range(dout.shape[0]):
-        for j in range(dout.shape[1]):
-            db[j] += dout[i, j]
-    _weight_and_input_grads(dout, x, W, dW, dx)
+    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
+    _bias_grad(work_dout, work_db)
+    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    copy_back(dout, work_dout)
+    copy_back(db, work_db)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _bias_grad(dout, db):
+    """dense_backward's pass over column tiles of dout, before its products."""
+    parts = thread_count()
+    for part in prange(parts):
+        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
+        db[c0:c1] = 0
+        for i in range(dout.shape[0]):
+            for j in range(c0, c1):
+                db[j] += dout[i, j]
 
 
 @njit(cache=True, error_model="numpy")
 def dense_relu_backward(dout, out, x, W, dW, db, dx):
     """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
     in the same pass, then the two GEMMs."""
-    db[:] = 0
+    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
+    _relu_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db)
+    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    copy_back(dout, work_dout)
+    copy_back(db, work_db)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _relu_grad_and_bias(dout, out, db):
+    """dense_relu_backward's pass over column tiles of dout, before its products."""
     zero = dout.dtype.type(0)
-    for i in range(dout.shape[0]):
-        for j in range(dout.shape[1]):
-            if out[i, j] > zero:
-                db[j] += dout[i, j]
-            else:
-                dout[i, j] = zero
-    _weight_and_input_grads(dout, x, W, dW, dx)
+    parts = thread_count()
+    for part in prange(parts):
+        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
+        db[c0:c1] = 0
+        for i in range(dout.shape[0]):
+            for j in range(c0, c1):
+                if out[i, j] > zero:
+                    db[j] += dout[i, j]
+                else:
+                    dout[i, j] = zero
 
 
 @njit(cache=True, error_model="numpy")
 def _weight_and_input_grads(dout, x, W, dW, dx):
-    np.dot(x.T, dout, dW)
-    if dx is not None:
-        np.dot(dout, W.T, dx)
+    """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T, written into contiguous copies of
+    outputs that are not."""
+    work_dW = np.ascontiguousarray(dW)
+    if dx is None:
+        _weight_and_input_products(dout, x, W, work_dW, None)
+    else:
+        work_dx = np.ascontiguousarray(dx)
+        _weight_and_input_products(dout, x, W, work_dW, work_dx)
+        copy_back(dx, work_dx)
+    copy_back(dW, work_dW)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
+def _weight_and_input_products(dout, x, W, dW, dx):
+    """dW by its rows and dx by its rows (the batch): each thread computes one tile of each."""
+    parts = thread_count()
+    for part in prange(parts):
+        r0, r1 = span(dW.shape[0], parts, part, ALIGN_COLUMNS)
+        gemm(x[:, r0:r1].T, dout, dW[r0:r1])
+        if dx is not None:
+            b0, b1 = span(dx.shape[0], parts, part, 1)
+            gemm(dout[b0:b1], W.T, dx[b0:b1])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def relu_backward(dout, out, dx):
     """dx = dout where out > 0, else 0; dx may be dout itself."""
     zero = dout.dtype.type(0)
-    for i in range(dout.shape[0]):
+    for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] if out[i, j] > zero else zero
     return dx
@@ -166,32 +274,33 @@ def relu_backward(dout, out, dx):
 # activation's derivative and the bias-gradient column sums into one pass before the GEMMs, as the
 # ReLU's do. Constants are converted to the arrays' dtype once, so float32 stays float32.
 
-@njit(cache=True, error_model="numpy")
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def relu_forward(x, out):
     """out = max(x, 0); out may be x."""
     zero = out.dtype.type(0)
-    for i in range(x.shape[0]):
+    for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             out[i, j] = max(x[i, j], zero)
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def leaky_relu_forward(x, negative_slope, out):
     """out = x where x > 0, else negative_slope * x; out may be x."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
-    for i in range(x.shape[0]):
+    for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             z = x[i, j]
             out[i, j] = z if z > zero else z * slope
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def leaky_relu_backward(dout, out, negative_slope, dx):
     """dx = dout where out > 0, else negative_slope * dout; dx may be dout."""
     slope, zero = dx.dtype.type(negative_slope), dx.dtype.type(0)
-    for i in range(dout.shape[0]):
+    for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             g = dout[i, j]
             dx[i, j] = g if out[i, j] > zero else g * slope
@@ -200,27 +309,51 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
 
 @njit(cache=True, error_model="numpy")
 def dense_leaky_relu_forward(x, W, b, negative_slope, out):
-    """out = leaky_relu(x @ W + b), the bias and activation fused after the GEMM."""
-    np.dot(x, W, out)
+    """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
+    work_out = np.ascontiguousarray(out)
+    _dense_leaky_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), negative_slope, work_out)
+    copy_back(out, work_out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _dense_leaky_relu_forward(x, W, b, negative_slope, out):
+    """The tiles of dense_leaky_relu_forward, on C-contiguous arrays."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            z = out[i, j] + b[j]
-            out[i, j] = z if z > zero else z * slope
+    parts = thread_count()
+    for part in prange(parts):
+        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
+        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        for i in range(r0, r1):
+            for j in range(c0, c1):
+                z = out[i, j] + b[j]
+                out[i, j] = z if z > zero else z * slope
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx):
     """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
-    db[:] = 0
+    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
+    _leaky_relu_grad_and_bias(work_dout, np.ascontiguousarray(out), negative_slope, work_db)
+    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    copy_back(dout, work_dout)
+    copy_back(db, work_db)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _leaky_relu_grad_and_bias(dout, out, negative_slope, db):
+    """dense_leaky_relu_backward's pass over column tiles of dout, before its products."""
     slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
-    for i in range(dout.shape[0]):
-        for j in range(dout.shape[1]):
-            if out[i, j] <= zero:
-                dout[i, j] = dout[i, j] * slope
-            db[j] += dout[i, j]
-    _weight_and_input_grads(dout, x, W, dW, dx)
+    parts = thread_count()
+    for part in prange(parts):
+        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
+        db[c0:c1] = 0
+        for i in range(dout.shape[0]):
+            for j in range(c0, c1):
+                if out[i, j] <= zero:
+                    dout[i, j] = dout[i, j] * slope
+                db[j] += dout[i, j]
 
 
 # tanh and GELU go through exp, which LLVM vectorises, instead of the C library's tanh, which it
@@ -236,22 +369,22 @@ def _tanh_via_exp(z):
     return 1.0 - 2.0 / (np.exp(2.0 * z) + 1.0)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def tanh_forward(x, out):
     """out = tanh(x); out may be x."""
     real = out.dtype.type
     fast = out.itemsize == 4
-    for i in range(x.shape[0]):
+    for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             out[i, j] = real(_tanh_via_exp(float(x[i, j]))) if fast else np.tanh(x[i, j])
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def tanh_backward(dout, out, dx):
     """dx = dout * (1 - out**2); dx may be dout."""
     one = dx.dtype.type(1)
-    for i in range(dout.shape[0]):
+    for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] * (one - out[i, j] * out[i, j])
     return dx
@@ -259,28 +392,52 @@ def tanh_backward(dout, out, dx):
 
 @njit(cache=True, error_model="numpy")
 def dense_tanh_forward(x, W, b, out):
-    """out = tanh(x @ W + b), the bias and tanh fused after the GEMM."""
-    np.dot(x, W, out)
+    """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
+    work_out = np.ascontiguousarray(out)
+    _dense_tanh_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out)
+    copy_back(out, work_out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _dense_tanh_forward(x, W, b, out):
+    """The tiles of dense_tanh_forward, on C-contiguous arrays."""
     real = out.dtype.type
     fast = out.itemsize == 4
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            z = out[i, j] + b[j]
-            out[i, j] = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
+    parts = thread_count()
+    for part in prange(parts):
+        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
+        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        for i in range(r0, r1):
+            for j in range(c0, c1):
+                z = out[i, j] + b[j]
+                out[i, j] = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_tanh_backward(dout, out, x, W, dW, db, dx):
     """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
-    db[:] = 0
+    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
+    _tanh_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db)
+    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    copy_back(dout, work_dout)
+    copy_back(db, work_db)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _tanh_grad_and_bias(dout, out, db):
+    """dense_tanh_backward's pass over column tiles of dout, before its products."""
     one = dout.dtype.type(1)
-    for i in range(dout.shape[0]):
-        for j in range(dout.shape[1]):
-            g = dout[i, j] * (one - out[i, j] * out[i, j])
-            dout[i, j] = g
-            db[j] += g
-    _weight_and_input_grads(dout, x, W, dW, dx)
+    parts = thread_count()
+    for part in prange(parts):
+        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
+        db[c0:c1] = 0
+        for i in range(dout.shape[0]):
+            for j in range(c0, c1):
+                g = dout[i, j] * (one - out[i, j] * out[i, j])
+                dout[i, j] = g
+                db[j] += g
 
 
 # The constants of numpy_backend's GELU.
@@ -304,24 +461,24 @@ def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
     return s + z * (two_root * (one + three_cubic * (z * z))) * s * (e * s)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def gelu_forward(x, out):
     """out = gelu(x), tanh approximation."""
     real = out.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
-    for i in range(x.shape[0]):
+    for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             out[i, j] = _gelu(x[i, j], one, two_root, cubic, cap)
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def gelu_backward(dout, x, dx):
     """dx = dout * gelu'(x); dx may be dout."""
     real = dx.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
     three_cubic = real(3 * _GELU_CUBIC)
-    for i in range(dout.shape[0]):
+    for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] * _gelu_slope(x[i, j], one, two_root, cubic, three_cubic, cap)
     return dx
@@ -329,101 +486,148 @@ def gelu_backward(dout, x, dx):
 
 @njit(cache=True, error_model="numpy")
 def dense_gelu_forward(x, W, b, pre, out):
-    """pre = x @ W + b and out = gelu(pre) in one pass after the GEMM."""
-    np.dot(x, W, pre)
+    """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
+    work_pre = np.ascontiguousarray(pre)
+    work_out = np.ascontiguousarray(out)
+    _dense_gelu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_pre, work_out)
+    copy_back(pre, work_pre)
+    copy_back(out, work_out)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _dense_gelu_forward(x, W, b, pre, out):
+    """The tiles of dense_gelu_forward, on C-contiguous arrays."""
     real = out.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
-    for i in range(pre.shape[0]):
-        for j in range(pre.shape[1]):
-            z = pre[i, j] + b[j]
-            pre[i, j] = z
-            out[i, j] = _gelu(z, one, two_root, cubic, cap)
+    parts = thread_count()
+    for part in prange(parts):
+        r0, r1, c0, c1 = product_tile(pre.shape[0], pre.shape[1], parts, part)
+        gemm(x[r0:r1], W[:, c0:c1], pre[r0:r1, c0:c1])
+        for i in range(r0, r1):
+            for j in range(c0, c1):
+                z = pre[i, j] + b[j]
+                pre[i, j] = z
+                out[i, j] = _gelu(z, one, two_root, cubic, cap)
     return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_gelu_backward(dout, pre, x, W, dW, db, dx):
     """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
-    db[:] = 0
+    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
+    _gelu_grad_and_bias(work_dout, np.ascontiguousarray(pre), work_db)
+    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    copy_back(dout, work_dout)
+    copy_back(db, work_db)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _gelu_grad_and_bias(dout, pre, db):
+    """dense_gelu_backward's pass over column tiles of dout, before its products."""
     real = dout.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
     three_cubic = real(3 * _GELU_CUBIC)
-    for i in range(dout.shape[0]):
-        for j in range(dout.shape[1]):
-            g = dout[i, j] * _gelu_slope(pre[i, j], one, two_root, cubic, three_cubic, cap)
-            dout[i, j] = g
-            db[j] += g
-    _weight_and_input_grads(dout, x, W, dW, dx)
-
+    parts = thread_count()
+    for part in prange(parts):
+        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
+        db[c0:c1] = 0
+        for i in range(dout.shape[0]):
+            for j in range(c0, c1):
+                g = dout[i, j] * _gelu_slope(pre[i, j], one, two_root, cubic, three_cubic, cap)
+                dout[i, j] = g
+                db[j] += g
 
 # --- Layer normalisation ---------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy")
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
-    """Layer norm one row at a time: the mean, then the variance from the centred values (two passes,
-    so no cancellation), then xhat and out in a third. The row sums are float64 scalars."""
-    real = out.dtype.type
-    width = x.shape[1]
-    eps = real(eps)
-    for i in range(x.shape[0]):
-        total = 0.0
-        for j in range(width):
-            total += x[i, j]
-        mean = real(total / width)
-        squares = 0.0
-        for j in range(width):
-            d = x[i, j] - mean
-            squares += d * d
-        scale = real(1) / np.sqrt(real(squares / width) + eps)
-        inv_std[i] = scale
-        for j in range(width):
-            h = (x[i, j] - mean) * scale
-            xhat[i, j] = h
-            out[i, j] = h * gain[j] + bias[j]
+    """Layer norm one row at a time, the rows split across the threads."""
+    for i in prange(x.shape[0]):
+        _layernorm_row(x, gain, bias, eps, xhat, inv_std, out, i)
     return out
 
 
 @njit(cache=True, error_model="numpy")
+def _layernorm_row(x, gain, bias, eps, xhat, inv_std, out, i):
+    """Row i: the mean, then the variance from the centred values (two passes, so no cancellation),
+    then xhat and out in a third. The row sums are float64 scalars. (A function of its own: in a
+    prange body Numba typed these sums as float32.)"""
+    real = out.dtype.type
+    width = x.shape[1]
+    total = 0.0
+    for j in range(width):
+        total += x[i, j]
+    mean = real(total / width)
+    squares = 0.0
+    for j in range(width):
+        d = x[i, j] - mean
+        squares += d * d
+    scale = real(1) / np.sqrt(real(squares / width) + real(eps))
+    inv_std[i] = scale
+    for j in range(width):
+        h = (x[i, j] - mean) * scale
+        xhat[i, j] = h
+        out[i, j] = h * gain[j] + bias[j]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
-    """Layer norm's gradients one row at a time: a pass that adds the row into dgain and dbias and sums
-    the two row means, then a pass that writes dx (after reading dout, so dx may be dout)."""
+    """Layer norm's gradients: dgain and dbias by column tiles, each column summed in batch order;
+    then one row at a time, a pass that sums the two row means and a pass that writes dx (after
+    reading dout, so dx may be dout)."""
+    width = dout.shape[1]
+    parts = thread_count()
+    for part in prange(parts):
+        c0, c1 = span(width, parts, part, ALIGN_COLUMNS)
+        dgain[c0:c1] = 0
+        dbias[c0:c1] = 0
+        for i in range(dout.shape[0]):
+            for j in range(c0, c1):
+                dgain[j] += dout[i, j] * xhat[i, j]
+                dbias[j] += dout[i, j]
+    for i in prange(dout.shape[0]):
+        _layernorm_row_grad(dout, xhat, inv_std, gain, dx, i)
+    return dx
+
+
+@njit(cache=True, error_model="numpy")
+def _layernorm_row_grad(dout, xhat, inv_std, gain, dx, i):
+    """Row i of layer norm's dx: a pass that sums the two row means in float64, then one that writes
+    dx (after reading dout, so dx may be dout)."""
     real = dx.dtype.type
     width = dout.shape[1]
-    dgain[:] = 0
-    dbias[:] = 0
-    for i in range(dout.shape[0]):
-        sum_g, sum_g_xhat = 0.0, 0.0
-        for j in range(width):
-            upstream = dout[i, j]
-            dgain[j] += upstream * xhat[i, j]
-            dbias[j] += upstream
-            g = upstream * gain[j]
-            sum_g += g
-            sum_g_xhat += g * xhat[i, j]
-        mean_g, mean_g_xhat = real(sum_g / width), real(sum_g_xhat / width)
-        scale = inv_std[i]
-        for j in range(width):
-            g = dout[i, j] * gain[j]
-            dx[i, j] = (g - mean_g - xhat[i, j] * mean_g_xhat) * scale
-    return dx
+    sum_g, sum_g_xhat = 0.0, 0.0
+    for j in range(width):
+        g = dout[i, j] * gain[j]
+        sum_g += g
+        sum_g_xhat += g * xhat[i, j]
+    mean_g, mean_g_xhat = real(sum_g / width), real(sum_g_xhat / width)
+    scale = inv_std[i]
+    for j in range(width):
+        g = dout[i, j] * gain[j]
+        dx[i, j] = (g - mean_g - xhat[i, j] * mean_g_xhat) * scale
 
 
 # --- Dropout ---------------------------------------------------------------------------------------
 
-@njit(cache=True, error_model="numpy")
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def dropout(x, uniform, rate, out):
     """Inverted dropout with the caller's uniform numbers; its own backward. out may be x."""
     # rate is compared in uniform's dtype, as NumPy compares an array with a Python float.
     threshold = uniform.dtype.type(rate)
     keep_scale = out.dtype.type(1 / (1 - rate))
     zero = out.dtype.type(0)
-    for i in range(x.shape[0]):
+    for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             out[i, j] = x[i, j] * keep_scale if uniform[i, j] >= threshold else zero
     return out
 
 
 # --- Loss ------------------------------------------------------------------------------------------
+
 
 @njit(cache=True, error_model="numpy")
 def _row_max(logits, i):
@@ -502,6 +706,7 @@ def count_correct(logits, labels):
 
 # --- Gradient clipping -----------------------------------------------------------------------------
 
+
 @njit(cache=True, error_model="numpy")
 def sum_of_squares(x):
     """The sum of x's squared elements as a float: BLAS's dot of x with itself, as in the reference,
@@ -514,35 +719,36 @@ def sum_of_squares(x):
 # One loop per parameter. Parameters and state are C-contiguous (the model and optimizer
 # allocate them so), so reshape(-1) is a view; np.ravel copies only a gradient that is not.
 
-@njit(cache=True, error_model="numpy")
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def sgd_step(param, grad, lr, weight_decay):
     """param -= lr * (grad + weight_decay * param)."""
     p, g = param.reshape(-1), np.ravel(grad)
     real = param.dtype.type
     # As in the reference, the factor is computed in double and rounded once.
     shrink, lr = real(1.0 - lr * weight_decay), real(lr)
-    for i in range(p.size):
+    for i in prange(p.size):
         p[i] = p[i] * shrink - lr * g[i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def momentum_step(param, grad, velocity, lr, momentum, weight_decay):
     """v = momentum * v + grad + weight_decay * param; param -= lr * v."""
     p, g, v = param.reshape(-1), np.ravel(grad), velocity.reshape(-1)
     real = param.dtype.type
     lr, momentum, decay = real(lr), real(momentum), real(weight_decay)
-    for i in range(p.size):
+    for i in prange(p.size):
         v[i] = v[i] * momentum + g[i] + decay * p[i]
         p[i] -= lr * v[i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def nesterov_step(param, grad, velocity, lr, momentum, weight_decay):
     """g' = grad + weight_decay * param; v = momentum * v + g'; param -= lr * (g' + momentum * v)."""
     p, g, v = param.reshape(-1), np.ravel(grad), velocity.reshape(-1)
     real = param.dtype.type
     lr, momentum, decay = real(lr), real(momentum), real(weight_decay)
-    for i in range(p.size):
+    for i in prange(p.size):
         gi = g[i] + decay * p[i]
         v[i] = v[i] * momentum + gi
         p[i] -= lr * (gi + momentum * v[i])
@@ -560,7 +766,7 @@ def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     _adam(param, grad, m, v, lr, beta1, beta2, eps, 0.0, weight_decay, step)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _adam(param, grad, first_moment, second_moment, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step):
     p, g = param.reshape(-1), np.ravel(grad)
     m, v = first_moment.reshape(-1), second_moment.reshape(-1)
@@ -571,7 +777,7 @@ def _adam(param, grad, first_moment, second_moment, lr, beta1, beta2, eps, l2_de
     shrink = real(1.0 - lr * decoupled_decay)
     step_size = real(lr / (1 - beta1 ** step))
     correction2 = real(1 - beta2 ** step)
-    for i in range(p.size):
+    for i in prange(p.size):
         gi = g[i] + l2 * p[i]
         m[i] = m[i] * b1 + keep1 * gi
         v[i] = v[i] * b2 + keep2 * gi * gi
