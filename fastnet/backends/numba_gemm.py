@@ -1,16 +1,16 @@
 """The Numba backend's GEMM driver: every matrix product of a step, split into one tile per thread,
 each tile one single-threaded BLAS call on a core of its own.
 
-Why not BLAS's own threads: a training step's products have 64 to 128 rows, and OpenBLAS's split of
-such a product keeps its second core idle much of the time (on an AMD EPYC, 128x3072 @ 3072x512 ran
-at 88 GFLOP/s on two OpenBLAS threads, 75 on one, and 147 as two one-thread halves in Numba's
-threads). So BLAS is held to one thread, and the kernels run `prange(tiles(...))` loops whose body
-is one tile's call plus its epilogue (bias, activation, mask, bias-gradient sums), done while the
-tile is still in cache.
+Why not BLAS's own threads: a training step's products have 64 to 128 rows, and BLAS's own split of
+such a product wastes part of the second core. On an Intel Xeon (Sapphire Rapids), OpenBLAS ran
+128x3072 @ 3072x512 at 191 GFLOP/s on two threads and at 239 as two one-thread halves; on an AMD
+EPYC (Zen 3), at 125 and 131. So BLAS is held to one thread, and each kernel runs a
+`prange(thread_count())` loop whose body is one tile's BLAS call plus its epilogue (bias,
+activation, mask, bias-gradient sums), done by the same thread while the tile is still in cache.
 
-Determinism: a tile's bounds depend only on the shape and the number of tiles, which is
-`numba.get_num_threads()` at the call; a tile's result does not depend on which thread runs it or
-when. Only one pool ever runs: BLAS has one thread.
+Determinism: a tile's bounds depend only on the shape and the number of tiles, thread_count() at
+the call; a tile's result does not depend on which thread runs it or when. Only one pool ever
+runs: BLAS has one thread.
 
 BLAS is called through its 64-bit-integer (ILP64) CBLAS interface, found at import (see `find_blas`)
 and bound to a symbol name of our own, so that compiled kernels name the symbol, not an address, and
