@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from fastnet import checkpoint
+from fastnet import backends, checkpoint
 from fastnet.train import TIMING_METRICS, TrainConfig, resumed_config, train
 from helpers import assert_one_line_error, fastnet
 from test_data import make_arrays, write_archive, write_batches, write_npy
@@ -425,3 +425,27 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(backend, 
     assert len(json.loads((out / "config.json").read_text())["resumed_at_step"]) >= 4
     assert not [name for name in os.listdir(out) if name.startswith(checkpoint.TEMPORARY_PREFIX)]
     assert_same_outcome(out, reference(backend))
+
+
+def test_a_run_resumed_on_another_thread_count_says_it_will_not_be_bit_identical(finished_run, tmp_path):
+    """The numba backend splits its products per thread, so a change of --threads changes the last bits:
+    the resumed run says so, and one resumed on the thread count it started with does not."""
+    tiny, _ = finished_run
+    settings = dict(data=str(tiny), backend="numba", hidden=(16, 8), epochs=3, batch_size=32, seed=3)
+
+    def crash_after_epoch_1(line):
+        if line.startswith("epoch 1/"):
+            raise Crash
+
+    notes = {}
+    for threads in (1, 2):
+        out = tmp_path / f"cut-{threads}"
+        with backends.use_threads("numba", 1), pytest.raises(Crash):
+            train(TrainConfig(**settings, out=str(out)), log=crash_after_epoch_1)
+        lines = []
+        with backends.use_threads("numba", threads):
+            train(resumed_config(str(out)), log=lines.append, resume=True)
+        notes[threads] = [line for line in lines if line.startswith("note: ")]
+    assert notes[1] == []
+    assert len(notes[2]) == 1 and "with 1 threads and resumes on numba with 2" in notes[2][0], notes[2]
+    assert "not bit for bit" in notes[2][0]
