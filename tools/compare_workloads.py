@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastnet.bench import flops_per_sample  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.bench import cpu_model, flops_per_sample  # noqa: E402  (after the path is set; fastnet needs no extra setup)
 
 WORKLOADS = {"R1": ([3072, 512, 512, 10], 128), "R2": ([3072, 128, 10], 64)}
 GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8},
@@ -68,9 +68,11 @@ def load_images(source):
 
 
 def split_side(side):
-    """(backend or 'torch', threads or None) of a side such as 'numba:1'."""
-    name, _, threads = side.partition(":")
-    return name, int(threads) if threads else None
+    """(backend or 'torch', threads or None) of a side such as 'numba:1'; None for a malformed side."""
+    name, colon, threads = side.partition(":")
+    if name not in ("numpy", "numba", "torch") or colon and not (threads.isdigit() and int(threads) > 0):
+        return None
+    return name, int(threads) if colon else None
 
 
 def worker_train(side, workload, source):
@@ -248,9 +250,7 @@ def resolve_data(path):
 
 
 def print_env(sides, results, peaks):
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    print(f"CPU: {cpu}, {os.cpu_count()} logical cores, AVX-512F {'yes' if ' avx512f' in flags else 'no'}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores")
     print(f"python {sys.version.split()[0]}; numpy {version('numpy')}; numba {version('numba')}; "
           f"torch {version('torch')}; threadpoolctl {version('threadpoolctl')}")
     env = {k: v for k, v in sorted(os.environ.items())
@@ -342,9 +342,7 @@ def main():
 
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = [w for w in workloads if w not in WORKLOADS] + [
-        s for s in sides if split_side(s)[0] not in ("numpy", "numba", "torch") or not s.partition(":")[2].isdigit()
-        and ":" in s]
+    unknown = [w for w in workloads if w not in WORKLOADS] + [s for s in sides if split_side(s) is None]
     if unknown or args.repeats < 1:
         parser.error(f"unknown workloads/sides {unknown} or --repeats < 1")
     try:

@@ -129,7 +129,7 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
 
 # --- Dense layer -----------------------------------------------------------------------------------
 
-# Each kernel is a serial entry and a parallel loop. The entry hands the loop C-contiguous arrays
+# Each dense kernel is a serial entry and a parallel loop. The entry hands the loop C-contiguous arrays
 # (np.ascontiguousarray returns a C array itself, and copies any other layout, which the model never
 # passes; copy_back returns what was written into such a copy), so the loop, slow to compile, is
 # compiled once per dtype and not once per layout. Forward: one prange iteration per tile of the
