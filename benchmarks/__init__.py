@@ -99,19 +99,34 @@ def require(module_name, *attributes):
         raise NotImplementedError(f"fastnet.{module_name} lacks {attributes} at this commit: {exc}") from exc
 
 
+def require_bf16(backend):
+    """Raise NotImplementedError (asv: skipped) where bf16 cannot be measured: before the commit that
+    added it, or on a CPU without AMX-BF16 or AVX512-BF16, where fastnet refuses it."""
+    check, = require("precision", "check")
+    try:
+        check("bf16", backend)
+    except Exception as exc:  # FastnetError: what fastnet train would print
+        raise NotImplementedError(f"no bf16 here: {exc}") from exc
+
+
 class Trainer:
     """A model, its optimizer and synthetic data, wired as fastnet.train.train_epoch wires them."""
 
-    def __init__(self, backend, size, num_images=NUM_IMAGES):
+    def __init__(self, backend, size, num_images=NUM_IMAGES, precision="fp32"):
         get_backend(backend)
         MLP, = require("model", "MLP")
         Optimizer, = require("optim", "Optimizer")
+        mixed = {}
+        if precision != "fp32":
+            require_bf16(backend)
+            mixed = {"precision": precision}
         self.sizes, self.batch_size = SIZES[size]
         self.images, self.labels, self.shift, self.scale = synthetic_data(num_images, self.sizes[0],
                                                                           self.sizes[-1])
-        self.net = MLP(self.sizes, backend=backend, dtype=DTYPE, seed=0)
+        self.net = MLP(self.sizes, backend=backend, dtype=DTYPE, seed=0, **mixed)
+        copies = {"copies": self.net.param_copies} if mixed else {}
         self.optimizer = Optimizer(self.net.params, "momentum", momentum=MOMENTUM,
-                                   weight_decay=WEIGHT_DECAY, backend=backend)
+                                   weight_decay=WEIGHT_DECAY, backend=backend, **copies)
         self.kernels = self.net.kernels
         rng = np.random.default_rng(1)
         order = rng.permutation(num_images)

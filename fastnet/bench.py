@@ -16,9 +16,12 @@ import time
 
 import numpy as np
 
+from fastnet.cpu import cpu_model
+
 INPUT_SIZE, CLASSES = 3072, 10  # CIFAR-10's shape, so the figures compare with real training
 WARMUP_STEPS = 10
 PEAK_SIZES = (1024, 2048)
+PRECISION_NAMES = {"fp32": "float32", "bf16": "bf16 mixed precision (PyTorch: torch.autocast bfloat16)"}
 
 
 def flops_per_sample(sizes):
@@ -36,7 +39,7 @@ def synthetic_batches(sizes, batch, steps):
     return images, labels, rng.permutation(count)
 
 
-def time_fastnet(backend, sizes, batch, steps, threads=None):
+def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32"):
     from fastnet import backends
     from fastnet.model import MLP
     from fastnet.optim import Optimizer, Schedule
@@ -45,9 +48,9 @@ def time_fastnet(backend, sizes, batch, steps, threads=None):
     images, labels, order = synthetic_batches(sizes, batch, steps)
     shift, scale = np.full(sizes[0], 127.5, np.float32), np.full(sizes[0], 1 / 64, np.float32)
     started = time.perf_counter()
-    net = MLP(sizes, backend=backend)  # imports the backend: part of its start-up
+    net = MLP(sizes, backend=backend, precision=precision)  # imports the backend: part of its start-up
     with backends.use_threads(backend, threads):
-        optimizer = Optimizer(net.params, "momentum", backend=backend)
+        optimizer = Optimizer(net.params, "momentum", backend=backend, copies=net.param_copies)
         warm_up(net, optimizer, images.dtype)
         warmup_seconds = time.perf_counter() - started
         schedule = Schedule("constant", 0.01, steps + WARMUP_STEPS)
@@ -59,10 +62,15 @@ def time_fastnet(backend, sizes, batch, steps, threads=None):
                     WARMUP_STEPS)
         seconds = time.perf_counter() - started
         parallelism = backends.parallelism(backend)
-    return {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism}
+    return {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism,
+            "precision": net.precision}
 
 
-def time_torch(sizes, batch, steps, threads=None):
+def time_torch(sizes, batch, steps, threads=None, precision="fp32"):
+    """PyTorch's float32 training step, or under torch.autocast's bfloat16 for precision bf16: what a
+    PyTorch user would run for mixed precision on the CPU."""
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads or os.cpu_count())
@@ -75,12 +83,18 @@ def time_torch(sizes, batch, steps, threads=None):
     model = torch.nn.Sequential(*layers[:-1])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def run(indices):
         for start in range(0, len(indices), batch):
             rows = torch.from_numpy(indices[start:start + batch])
             x = images[rows].float().sub_(shift).mul_(scale)
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), labels[rows])
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(x), labels[rows])
             loss.backward()
             optimizer.step()
 
@@ -89,7 +103,8 @@ def time_torch(sizes, batch, steps, threads=None):
     warmup_seconds = time.perf_counter() - started
     started = time.perf_counter()
     run(order[batch * WARMUP_STEPS:])
-    return {"seconds": time.perf_counter() - started, "warmup_seconds": warmup_seconds}
+    return {"seconds": time.perf_counter() - started, "warmup_seconds": warmup_seconds,
+            "precision": precision}
 
 
 def sgemm_peak():
@@ -115,63 +130,54 @@ def worker(spec):
     if spec["side"] == "peak":
         result = sgemm_peak()
     elif spec["side"] == "torch":
-        result = time_torch(spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"))
+        result = time_torch(spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"), spec["precision"])
     else:
-        result = time_fastnet(spec["side"], spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"))
+        result = time_fastnet(spec["side"], spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"),
+                              spec["precision"])
     print(json.dumps(result))
 
 
-def measure_in_own_process(side, sizes, batch, steps, threads=None):
-    spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps, "threads": threads}
+def measure_in_own_process(side, sizes, batch, steps, threads=None, precision="fp32"):
+    spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps, "threads": threads, "precision": precision}
     done = subprocess.run([sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(backend_names, hidden, batch, steps, threads=None):
-    """Measure every side, each in its own process, on `threads` cores (None: all); returns the
-    report as a dict."""
+def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32"):
+    """Measure every side, each in its own process, on `threads` cores (None: all), fastnet's and
+    PyTorch's in `precision`; returns the report as a dict."""
     sizes = [INPUT_SIZE, *hidden, CLASSES]
     sides = list(backend_names) + (["torch"] if importlib.util.find_spec("torch") else [])
     peak = measure_in_own_process("peak", sizes, batch, steps)
     flops = flops_per_sample(sizes)
     results = {}
     for side in sides:
-        timing = measure_in_own_process(side, sizes, batch, steps, threads)
+        timing = measure_in_own_process(side, sizes, batch, steps, threads, precision)
         samples_per_second = batch * steps / timing["seconds"]
         gflops = flops * samples_per_second / 1e9
         results[side] = {"samples_per_second": samples_per_second, "ms_per_step": timing["seconds"] / steps * 1e3,
                          "gflops": gflops, "percent_of_peak": 100 * gflops / peak["gflops"],
                          "warmup_seconds": timing["warmup_seconds"]}
+        results[side]["precision"] = timing["precision"]
         if "parallelism" in timing:
             results[side]["parallelism"] = timing["parallelism"]
     if "torch" in results:
         for side in backend_names:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
+    from fastnet import precision as precisions
+
     return {"sizes": sizes, "batch_size": batch, "steps": steps, "threads": threads or os.cpu_count(),
-            "cpu": cpu_model(), "flops_per_sample": flops,
+            "cpu": cpu_model(), "flops_per_sample": flops, "precision": precision,
+            "bf16_instructions": precisions.bf16_instructions(),
             "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
-
-
-def cpu_model():
-    """The CPU's model name and the vector instructions that decide its sgemm speed."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            lines = info.read().splitlines()
-    except OSError:
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    vector = [name for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
-                                      ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return f"{model} ({', '.join(vector) or 'no AVX2'})"
 
 
 def format_report(report):
     lines = [f"fastnet bench: MLP {'-'.join(map(str, report['sizes']))}, batch {report['batch_size']}, "
-             f"{report['steps']} timed steps on synthetic data, float32, SGD with momentum; each side in its own "
-             f"process on {report['threads']} threads",
+             f"{report['steps']} timed steps on synthetic data, {PRECISION_NAMES[report['precision']]}, SGD with "
+             f"momentum; each side in its own process on {report['threads']} threads",
              f"CPU: {report['cpu']}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (NumPy float32 matmul; {report['blas']})",
              f"{'side':<8}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}{'vs torch':>10}"]
@@ -183,7 +189,8 @@ def format_report(report):
         if "parallelism" in r:
             p = r["parallelism"]
             blas = f"; BLAS {p['blas']}" if "blas" in p else ""
-            lines.append(f"{side}: {p['threads']} threads, {p['split']}{blas}")
+            bf16 = f"; bf16 GEMM {p['bf16_gemm']}" if "bf16_gemm" in p and report["precision"] == "bf16" else ""
+            lines.append(f"{side}: {p['threads']} threads, {p['split']}{blas}{bf16}")
     if "torch" not in report["results"]:
         lines.append("PyTorch is not importable, so there is no comparison with it (pip install torch)")
     return "\n".join(lines)

@@ -10,10 +10,10 @@ import threading
 
 import numpy as np
 
-from fastnet import __version__, backends, bench, data, report
+from fastnet import __version__, backends, bench, data, precision, report
 from fastnet.errors import FastnetError, Interrupted
 from fastnet.optim import OPTIMIZERS, SCHEDULES
-from fastnet.model import ACTIVATIONS, NORMS
+from fastnet.model import ACTIVATIONS, NORMS, PRECISIONS
 from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, train
 
 USAGE_ERROR = 2
@@ -127,6 +127,8 @@ def build_parser():
     setting("--translate", type=int, metavar="PIXELS", help="augment: random shifts of up to PIXELS")
     setting("--cutout", type=int, metavar="PIXELS", help="augment: blank a random PIXELS x PIXELS square")
     setting("--clip", type=float, metavar="NORM", help="clip gradients to this global norm")
+    setting("--precision", choices=PRECISIONS, help="bf16: mixed precision, the GEMMs on bfloat16 operands, "
+            "on CPUs with AMX-BF16 or AVX512-BF16")
     setting("--pca", type=count, metavar="K", help="train on the images' top K principal components instead "
             "of their pixels, fitted to 5,000 training images; 0: pixels")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
@@ -153,6 +155,9 @@ def build_parser():
     b.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
     b.add_argument("--steps", type=positive_int, default=100, help="timed training steps (default: %(default)s)")
     b.add_argument("--threads", type=positive_int, metavar="N", help="cores each side uses (default: all)")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fastnet's sides in this precision; PyTorch's under bf16 autocast for bf16 "
+                   "(default: %(default)s)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     p = commands.add_parser("predict", help="classify image files (PNG, JPEG, BMP) with a trained model")
@@ -252,7 +257,8 @@ def print_report(evaluation):
 def run_bench(args):
     for name in args.backend:
         backends.resolve(name)  # an unknown or unavailable name stops here, in one line
-    timings = bench.bench(args.backend, args.hidden, args.batch_size, args.steps, args.threads)
+        precision.check(args.precision, name)
+    timings = bench.bench(args.backend, args.hidden, args.batch_size, args.steps, args.threads, args.precision)
     print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 

@@ -22,6 +22,16 @@ and _backward). With norm, the layer is dense_forward, layernorm_forward and <ac
 The arrays for one batch size (activations, their gradients, the parameter gradients, and what
 dropout and layer norm keep for backward) are allocated once in a `Workspace` and reused by every
 step of that size.
+
+Mixed precision (precision="bf16") changes only the GEMMs' operands, as the frameworks' autocast
+does: every product reads bfloat16 copies of its inputs (the batch, the hidden activations, the
+weights, the upstream gradients) and sums in float32 into float32 outputs. Everything else (the
+master weights, the optimizer's state, the loss, layer norm, the activations and their derivatives)
+stays float32. The copies are written where their float32 originals are: the activations' by the
+forward kernels, the gradients' by the backward kernels' first pass, the weights' by the optimizer's
+update; only the input batch takes a pass of its own (round_to_bf16). Evaluation (`forward`, and
+the trainer's per-epoch test accuracy) runs in float32 on the master weights, so the accuracy a run
+reports is that of the model.npz it saves.
 """
 
 import math
@@ -31,6 +41,7 @@ import numpy as np
 from fastnet import backends
 
 DTYPES = ("float32", "float64")
+PRECISIONS = ("fp32", "bf16")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh")
 NORMS = (None, "layernorm")
 LEAKY_RELU_SLOPE = 0.01
@@ -49,10 +60,15 @@ class Workspace:
     hidden[i]   the activation's output before dropout, in training; without dropout the activation
                 writes straight into activations[i + 1];
     uniform[i]  the numbers in [0, 1) that decide which units dropout drops.
+
+    With precision "bf16" (else None): activations16[i] the bfloat16 copy of activations[i] that
+    layer i's products read (not of the logits), and deltas16[i] that of deltas[i].
     """
 
-    def __init__(self, sizes, params, batch_size, dtype, activation="relu", norm=None, dropout=0.0):
+    def __init__(self, sizes, params, batch_size, dtype, activation="relu", norm=None, dropout=0.0,
+                 precision="fp32"):
         self.batch_size = batch_size
+        self.precision = precision
         # activations[0] is the input batch, activations[-1] the logits.
         self.activations = [np.zeros((batch_size, width), dtype) for width in sizes]
         # deltas[i] is dLoss/d activations[i], transformed in place on the way back through layer
@@ -60,6 +76,9 @@ class Workspace:
         self.deltas = [None] + [np.zeros((batch_size, width), dtype) for width in sizes[1:]]
         self.grads = [np.zeros_like(p) for p in params]
         self.labels = np.zeros(batch_size, np.int64)
+        bf16 = precision == "bf16"
+        self.activations16 = [np.zeros((batch_size, width), np.uint16) for width in sizes[:-1]] if bf16 else None
+        self.deltas16 = [None] + [np.zeros((batch_size, width), np.uint16) for width in sizes[1:]] if bf16 else None
 
         hidden_widths = sizes[1:-1]
 
@@ -93,6 +112,9 @@ class MLP:
         after every hidden layer.
     dropout: the rate of inverted dropout after every hidden activation (0: none).
     norm: None, or "layernorm" on every hidden layer, between the dense layer and the activation.
+    precision: "fp32", or "bf16" for mixed precision in training (float32 models only; see the module's
+        docstring). weights16 holds the bfloat16 copy of each W; after writing params other than through
+        an Optimizer given `param_copies`, call refresh_copies().
 
     Weights are drawn from a normal with std sqrt(2 / fan_in) (He), or sqrt(1 / fan_in) for tanh,
     which saturates; biases start at 0, layer-norm gains at 1. params lists each layer's W and b,
@@ -110,7 +132,7 @@ class MLP:
     """
 
     def __init__(self, sizes, backend="numpy", dtype="float32", seed=0, *, activation="relu", dropout=0.0,
-                 norm=None):
+                 norm=None, precision="fp32"):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must be at least two positive widths, got {sizes}")
@@ -125,8 +147,13 @@ class MLP:
             norm = None
         if norm not in NORMS:
             raise ValueError(f"norm must be None or 'layernorm', got {norm!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "bf16" and np.dtype(dtype) != np.float32:
+            raise ValueError(f"precision bf16 keeps float32 master weights: use dtype float32, not {dtype}")
         self.sizes = sizes
         self.dtype = np.dtype(dtype)
+        self.precision = precision
         self.activation, self.dropout, self.norm = activation, dropout, norm
         self.backend = backends.resolve(backend)
         self.kernels = backends.get(self.backend)
@@ -147,7 +174,25 @@ class MLP:
                 self.norm_biases.append(arrays[3])
             self._grad_positions.append(list(range(len(self.params), len(self.params) + len(arrays))))
             self.params += arrays
+        self.weights16 = [np.zeros(W.shape, np.uint16) for W in self._weights] if precision == "bf16" else None
+        self.refresh_copies()
         self._workspaces = {}
+
+    @property
+    def param_copies(self):
+        """Per parameter, its bfloat16 copy (the weight matrices in bf16 precision) or None: what an
+        Optimizer rewrites in its update pass."""
+        copies = [None] * len(self.params)
+        for layer, positions in enumerate(self._grad_positions):
+            if self.weights16 is not None:
+                copies[positions[0]] = self.weights16[layer]
+        return copies
+
+    def refresh_copies(self):
+        """Round every weight matrix into its bfloat16 copy (nothing in fp32 precision)."""
+        if self.weights16 is not None:
+            for W, W16 in zip(self._weights, self.weights16):
+                self.kernels.round_to_bf16(W, W16)
 
     def spec(self):
         """The architecture beyond `sizes`, as keyword arguments of MLP (JSON-serialisable)."""
@@ -165,15 +210,17 @@ class MLP:
     def biases(self):
         return list(self._biases)
 
-    def workspace(self, batch_size):
-        """The reusable arrays for batches of `batch_size` rows, allocated on first use."""
-        workspace = self._workspaces.get(batch_size)
+    def workspace(self, batch_size, precision=None):
+        """The reusable arrays for batches of `batch_size` rows, allocated on first use; passes on
+        it compute in `precision` (None: the model's)."""
+        precision = precision or self.precision
+        workspace = self._workspaces.get((batch_size, precision))
         if workspace is None:
             if len(self._workspaces) >= _MAX_WORKSPACES:
                 self._workspaces.pop(next(iter(self._workspaces)))
             workspace = Workspace(self.sizes, self.params, batch_size, self.dtype, self.activation, self.norm,
-                                  self.dropout)
-            self._workspaces[batch_size] = workspace
+                                  self.dropout, precision)
+            self._workspaces[batch_size, precision] = workspace
         return workspace
 
     # --- The passes, on a workspace whose inputs are filled in ------------------------------------
@@ -184,21 +231,29 @@ class MLP:
         k = self.kernels
         training = rng is not None and self.dropout > 0
         ws.dropout_applied = training
+        bf16 = ws.precision == "bf16"
+        if bf16:
+            k.round_to_bf16(ws.inputs, ws.activations16[0])
+        # What the products read: the float32 arrays, or their bf16 copies.
+        inputs, weights = (ws.activations16, self.weights16) if bf16 else (ws.activations, self._weights)
         last = self.num_layers - 1
         for i in range(last):
-            x, W, b = ws.activations[i], self._weights[i], self._biases[i]
+            x, W, b = inputs[i], weights[i], self._biases[i]
             h = ws.hidden[i] if training else ws.activations[i + 1]
+            # The bf16 copy of the layer's output comes from whichever kernel writes it last.
+            out16 = ws.activations16[i + 1] if bf16 else None
+            h16 = None if training else out16
             if self.norm is None:
-                self._dense_activation_forward(k, x, W, b, ws.pre[i], h)
+                self._dense_activation_forward(k, x, W, b, ws.pre[i], h, h16)
             else:
                 k.dense_forward(x, W, b, ws.pre[i])
                 k.layernorm_forward(ws.pre[i], self.norm_gains[i], self.norm_biases[i], LAYERNORM_EPS,
                                     ws.xhat[i], ws.inv_std[i], ws.pre[i])
-                self._activation_forward(k, ws.pre[i], h)
+                self._activation_forward(k, ws.pre[i], h, h16)
             if training:
                 rng.random(out=ws.uniform[i], dtype=self.dtype)
-                k.dropout(h, ws.uniform[i], self.dropout, ws.activations[i + 1])
-        k.dense_forward(ws.activations[last], self._weights[last], self._biases[last], ws.activations[last + 1])
+                k.dropout(h, ws.uniform[i], self.dropout, ws.activations[i + 1], out16)
+        k.dense_forward(inputs[last], weights[last], self._biases[last], ws.activations[last + 1])
         return ws.logits
 
     def run_backward(self, ws, label_smoothing=0.0):
@@ -211,12 +266,15 @@ class MLP:
         else:
             loss = k.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])
         last = self.num_layers - 1
+        bf16 = ws.precision == "bf16"
+        inputs, weights = (ws.activations16, self.weights16) if bf16 else (ws.activations, self._weights)
         for i in reversed(range(self.num_layers)):
             positions = self._grad_positions[i]
-            x, W, dW, db = ws.activations[i], self._weights[i], ws.grads[positions[0]], ws.grads[positions[1]]
+            x, W, dW, db = inputs[i], weights[i], ws.grads[positions[0]], ws.grads[positions[1]]
             delta, dx = ws.deltas[i + 1], ws.deltas[i] if i > 0 else None
+            delta16 = ws.deltas16[i + 1] if bf16 else None
             if i == last:
-                k.dense_backward(delta, x, W, dW, db, dx)
+                k.dense_backward(delta, x, W, dW, db, dx, delta16)
                 continue
             if ws.dropout_applied:
                 k.dropout(delta, ws.uniform[i], self.dropout, delta)
@@ -224,43 +282,43 @@ class MLP:
             saved = ws.pre[i] if self.activation == "gelu" else ws.hidden[i] if ws.dropout_applied \
                 else ws.activations[i + 1]
             if self.norm is None:
-                self._dense_activation_backward(k, delta, saved, x, W, dW, db, dx)
+                self._dense_activation_backward(k, delta, saved, x, W, dW, db, dx, delta16)
             else:
                 self._activation_backward(k, delta, saved, delta)
                 dgain, dbias = ws.grads[positions[2]], ws.grads[positions[3]]
                 k.layernorm_backward(delta, ws.xhat[i], ws.inv_std[i], self.norm_gains[i], dgain, dbias, delta)
-                k.dense_backward(delta, x, W, dW, db, dx)
+                k.dense_backward(delta, x, W, dW, db, dx, delta16)
         return loss
 
-    def _dense_activation_forward(self, k, x, W, b, pre, out):
+    def _dense_activation_forward(self, k, x, W, b, pre, out, out16):
         if self.activation == "relu":
-            k.dense_relu_forward(x, W, b, out)
+            k.dense_relu_forward(x, W, b, out, out16)
         elif self.activation == "leaky_relu":
-            k.dense_leaky_relu_forward(x, W, b, LEAKY_RELU_SLOPE, out)
+            k.dense_leaky_relu_forward(x, W, b, LEAKY_RELU_SLOPE, out, out16)
         elif self.activation == "tanh":
-            k.dense_tanh_forward(x, W, b, out)
+            k.dense_tanh_forward(x, W, b, out, out16)
         else:
-            k.dense_gelu_forward(x, W, b, pre, out)
+            k.dense_gelu_forward(x, W, b, pre, out, out16)
 
-    def _dense_activation_backward(self, k, dout, saved, x, W, dW, db, dx):
+    def _dense_activation_backward(self, k, dout, saved, x, W, dW, db, dx, dout16):
         if self.activation == "relu":
-            k.dense_relu_backward(dout, saved, x, W, dW, db, dx)
+            k.dense_relu_backward(dout, saved, x, W, dW, db, dx, dout16)
         elif self.activation == "leaky_relu":
-            k.dense_leaky_relu_backward(dout, saved, x, W, LEAKY_RELU_SLOPE, dW, db, dx)
+            k.dense_leaky_relu_backward(dout, saved, x, W, LEAKY_RELU_SLOPE, dW, db, dx, dout16)
         elif self.activation == "tanh":
-            k.dense_tanh_backward(dout, saved, x, W, dW, db, dx)
+            k.dense_tanh_backward(dout, saved, x, W, dW, db, dx, dout16)
         else:
-            k.dense_gelu_backward(dout, saved, x, W, dW, db, dx)
+            k.dense_gelu_backward(dout, saved, x, W, dW, db, dx, dout16)
 
-    def _activation_forward(self, k, x, out):
+    def _activation_forward(self, k, x, out, out16):
         if self.activation == "relu":
-            k.relu_forward(x, out)
+            k.relu_forward(x, out, out16)
         elif self.activation == "leaky_relu":
-            k.leaky_relu_forward(x, LEAKY_RELU_SLOPE, out)
+            k.leaky_relu_forward(x, LEAKY_RELU_SLOPE, out, out16)
         elif self.activation == "tanh":
-            k.tanh_forward(x, out)
+            k.tanh_forward(x, out, out16)
         else:
-            k.gelu_forward(x, out)
+            k.gelu_forward(x, out, out16)
 
     def _activation_backward(self, k, dout, saved, dx):
         if self.activation == "relu":
@@ -291,22 +349,24 @@ class MLP:
         other. Written into `into`, a network of that shape, when given; else into a new one."""
         if into is None:
             into = MLP([projection.shape[0], *self.sizes[1:]], backend=self.backend, dtype=self.dtype,
-                       **self.spec())
+                       precision=self.precision, **self.spec())
         for target, source in zip(into.params[1:], self.params[1:]):
             target[...] = source
         # In float64 and rounded once, so the folded weights are as exact as float32 can hold them.
         into.params[0][...] = np.dot(projection.astype(np.float64), self.params[0].astype(np.float64))
+        into.refresh_copies()
         return into
 
     # --- The public array API ----------------------------------------------------------------------
 
     def forward(self, x):
-        """Logits (N, sizes[-1]) for inputs x (N, sizes[0]) already preprocessed; no dropout."""
+        """Logits (N, sizes[-1]) for inputs x (N, sizes[0]) already preprocessed; no dropout, and in
+        float32 whatever the training precision."""
         x = self._as_inputs(x)
         logits = np.empty((len(x), self.sizes[-1]), self.dtype)
         for start in range(0, len(x), _FORWARD_CHUNK):
             chunk = x[start:start + _FORWARD_CHUNK]
-            ws = self.workspace(len(chunk))
+            ws = self.workspace(len(chunk), "fp32")
             ws.inputs[...] = chunk
             logits[start:start + len(chunk)] = self.run_forward(ws)
         return logits
@@ -316,9 +376,9 @@ class MLP:
         return self.forward(x).argmax(axis=1)
 
     def loss_and_grads(self, x, y, rng=None, label_smoothing=0.0):
-        """(mean softmax cross-entropy of the batch, gradients in the order of params).
-        Deterministic, without dropout, unless `rng` is given (see run_forward); label_smoothing as in
-        run_backward. The gradients are new arrays, safe to keep."""
+        """(mean softmax cross-entropy of the batch, gradients in the order of params), in the model's
+        precision. Deterministic, without dropout, unless `rng` is given (see run_forward);
+        label_smoothing as in run_backward. The gradients are new arrays, safe to keep."""
         x = self._as_inputs(x)
         y = np.asarray(y)
         if y.shape != (len(x),):

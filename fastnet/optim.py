@@ -24,14 +24,20 @@ class Optimizer:
     Weight decay applies to weight matrices only: decaying biases buys nothing and only pulls them
     towards zero. For sgd, momentum, nesterov and adam it is L2 added to the gradient; for adamw it
     is decoupled, shrinking the weights directly.
+
+    copies: per parameter, None or a bfloat16 copy (uint16, MLP.param_copies) that each step rewrites
+    from the updated parameter, in the same pass.
     """
 
     def __init__(self, params, kind="nesterov", momentum=0.9, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, backend=None):
+                 weight_decay=0.0, backend=None, copies=None):
         if kind not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
         self.kind = kind
         self.params = params
+        self.copies = list(copies) if copies is not None else [None] * len(params)
+        if len(self.copies) != len(params):
+            raise ValueError(f"copies must list one entry per parameter ({len(params)}), got {len(self.copies)}")
         self.momentum = float(momentum)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
@@ -48,17 +54,17 @@ class Optimizer:
         self.steps_taken += 1
         lr = float(lr)
         k, kind = self.kernels, self.kind
-        for i, (param, grad) in enumerate(zip(self.params, grads)):
+        for i, (param, grad, copy) in enumerate(zip(self.params, grads, self.copies)):
             decay = self.decay_for(param)
             if kind == "sgd":
-                k.sgd_step(param, grad, lr, decay)
+                k.sgd_step(param, grad, lr, decay, copy)
             elif kind in ("momentum", "nesterov"):
                 update = k.momentum_step if kind == "momentum" else k.nesterov_step
-                update(param, grad, self.state["velocity"][i], lr, self.momentum, decay)
+                update(param, grad, self.state["velocity"][i], lr, self.momentum, decay, copy)
             else:
                 update = k.adam_step if kind == "adam" else k.adamw_step
                 update(param, grad, self.state["m"][i], self.state["v"][i], lr,
-                       self.beta1, self.beta2, self.eps, decay, self.steps_taken)
+                       self.beta1, self.beta2, self.eps, decay, self.steps_taken, copy)
 
     def state_arrays(self):
         """The state as a flat {name: array} mapping, for checkpoints."""

@@ -25,7 +25,7 @@ import numpy as np
 from threadpoolctl import threadpool_info
 from tqdm import tqdm
 
-from fastnet import backends, checkpoint, data
+from fastnet import backends, checkpoint, data, precision
 from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
 from fastnet.model import ACTIVATIONS, MLP, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
@@ -56,6 +56,7 @@ class TrainConfig:
     val: int = 0
     out: str | None = None
     dtype: str = "float32"
+    precision: str = "fp32"          # "bf16": mixed precision, bfloat16 GEMM operands (fastnet.model)
     activation: str = "relu"
     norm: str | None = None          # "layernorm": on every hidden layer, before the activation
     dropout: float = 0.0             # after every hidden activation
@@ -114,6 +115,10 @@ class TrainConfig:
             raise FastnetError(f"--pca must be a number of components, got {self.pca}: pass one such as 256, "
                                f"or 0 for none")
         backends.get(self.backend)
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise FastnetError(f"--precision bf16 keeps float32 master weights, so it needs dtype float32, not "
+                               f"{self.dtype}: use --precision fp32 for {self.dtype}")
+        return precision.check(self.precision, self.backend)
 
 
 # Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
@@ -166,7 +171,7 @@ def evaluate(net, images, labels, shift, scale):
     total_loss, predictions = 0.0, np.empty(len(images), np.int64)
     for start in range(0, len(images), EVAL_BATCH):
         stop = min(start + EVAL_BATCH, len(images))
-        ws = net.workspace(stop - start)
+        ws = net.workspace(stop - start, "fp32")  # the master weights: the numbers model.npz gives
         k.gather_normalize(images, np.arange(start, stop), shift, scale, ws.inputs)
         ws.labels[...] = labels[start:stop]
         logits = net.run_forward(ws)
@@ -193,8 +198,9 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     the seconds it took. A JIT backend compiles (or loads from its cache) per argument type, not
     per shape, so this moves all of that out of the first epoch's timing."""
     started = time.perf_counter()
-    scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, **net.spec())
-    scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend)
+    scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, precision=net.precision, **net.spec())
+    scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
+                                  copies=scratch.param_copies)
     scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0))  # not the run's generator
     ws = scratch.workspace(2)
     images = np.zeros((4, 3), images_dtype)
@@ -209,6 +215,7 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     elif augmentation is not None:
         scratch_options.augmentation = data.Augmentation((1, 1, 3), **augmentation.spec())
     scratch.kernels.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])  # evaluation's loss
+    scratch.forward(np.zeros((2, 3), net.dtype))  # evaluation's float32 passes, in any precision
     training_step(scratch, scratch_optimizer, images, np.zeros(4, np.int64), shift, scale, np.arange(2), 0.1,
                   scratch_options)
     return time.perf_counter() - started
@@ -295,7 +302,7 @@ def train(config, log=print, resume=False):
     saved state, so both paths share one code path and a resumed run is bit-identical to one that
     never stopped.
     """
-    config.check()
+    numerics = config.check()
     saved = load_resume_checkpoint(config.out, config.backend) if resume else None
     dataset = load_data(config.data, log)
     for warning in dataset.warnings:
@@ -313,7 +320,7 @@ def train(config, log=print, resume=False):
     fingerprint = data_fingerprint(train_labels, mean, std, dataset.input_size, dataset.num_classes)
     sizes = [config.pca or dataset.input_size, *config.hidden, dataset.num_classes]
     net = MLP(sizes, backend=config.backend, dtype=config.dtype, seed=rng, activation=config.activation,
-              norm=config.norm, dropout=config.dropout)
+              norm=config.norm, dropout=config.dropout, precision=config.precision)
     augmentation = None
     if config.flip or config.translate or config.cutout:
         if len(dataset.sample_shape) not in (2, 3):
@@ -322,7 +329,7 @@ def train(config, log=print, resume=False):
         augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
     options = StepOptions(rng, augmentation, config.label_smoothing, config.clip)
     optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
-                          weight_decay=config.weight_decay, backend=config.backend)
+                          weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
     steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
     schedule = Schedule(config.schedule, config.lr, config.epochs * steps_per_epoch, config.warmup)
     progress = Progress()
@@ -360,7 +367,7 @@ def train(config, log=print, resume=False):
     run_config = dataclasses.asdict(config) | {
         "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
         "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries(),
-        "parallelism": backends.parallelism(net.backend),
+        "parallelism": backends.parallelism(net.backend), "numerics": numerics,
         "data_fingerprint": fingerprint, "preprocess_seconds": preprocess_seconds}
     run_config["started"] = datetime.now().isoformat(timespec="seconds")
     if saved is not None:
@@ -376,6 +383,8 @@ def train(config, log=print, resume=False):
     where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
              else f"{len(train_images)} training images from {dataset.source}")
     inputs = f" on the top {config.pca} principal components of {dataset.input_size} inputs" if config.pca else ""
+    if config.precision == "bf16":
+        inputs += f", bf16 mixed precision ({', '.join(numerics['instructions'])}; {numerics['gemm']})"
     log(f"fastnet: {'-'.join(map(str, sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
         f"{startup_seconds:.2f} s), {where}; writing to {out}/")
 
@@ -515,6 +524,7 @@ def restore(saved, net, optimizer, rng, fingerprint, run_dir):
         raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
     for param, stored in zip(net.params, saved.trained_net.params):
         param[...] = stored
+    net.refresh_copies()
     optimizer.load_state_arrays(saved.arrays)
     return Progress.from_checkpoint(saved.arrays, rng)
 

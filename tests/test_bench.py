@@ -46,3 +46,15 @@ def test_bench_table_names_each_backend():
 ])
 def test_bench_bad_input(args, phrase):
     assert_one_line_error(fastnet("bench", *args), phrase)
+
+
+def test_bench_in_bf16_says_so_and_runs_every_side_in_it():
+    result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 4, "--steps", 2,
+                     "--precision", "bf16", env={"FASTNET_BF16_ANY_CPU": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "bf16 mixed precision (PyTorch: torch.autocast bfloat16)" in result.stdout.splitlines()[0]
+    assert "; bf16 GEMM " in result.stdout  # the numba side's line names the library
+    report = json.loads(fastnet("bench", "--backend", "numba", "--hidden", 8, "--batch-size", 4, "--steps", 2,
+                                "--precision", "bf16", "--json", env={"FASTNET_BF16_ANY_CPU": "1"}).stdout)
+    assert report["precision"] == "bf16" and isinstance(report["bf16_instructions"], list)
+    assert {r["precision"] for r in report["results"].values()} == {"bf16"}

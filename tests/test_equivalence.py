@@ -10,6 +10,9 @@ Tolerances (see assert_matches). float64 results must agree to FLOAT64_TOL: far 
 rounding, far tighter than any real mistake. float32 results get float32_tol(K), where K is the length
 of the sums the kernel computes; elementwise kernels have K = 1. Both are relative, plus an absolute
 part of the same size times the scale of the result (for a sum, of its terms), for values near 0.
+bfloat16 results (uint16 arrays) are compared by value, to within one bf16 ulp, 2^-7 relative: each
+is the rounding of a float32 result that agrees to float32_tol, and a rounding flips at most one ulp.
+Their rounding itself is tested bit for bit.
 """
 
 import importlib.util
@@ -53,6 +56,7 @@ def other(request):
 
 EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7, the spacing of float32 numbers at 1
 FLOAT64_TOL = 1e-12
+BF16_ULP = 2.0 ** -7  # the largest spacing of bfloat16 numbers relative to their value (at 1: 2^-7)
 
 
 def float32_tol(reduction_length):
@@ -78,7 +82,10 @@ def assert_matches(actual, expected, reduction_length, what, magnitude=None):
     and |expected|.
     """
     expected = np.asarray(expected)
-    if reduction_length is None or not np.issubdtype(expected.dtype, np.floating):
+    if expected.dtype == np.uint16 and reduction_length is not None:  # bfloat16 results, by value
+        actual, expected = bf16_values(np.asarray(actual)), bf16_values(expected)
+        rtol = BF16_ULP + float32_tol(reduction_length)
+    elif reduction_length is None or not np.issubdtype(expected.dtype, np.floating):
         rtol = 0.0
     elif expected.dtype == np.float64:
         rtol = FLOAT64_TOL
@@ -88,10 +95,22 @@ def assert_matches(actual, expected, reduction_length, what, magnitude=None):
     if magnitude is not None and np.size(magnitude):
         scale = max(scale, float(np.max(magnitude)))
     try:
-        assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+        assert_close(actual, expected, rtol=rtol, atol=rtol * scale if rtol else 0.0)  # a NaN scale stays out
     except AssertionError as exc:
         raise AssertionError(f"{what}, shape {expected.shape} {expected.dtype}, rtol {rtol:.3g}, "
                              f"atol {rtol * scale:.3g}: {exc}") from None
+
+
+def bf16_values(bits):
+    """The float32 values of bfloat16 bits (uint16), computed here, not by a kernel."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_bf16(a):
+    """The bfloat16 bits nearest to float32 `a`, by the reference kernel (itself tested against
+    ml_dtypes in test_bf16.py)."""
+    a = np.asarray(a, np.float32)
+    return ref.round_to_bf16(a, np.empty(a.shape, np.uint16))
 
 
 def assert_loss_matches(actual, expected, dtype, what):
@@ -601,6 +620,140 @@ def test_the_dense_kernels_give_the_same_bits_every_time(other):
                 assert np.array_equal(got, first, equal_nan=True), f"{other}.{kernel} differs between calls"
 
 
+# --- bfloat16 operands (--precision bf16) -----------------------------------------------------------------
+
+def special_float32s():
+    """float32 bit patterns where rounding to bfloat16 is delicate: every top half with the low halves
+    just under, at and just over a tie (odd and even top halves alike), and 20,000 random patterns;
+    NaNs (quiet and signalling, both signs), infinities, subnormals and the largest finite values
+    are among them."""
+    tops = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    random = np.random.default_rng(0).integers(0, 1 << 32, 20_000, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([(tops[:, None] | lows).ravel(), random]).view(np.float32).reshape(-1, 32)
+
+
+@covers("round_to_bf16")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_round_to_bf16_gives_the_references_bits(other, layout):
+    """Bit for bit, NaN included (its payload is kept, quieted), in every layout."""
+    x = special_float32s()
+    check_kernel(other, "round_to_bf16", lambda: (laid_out(x.copy(), layout), np.zeros(x.shape, np.uint16)), {})
+
+
+@covers("bf16_to_float32")
+def test_bf16_to_float32_gives_the_references_values(other):
+    """Every one of the 65,536 bfloat16 bit patterns, exactly (NaNs compared by their bits)."""
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(64, 1024)
+    actual = backends.get(other).bf16_to_float32(bits.copy(), garbage(bits.shape, np.float32))
+    expected = ref.bf16_to_float32(bits.copy(), garbage(bits.shape, np.float32))
+    assert np.array_equal(actual.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(expected.view(np.uint32), bits.astype(np.uint32) << 16)
+
+
+def bf16_dense_cases(shape, seed=0):
+    """dense_kernel_cases with bfloat16 x and W and every optional bf16 output: (kernel, make_args,
+    reductions, magnitudes). The tolerances are float32's: the products of bf16 numbers are exact
+    in float32, so the backends differ only in the order of their float32 sums."""
+    batch, fan_in, fan_out = shape
+    rng = np.random.default_rng(seed)
+    x, W, b, dout = dense_inputs(rng, shape, np.float32, "C")
+    x16, W16 = to_bf16(x), to_bf16(W)
+    wide_x, wide_W = bf16_values(x16).astype(np.float64), bf16_values(W16).astype(np.float64)
+    magnitudes = dense_magnitudes(wide_x, wide_W, b.astype(np.float64))
+    magnitudes["out16"] = magnitudes["out"]
+    out16 = lambda: np.zeros((batch, fan_out), np.uint16)  # noqa: E731
+    for kernel in ("dense_forward", "dense_relu_forward", *DENSE_ACTIVATION_FORWARD):
+        yield (kernel, lambda kernel=kernel: (*dense_activation_forward_args(kernel, x16.copy(), W16.copy(), b.copy(),
+                                                                             np.float32), out16()),
+               {"out": fan_in, "pre": fan_in, "out16": fan_in}, magnitudes)
+    gradients = lambda: (garbage(W.shape, np.float32), garbage(fan_out, np.float32),  # noqa: E731
+                         garbage(x.shape, np.float32), out16())
+    relu_out = np.maximum(rng.standard_normal((batch, fan_out)), 0).astype(np.float32)
+    saved = {"dense_backward": (), "dense_relu_backward": (relu_out,)}
+    for kernel in DENSE_ACTIVATION_BACKWARD:
+        scalars = (0.01,) if "leaky" in kernel else ()
+        saved[kernel] = (activation_saved(kernel, rng.standard_normal((batch, fan_out)) * 2).astype(np.float32),)
+        saved[kernel] += scalars
+    for kernel, extra in saved.items():
+        # dense_backward and the ReLU's scale dout by 1 at most, as a leaky ReLU with output 1 does.
+        masked = kernel in ("dense_backward", "dense_relu_backward")
+        backward_magnitudes = dense_activation_backward_magnitudes(
+            "dense_leaky_relu_backward" if masked else kernel, dout, np.ones_like(dout) if masked else extra[0],
+            wide_x, wide_W)
+        backward_magnitudes["dout16"] = backward_magnitudes["dout"]
+        # dense_<act>_backward(dout, saved, x, W, [slope,] dW, db, dx, dout16)
+        yield (kernel, lambda extra=extra: (dout.copy(), *extra[:1], x16.copy(), W16.copy(), *extra[1:],
+                                            *gradients()),
+               {"dW": batch, "db": batch, "dx": fan_out, "dout": 1, "dout16": 1}, backward_magnitudes)
+
+
+def assert_bf16_copies_are_roundings(kernel, args):
+    """Within one backend's call: out16 (dout16) is exactly the rounding of out (dout)."""
+    names = list(inspect.signature(getattr(ref, kernel)).parameters)
+    given = dict(zip(names, args))
+    for copy, original in (("out16", "out"), ("dout16", "dout")):
+        if copy in given:
+            assert np.array_equal(given[copy], to_bf16(given[original])), f"{kernel}: {copy} is not {original} rounded"
+
+
+@covers("dense_forward", "dense_relu_forward", "dense_backward", "dense_relu_backward", *DENSE_ACTIVATION_FORWARD,
+        *DENSE_ACTIVATION_BACKWARD)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", THREAD_SHAPES + [(128, 3072, 512), (64, 128, 10)])
+def test_dense_kernels_with_bf16_operands(other, threads, shape):
+    """Every dense kernel on bfloat16 x and W, writing its bf16 output (forward) or upstream gradient
+    (backward), against numpy's emulation, on one and two threads. The backward kernels' products
+    read dout16: at these fixed inputs no scaled dout lies within float32 rounding of a bf16
+    rounding boundary, so both backends multiply the same bf16 numbers (a kernel that read dout
+    instead, or a stale dout16, would be off by up to 2^-8 of each term, far past the tolerance)."""
+    with backends.use_threads(other, threads):
+        for kernel, make_args, reductions, magnitudes in bf16_dense_cases(shape):
+            actual, expected = make_args(), make_args()
+            getattr(ref, kernel)(*expected)
+            getattr(backends.get(other), kernel)(*actual)
+            assert_bf16_copies_are_roundings(kernel, expected)
+            assert_bf16_copies_are_roundings(kernel, actual)
+            check_kernel(other, kernel, make_args, reductions, f" bf16 {shape} on {threads} threads",
+                         magnitudes=magnitudes)
+
+
+@covers(*ELEMENTWISE_FORWARD, "dropout")
+@pytest.mark.parametrize("kernel", [*ELEMENTWISE_FORWARD, "dropout"])
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (128, 512)])
+def test_activations_and_dropout_write_the_bf16_copy_of_their_output(other, kernel, shape):
+    """The kernels that end a hidden layer after layer norm or dropout, with out16."""
+    rng = np.random.default_rng(shape[0])
+    x = (rng.standard_normal(shape) * 2).astype(np.float32)
+    uniform = rng.random(shape, np.float32)
+
+    def make_args():
+        middle = (uniform.copy(), 0.3) if kernel == "dropout" else ELEMENTWISE_FORWARD[kernel]
+        return x.copy(), *middle, garbage(shape, np.float32), np.zeros(shape, np.uint16)
+
+    actual, expected = make_args(), make_args()
+    getattr(ref, kernel)(*expected)
+    getattr(backends.get(other), kernel)(*actual)
+    for args in (actual, expected):
+        assert np.array_equal(args[-1], to_bf16(args[-2])), f"{kernel}: out16 is not out rounded"
+    check_kernel(other, kernel, make_args, {"out": 1, "out16": 1}, f" bf16 {shape}",
+                 magnitudes={"out": slope_error_scale(kernel, x) * np.abs(x)})
+
+
+def test_the_reference_multiplies_bf16_operands_as_their_exact_values():
+    """numpy's emulation against an independent computation: the float64 product of the bf16
+    numbers' values (float32 sums, so float32_tol), and not the product of the unrounded inputs."""
+    rng = np.random.default_rng(3)
+    x, W = rng.standard_normal((33, 300)).astype(np.float32), rng.standard_normal((300, 17)).astype(np.float32)
+    x16, W16 = to_bf16(x), to_bf16(W)
+    exact = bf16_values(x16).astype(np.float64) @ bf16_values(W16).astype(np.float64)
+    out = ref.dense_forward(x16, W16, np.zeros(17, np.float32), garbage((33, 17), np.float32))
+    magnitude = np.abs(bf16_values(x16)).astype(np.float64) @ np.abs(bf16_values(W16)).astype(np.float64)
+    assert_close(out, exact.astype(np.float32), rtol=0, atol=float32_tol(300) * magnitude.max())
+    unrounded = x.astype(np.float64) @ W.astype(np.float64)
+    assert np.abs(out - unrounded).max() > 10 * float32_tol(300) * magnitude.max()
+
+
 @covers("layernorm_forward")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -822,6 +975,32 @@ def test_optimizer_steps(other, kernel, grad_layout, dtype, shape, seed, weight_
                            f"(grad {grad_layout}, weight_decay {weight_decay})")
 
 
+@pytest.mark.parametrize("kernel", list(OPTIMIZER_KERNELS))
+@pytest.mark.parametrize("shape", [(1,), (70, 33), (3, 1)])
+def test_optimizer_steps_write_the_bf16_copy_of_the_updated_parameter(other, kernel, shape):
+    """With param16, the same update as without it, and param16 the exact rounding of the new
+    parameter, on both backends; the copy starts as garbage, so a kernel that skipped it shows."""
+    state_names, hyper = OPTIMIZER_KERNELS[kernel]
+    rng = np.random.default_rng(len(shape))
+    param, grad = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    state = [np.abs(rng.standard_normal(shape)).astype(np.float32) * 0.1 for _ in state_names]
+    tail = (0.01, *hyper, 0.05) + ((3,) if kernel.startswith("adam") else ())
+    results = {}
+    for backend in ("numpy", other):
+        for with_copy in (False, True):
+            arrays = [param.copy(), *(s.copy() for s in state)]
+            copy = (np.full(shape, 0x7FC1, np.uint16),) if with_copy else ()
+            getattr(backends.get(backend), kernel)(arrays[0], grad.copy(), *arrays[1:], *tail, *copy)
+            results[backend, with_copy] = arrays, copy
+    for backend in ("numpy", other):
+        (plain, _), (copied, (copy,)) = results[backend, False], results[backend, True]
+        for got, want in zip(copied, plain):
+            assert np.array_equal(got, want), f"{backend}.{kernel}: param16 changed the update"
+        assert np.array_equal(copy, to_bf16(copied[0])), f"{backend}.{kernel}: param16 is not the new param rounded"
+    for got, want in zip(results[other, True][0], results["numpy", True][0]):
+        assert_matches(got, want, 4, f"{other}.{kernel} with param16")
+
+
 # --- Whole models -------------------------------------------------------------------------------------
 
 def model_tolerance(dtype, sizes, batch):
@@ -987,6 +1166,26 @@ def test_cli_run_on_real_cifar_matches_numpy(other, numpy_cifar_accuracy, tmp_pa
 # One input buffer is ALLOCATION_BATCH x 512 float32 = 128 KB; a step that allocated any buffer of the
 # model would go far past the threshold, while Python's own small objects (floats, views, the
 # arguments of calls) stay well below it.
+@pytest.mark.parametrize("spec, smoothing", [(dict(), 0.0), *REGULARISED_SPECS])
+@pytest.mark.parametrize("sizes, batch", [([48, 32, 16, 3], 16), ([20, 1, 4], 9), ([300, 40, 10], 1)])
+def test_bf16_loss_and_grads_match_numpy(other, spec, smoothing, sizes, batch):
+    """Mixed precision through every kind of layer, against numpy's emulation. The products of bf16
+    numbers are exact in float32, so the tolerance is float32's, as in the test above; it holds as
+    long as no activation of one backend rounds to a different bf16 number than the other's, which
+    at these fixed inputs none does."""
+    rng = np.random.default_rng(len(sizes) + batch)
+    x = rng.standard_normal((batch, sizes[0]))
+    y = rng.integers(0, sizes[-1], batch)
+    results = [MLP(sizes, backend=backend, seed=4, precision="bf16", **spec).loss_and_grads(
+        x, y, rng=np.random.default_rng(5), label_smoothing=smoothing) for backend in ("numpy", other)]
+    (expected_loss, expected), (loss, grads) = results
+    assert_loss_matches(loss, expected_loss, "float32", f"{other} bf16 MLP{sizes} {spec} loss")
+    rtol = 2 * model_tolerance("float32", sizes, batch)
+    for got, want in zip(grads, expected):
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
 ALLOCATION_SIZES = [512, 256, 64, 10]
 ALLOCATION_BATCH = 64
 ALLOCATION_THRESHOLD = 16 * 1024
@@ -1023,14 +1222,20 @@ PROJECTED_IMAGE = (32, 16, 2)  # pixels that a projection takes to ALLOCATION_SI
 REGULARISED = dict(activation="gelu", dropout=0.2, norm="layernorm")
 
 
+VARIANTS = ["default", "regularised", "components", "projected", "bf16", "regularised bf16"]
+
+
 def allocation_setup(backend, variant="default"):
-    """A network, its optimizer and 20 training steps of one of four kinds: "default", "regularised"
+    """A network, its optimizer and 20 training steps of one of six kinds: "default", "regularised"
     (pixel augmentation, dropout, layer norm, label smoothing, clipping), "components" (images
-    stored as principal components and flipped by sign, as fastnet train --pca K --flip trains) or
-    "projected" (pixel augmentation, then a projection, as --pca K --translate N trains)."""
+    stored as principal components and flipped by sign, as fastnet train --pca K --flip trains),
+    "projected" (pixel augmentation, then a projection, as --pca K --translate N trains), and
+    "bf16" and "regularised bf16", the first two in mixed precision."""
     rng = np.random.default_rng(0)
-    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng, **(REGULARISED if variant == "regularised" else {}))
-    optimizer = Optimizer(net.params, "momentum", weight_decay=1e-3, backend=backend)
+    spec = REGULARISED if variant in ("regularised", "regularised bf16") else {}
+    precision = "bf16" if variant.endswith("bf16") else "fp32"
+    net = MLP(ALLOCATION_SIZES, backend=backend, seed=rng, precision=precision, **spec)
+    optimizer = Optimizer(net.params, "momentum", weight_decay=1e-3, backend=backend, copies=net.param_copies)
     images = rng.integers(0, 256, (8 * ALLOCATION_BATCH, ALLOCATION_SIZES[0]), dtype=np.uint8)
     labels = rng.integers(0, ALLOCATION_SIZES[-1], len(images))
     shift = np.full(ALLOCATION_SIZES[0], 120, np.float32)
@@ -1050,7 +1255,7 @@ def allocation_setup(backend, variant="default"):
         projection = (rng.standard_normal((pixels, ALLOCATION_SIZES[0])) / np.sqrt(pixels)).astype(np.float32)
         augmentation = ProjectedAugmentation(Augmentation(PROJECTED_IMAGE, flip=True, translate=2, cutout=4),
                                              projection)
-    if variant != "default":
+    if variant not in ("default", "bf16"):
         step = [lambda b=b: regularised_training_step(net, optimizer, images, labels, b, shift, scale,
                                                       augmentation, rng) for b in batches]
     else:
@@ -1077,6 +1282,8 @@ def buffers(net, optimizer):
     ws = net.workspace(ALLOCATION_BATCH)
     arrays = [*net.params, *ws.activations, *ws.deltas[1:], *ws.grads, ws.labels]
     arrays += [a for group in (ws.pre, ws.xhat, ws.inv_std, ws.hidden, ws.uniform) for a in group if a is not None]
+    if net.precision == "bf16":
+        arrays += [*ws.activations16, *ws.deltas16[1:], *net.weights16]
     return arrays + [a for group in optimizer.state.values() for a in group]
 
 
@@ -1087,7 +1294,7 @@ def test_the_allocation_probe_sees_numpys_temporaries():
     assert peak_allocation(steps) > ALLOCATION_THRESHOLD
 
 
-@pytest.mark.parametrize("variant", ["default", "regularised", "components", "projected"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_a_training_step_allocates_nothing_after_warm_up(other, variant):
     net, optimizer, steps = allocation_setup(other, variant)
     before = [(a, a.ctypes.data) for a in buffers(net, optimizer)]
@@ -1148,7 +1355,7 @@ def nrt_allocations_per_array_argument(rtsys):
     return allocs // 3
 
 
-@pytest.mark.parametrize("variant", ["default", "regularised", "components", "projected"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
     if "numba" not in OTHER_BACKENDS:
         unavailable("the numba backend is not available: pip install numba")
@@ -1166,6 +1373,9 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
         if not was_enabled:
             _nrt_python.memsys_disable_stats()
     used = {"default": {"dense_relu_backward", "momentum_step"},
+            "bf16": {"round_to_bf16", "dense_relu_forward", "dense_relu_backward", "momentum_step"},
+            "regularised bf16": {"round_to_bf16", "layernorm_forward", "gelu_forward", "dropout", "dense_backward",
+                                 "momentum_step"},
             "regularised": {"augment_gather_normalize", "layernorm_forward", "layernorm_backward", "gelu_forward",
                             "gelu_backward", "dropout", "softmax_cross_entropy_smoothed", "sum_of_squares",
                             "momentum_step"},

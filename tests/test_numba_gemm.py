@@ -1,6 +1,7 @@
 """The numba backend's GEMM driver (fastnet/backends/numba_gemm.py): its partition, its products
 against float64 NumPy on any number of threads, and the BLAS it drives."""
 
+import ctypes
 import math
 
 import numpy as np
@@ -36,7 +37,9 @@ def test_spans_cover_the_range_in_order_with_aligned_inner_edges(length, parts, 
 
 def layouts(a):
     """a as a row-major array, as the transpose of a row-major array, and as a strided view."""
-    strided = np.full((a.shape[0], 2 * a.shape[1]), np.nan, a.dtype)[:, ::2]
+    # The skipped elements are NaN, also as bfloat16 bits (0xFFFF), so reading one shows.
+    fill = np.nan if a.dtype.kind == "f" else 0xFFFF
+    strided = np.full((a.shape[0], 2 * a.shape[1]), fill, a.dtype)[:, ::2]
     strided[...] = a
     return {"C": np.ascontiguousarray(a), "transposed": np.ascontiguousarray(a.T).T, "strided": strided}
 
@@ -103,3 +106,67 @@ def test_blas_choice():
             numba_gemm.find_blas("mkl")
     else:
         assert numba_gemm.find_blas("mkl").name == "mkl"
+
+
+# --- bfloat16 products ---------------------------------------------------------------------------------
+
+def bf16_operand(rng, shape):
+    """Random bfloat16 bits (uint16) and their exact values in float64."""
+    bits = numba_backend.round_to_bf16(rng.standard_normal(shape).astype(np.float32), np.empty(shape, np.uint16))
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_products_are_the_float64_products_of_the_bf16_values(shape, threads):
+    """Through the driver's bf16 GEMM (MKL's where installed), in every layout: the products of bf16
+    numbers are exact in float32, so only the float32 sums err."""
+    m, k, n = shape
+    rng = np.random.default_rng(m + k + n)
+    (a, a64), (b, b64) = bf16_operand(rng, (m, k)), bf16_operand(rng, (k, n))
+    rtol = 4 * math.sqrt(k) * EPS32
+    atol = rtol * (np.abs(a64) @ np.abs(b64)).max()
+    with numba_backend.use_threads(threads):
+        for name_a, a_laid in layouts(a).items():
+            for name_b, b_laid in layouts(b).items():
+                out = numba_gemm.matmul(a_laid, b_laid, np.full((m, n), np.nan, np.float32))
+                try:
+                    assert_close(out, a64 @ b64, rtol=rtol, atol=atol, dtype=np.float32)
+                except AssertionError as exc:
+                    raise AssertionError(f"{name_a} @ {name_b}: {exc}") from None
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
+def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
+    """numba_bf16.reference_gemm, which the driver binds when MKL is missing, called as MKL's is:
+    row-major, transpose flags, leading dimensions wider than the matrices, and beta."""
+    from fastnet.backends.numba_bf16 import reference_gemm
+
+    m, k, n, pad = 7, 33, 5, 3
+    rng = np.random.default_rng(1)
+    (a, a64), (b, b64) = bf16_operand(rng, (k, m) if trans_a else (m, k)), bf16_operand(rng, (n, k) if trans_b else (k, n))
+    a_store = np.zeros((a.shape[0], a.shape[1] + pad), np.uint16)
+    a_store[:, :a.shape[1]] = a
+    b_store = np.zeros((b.shape[0], b.shape[1] + pad), np.uint16)
+    b_store[:, :b.shape[1]] = b
+    c = np.full((m, n + pad), 2.0, np.float32)
+    flag = {False: numba_gemm.NO_TRANS, True: numba_gemm.TRANS}
+    signature = [ctypes.c_int32] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                                                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                                               ctypes.c_void_p, ctypes.c_int64]
+    call = ctypes.CFUNCTYPE(None, *signature)(reference_gemm.address)
+    call(numba_gemm.ROW_MAJOR, flag[trans_a], flag[trans_b], m, n, k, 1.5, a_store.ctypes.data, a_store.shape[1],
+         b_store.ctypes.data, b_store.shape[1], 0.5, c.ctypes.data, c.shape[1])
+    op_a, op_b = (a64.T if trans_a else a64), (b64.T if trans_b else b64)
+    expected = 1.5 * (op_a @ op_b) + 0.5 * 2.0
+    assert_close(c[:, :n], expected.astype(np.float32), rtol=4 * math.sqrt(k) * EPS32, atol=1e-5)
+    assert np.all(c[:, n:] == 2.0), "wrote past the matrix into the padding"
+
+
+def test_the_bf16_gemm_is_mkls_when_mkl_is_installed():
+    described = numba_backend.parallelism()["bf16_gemm"]
+    if numba_gemm._mkl_path() is None:
+        assert not numba_gemm.BF16_GEMM.available and numba_backend.bf16_gemm() is None
+        assert "reference_gemm" in described
+    else:
+        assert numba_gemm.BF16_GEMM.name == "mkl" and "cblas_gemm_bf16bf16f32" in numba_backend.bf16_gemm()

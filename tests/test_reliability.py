@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from fastnet import backends, checkpoint
+from fastnet import backends, checkpoint, precision
 from fastnet.train import TIMING_METRICS, TrainConfig, resumed_config, train
 from helpers import assert_one_line_error, fastnet
 from test_data import make_arrays, write_archive, write_batches, write_npy
@@ -306,9 +306,11 @@ REGULARISED = dict(activation="tanh", norm="layernorm", dropout=0.2, label_smoot
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}, {"pca": 6, "flip": True, "translate": 1}],
-                         ids=["plain", "regularised", "pca-flip", "pca-translate"])
-def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path):
+@pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}, {"pca": 6, "flip": True, "translate": 1},
+                                   {"precision": "bf16"}, {"precision": "bf16", "pca": 6, **REGULARISED}],
+                         ids=["plain", "regularised", "pca-flip", "pca-translate", "bf16", "bf16-pca-regularised"])
+def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(precision.ANY_CPU, "1")  # bf16 on any CPU: the numbers, not the speed, are tested
     tiny, _ = finished_run
     settings = dict(data=str(tiny), backend=backend, hidden=(16, 8), epochs=4, batch_size=32, val=40, seed=3) | extra
     train(TrainConfig(**settings, out=str(tmp_path / "whole")), log=lambda line: None)

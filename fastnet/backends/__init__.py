@@ -6,7 +6,9 @@ A backend is a module (or any object) that provides every name in `KERNELS` with
 
 Besides its kernels, a backend may provide `use_threads(n)`, a context in which its kernels run on n
 cores, and `parallelism()`, what config.json records of how they share the cores; `use_threads`
-and `parallelism` below fall back to BLAS's threads for a backend that has neither.
+and `parallelism` below fall back to BLAS's threads for a backend that has neither. `bf16_gemm()`
+names the library that multiplies its bfloat16 operands, or returns None when it has none; a backend
+without it computes them as NumPy's reference does, in float32.
 
 The Numba backend is registered lazily: importing numba and loading its compiled kernels takes
 a noticeable fraction of a second, which a NumPy run should not pay.
@@ -25,6 +27,8 @@ KERNELS = (
     "gather_normalize",
     "augment_gather_normalize",
     "gather_flip_components",
+    "round_to_bf16",
+    "bf16_to_float32",
     "dense_forward",
     "dense_relu_forward",
     "dense_backward",
@@ -58,7 +62,7 @@ KERNELS = (
 )
 
 # What a backend may provide besides its kernels (see use_threads and parallelism below).
-HOOKS = ("use_threads", "parallelism")
+HOOKS = ("use_threads", "parallelism", "bf16_gemm")
 
 DEFAULT = "numpy"
 _backends = {}
@@ -130,3 +134,11 @@ def parallelism(name):
     blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
     return {"threads": max((lib["num_threads"] for lib in blas), default=1),
             "split": "BLAS's own threads, inside each product; every other pass on one thread"}
+
+
+def bf16_gemm(name):
+    """What multiplies backend `name`'s bfloat16 GEMM operands (None: nothing fast is installed)."""
+    backend = get(name)
+    if hasattr(backend, "bf16_gemm"):
+        return backend.bf16_gemm()
+    return "float32 matmul of the operands' bf16 values (NumPy; an emulation, for reference)"

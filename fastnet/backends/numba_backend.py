@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from fastnet.backends import numba_gemm  # noqa: E402
-from fastnet.backends.numba_gemm import ALIGN_COLUMNS, copy_back, gemm, product_tile, span, thread_count  # noqa: E402
+from fastnet.backends.numba_bf16 import from_bf16, to_bf16  # noqa: E402
+from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, contiguous, copy_back, gemm, product_tile, span,  # noqa: E402
+                                         thread_count)
 
 from fastnet.errors import FastnetError  # noqa: E402
 
@@ -58,6 +60,11 @@ def use_threads(threads):
 
 def parallelism():
     return numba_gemm.describe()
+
+
+def bf16_gemm():
+    """The library of the bfloat16 products (MKL's), or None when only plain loops stand in."""
+    return numba_gemm.BF16_GEMM.describe() if numba_gemm.BF16_GEMM.available else None
 
 NAME = "numba"
 
@@ -127,6 +134,27 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
     return out
 
 
+# --- bfloat16 --------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def round_to_bf16(x, out16):
+    """out16 = x rounded to bfloat16, ties to even (numba_bf16.to_bf16), rows split across threads."""
+    for i in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            out16[i, j] = to_bf16(x[i, j])
+    return out16
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def bf16_to_float32(x16, out):
+    """out = the exact float32 values of the bfloat16 bits in x16."""
+    for i in prange(x16.shape[0]):
+        for j in range(x16.shape[1]):
+            out[i, j] = from_bf16(x16[i, j])
+    return out
+
+
 # --- Dense layer -----------------------------------------------------------------------------------
 
 # Each dense kernel is a serial entry and a parallel loop. The entry hands the loop C-contiguous arrays
@@ -140,16 +168,17 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
 
 
 @njit(cache=True, error_model="numpy")
-def dense_forward(x, W, b, out):
-    """out = x @ W + b: each tile's product, then its bias."""
-    work_out = np.ascontiguousarray(out)
-    _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out)
+def dense_forward(x, W, b, out, out16=None):
+    """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
+    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
+    _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out, work16)
     copy_back(out, work_out)
+    copy_back(out16, work16)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_forward(x, W, b, out):
+def _dense_forward(x, W, b, out, out16):
     """The tiles of dense_forward, on C-contiguous arrays."""
     parts = thread_count()
     for part in prange(parts):
@@ -157,21 +186,26 @@ def _dense_forward(x, W, b, out):
         gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
         for i in range(r0, r1):
             for j in range(c0, c1):
-                out[i, j] += b[j]
+                z = out[i, j] + b[j]
+                out[i, j] = z
+                if out16 is not None:
+                    out16[i, j] = to_bf16(z)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def dense_relu_forward(x, W, b, out):
+def dense_relu_forward(x, W, b, out, out16=None):
     """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
-    work_out = np.ascontiguousarray(out)
-    _dense_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out)
+    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
+    _dense_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
+                        work16)
     copy_back(out, work_out)
+    copy_back(out16, work16)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_relu_forward(x, W, b, out):
+def _dense_relu_forward(x, W, b, out, out16):
     """The tiles of dense_relu_forward, on C-contiguous arrays."""
     zero = out.dtype.type(0)
     parts = thread_count()
@@ -180,22 +214,27 @@ def _dense_relu_forward(x, W, b, out):
         gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
         for i in range(r0, r1):
             for j in range(c0, c1):
-                out[i, j] = max(out[i, j] + b[j], zero)
+                z = max(out[i, j] + b[j], zero)
+                out[i, j] = z
+                if out16 is not None:
+                    out16[i, j] = to_bf16(z)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def dense_backward(dout, x, W, dW, db, dx):
-    """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None."""
-    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
-    _bias_grad(work_dout, work_db)
-    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+def dense_backward(dout, x, W, dW, db, dx, dout16=None):
+    """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None; with
+    dout16, dout's bf16 copy is written in the column-sum pass and the products read it."""
+    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
+    _bias_grad(work_dout, work_db, work16)
+    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
+    copy_back(dout16, work16)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _bias_grad(dout, db):
+def _bias_grad(dout, db, dout16):
     """dense_backward's pass over column tiles of dout, before its products."""
     parts = thread_count()
     for part in prange(parts):
@@ -204,21 +243,24 @@ def _bias_grad(dout, db):
         for i in range(dout.shape[0]):
             for j in range(c0, c1):
                 db[j] += dout[i, j]
+                if dout16 is not None:
+                    dout16[i, j] = to_bf16(dout[i, j])
 
 
 @njit(cache=True, error_model="numpy")
-def dense_relu_backward(dout, out, x, W, dW, db, dx):
+def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
-    in the same pass, then the two GEMMs."""
-    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
-    _relu_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db)
-    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    in the same pass (writing dout16 there too), then the two GEMMs."""
+    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
+    _relu_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db, work16)
+    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
+    copy_back(dout16, work16)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _relu_grad_and_bias(dout, out, db):
+def _relu_grad_and_bias(dout, out, db, dout16):
     """dense_relu_backward's pass over column tiles of dout, before its products."""
     zero = dout.dtype.type(0)
     parts = thread_count()
@@ -231,19 +273,25 @@ def _relu_grad_and_bias(dout, out, db):
                     db[j] += dout[i, j]
                 else:
                     dout[i, j] = zero
+                if dout16 is not None:
+                    dout16[i, j] = to_bf16(dout[i, j])
 
 
 @njit(cache=True, error_model="numpy")
-def _weight_and_input_grads(dout, x, W, dW, dx):
+def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
     """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T, written into contiguous copies of
-    outputs that are not."""
-    work_dW = np.ascontiguousarray(dW)
-    if dx is None:
-        _weight_and_input_products(dout, x, W, work_dW, None)
+    outputs that are not. The products read dout16 instead of dout when it is given."""
+    if dout16 is None:
+        _weight_and_input_outputs(dout, x, W, dW, dx)
     else:
-        work_dx = np.ascontiguousarray(dx)
-        _weight_and_input_products(dout, x, W, work_dW, work_dx)
-        copy_back(dx, work_dx)
+        _weight_and_input_outputs(dout16, x, W, dW, dx)
+
+
+@njit(cache=True, error_model="numpy")
+def _weight_and_input_outputs(dout, x, W, dW, dx):
+    work_dW, work_dx = np.ascontiguousarray(dW), contiguous(dx)
+    _weight_and_input_products(dout, x, W, work_dW, work_dx)
+    copy_back(dx, work_dx)
     copy_back(dW, work_dW)
 
 
@@ -276,23 +324,29 @@ def relu_backward(dout, out, dx):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def relu_forward(x, out):
+def relu_forward(x, out, out16=None):
     """out = max(x, 0); out may be x."""
     zero = out.dtype.type(0)
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            out[i, j] = max(x[i, j], zero)
+            z = max(x[i, j], zero)
+            out[i, j] = z
+            if out16 is not None:
+                out16[i, j] = to_bf16(z)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def leaky_relu_forward(x, negative_slope, out):
+def leaky_relu_forward(x, negative_slope, out, out16=None):
     """out = x where x > 0, else negative_slope * x; out may be x."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             z = x[i, j]
-            out[i, j] = z if z > zero else z * slope
+            y = z if z > zero else z * slope
+            out[i, j] = y
+            if out16 is not None:
+                out16[i, j] = to_bf16(y)
     return out
 
 
@@ -308,16 +362,18 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
 
 
 @njit(cache=True, error_model="numpy")
-def dense_leaky_relu_forward(x, W, b, negative_slope, out):
+def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
-    work_out = np.ascontiguousarray(out)
-    _dense_leaky_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), negative_slope, work_out)
+    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
+    _dense_leaky_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b),
+                              negative_slope, work_out, work16)
     copy_back(out, work_out)
+    copy_back(out16, work16)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_leaky_relu_forward(x, W, b, negative_slope, out):
+def _dense_leaky_relu_forward(x, W, b, negative_slope, out, out16):
     """The tiles of dense_leaky_relu_forward, on C-contiguous arrays."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
     parts = thread_count()
@@ -327,22 +383,26 @@ def _dense_leaky_relu_forward(x, W, b, negative_slope, out):
         for i in range(r0, r1):
             for j in range(c0, c1):
                 z = out[i, j] + b[j]
-                out[i, j] = z if z > zero else z * slope
+                y = z if z > zero else z * slope
+                out[i, j] = y
+                if out16 is not None:
+                    out16[i, j] = to_bf16(y)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx):
+def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
     """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
-    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
-    _leaky_relu_grad_and_bias(work_dout, np.ascontiguousarray(out), negative_slope, work_db)
-    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
+    _leaky_relu_grad_and_bias(work_dout, np.ascontiguousarray(out), negative_slope, work_db, work16)
+    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
+    copy_back(dout16, work16)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _leaky_relu_grad_and_bias(dout, out, negative_slope, db):
+def _leaky_relu_grad_and_bias(dout, out, negative_slope, db, dout16):
     """dense_leaky_relu_backward's pass over column tiles of dout, before its products."""
     slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
     parts = thread_count()
@@ -354,6 +414,8 @@ def _leaky_relu_grad_and_bias(dout, out, negative_slope, db):
                 if out[i, j] <= zero:
                     dout[i, j] = dout[i, j] * slope
                 db[j] += dout[i, j]
+                if dout16 is not None:
+                    dout16[i, j] = to_bf16(dout[i, j])
 
 
 # tanh and GELU go through exp, which LLVM vectorises, instead of the C library's tanh, which it
@@ -370,13 +432,16 @@ def _tanh_via_exp(z):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def tanh_forward(x, out):
+def tanh_forward(x, out, out16=None):
     """out = tanh(x); out may be x."""
     real = out.dtype.type
     fast = out.itemsize == 4
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            out[i, j] = real(_tanh_via_exp(float(x[i, j]))) if fast else np.tanh(x[i, j])
+            y = real(_tanh_via_exp(float(x[i, j]))) if fast else np.tanh(x[i, j])
+            out[i, j] = y
+            if out16 is not None:
+                out16[i, j] = to_bf16(y)
     return out
 
 
@@ -391,16 +456,18 @@ def tanh_backward(dout, out, dx):
 
 
 @njit(cache=True, error_model="numpy")
-def dense_tanh_forward(x, W, b, out):
+def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
-    work_out = np.ascontiguousarray(out)
-    _dense_tanh_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out)
+    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
+    _dense_tanh_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
+                        work16)
     copy_back(out, work_out)
+    copy_back(out16, work16)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_tanh_forward(x, W, b, out):
+def _dense_tanh_forward(x, W, b, out, out16):
     """The tiles of dense_tanh_forward, on C-contiguous arrays."""
     real = out.dtype.type
     fast = out.itemsize == 4
@@ -411,22 +478,26 @@ def _dense_tanh_forward(x, W, b, out):
         for i in range(r0, r1):
             for j in range(c0, c1):
                 z = out[i, j] + b[j]
-                out[i, j] = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
+                y = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
+                out[i, j] = y
+                if out16 is not None:
+                    out16[i, j] = to_bf16(y)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def dense_tanh_backward(dout, out, x, W, dW, db, dx):
+def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
-    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
-    _tanh_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db)
-    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
+    _tanh_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db, work16)
+    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
+    copy_back(dout16, work16)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _tanh_grad_and_bias(dout, out, db):
+def _tanh_grad_and_bias(dout, out, db, dout16):
     """dense_tanh_backward's pass over column tiles of dout, before its products."""
     one = dout.dtype.type(1)
     parts = thread_count()
@@ -438,6 +509,8 @@ def _tanh_grad_and_bias(dout, out, db):
                 g = dout[i, j] * (one - out[i, j] * out[i, j])
                 dout[i, j] = g
                 db[j] += g
+                if dout16 is not None:
+                    dout16[i, j] = to_bf16(g)
 
 
 # The constants of numpy_backend's GELU.
@@ -462,13 +535,16 @@ def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def gelu_forward(x, out):
+def gelu_forward(x, out, out16=None):
     """out = gelu(x), tanh approximation."""
     real = out.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            out[i, j] = _gelu(x[i, j], one, two_root, cubic, cap)
+            y = _gelu(x[i, j], one, two_root, cubic, cap)
+            out[i, j] = y
+            if out16 is not None:
+                out16[i, j] = to_bf16(y)
     return out
 
 
@@ -485,18 +561,19 @@ def gelu_backward(dout, x, dx):
 
 
 @njit(cache=True, error_model="numpy")
-def dense_gelu_forward(x, W, b, pre, out):
+def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
-    work_pre = np.ascontiguousarray(pre)
-    work_out = np.ascontiguousarray(out)
-    _dense_gelu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_pre, work_out)
+    work_pre, work_out, work16 = np.ascontiguousarray(pre), np.ascontiguousarray(out), contiguous(out16)
+    _dense_gelu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_pre, work_out,
+                        work16)
     copy_back(pre, work_pre)
     copy_back(out, work_out)
+    copy_back(out16, work16)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_gelu_forward(x, W, b, pre, out):
+def _dense_gelu_forward(x, W, b, pre, out, out16):
     """The tiles of dense_gelu_forward, on C-contiguous arrays."""
     real = out.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
@@ -508,22 +585,26 @@ def _dense_gelu_forward(x, W, b, pre, out):
             for j in range(c0, c1):
                 z = pre[i, j] + b[j]
                 pre[i, j] = z
-                out[i, j] = _gelu(z, one, two_root, cubic, cap)
+                y = _gelu(z, one, two_root, cubic, cap)
+                out[i, j] = y
+                if out16 is not None:
+                    out16[i, j] = to_bf16(y)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def dense_gelu_backward(dout, pre, x, W, dW, db, dx):
+def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
-    work_dout, work_db = np.ascontiguousarray(dout), np.ascontiguousarray(db)
-    _gelu_grad_and_bias(work_dout, np.ascontiguousarray(pre), work_db)
-    _weight_and_input_grads(work_dout, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
+    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
+    _gelu_grad_and_bias(work_dout, np.ascontiguousarray(pre), work_db, work16)
+    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
+    copy_back(dout16, work16)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _gelu_grad_and_bias(dout, pre, db):
+def _gelu_grad_and_bias(dout, pre, db, dout16):
     """dense_gelu_backward's pass over column tiles of dout, before its products."""
     real = dout.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
@@ -537,6 +618,8 @@ def _gelu_grad_and_bias(dout, pre, db):
                 g = dout[i, j] * _gelu_slope(pre[i, j], one, two_root, cubic, three_cubic, cap)
                 dout[i, j] = g
                 db[j] += g
+                if dout16 is not None:
+                    dout16[i, j] = to_bf16(g)
 
 # --- Layer normalisation ---------------------------------------------------------------------------
 
@@ -614,7 +697,7 @@ def _layernorm_row_grad(dout, xhat, inv_std, gain, dx, i):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def dropout(x, uniform, rate, out):
+def dropout(x, uniform, rate, out, out16=None):
     """Inverted dropout with the caller's uniform numbers; its own backward. out may be x."""
     # rate is compared in uniform's dtype, as NumPy compares an array with a Python float.
     threshold = uniform.dtype.type(rate)
@@ -622,7 +705,10 @@ def dropout(x, uniform, rate, out):
     zero = out.dtype.type(0)
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
-            out[i, j] = x[i, j] * keep_scale if uniform[i, j] >= threshold else zero
+            y = x[i, j] * keep_scale if uniform[i, j] >= threshold else zero
+            out[i, j] = y
+            if out16 is not None:
+                out16[i, j] = to_bf16(y)
     return out
 
 
@@ -716,69 +802,106 @@ def sum_of_squares(x):
 
 
 # --- Optimizer updates -----------------------------------------------------------------------------
-# One loop per parameter. Parameters and state are C-contiguous (the model and optimizer
-# allocate them so), so reshape(-1) is a view; np.ravel copies only a gradient that is not.
+# Each kernel is an entry that flattens its arrays and a parallel loop over their elements.
+# Parameters and state are C-contiguous (the model and optimizer allocate them so), so reshape(-1)
+# is a view; np.ravel copies only a gradient that is not. The bf16 copy, when given, is written from
+# each updated element in the same loop. (The entry flattens it too: flattened inside the parallel
+# function, by a helper, Numba's parfors dropped the writes to it.)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def sgd_step(param, grad, lr, weight_decay):
+@njit(cache=True, error_model="numpy")
+def sgd_step(param, grad, lr, weight_decay, param16=None):
     """param -= lr * (grad + weight_decay * param)."""
-    p, g = param.reshape(-1), np.ravel(grad)
     real = param.dtype.type
     # As in the reference, the factor is computed in double and rounded once.
-    shrink, lr = real(1.0 - lr * weight_decay), real(lr)
-    for i in prange(p.size):
-        p[i] = p[i] * shrink - lr * g[i]
+    shrink, rate = real(1.0 - lr * weight_decay), real(lr)
+    if param16 is None:
+        _sgd(param.reshape(-1), np.ravel(grad), shrink, rate, None)
+    else:
+        _sgd(param.reshape(-1), np.ravel(grad), shrink, rate, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def momentum_step(param, grad, velocity, lr, momentum, weight_decay):
+def _sgd(p, g, shrink, lr, p16):
+    for i in prange(p.size):
+        p[i] = p[i] * shrink - lr * g[i]
+        if p16 is not None:
+            p16[i] = to_bf16(p[i])
+
+
+@njit(cache=True, error_model="numpy")
+def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """v = momentum * v + grad + weight_decay * param; param -= lr * v."""
-    p, g, v = param.reshape(-1), np.ravel(grad), velocity.reshape(-1)
     real = param.dtype.type
-    lr, momentum, decay = real(lr), real(momentum), real(weight_decay)
+    factors = real(lr), real(momentum), real(weight_decay)
+    if param16 is None:
+        _momentum(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
+    else:
+        _momentum(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _momentum(p, g, v, lr, momentum, decay, p16):
     for i in prange(p.size):
         v[i] = v[i] * momentum + g[i] + decay * p[i]
         p[i] -= lr * v[i]
+        if p16 is not None:
+            p16[i] = to_bf16(p[i])
+
+
+@njit(cache=True, error_model="numpy")
+def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
+    """g' = grad + weight_decay * param; v = momentum * v + g'; param -= lr * (g' + momentum * v)."""
+    real = param.dtype.type
+    factors = real(lr), real(momentum), real(weight_decay)
+    if param16 is None:
+        _nesterov(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
+    else:
+        _nesterov(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def nesterov_step(param, grad, velocity, lr, momentum, weight_decay):
-    """g' = grad + weight_decay * param; v = momentum * v + g'; param -= lr * (g' + momentum * v)."""
-    p, g, v = param.reshape(-1), np.ravel(grad), velocity.reshape(-1)
-    real = param.dtype.type
-    lr, momentum, decay = real(lr), real(momentum), real(weight_decay)
+def _nesterov(p, g, v, lr, momentum, decay, p16):
     for i in prange(p.size):
         gi = g[i] + decay * p[i]
         v[i] = v[i] * momentum + gi
         p[i] -= lr * (gi + momentum * v[i])
+        if p16 is not None:
+            p16[i] = to_bf16(p[i])
 
 
 @njit(cache=True, error_model="numpy")
-def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """Adam with bias correction and L2 weight decay added to the gradient."""
-    _adam(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, 0.0, step)
+    _adam(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, 0.0, step, param16)
 
 
 @njit(cache=True, error_model="numpy")
-def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """AdamW: the weight decay shrinks the parameter instead of entering the moments."""
-    _adam(param, grad, m, v, lr, beta1, beta2, eps, 0.0, weight_decay, step)
+    _adam(param, grad, m, v, lr, beta1, beta2, eps, 0.0, weight_decay, step, param16)
+
+
+@njit(cache=True, error_model="numpy")
+def _adam(param, grad, first_moment, second_moment, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step,
+          param16):
+    real = param.dtype.type
+    # Factors are computed in double and rounded once, as the reference's Python floats are.
+    factors = (real(beta1), real(beta2), real(eps), real(l2_decay), real(1.0 - beta1), real(1.0 - beta2),
+               real(1.0 - lr * decoupled_decay), real(lr / (1 - beta1 ** step)), real(1 - beta2 ** step))
+    flat = param.reshape(-1), np.ravel(grad), first_moment.reshape(-1), second_moment.reshape(-1)
+    if param16 is None:
+        _adam_loop(*flat, *factors, None)
+    else:
+        _adam_loop(*flat, *factors, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _adam(param, grad, first_moment, second_moment, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step):
-    p, g = param.reshape(-1), np.ravel(grad)
-    m, v = first_moment.reshape(-1), second_moment.reshape(-1)
-    real = param.dtype.type
-    # Factors are computed in double and rounded once, as the reference's Python floats are.
-    b1, b2, tiny, l2 = real(beta1), real(beta2), real(eps), real(l2_decay)
-    keep1, keep2 = real(1.0 - beta1), real(1.0 - beta2)
-    shrink = real(1.0 - lr * decoupled_decay)
-    step_size = real(lr / (1 - beta1 ** step))
-    correction2 = real(1 - beta2 ** step)
+def _adam_loop(p, g, m, v, b1, b2, tiny, l2, keep1, keep2, shrink, step_size, correction2, p16):
     for i in prange(p.size):
         gi = g[i] + l2 * p[i]
         m[i] = m[i] * b1 + keep1 * gi
         v[i] = v[i] * b2 + keep2 * gi * gi
         p[i] = p[i] * shrink - step_size * m[i] / (np.sqrt(v[i] / correction2) + tiny)
+        if p16 is not None:
+            p16[i] = to_bf16(p[i])

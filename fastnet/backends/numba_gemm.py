@@ -28,6 +28,7 @@ import llvmlite.binding
 import numba
 import numpy as np
 from numba import njit, types
+from numba.extending import overload
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values
@@ -120,14 +121,51 @@ def _cpu_vendor():
     return None
 
 
+class Bf16Gemm:
+    """The library of the bfloat16 GEMM (bf16 operands, float32 products and output): its name, file
+    and version, or 'none' when only numba_bf16.reference_gemm's loops stand in."""
+
+    def __init__(self, name, path, address, version=None):
+        self.name, self.path, self.address, self.version = name, path, address, version
+
+    @property
+    def available(self):
+        return self.name != "none"
+
+    def describe(self):
+        if not self.available:
+            return "none (numba_bf16.reference_gemm's plain loops stand in)"
+        return f"{self.name} {self.version} cblas_gemm_bf16bf16f32" if self.version else self.name
+
+
+def find_bf16_gemm():
+    """MKL's cblas_gemm_bf16bf16f32_64 when the mkl package is installed, whichever BLAS runs the
+    float32 products: NumPy's OpenBLAS has no bfloat16 GEMM (sbgemm is left out of its build)."""
+    path = _mkl_path()
+    if path is not None:
+        dll = ctypes.CDLL(path)
+        dll.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)
+        address = _symbol(dll, ["cblas_gemm_bf16bf16f32_64"])
+        if address:
+            version = ctypes.create_string_buffer(256)
+            dll.MKL_Get_Version_String(version, 256)
+            return Bf16Gemm("mkl", path, address, version.value.decode(errors="replace").strip())
+    from fastnet.backends.numba_bf16 import reference_gemm
+    return Bf16Gemm("none", None, reference_gemm.address)
+
+
 BLAS = find_blas()
+BF16_GEMM = find_bf16_gemm()
 llvmlite.binding.add_symbol("fastnet_cblas_sgemm", BLAS.sgemm)
 llvmlite.binding.add_symbol("fastnet_cblas_dgemm", BLAS.dgemm)
+llvmlite.binding.add_symbol("fastnet_cblas_gemm_bf16", BF16_GEMM.address)
 _enum, _int, _ptr = types.int32, types.int64, types.voidptr  # CBLAS's enums stay C ints
 _sgemm = types.ExternalFunction("fastnet_cblas_sgemm", types.void(
     _enum, _enum, _enum, _int, _int, _int, types.float32, _ptr, _int, _ptr, _int, types.float32, _ptr, _int))
 _dgemm = types.ExternalFunction("fastnet_cblas_dgemm", types.void(
     _enum, _enum, _enum, _int, _int, _int, types.float64, _ptr, _int, _ptr, _int, types.float64, _ptr, _int))
+_gemm_bf16 = types.ExternalFunction("fastnet_cblas_gemm_bf16", types.void(
+    _enum, _enum, _enum, _int, _int, _int, types.float32, _ptr, _int, _ptr, _int, types.float32, _ptr, _int))
 # numba.get_num_threads() in a kernel reaches the threading layer through a ctypes pointer, which
 # keeps the kernel out of the disk cache; the layer's own C symbol, registered once it has started,
 # does not.
@@ -164,7 +202,8 @@ def threads():
 def describe():
     """What config.json records of the driver: its BLAS, the threads and how each product is split."""
     return {"threads": threads(), "split": "numba_gemm: one tile per thread, BLAS on one thread per tile",
-            "blas": BLAS.describe(), "blas_path": BLAS.path, "threading_layer": _threading_layer(),
+            "blas": BLAS.describe(), "blas_path": BLAS.path, "bf16_gemm": BF16_GEMM.describe(),
+            "threading_layer": _threading_layer(),
             "partition": PARTITION}
 
 
@@ -226,7 +265,8 @@ def has_unit_stride(a):
 @njit(cache=True, nogil=True)
 def gemm(a, b, out):
     """out = a @ b as one BLAS call on the calling thread. a and b need a unit stride along one axis
-    (row-major arrays and their transposes); out along its rows. Nothing is allocated."""
+    (row-major arrays and their transposes); out along its rows. Nothing is allocated. a and b may
+    both be bfloat16 (uint16 arrays) with a float32 out: the products are then the bf16 GEMM's."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0:
@@ -234,11 +274,13 @@ def gemm(a, b, out):
     if k == 0:
         out[:, :] = 0
         return
-    size = out.itemsize
-    trans_a, lead_a = _layout(a, size)
-    trans_b, lead_b = _layout(b, size)
-    lead_out = max(out.strides[0] // size if m > 1 else n, n, 1)
-    if out.itemsize == 4:
+    trans_a, lead_a = _layout(a, a.itemsize)
+    trans_b, lead_b = _layout(b, b.itemsize)
+    lead_out = max(out.strides[0] // out.itemsize if m > 1 else n, n, 1)
+    if a.itemsize == 2:
+        _gemm_bf16(ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1), a.ctypes, lead_a, b.ctypes, lead_b,
+                   np.float32(0), out.ctypes, lead_out)
+    elif out.itemsize == 4:
         _sgemm(ROW_MAJOR, trans_a, trans_b, m, n, k, np.float32(1), a.ctypes, lead_a, b.ctypes, lead_b,
                np.float32(0), out.ctypes, lead_out)
     else:
@@ -246,10 +288,26 @@ def gemm(a, b, out):
                lead_out)
 
 
+def contiguous(array):
+    """np.ascontiguousarray of an optional array: None stays None, so that a kernel's optional
+    output is handled like its others."""
+    return None if array is None else np.ascontiguousarray(array)
+
+
+@overload(contiguous)
+def _contiguous(array):
+    # Chosen by type, not by an `is None` test, which Numba would type as an Optional result.
+    if isinstance(array, types.NoneType):
+        return lambda array: None
+    return lambda array: np.ascontiguousarray(array)
+
+
 @njit(cache=True, nogil=True)
 def copy_back(array, work):
     """Write `work`, a contiguous copy of `array` that a kernel computed into, back into it; nothing
-    when work is array itself (np.ascontiguousarray of a C array)."""
+    when work is array itself (np.ascontiguousarray of a C array), or when array is None."""
+    if array is None:
+        return
     if work.ctypes.data != array.ctypes.data:
         array[...] = work
 

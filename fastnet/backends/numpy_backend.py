@@ -7,6 +7,12 @@ features, H for output features and K for classes. Every array of one call share
 (float32 for training, float64 for gradient checks); scalars arrive as Python floats, which NumPy
 treats as "weak" and never uses to upcast float32 arrays.
 
+Mixed precision (`--precision bf16`) changes no kernel's arithmetic, only its operands: a GEMM's two
+inputs may be bfloat16, held in uint16 arrays (each element the top 16 bits of a float32, see
+round_to_bf16), and are then multiplied as their exact float32 values, with float32 sums and a float32
+output. Kernels whose output feeds the next GEMM take an optional `out16` (forward) or `dout16`
+(backward) and write it in the same pass; the optimizer steps take `param16`, the weight's bf16 copy.
+
 The Numba backend mirrors this module name for name; tests compare the two.
 """
 
@@ -69,40 +75,87 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
     return out
 
 
-# --- Dense layer -----------------------------------------------------------------------------------
+# --- bfloat16 --------------------------------------------------------------------------------------
+# bfloat16 keeps float32's sign and 8 exponent bits and 7 of its 23 mantissa bits, so a float32's top
+# 16 bits are a bf16 number, and a bf16 number padded with 16 zero bits is its exact float32 value.
 
-def dense_forward(x, W, b, out):
-    """out = x @ W + b, with x (B, D), W (D, H), b (H,), out (B, H)."""
-    np.matmul(x, W, out=out)
-    out += b
+def round_to_bf16(x, out16):
+    """out16 (uint16) = the bfloat16 nearest to each element of the float32 array x, ties to even.
+
+    Adding 0x7FFF plus the lowest kept bit to the bits carries into the top half exactly when the
+    dropped half is more than one half, or one half with an odd top half. Overflow gives inf, as
+    IEEE rounding does; subnormals round like any other number. A NaN would carry into the exponent
+    and could become inf, so it is truncated instead, with its quiet bit (0x40) set.
+    """
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    out16[...] = np.where(nan, (bits >> 16) | 0x40, rounded)
+    return out16
+
+
+def bf16_to_float32(x16, out):
+    """out = the exact float32 value of each bfloat16 in x16 (uint16)."""
+    out[...] = (x16.astype(np.uint32) << 16).view(np.float32)
     return out
 
 
-def dense_relu_forward(x, W, b, out):
+def _values(a):
+    """A GEMM operand as numbers: a itself, or the float32 values of a bfloat16 (uint16) array."""
+    if a.dtype != np.uint16:
+        return a
+    return bf16_to_float32(a, np.empty(a.shape, np.float32))
+
+
+def _write_bf16(out, out16):
+    """The bf16 copy of a kernel's output, when the caller asked for one."""
+    if out16 is not None:
+        round_to_bf16(out, out16)
+
+
+# --- Dense layer -----------------------------------------------------------------------------------
+
+def dense_forward(x, W, b, out, out16=None):
+    """out = x @ W + b, with x (B, D), W (D, H), b (H,), out (B, H). x and W may be bfloat16; out16,
+    when given, gets out rounded to bfloat16, as every forward kernel's optional out16 does."""
+    np.matmul(_values(x), _values(W), out=out)
+    out += b
+    _write_bf16(out, out16)
+    return out
+
+
+def dense_relu_forward(x, W, b, out, out16=None):
     """out = max(x @ W + b, 0): the hidden layers' forward pass, bias and activation fused."""
     dense_forward(x, W, b, out)
     np.maximum(out, 0, out=out)
+    _write_bf16(out, out16)
     return out
 
 
-def dense_backward(dout, x, W, dW, db, dx):
+def dense_backward(dout, x, W, dW, db, dx, dout16=None):
     """Gradients of out = x @ W + b given dout = dLoss/dout (B, H).
 
     Writes dW = x.T @ dout (D, H) and db = sum of dout over the batch (H,). dx = dout @ W.T (B, D)
     is written only when dx is not None: the first layer's input gradient is never needed, and
     skipping it saves a third of that layer's work.
+
+    With bfloat16 x and W, dout16 (B, H) gets dout rounded to bfloat16, and the products use it; db
+    sums dout itself, in float32.
     """
-    np.matmul(x.T, dout, out=dW)
+    operand = dout
+    if dout16 is not None:
+        operand = _values(round_to_bf16(dout, dout16))
+    np.matmul(_values(x).T, operand, out=dW)
     np.sum(dout, axis=0, out=db)
     if dx is not None:
-        np.matmul(dout, W.T, out=dx)
+        np.matmul(operand, _values(W).T, out=dx)
 
 
-def dense_relu_backward(dout, out, x, W, dW, db, dx):
+def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """Gradients of out = relu(x @ W + b): dout is first masked in place where the ReLU's output was
     0 (so it becomes dLoss/d(x @ W + b)), then everything proceeds as in dense_backward."""
     relu_backward(dout, out, dout)
-    dense_backward(dout, x, W, dW, db, dx)
+    dense_backward(dout, x, W, dW, db, dx, dout16)
 
 
 def relu_backward(dout, out, dx):
@@ -117,15 +170,17 @@ def relu_backward(dout, out, dx):
 # forward and backward with the activation fused, as the ReLU has. The backward kernels take what
 # the derivative is cheapest from: the output for leaky ReLU and tanh, the input for GELU.
 
-def relu_forward(x, out):
+def relu_forward(x, out, out16=None):
     """out = max(x, 0); out may be x."""
     np.maximum(x, 0, out=out)
+    _write_bf16(out, out16)
     return out
 
 
-def leaky_relu_forward(x, negative_slope, out):
+def leaky_relu_forward(x, negative_slope, out, out16=None):
     """out = x where x > 0, else negative_slope * x; out may be x."""
     np.copyto(out, np.where(x > 0, x, x * negative_slope))
+    _write_bf16(out, out16)
     return out
 
 
@@ -136,21 +191,22 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
     return dx
 
 
-def dense_leaky_relu_forward(x, W, b, negative_slope, out):
+def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b)."""
     dense_forward(x, W, b, out)
-    return leaky_relu_forward(out, negative_slope, out)
+    return leaky_relu_forward(out, negative_slope, out, out16)
 
 
-def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx):
+def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
     """dense_backward behind a leaky ReLU whose output was `out`; dout is scaled in place first."""
     leaky_relu_backward(dout, out, negative_slope, dout)
-    dense_backward(dout, x, W, dW, db, dx)
+    dense_backward(dout, x, W, dW, db, dx, dout16)
 
 
-def tanh_forward(x, out):
+def tanh_forward(x, out, out16=None):
     """out = tanh(x); out may be x."""
     np.tanh(x, out=out)
+    _write_bf16(out, out16)
     return out
 
 
@@ -160,16 +216,16 @@ def tanh_backward(dout, out, dx):
     return dx
 
 
-def dense_tanh_forward(x, W, b, out):
+def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b)."""
     dense_forward(x, W, b, out)
-    return tanh_forward(out, out)
+    return tanh_forward(out, out, out16)
 
 
-def dense_tanh_backward(dout, out, x, W, dW, db, dx):
+def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a tanh whose output was `out`; dout is scaled in place first."""
     tanh_backward(dout, out, dout)
-    dense_backward(dout, x, W, dW, db, dx)
+    dense_backward(dout, x, W, dW, db, dx, dout16)
 
 
 # GELU in its tanh approximation (Hendrycks and Gimpel; PyTorch's approximate="tanh"):
@@ -178,10 +234,11 @@ GELU_SQRT_2_OVER_PI = 0.7978845608028654
 GELU_CUBIC = 0.044715
 
 
-def gelu_forward(x, out):
+def gelu_forward(x, out, out16=None):
     """out = gelu(x), tanh approximation; out must not be x, which gelu_backward needs."""
     inner = GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * (x * x * x))
     np.multiply(0.5 * x, 1 + np.tanh(inner), out=out)
+    _write_bf16(out, out16)
     return out
 
 
@@ -193,16 +250,16 @@ def gelu_backward(dout, x, dx):
     return dx
 
 
-def dense_gelu_forward(x, W, b, pre, out):
+def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre): the backward pass needs pre."""
     dense_forward(x, W, b, pre)
-    return gelu_forward(pre, out)
+    return gelu_forward(pre, out, out16)
 
 
-def dense_gelu_backward(dout, pre, x, W, dW, db, dx):
+def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a GELU whose input was `pre`; dout is scaled in place first."""
     gelu_backward(dout, pre, dout)
-    dense_backward(dout, x, W, dW, db, dx)
+    dense_backward(dout, x, W, dW, db, dx, dout16)
 
 
 # --- Layer normalisation ---------------------------------------------------------------------------
@@ -238,7 +295,7 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
 
 # --- Dropout ---------------------------------------------------------------------------------------
 
-def dropout(x, uniform, rate, out):
+def dropout(x, uniform, rate, out, out16=None):
     """Inverted dropout: out = x / (1 - rate) where uniform >= rate, else 0.
 
     `uniform` (same shape as x) holds numbers drawn from [0, 1) by the caller's generator, so every
@@ -247,6 +304,7 @@ def dropout(x, uniform, rate, out):
     """
     np.multiply(x, uniform >= rate, out=out)  # rate is compared as uniform's dtype (NumPy 2's rule)
     out *= 1 / (1 - rate)
+    _write_bf16(out, out16)
     return out
 
 
@@ -314,45 +372,51 @@ def sum_of_squares(x):
 
 # --- Optimizer updates -----------------------------------------------------------------------------
 # Each step updates the parameter and its state in place. weight_decay is the L2 coefficient added to
-# the gradient (decoupled from it for AdamW), so 0 switches it off.
+# the gradient (decoupled from it for AdamW), so 0 switches it off. param16, when given, is the
+# parameter's bfloat16 copy (mixed precision), rewritten from the updated parameter.
 
-def sgd_step(param, grad, lr, weight_decay):
+def sgd_step(param, grad, lr, weight_decay, param16=None):
     """param -= lr * (grad + weight_decay * param)."""
     if weight_decay:
         param *= 1 - lr * weight_decay
     param -= lr * grad
+    _write_bf16(param, param16)
 
 
-def momentum_step(param, grad, velocity, lr, momentum, weight_decay):
+def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """Heavy-ball momentum as PyTorch defines it: v = momentum * v + g; param -= lr * v."""
     velocity *= momentum
     velocity += grad
     if weight_decay:
         velocity += weight_decay * param
     param -= lr * velocity
+    _write_bf16(param, param16)
 
 
-def nesterov_step(param, grad, velocity, lr, momentum, weight_decay):
+def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """Nesterov momentum in PyTorch's form: v = momentum * v + g; param -= lr * (g + momentum * v)."""
     if weight_decay:
         grad = grad + weight_decay * param
     velocity *= momentum
     velocity += grad
     param -= lr * (grad + momentum * velocity)
+    _write_bf16(param, param16)
 
 
-def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """Adam with bias correction; step counts from 1. weight_decay is L2 added to the gradient."""
     if weight_decay:
         grad = grad + weight_decay * param
     _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step)
+    _write_bf16(param, param16)
 
 
-def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """AdamW: Adam whose weight decay shrinks the parameter directly instead of entering the moments."""
     if weight_decay:
         param *= 1 - lr * weight_decay
     _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step)
+    _write_bf16(param, param16)
 
 
 def _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step):

@@ -1,0 +1,83 @@
+"""bfloat16 in the Numba backend: Numba has no such type, so bf16 data live in uint16 arrays, each
+element the top half of a float32's bits, and the kernels convert with the two functions here.
+
+Rounding is to nearest, ties to even, as numpy_backend.round_to_bf16 defines it. A float32's bits
+reach integer code through a bit cast (an LLVM intrinsic below), not through a view of the array,
+so the epilogues convert a value while it is still in a register.
+
+`reference_gemm` is a C-callable bf16 GEMM with MKL's signature, written as plain loops. The GEMM
+driver binds it when MKL is not installed, so that a kernel given bf16 operands still computes the
+right numbers, slowly; fastnet itself refuses --precision bf16 on the numba backend without MKL.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
+
+NO_TRANS = 111
+
+
+@intrinsic
+def float32_bits(typingctx, value):
+    """The IEEE bits of a float32, as a uint32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_float32(typingctx, bits):
+    """The float32 whose IEEE bits are the uint32 `bits`."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def to_bf16(value):
+    """The bfloat16 (as uint16 bits) nearest to the float32 `value`, ties to even. Adding 0x7FFF
+    plus the lowest kept bit carries into the kept half exactly when the dropped half is over
+    one half, or is one half and the kept half is odd. NaN keeps its sign and top payload bits, with
+    the quiet bit set, so that no NaN rounds to inf."""
+    bits = np.int64(float32_bits(np.float32(value)))
+    if (bits & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((bits >> 16) | 0x40)
+    return np.uint16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def from_bf16(bits):
+    """The float32 value of bfloat16 bits: exact, the low half of the float32 is zero."""
+    return bits_float32(np.uint32(np.uint32(bits) << np.uint32(16)))
+
+
+_gemm_signature = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+                             types.float32, types.voidptr, types.int64, types.voidptr, types.int64, types.float32,
+                             types.voidptr, types.int64)
+
+
+@cfunc(_gemm_signature, cache=True)
+def reference_gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lead_a, b, lead_b, beta, c, lead_c):
+    """C = alpha * op(A) @ op(B) + beta * C for row-major bf16 A and B and float32 C, as MKL's
+    cblas_gemm_bf16bf16f32 computes it: the products exact in float32, summed in float32."""
+    rows_a = m if trans_a == NO_TRANS else k
+    rows_b = k if trans_b == NO_TRANS else n
+    a_bits = carray(a, (rows_a * lead_a,), np.uint16)
+    b_bits = carray(b, (rows_b * lead_b,), np.uint16)
+    out = carray(c, (m * lead_c,), np.float32)
+    for i in range(m):
+        for j in range(n):
+            total = np.float32(0)
+            for p in range(k):
+                left = a_bits[i * lead_a + p] if trans_a == NO_TRANS else a_bits[p * lead_a + i]
+                right = b_bits[p * lead_b + j] if trans_b == NO_TRANS else b_bits[j * lead_b + p]
+                total += from_bf16(left) * from_bf16(right)
+            previous = out[i * lead_c + j] * beta if beta != 0 else np.float32(0)
+            out[i * lead_c + j] = alpha * total + previous

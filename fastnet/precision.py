@@ -1,0 +1,44 @@
+"""Training precision: "fp32", float32 throughout, or "bf16", mixed precision whose GEMMs multiply
+bfloat16 operands into float32 (see fastnet.model).
+
+bf16 pays only where the CPU multiplies bfloat16 itself: Intel's AMX tiles (Sapphire Rapids and
+later) or the AVX512-BF16 dot products (Cooper Lake, AMD Zen 4 and later). Elsewhere a bf16 GEMM
+converts to float32 first and runs no faster than float32, with 8 bits of mantissa instead of 24,
+so `check` refuses it, unless $FASTNET_BF16_ANY_CPU is 1: for accuracy studies and tests of the bf16
+arithmetic on any CPU, at float32's speed or below.
+"""
+
+import os
+
+from fastnet import backends, cpu
+from fastnet.errors import FastnetError
+
+PRECISIONS = ("fp32", "bf16")
+BF16_INSTRUCTIONS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+ANY_CPU = "FASTNET_BF16_ANY_CPU"
+
+
+def bf16_instructions(flags=None):
+    """The CPU's bfloat16 multiply instructions, by their usual names (empty when it has none)."""
+    flags = cpu.flags() if flags is None else flags
+    return [name for flag, name in BF16_INSTRUCTIONS if flag in flags]
+
+
+def check(precision, backend=None, flags=None):
+    """What config.json records of `precision` on `backend`: {"precision", and for bf16 "instructions"
+    and "gemm"}. Raises FastnetError, one line saying what is missing and what to do, when the CPU
+    or the backend cannot run it."""
+    if precision not in PRECISIONS:
+        raise FastnetError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return {"precision": "fp32"}
+    found = bf16_instructions(flags)
+    if not found and os.environ.get(ANY_CPU) != "1":
+        raise FastnetError(f"--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16, and this one "
+                           f"({cpu.model_name()}) has neither: train with --precision fp32 (or set {ANY_CPU}=1 "
+                           f"to run bf16 anyway, no faster than fp32)")
+    gemm = backends.bf16_gemm(backend)
+    if gemm is None:
+        raise FastnetError(f"--precision bf16 on the {backends.resolve(backend)} backend needs MKL's bfloat16 "
+                           f"GEMM, which is not installed: pip install 'fastnet[mkl]' (or pip install mkl)")
+    return {"precision": "bf16", "instructions": found or [f"none ({ANY_CPU}=1)"], "gemm": gemm}

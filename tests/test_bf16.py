@@ -1,0 +1,196 @@
+"""Mixed precision (--precision bf16): the rounding to bfloat16 against an independent library
+(ml_dtypes, JAX's NumPy types), the checks that refuse it where it cannot pay, and what the model,
+optimizer and trainer promise about the bf16 copies. The backends' kernels are compared with each
+other in test_equivalence.py."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fastnet import backends, cli, cpu, precision
+from fastnet.backends import numpy_backend as ref
+from fastnet.errors import FastnetError
+from fastnet.model import MLP
+from fastnet.optim import Optimizer
+from fastnet.train import TrainConfig, train
+
+EPS_BF16 = 2.0 ** -8  # half the spacing of bfloat16 numbers at 1: the largest relative rounding error
+
+
+def rounded(x):
+    x = np.asarray(x, np.float32)
+    return ref.round_to_bf16(x, np.empty(x.shape, np.uint16))
+
+
+def values(bits):
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def every_delicate_float32():
+    """Every bfloat16 top half, each with the low halves just under, at and just over a tie."""
+    tops = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    return (tops[:, None] | lows).ravel().view(np.float32)
+
+
+# --- The rounding ---------------------------------------------------------------------------------------
+
+def test_rounding_matches_ml_dtypes_on_every_number():
+    x = np.concatenate([every_delicate_float32(),
+                        np.random.default_rng(0).integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+                        .view(np.float32)])
+    numbers = x[~np.isnan(x)]
+    with np.errstate(over="ignore"):
+        expected = numbers.astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert np.array_equal(rounded(numbers), expected)
+
+
+@pytest.mark.parametrize("bits, expected", [
+    (0x3F808000, 0x3F80),  # 1 + 2^-8, halfway between 1 and the next bf16: to the even one, 1
+    (0x3F818000, 0x3F82),  # halfway again, now up to the even neighbour
+    (0x3F808001, 0x3F81),  # just over halfway: up
+    (0xBF808000, 0xBF80),  # the same tie, negative
+    (0x7F7FFFFF, 0x7F80),  # the largest float32 rounds past the largest bf16: inf
+    (0x7F800000, 0x7F80),  # inf stays inf
+    (0xFF800000, 0xFF80),  # and -inf
+    (0x00000001, 0x0000),  # the smallest subnormal rounds to 0
+    (0x00008000, 0x0000),  # a subnormal tie, to even: 0
+    (0x00018000, 0x0002),  # a subnormal tie, to even: up
+    (0x80000000, 0x8000),  # -0 keeps its sign
+])
+def test_rounding_is_to_nearest_ties_to_even(bits, expected):
+    assert rounded(np.array([bits], np.uint32).view(np.float32))[0] == expected
+
+
+@pytest.mark.parametrize("bits", [0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0xFFC00001, 0xFF80FFFF])
+def test_a_nan_stays_a_nan_with_its_sign_and_the_quiet_bit(bits):
+    """Rounding 0x7FFFFFFF up would carry into the exponent and give inf: NaNs are truncated instead."""
+    result = int(rounded(np.array([bits], np.uint32).view(np.float32))[0])
+    assert np.isnan(values([result])[0])
+    assert result >> 15 == bits >> 31 and result & 0x40 and result >> 7 & 0xFF == 0xFF
+
+
+def test_every_bf16_number_converts_exactly_and_rounds_back_to_itself():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    as_float = ref.bf16_to_float32(bits, np.empty(bits.shape, np.float32))
+    assert np.array_equal(as_float.view(np.uint32), bits.astype(np.uint32) << 16)
+    numbers = ~np.isnan(as_float)
+    assert np.array_equal(rounded(as_float[numbers]), bits[numbers])
+
+
+# --- Where bf16 runs ----------------------------------------------------------------------------------------
+
+def test_bf16_is_refused_on_a_cpu_without_the_instructions(monkeypatch):
+    monkeypatch.delenv(precision.ANY_CPU, raising=False)
+    with pytest.raises(FastnetError, match=r"AMX-BF16 or AVX512-BF16.*--precision fp32") as refused:
+        precision.check("bf16", "numpy", flags={"avx2", "fma", "avx512f"})
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("flags, found", [({"amx_bf16", "avx512_bf16"}, ["AMX-BF16", "AVX512-BF16"]),
+                                          ({"avx512_bf16"}, ["AVX512-BF16"])])
+def test_bf16_runs_where_the_cpu_has_them_and_says_which(monkeypatch, flags, found):
+    monkeypatch.delenv(precision.ANY_CPU, raising=False)
+    numerics = precision.check("bf16", "numpy", flags=flags)
+    assert numerics["precision"] == "bf16" and numerics["instructions"] == found
+    assert numerics["gemm"] == backends.bf16_gemm("numpy") and "emulation" in numerics["gemm"]
+
+
+def test_the_override_runs_bf16_on_any_cpu_and_is_recorded(monkeypatch):
+    monkeypatch.setenv(precision.ANY_CPU, "1")
+    assert precision.check("bf16", "numpy", flags=set())["instructions"] == [f"none ({precision.ANY_CPU}=1)"]
+    assert precision.check("fp32", "numpy", flags=set()) == {"precision": "fp32"}
+    with pytest.raises(FastnetError, match="unknown precision 'fp16'"):
+        precision.check("fp16", "numpy")
+
+
+def test_the_numba_backend_without_mkl_says_what_to_install(monkeypatch):
+    numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
+    monkeypatch.setattr(numba_gemm, "BF16_GEMM", numba_gemm.Bf16Gemm("none", None, 0))
+    with pytest.raises(FastnetError, match=r"numba backend needs MKL's bfloat16 GEMM.*pip install 'fastnet\[mkl\]'"):
+        precision.check("bf16", "numba", flags={"amx_bf16"})
+
+
+@pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["bench", "--steps", "1", "--backend", "numpy"]])
+def test_the_cli_refuses_bf16_in_one_line_and_writes_nothing(monkeypatch, capsys, tiny_npy, tmp_path, command):
+    monkeypatch.delenv(precision.ANY_CPU, raising=False)
+    monkeypatch.setattr(cpu, "flags", lambda: {"avx2", "fma"})
+    extra = ["--data", str(tiny_npy), "--out", str(tmp_path / "run")] if command[0] == "train" else []
+    assert cli.main([*command, *extra, "--precision", "bf16"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastnet: error: --precision bf16 needs a CPU with AMX-BF16")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_keeps_float32_master_weights(monkeypatch):
+    with pytest.raises(ValueError, match="float32 master weights"):
+        MLP([4, 3, 2], dtype="float64", precision="bf16")
+    monkeypatch.setenv(precision.ANY_CPU, "1")
+    with pytest.raises(FastnetError, match="needs dtype float32"):
+        TrainConfig(precision="bf16", dtype="float64").check()
+
+
+# --- The model's bf16 copies ---------------------------------------------------------------------------------
+
+@pytest.fixture(params=["numpy", "numba"])
+def backend(request):
+    if request.param not in backends.available():
+        pytest.skip(f"the {request.param} backend is not installed")  # numpy always is
+    return request.param
+
+
+def test_the_weight_copies_follow_every_update(backend):
+    rng = np.random.default_rng(0)
+    net = MLP([20, 16, 5], backend=backend, precision="bf16", seed=1)
+    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16))
+    optimizer = Optimizer(net.params, "nesterov", weight_decay=0.01, backend=backend, copies=net.param_copies)
+    x, y = rng.standard_normal((8, 20)), rng.integers(0, 5, 8)
+    before = [W16.copy() for W16 in net.weights16]
+    for _ in range(3):
+        _, grads = net.loss_and_grads(x, y)
+        optimizer.step(grads, 0.1)
+    for W, W16, old in zip(net.weights, net.weights16, before):
+        assert np.array_equal(W16, rounded(W)) and not np.array_equal(W16, old)
+    # Written from outside (a checkpoint, a resumed run): refresh_copies catches up.
+    for W in net.weights:
+        W *= 2
+    net.refresh_copies()
+    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16))
+    folded = net.with_input_projection(rng.standard_normal((30, 20)).astype(np.float32))
+    assert np.array_equal(folded.weights16[0], rounded(folded.weights[0]))
+
+
+def test_training_passes_round_and_evaluation_does_not(backend):
+    """loss_and_grads in bf16 differs from float32 by bf16's rounding, not more and not less; forward,
+    evaluation, is float32 on the master weights whatever the precision."""
+    rng = np.random.default_rng(2)
+    sizes, batch = [300, 64, 10], 32
+    x, y = rng.standard_normal((batch, sizes[0])), rng.integers(0, sizes[-1], batch)
+    fp32, bf16 = (MLP(sizes, backend=backend, precision=p, seed=3) for p in ("fp32", "bf16"))
+    assert np.array_equal(bf16.forward(x), fp32.forward(x))
+    (loss32, grads32), (loss16, grads16) = fp32.loss_and_grads(x, y), bf16.loss_and_grads(x, y)
+    # Each product's operands carry a relative error of up to EPS_BF16 each, which mostly cancel over
+    # a sum of random signs; the two layers' errors add, and 8 EPS_BF16 bounds them with room.
+    for got, want in zip(grads16, grads32):
+        scale = float(np.abs(want).max())
+        difference = float(np.abs(got - want).max())
+        assert difference < 8 * EPS_BF16 * scale, "bf16 gradients are further from float32 than rounding explains"
+        assert difference > 100 * np.finfo(np.float32).eps * scale, "bf16 gradients equal float32's: nothing rounded"
+    assert loss16 != loss32 and abs(loss16 - loss32) < 8 * EPS_BF16 * loss32
+
+
+# --- A training run ------------------------------------------------------------------------------------------
+
+def test_a_bf16_run_records_its_numerics_and_learns_as_float32_does(backend, monkeypatch, tiny_npy, tmp_path):
+    monkeypatch.setenv(precision.ANY_CPU, "1")
+    settings = dict(data=str(tiny_npy), backend=backend, hidden=(32,), epochs=3, batch_size=30)
+    runs = {p: train(TrainConfig(**settings, precision=p, out=str(tmp_path / p)), log=lambda line: None)
+            for p in ("fp32", "bf16")}
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["precision"] == "bf16" and config["numerics"]["precision"] == "bf16"
+    assert config["numerics"]["gemm"] == backends.bf16_gemm(backend)
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["numerics"] == {"precision": "fp32"}
+    assert runs["bf16"]["test_acc"] > 0.9 and abs(runs["bf16"]["test_acc"] - runs["fp32"]["test_acc"]) <= 0.05
+    assert runs["bf16"]["train_loss"] != runs["fp32"]["train_loss"]
