@@ -625,14 +625,15 @@ class Augmentation:
         np.floor(uniform, out=uniform)
         np.copyto(out, uniform, casting="unsafe")
 
-    def apply(self, kernels, images, indices, rng, shift, scale, out):
-        """Draw this batch's choices and gather, augment and normalise images[indices] into out, with
-        `kernels` a backend (net.kernels). images: (N, H, W, C), or anything of N * H * W * C values
-        in that order (it is reshaped, a view for a contiguous array)."""
+    def apply(self, kernels, images, indices, rng, shift, scale, out, out16=None):
+        """Draw this batch's choices and gather, augment and normalise images[indices] into out (and
+        its bfloat16 rounding into out16, when given), with `kernels` a backend (net.kernels).
+        images: (N, H, W, C), or anything of N * H * W * C values in that order (it is reshaped, a
+        view for a contiguous array)."""
         flips, offsets, centres = self.draw(rng, len(indices))
         images = images.reshape(len(images), *self.image_shape)
         return kernels.augment_gather_normalize(images, indices, flips, offsets, centres, self.cutout, shift,
-                                                scale, out)
+                                                scale, out, out16)
 
 
 class ComponentFlip:
@@ -645,11 +646,11 @@ class ComponentFlip:
         self.signs = signs
         self._draws = Augmentation((1, 1), flip=True)
 
-    def apply(self, kernels, inputs, indices, rng, shift, scale, out):
+    def apply(self, kernels, inputs, indices, rng, shift, scale, out, out16=None):
         """Draw this batch's flips and gather inputs[indices] into out, flipped where drawn. shift and
         scale are not used: the components are standardised already."""
         flips, _, _ = self._draws.draw(rng, len(indices))
-        return kernels.gather_flip_components(inputs, indices, flips, self.signs, out)
+        return kernels.gather_flip_components(inputs, indices, flips, self.signs, out, out16)
 
 
 class ProjectedAugmentation:
@@ -663,11 +664,11 @@ class ProjectedAugmentation:
         self._no_bias = np.zeros(projection.shape[1], projection.dtype)
         self._pixels = {}
 
-    def apply(self, kernels, images, indices, rng, shift, scale, out):
+    def apply(self, kernels, images, indices, rng, shift, scale, out, out16=None):
         """Draw this batch's augmentations, gather, augment and standardise images[indices] as pixels,
-        and write their projection into out."""
+        and write their projection into out (in float32, whatever the training precision)."""
         pixels = self._pixels.get(len(indices))
         if pixels is None:
             pixels = self._pixels[len(indices)] = np.empty((len(indices), len(self.projection)), out.dtype)
         self.augmentation.apply(kernels, images, indices, rng, shift, scale, pixels)
-        return kernels.dense_forward(pixels, self.projection, self._no_bias, out)
+        return kernels.dense_forward(pixels, self.projection, self._no_bias, out, out16)

@@ -27,9 +27,9 @@ Mixed precision (precision="bf16") changes only the GEMMs' operands, as the fram
 does: every product reads bfloat16 copies of its inputs (the batch, the hidden activations, the
 weights, the upstream gradients) and sums in float32 into float32 outputs. Everything else (the
 master weights, the optimizer's state, the loss, layer norm, the activations and their derivatives)
-stays float32. The copies are written where their float32 originals are: the activations' by the
-forward kernels, the gradients' by the backward kernels' first pass, the weights' by the optimizer's
-update; only the input batch takes a pass of its own (round_to_bf16). Evaluation (`forward`, and
+stays float32. The copies are written where their float32 originals are: the input batch's by the
+trainer's gather kernel (else by a round_to_bf16 pass), the activations' by the forward kernels,
+the gradients' by the backward kernels' first pass, the weights' by the optimizer's update. Evaluation (`forward`, and
 the trainer's per-epoch test accuracy) runs in float32 on the master weights, so the accuracy a run
 reports is that of the model.npz it saves.
 """
@@ -95,6 +95,11 @@ class Workspace:
     @property
     def inputs(self):
         return self.activations[0]
+
+    @property
+    def inputs16(self):
+        """The bf16 copy of the inputs, for a gather kernel's out16 (None in fp32)."""
+        return self.activations16[0] if self.activations16 is not None else None
 
     @property
     def logits(self):
@@ -225,14 +230,15 @@ class MLP:
 
     # --- The passes, on a workspace whose inputs are filled in ------------------------------------
 
-    def run_forward(self, ws, rng=None):
+    def run_forward(self, ws, rng=None, rounded_inputs=False):
         """Forward pass of ws.inputs; the logits land in ws.logits. With a np.random.Generator `rng`
-        this is a training pass: dropout (if any) draws its masks from rng."""
+        this is a training pass: dropout (if any) draws its masks from rng. rounded_inputs says that
+        ws.inputs16 already holds the inputs in bf16 (the gather kernel wrote it): no pass to round them."""
         k = self.kernels
         training = rng is not None and self.dropout > 0
         ws.dropout_applied = training
         bf16 = ws.precision == "bf16"
-        if bf16:
+        if bf16 and not rounded_inputs:
             k.round_to_bf16(ws.inputs, ws.activations16[0])
         # What the products read: the float32 arrays, or their bf16 copies.
         inputs, weights = (ws.activations16, self.weights16) if bf16 else (ws.activations, self._weights)

@@ -610,11 +610,11 @@ def training_step(net, optimizer, images, labels, shift, scale, batch, lr, optio
     k = net.kernels
     ws = net.workspace(len(batch))
     if options.augmentation is not None:
-        options.augmentation.apply(k, images, batch, options.rng, shift, scale, ws.inputs)
+        options.augmentation.apply(k, images, batch, options.rng, shift, scale, ws.inputs, ws.inputs16)
     else:
-        k.gather_normalize(images, batch, shift, scale, ws.inputs)
+        k.gather_normalize(images, batch, shift, scale, ws.inputs, ws.inputs16)
     np.take(labels, batch, out=ws.labels)
-    net.run_forward(ws, options.rng)
+    net.run_forward(ws, options.rng, rounded_inputs=True)
     correct = k.count_correct(ws.logits, ws.labels)
     loss = net.run_backward(ws, options.label_smoothing)
     if options.clip is not None:

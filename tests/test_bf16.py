@@ -194,3 +194,19 @@ def test_a_bf16_run_records_its_numerics_and_learns_as_float32_does(backend, mon
     assert json.loads((tmp_path / "fp32" / "config.json").read_text())["numerics"] == {"precision": "fp32"}
     assert runs["bf16"]["test_acc"] > 0.9 and abs(runs["bf16"]["test_acc"] - runs["fp32"]["test_acc"]) <= 0.05
     assert runs["bf16"]["train_loss"] != runs["fp32"]["train_loss"]
+
+
+def test_a_batch_gathered_in_bf16_needs_no_rounding_pass(backend):
+    """The trainer's gather writes ws.inputs16 and run_forward(rounded_inputs=True) reads it: the
+    same logits, bit for bit, as the forward pass that rounds the batch itself."""
+    rng = np.random.default_rng(4)
+    net = MLP([12, 8, 3], backend=backend, precision="bf16", seed=0)
+    images = rng.integers(0, 256, (20, 12), dtype=np.uint8)
+    shift, scale = np.full(12, 120, np.float32), np.full(12, 1 / 64, np.float32)
+    ws = net.workspace(5)
+    net.kernels.gather_normalize(images, np.arange(5), shift, scale, ws.inputs, ws.inputs16)
+    assert np.array_equal(ws.inputs16, rounded(ws.inputs))
+    gathered = net.run_forward(ws, rounded_inputs=True).copy()
+    ws.inputs16[...] = 0
+    assert np.array_equal(net.run_forward(ws), gathered)
+    assert MLP([12, 8, 3], backend=backend).workspace(5).inputs16 is None

@@ -217,14 +217,27 @@ def with_awkward_shapes(**other_arguments):
 
 
 # --- Data ---------------------------------------------------------------------------------------------
+# With with16, a float32 gather also writes the batch's bfloat16 copy (out16), as a bf16 run asks.
+
+def bf16_output(shape, dtype, with16):
+    """() or (out16,): the optional last argument, for float32 batches only."""
+    return (np.zeros(shape, np.uint16),) if with16 and np.dtype(dtype) == np.float32 else ()
+
+
+def assert_bf16_output_is_rounded(other, kernel, make_args):
+    """The backend's out16, when there is one, is exactly its out rounded."""
+    args = make_args()
+    getattr(backends.get(other), kernel)(*args)
+    if args[-1].dtype == np.uint16:
+        assert np.array_equal(args[-1], to_bf16(args[-2])), f"{other}.{kernel}: out16 is not out rounded"
 
 @covers("gather_normalize")
 @pytest.mark.parametrize("source, dtype", [("uint8", "float32"), ("uint8", "float64"), ("float32", "float32")])
 @SETTINGS
-@given(count=st.integers(1, 40), batch=dims, width=dims, seed=seeds)
-@example(count=1, batch=5, width=3, seed=0)   # every index the same
-@example(count=9, batch=1, width=70, seed=1)  # batch 1
-def test_gather_normalize(other, source, dtype, count, batch, width, seed):
+@given(count=st.integers(1, 40), batch=dims, width=dims, seed=seeds, with16=st.booleans())
+@example(count=1, batch=5, width=3, seed=0, with16=False)   # every index the same
+@example(count=9, batch=1, width=70, seed=1, with16=True)  # batch 1
+def test_gather_normalize(other, source, dtype, count, batch, width, seed, with16):
     def make_args():
         rng = np.random.default_rng(seed)
         if source == "uint8":
@@ -234,19 +247,21 @@ def test_gather_normalize(other, source, dtype, count, batch, width, seed):
             images = rng.random((count, width), dtype=np.float32)
             shift, scale = rng.uniform(0, 1, width), rng.uniform(2, 8, width)
         indices = rng.integers(0, count, batch, dtype=np.int64)  # with repeats when batch > count
-        return images, indices, shift.astype(dtype), scale.astype(dtype), garbage((batch, width), dtype)
+        return (images, indices, shift.astype(dtype), scale.astype(dtype), garbage((batch, width), dtype),
+                *bf16_output((batch, width), dtype, with16))
 
-    check_kernel(other, "gather_normalize", make_args, {"out": 1}, f" ({source} images)")
+    check_kernel(other, "gather_normalize", make_args, {"out": 1, "out16": 1}, f" ({source} images)")
+    assert_bf16_output_is_rounded(other, "gather_normalize", make_args)
 
 
 @covers("augment_gather_normalize")
 @pytest.mark.parametrize("source, dtype", [("uint8", "float32"), ("uint8", "float64"), ("float32", "float32")])
 @SETTINGS
 @given(count=st.integers(1, 20), batch=st.integers(1, 20), image=st.tuples(st.integers(1, 9), st.integers(1, 9),
-       st.integers(1, 4)), cutout_size=st.integers(0, 6), seed=seeds)
-@example(count=1, batch=3, image=(1, 1, 1), cutout_size=0, seed=0)   # one pixel, every index the same
-@example(count=5, batch=1, image=(9, 7, 3), cutout_size=20, seed=1)  # a cutout wider than the image
-def test_augment_gather_normalize(other, source, dtype, count, batch, image, cutout_size, seed):
+       st.integers(1, 4)), cutout_size=st.integers(0, 6), seed=seeds, with16=st.booleans())
+@example(count=1, batch=3, image=(1, 1, 1), cutout_size=0, seed=0, with16=False)  # one pixel, one index
+@example(count=5, batch=1, image=(9, 7, 3), cutout_size=20, seed=1, with16=True)  # a cutout wider than the image
+def test_augment_gather_normalize(other, source, dtype, count, batch, image, cutout_size, seed, with16):
     height, width, channels = image
     features = height * width * channels
 
@@ -264,27 +279,29 @@ def test_augment_gather_normalize(other, source, dtype, count, batch, image, cut
         offsets = rng.integers(-max(height, width) - 1, max(height, width) + 2, (batch, 2))
         centres = np.stack([rng.integers(0, height, batch), rng.integers(0, width, batch)], axis=1)
         return (images, indices, flips, offsets, centres, cutout_size, shift.astype(dtype), scale.astype(dtype),
-                garbage((batch, features), dtype))
+                garbage((batch, features), dtype), *bf16_output((batch, features), dtype, with16))
 
-    check_kernel(other, "augment_gather_normalize", make_args, {"out": 1}, f" ({source} images {image})")
+    check_kernel(other, "augment_gather_normalize", make_args, {"out": 1, "out16": 1}, f" ({source} images {image})")
+    assert_bf16_output_is_rounded(other, "augment_gather_normalize", make_args)
 
 
 @covers("gather_flip_components")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @SETTINGS
-@given(count=st.integers(1, 30), batch=dims, width=dims, seed=seeds)
-@example(count=1, batch=4, width=3, seed=0)   # every index the same
-@example(count=7, batch=1, width=65, seed=1)  # batch 1
-def test_gather_flip_components(other, dtype, count, batch, width, seed):
+@given(count=st.integers(1, 30), batch=dims, width=dims, seed=seeds, with16=st.booleans())
+@example(count=1, batch=4, width=3, seed=0, with16=False)   # every index the same
+@example(count=7, batch=1, width=65, seed=1, with16=True)  # batch 1
+def test_gather_flip_components(other, dtype, count, batch, width, seed, with16):
     def make_args():
         rng = np.random.default_rng(seed)
         inputs = rng.standard_normal((count, width)).astype(dtype)
         indices = rng.integers(0, count, batch, dtype=np.int64)
         flips = rng.integers(0, 2, batch, dtype=np.uint8)
         signs = np.where(rng.random(width) < 0.5, -1.0, 1.0).astype(dtype)
-        return inputs, indices, flips, signs, garbage((batch, width), dtype)
+        return inputs, indices, flips, signs, garbage((batch, width), dtype), *bf16_output((batch, width), dtype, with16)
 
-    check_kernel(other, "gather_flip_components", make_args, {"out": 1})
+    check_kernel(other, "gather_flip_components", make_args, {"out": 1, "out16": 1})
+    assert_bf16_output_is_rounded(other, "gather_flip_components", make_args)
 
 
 # --- Dense layers -------------------------------------------------------------------------------------

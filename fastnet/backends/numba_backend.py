@@ -73,18 +73,22 @@ NAME = "numba"
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def gather_normalize(images, indices, shift, scale, out):
-    """out[i] = (images[indices[i]] - shift) * scale, converting each row as it is copied."""
+def gather_normalize(images, indices, shift, scale, out, out16=None):
+    """out[i] = (images[indices[i]] - shift) * scale, converting each row as it is copied (and
+    rounding it into out16 in the same pass)."""
     to_float = out.dtype.type
     for i in prange(indices.shape[0]):
         row = images[indices[i]]
         for j in range(out.shape[1]):
-            out[i, j] = (to_float(row[j]) - shift[j]) * scale[j]
+            y = (to_float(row[j]) - shift[j]) * scale[j]
+            out[i, j] = y
+            if out16 is not None:
+                out16[i, j] = to_bf16(y)
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def gather_flip_components(inputs, indices, flips, signs, out):
+def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
     """out[i] = inputs[indices[i]], times signs where flips[i] is set: a mirrored image, for images
     stored as mirror-symmetric and antisymmetric components."""
     for i in prange(indices.shape[0]):
@@ -95,11 +99,15 @@ def gather_flip_components(inputs, indices, flips, signs, out):
         else:
             for j in range(out.shape[1]):
                 out[i, j] = row[j]
+        if out16 is not None:
+            for j in range(out.shape[1]):
+                out16[i, j] = to_bf16(out[i, j])
     return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
+def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out,
+                             out16=None):
     """gather_normalize of (N, H, W, C) images with each sample's flip, translation and cutout: every
     output pixel is read from where the flip and translation put it, or written as 0 (padding and
     cutout) in the same pass."""
@@ -131,6 +139,9 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
                 else:
                     for c in range(channels):
                         out[i, feature + c] = zero
+        if out16 is not None:
+            for j in range(out.shape[1]):
+                out16[i, j] = to_bf16(out[i, j])
     return out
 
 

@@ -23,24 +23,28 @@ NAME = "numpy"
 
 # --- Data ------------------------------------------------------------------------------------------
 
-def gather_normalize(images, indices, shift, scale, out):
+def gather_normalize(images, indices, shift, scale, out, out16=None):
     """out[i] = (images[indices[i]] - shift) * scale, for images (N, D) uint8 or float and shift,
-    scale (D,). Only the minibatch is converted, so the training set itself stays uint8."""
+    scale (D,). Only the minibatch is converted, so the training set itself stays uint8. out16, as
+    for every kernel that writes a batch the first GEMM reads, gets out rounded to bfloat16."""
     np.subtract(images[indices], shift, out=out)
     np.multiply(out, scale, out=out)
+    _write_bf16(out, out16)
     return out
 
 
-def gather_flip_components(inputs, indices, flips, signs, out):
+def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
     """out[i] = inputs[indices[i]], times `signs` (D,) where flips[i] (B,) is nonzero. For images
     stored as components that are each mirror-symmetric (sign +1) or antisymmetric (-1), as
     `fastnet train --pca --flip` stores them, that is a left-right flip of the image."""
     one = signs.dtype.type(1)
     np.multiply(inputs[indices], np.where(flips[:, None] != 0, signs, one), out=out)
+    _write_bf16(out, out16)
     return out
 
 
-def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out):
+def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out,
+                             out16=None):
     """gather_normalize for channel-last images (N, H, W, C), each one flipped, translated and cut out
     on its way into out (B, H*W*C), as the caller's per-sample random draws say:
 
@@ -72,6 +76,7 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
     normalized = (pixels - shift.reshape(height, width, channels)) * scale.reshape(height, width, channels)
     normalized[~inside | cut] = 0
     out[...] = normalized.reshape(batch, -1)
+    _write_bf16(out, out16)
     return out
 
 
