@@ -38,13 +38,12 @@ import math
 
 import numpy as np
 
-from fastnet import backends
+from fastnet import activations, backends
 
 DTYPES = ("float32", "float64")
 PRECISIONS = ("fp32", "bf16")
-ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh")
+ACTIVATIONS = tuple(activations.ACTIVATIONS)
 NORMS = (None, "layernorm")
-LEAKY_RELU_SLOPE = 0.01
 LAYERNORM_EPS = 1e-5
 _MAX_WORKSPACES = 4  # a training batch, its last partial batch, an evaluation chunk, and one spare
 _FORWARD_CHUNK = 1024
@@ -85,7 +84,7 @@ class Workspace:
         def per_hidden_layer(needed, shape=lambda width: (batch_size, width)):
             return [np.zeros(shape(width), dtype) if needed else None for width in hidden_widths]
 
-        self.pre = per_hidden_layer(activation == "gelu" or norm is not None)
+        self.pre = per_hidden_layer(activations.ACTIVATIONS[activation].reads_input or norm is not None)
         self.xhat = per_hidden_layer(norm is not None)
         self.inv_std = per_hidden_layer(norm is not None, shape=lambda width: (batch_size,))
         self.hidden = per_hidden_layer(dropout > 0)
@@ -160,6 +159,7 @@ class MLP:
         self.dtype = np.dtype(dtype)
         self.precision = precision
         self.activation, self.dropout, self.norm = activation, dropout, norm
+        self._activation = activations.ACTIVATIONS[activation]
         self.backend = backends.resolve(backend)
         self.kernels = backends.get(self.backend)
         rng = np.random.default_rng(seed)
@@ -234,7 +234,7 @@ class MLP:
         """Forward pass of ws.inputs; the logits land in ws.logits. With a np.random.Generator `rng`
         this is a training pass: dropout (if any) draws its masks from rng. rounded_inputs says that
         ws.inputs16 already holds the inputs in bf16 (the gather kernel wrote it): no pass to round them."""
-        k = self.kernels
+        k, act = self.kernels, self._activation
         training = rng is not None and self.dropout > 0
         ws.dropout_applied = training
         bf16 = ws.precision == "bf16"
@@ -250,12 +250,13 @@ class MLP:
             out16 = ws.activations16[i + 1] if bf16 else None
             h16 = None if training else out16
             if self.norm is None:
-                self._dense_activation_forward(k, x, W, b, ws.pre[i], h, h16)
+                pre = (ws.pre[i],) if act.reads_input else ()
+                getattr(k, act.dense_forward)(x, W, b, *act.scalars, *pre, h, h16)
             else:
                 k.dense_forward(x, W, b, ws.pre[i])
                 k.layernorm_forward(ws.pre[i], self.norm_gains[i], self.norm_biases[i], LAYERNORM_EPS,
                                     ws.xhat[i], ws.inv_std[i], ws.pre[i])
-                self._activation_forward(k, ws.pre[i], h, h16)
+                getattr(k, act.forward)(ws.pre[i], *act.scalars, h, h16)
             if training:
                 rng.random(out=ws.uniform[i], dtype=self.dtype)
                 k.dropout(h, ws.uniform[i], self.dropout, ws.activations[i + 1], out16)
@@ -266,7 +267,7 @@ class MLP:
         """Loss of ws.logits against ws.labels, and every parameter's gradient into ws.grads.
         label_smoothing in [0, 1) mixes that much of the uniform distribution into the targets.
         Returns the mean loss as a Python float."""
-        k = self.kernels
+        k, act = self.kernels, self._activation
         if label_smoothing:
             loss = k.softmax_cross_entropy_smoothed(ws.logits, ws.labels, float(label_smoothing), ws.deltas[-1])
         else:
@@ -284,57 +285,17 @@ class MLP:
                 continue
             if ws.dropout_applied:
                 k.dropout(delta, ws.uniform[i], self.dropout, delta)
-            # The activation's backward reads its input (GELU) or its output (the others).
-            saved = ws.pre[i] if self.activation == "gelu" else ws.hidden[i] if ws.dropout_applied \
-                else ws.activations[i + 1]
+            # The activation's backward reads its input (GELU) or its output (the others), which is
+            # where dropout (if any) was applied to make the layer's output.
+            saved = ws.pre[i] if act.reads_input else ws.hidden[i] if ws.dropout_applied else ws.activations[i + 1]
             if self.norm is None:
-                self._dense_activation_backward(k, delta, saved, x, W, dW, db, dx, delta16)
+                getattr(k, act.dense_backward)(delta, saved, x, W, *act.scalars, dW, db, dx, delta16)
             else:
-                self._activation_backward(k, delta, saved, delta)
+                getattr(k, act.backward)(delta, saved, *act.scalars, delta)
                 dgain, dbias = ws.grads[positions[2]], ws.grads[positions[3]]
                 k.layernorm_backward(delta, ws.xhat[i], ws.inv_std[i], self.norm_gains[i], dgain, dbias, delta)
                 k.dense_backward(delta, x, W, dW, db, dx, delta16)
         return loss
-
-    def _dense_activation_forward(self, k, x, W, b, pre, out, out16):
-        if self.activation == "relu":
-            k.dense_relu_forward(x, W, b, out, out16)
-        elif self.activation == "leaky_relu":
-            k.dense_leaky_relu_forward(x, W, b, LEAKY_RELU_SLOPE, out, out16)
-        elif self.activation == "tanh":
-            k.dense_tanh_forward(x, W, b, out, out16)
-        else:
-            k.dense_gelu_forward(x, W, b, pre, out, out16)
-
-    def _dense_activation_backward(self, k, dout, saved, x, W, dW, db, dx, dout16):
-        if self.activation == "relu":
-            k.dense_relu_backward(dout, saved, x, W, dW, db, dx, dout16)
-        elif self.activation == "leaky_relu":
-            k.dense_leaky_relu_backward(dout, saved, x, W, LEAKY_RELU_SLOPE, dW, db, dx, dout16)
-        elif self.activation == "tanh":
-            k.dense_tanh_backward(dout, saved, x, W, dW, db, dx, dout16)
-        else:
-            k.dense_gelu_backward(dout, saved, x, W, dW, db, dx, dout16)
-
-    def _activation_forward(self, k, x, out, out16):
-        if self.activation == "relu":
-            k.relu_forward(x, out, out16)
-        elif self.activation == "leaky_relu":
-            k.leaky_relu_forward(x, LEAKY_RELU_SLOPE, out, out16)
-        elif self.activation == "tanh":
-            k.tanh_forward(x, out, out16)
-        else:
-            k.gelu_forward(x, out, out16)
-
-    def _activation_backward(self, k, dout, saved, dx):
-        if self.activation == "relu":
-            k.relu_backward(dout, saved, dx)
-        elif self.activation == "leaky_relu":
-            k.leaky_relu_backward(dout, saved, LEAKY_RELU_SLOPE, dx)
-        elif self.activation == "tanh":
-            k.tanh_backward(dout, saved, dx)
-        else:
-            k.gelu_backward(dout, saved, dx)
 
     def clip_grad_norm(self, grads, max_norm):
         """Scale `grads` (e.g. ws.grads) in place so that their global L2 norm is at most max_norm, as

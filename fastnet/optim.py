@@ -3,19 +3,40 @@
 An optimizer owns one set of state arrays per parameter (velocity for the momentum methods, first
 and second moments for Adam) and applies one backend kernel per parameter and step. The state is
 plain arrays in `state`, so a checkpoint saves and restores it as it is.
+
+Every update rule is described once, in UPDATE_RULES, and every rule's kernel takes its arguments
+in one order (see numpy_backend.py):
+
+    <kernel>(param, grad, *state, lr, *hyperparameters, weight_decay, [step,] param16=None)
+
+with `step`, counted from 1, only for the rules that correct their moments' bias (Adam's).
 """
 
+import dataclasses
 import math
 
 import numpy as np
 
 from fastnet import backends
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
-_STATE_NAMES = {"sgd": (), "momentum": ("velocity",), "nesterov": ("velocity",),
-                "adam": ("m", "v"), "adamw": ("m", "v")}
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+    kernel: str                  # the backend kernel that applies one step to one parameter
+    state: tuple = ()            # the names of its per-parameter state arrays, in the kernel's order
+    hyperparameters: tuple = ()  # the Optimizer attributes it takes after lr, in the kernel's order
+    counts_steps: bool = False   # it takes the step count (Adam's bias correction)
+
+
+UPDATE_RULES = {
+    "sgd": UpdateRule("sgd_step"),
+    "momentum": UpdateRule("momentum_step", ("velocity",), ("momentum",)),
+    "nesterov": UpdateRule("nesterov_step", ("velocity",), ("momentum",)),
+    "adam": UpdateRule("adam_step", ("m", "v"), ("beta1", "beta2", "eps"), counts_steps=True),
+    "adamw": UpdateRule("adamw_step", ("m", "v"), ("beta1", "beta2", "eps"), counts_steps=True),
+}
+OPTIMIZERS = tuple(UPDATE_RULES)
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
 class Optimizer:
@@ -44,7 +65,8 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.kernels = backends.get(backend)
         self.steps_taken = 0
-        self.state = {name: [np.zeros_like(p) for p in params] for name in _STATE_NAMES[kind]}
+        self.rule = UPDATE_RULES[kind]
+        self.state = {name: [np.zeros_like(p) for p in params] for name in self.rule.state}
 
     def decay_for(self, param):
         return self.weight_decay if param.ndim > 1 else 0.0
@@ -52,19 +74,13 @@ class Optimizer:
     def step(self, grads, lr):
         """One update of every parameter with learning rate lr."""
         self.steps_taken += 1
-        lr = float(lr)
-        k, kind = self.kernels, self.kind
+        rule = self.rule
+        update = getattr(self.kernels, rule.kernel)
+        hyperparameters = tuple(getattr(self, name) for name in rule.hyperparameters)
+        step = (self.steps_taken,) if rule.counts_steps else ()
         for i, (param, grad, copy) in enumerate(zip(self.params, grads, self.copies)):
-            decay = self.decay_for(param)
-            if kind == "sgd":
-                k.sgd_step(param, grad, lr, decay, copy)
-            elif kind in ("momentum", "nesterov"):
-                update = k.momentum_step if kind == "momentum" else k.nesterov_step
-                update(param, grad, self.state["velocity"][i], lr, self.momentum, decay, copy)
-            else:
-                update = k.adam_step if kind == "adam" else k.adamw_step
-                update(param, grad, self.state["m"][i], self.state["v"][i], lr,
-                       self.beta1, self.beta2, self.eps, decay, self.steps_taken, copy)
+            state = (self.state[name][i] for name in rule.state)
+            update(param, grad, *state, float(lr), *hyperparameters, self.decay_for(param), *step, copy)
 
     def state_arrays(self):
         """The state as a flat {name: array} mapping, for checkpoints."""

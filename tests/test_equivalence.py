@@ -33,7 +33,8 @@ from fastnet import backends
 from fastnet.backends import numpy_backend as ref
 from fastnet.data import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.model import MLP
-from fastnet.optim import Optimizer
+from fastnet.activations import ACTIVATIONS
+from fastnet.optim import UPDATE_RULES, Optimizer
 from fastnet.train import TIMING_METRICS, TrainConfig, train
 from helpers import assert_close, real_data_path, unavailable
 
@@ -404,12 +405,15 @@ def test_relu_backward(other, layout, dtype, shape, seed, in_place):
 
 # --- Other activations, layer norm, dropout -----------------------------------------------------------
 
-ELEMENTWISE_FORWARD = {  # kernel: its scalar arguments between x and out
-    "relu_forward": (), "leaky_relu_forward": (0.01,), "tanh_forward": (), "gelu_forward": (),
-}
-ELEMENTWISE_BACKWARD = {  # kernel: (what it reads the derivative from, its scalar arguments)
-    "leaky_relu_backward": ("output", (0.01,)), "tanh_backward": ("output", ()), "gelu_backward": ("input", ()),
-}
+def activation_of(kernel):
+    """The description (fastnet.activations) of the activation that `kernel` belongs to."""
+    return next(a for a in ACTIVATIONS.values() if kernel in (a.forward, a.backward, a.dense_forward, a.dense_backward))
+
+
+ELEMENTWISE_FORWARD = {a.forward: a.scalars for a in ACTIVATIONS.values()}  # kernel: scalars between x and out
+# kernel: (what it reads the derivative from, its scalars); relu_backward has a test of its own above
+ELEMENTWISE_BACKWARD = {a.backward: ("input" if a.reads_input else "output", a.scalars)
+                        for a in ACTIVATIONS.values() if a.name != "relu"}
 
 
 def slope_error_scale(kernel, saved):
@@ -482,17 +486,19 @@ def test_activation_backward(other, kernel, layout, dtype, shape, seed, in_place
                  magnitudes={"dx": scale, "dout": scale})
 
 
-DENSE_ACTIVATION_FORWARD = ("dense_leaky_relu_forward", "dense_tanh_forward", "dense_gelu_forward")
-DENSE_ACTIVATION_BACKWARD = ("dense_leaky_relu_backward", "dense_tanh_backward", "dense_gelu_backward")
+# The dense ReLU kernels have tests of their own above, with dense_forward and dense_backward.
+DENSE_ACTIVATION_FORWARD = tuple(a.dense_forward for a in ACTIVATIONS.values() if a.name != "relu")
+DENSE_ACTIVATION_BACKWARD = tuple(a.dense_backward for a in ACTIVATIONS.values() if a.name != "relu")
 
 
 def dense_activation_forward_args(kernel, x, W, b, dtype):
+    """(x, W, b, *scalars, [pre,] out) for dense_forward or a dense_<activation>_forward kernel."""
     batch, fan_out = x.shape[0], W.shape[1]
-    if kernel == "dense_leaky_relu_forward":
-        return x, W, b, 0.01, garbage((batch, fan_out), dtype)
-    if kernel == "dense_gelu_forward":
-        return x, W, b, garbage((batch, fan_out), dtype), garbage((batch, fan_out), dtype)
-    return x, W, b, garbage((batch, fan_out), dtype)
+    if kernel == "dense_forward":
+        return x, W, b, garbage((batch, fan_out), dtype)
+    act = activation_of(kernel)
+    pre = (garbage((batch, fan_out), dtype),) if act.reads_input else ()
+    return x, W, b, *act.scalars, *pre, garbage((batch, fan_out), dtype)
 
 
 def dense_magnitudes(x, W, b):
@@ -546,7 +552,7 @@ def test_dense_activation_backward(other, kernel, layout, dtype, shape, seed, wi
         saved = activation_saved(kernel, rng.standard_normal((batch, fan_out)) * 2).astype(dtype)
         outputs = [garbage((fan_in, fan_out), dtype), garbage(fan_out, dtype),
                    garbage((batch, fan_in), dtype) if with_dx else None]
-        scalars = (0.01,) if "leaky" in kernel else ()
+        scalars = activation_of(kernel).scalars
         return (dout, saved, x, W, *scalars, *outputs)
 
     # dout is scaled in place by the activation's slope (elementwise), then the sums of dense_backward.
@@ -569,7 +575,7 @@ def test_dense_activation_kernels_at_the_default_networks_shapes(other, activati
                  {"out": fan_in, "pre": fan_in}, magnitudes=dense_magnitudes(x, W, b))
     backward = f"dense_{activation}_backward"
     saved = activation_saved(backward, rng.standard_normal((batch, fan_out))).astype(np.float32)
-    scalars = (0.01,) if activation == "leaky_relu" else ()
+    scalars = ACTIVATIONS[activation].scalars
     check_kernel(other, backward, lambda: (dout.copy(), saved.copy(), x.copy(), W.copy(), *scalars,
                                            garbage(W.shape, np.float32), garbage(fan_out, np.float32),
                                            garbage(x.shape, np.float32)),
@@ -605,7 +611,7 @@ def dense_kernel_cases(shape, dtype, seed=0):
            {"dW": batch, "db": batch, "dx": fan_out, "dout": 1}, magnitudes)
     for kernel in DENSE_ACTIVATION_BACKWARD:
         saved = activation_saved(kernel, rng.standard_normal((batch, fan_out)) * 2).astype(dtype)
-        scalars = (0.01,) if "leaky" in kernel else ()
+        scalars = activation_of(kernel).scalars
         yield (kernel, lambda saved=saved, scalars=scalars: (dout.copy(), saved.copy(), x.copy(), W.copy(), *scalars,
                                                               *gradients()),
                {"dW": batch, "db": batch, "dx": fan_out, "dout": 1},
@@ -689,7 +695,7 @@ def bf16_dense_cases(shape, seed=0):
     relu_out = np.maximum(rng.standard_normal((batch, fan_out)), 0).astype(np.float32)
     saved = {"dense_backward": (), "dense_relu_backward": (relu_out,)}
     for kernel in DENSE_ACTIVATION_BACKWARD:
-        scalars = (0.01,) if "leaky" in kernel else ()
+        scalars = activation_of(kernel).scalars
         saved[kernel] = (activation_saved(kernel, rng.standard_normal((batch, fan_out)) * 2).astype(np.float32),)
         saved[kernel] += scalars
     for kernel, extra in saved.items():
@@ -720,10 +726,13 @@ def assert_bf16_copies_are_roundings(kernel, args):
 @pytest.mark.parametrize("shape", THREAD_SHAPES + [(128, 3072, 512), (64, 128, 10)])
 def test_dense_kernels_with_bf16_operands(other, threads, shape):
     """Every dense kernel on bfloat16 x and W, writing its bf16 output (forward) or upstream gradient
-    (backward), against numpy's emulation, on one and two threads. The backward kernels' products
-    read dout16: at these fixed inputs no scaled dout lies within float32 rounding of a bf16
-    rounding boundary, so both backends multiply the same bf16 numbers (a kernel that read dout
-    instead, or a stale dout16, would be off by up to 2^-8 of each term, far past the tolerance)."""
+    (backward), against numpy's emulation, on one and two threads.
+
+    A backward kernel's products read its own dout16, and where the two backends' float32 douts
+    straddle a bf16 rounding boundary their dout16 differ by one ulp. So dW and dx are checked
+    against the float64 products of the backend's own dout16 (to float32's tolerance), and dout16
+    against numpy's to one ulp: a kernel that multiplied dout instead, or a stale dout16, fails the
+    first; a dout16 that was not dout rounded fails assert_bf16_copies_are_roundings."""
     with backends.use_threads(other, threads):
         for kernel, make_args, reductions, magnitudes in bf16_dense_cases(shape):
             actual, expected = make_args(), make_args()
@@ -731,8 +740,20 @@ def test_dense_kernels_with_bf16_operands(other, threads, shape):
             getattr(backends.get(other), kernel)(*actual)
             assert_bf16_copies_are_roundings(kernel, expected)
             assert_bf16_copies_are_roundings(kernel, actual)
-            check_kernel(other, kernel, make_args, reductions, f" bf16 {shape} on {threads} threads",
-                         magnitudes=magnitudes)
+            what = f" bf16 {shape} on {threads} threads"
+            if not kernel.endswith("backward"):
+                check_kernel(other, kernel, make_args, reductions, what, magnitudes=magnitudes)
+                continue
+            got = dict(zip(inspect.signature(getattr(ref, kernel)).parameters, actual))
+            want = dict(zip(inspect.signature(getattr(ref, kernel)).parameters, expected))
+            for name in ("dout", "db", "dout16"):
+                assert_matches(got[name], want[name], reductions[name], f"{other}.{kernel}{what}: {name}",
+                               magnitudes[name])
+            own = bf16_values(got["dout16"]).astype(np.float64)
+            x64, W64 = (bf16_values(got[name]).astype(np.float64) for name in ("x", "W"))
+            for name, exact in (("dW", x64.T @ own), ("dx", own @ W64.T)):
+                assert_matches(got[name], exact.astype(np.float32), reductions[name],
+                               f"{other}.{kernel}{what}: {name} against its own dout16", magnitudes[name])
 
 
 @covers(*ELEMENTWISE_FORWARD, "dropout")
@@ -944,13 +965,10 @@ def test_sum_of_squares(other, layout, dtype, shape, seed):
 
 # --- Optimizer steps ----------------------------------------------------------------------------------
 
-OPTIMIZER_KERNELS = {  # kernel: (its state arrays, its hyperparameters after lr)
-    "sgd_step": ((), ()),
-    "momentum_step": (("velocity",), (0.9,)),
-    "nesterov_step": (("velocity",), (0.9,)),
-    "adam_step": (("m", "v"), (0.9, 0.999, 1e-8)),
-    "adamw_step": (("m", "v"), (0.9, 0.999, 1e-8)),
-}
+# kernel: (its state arrays, its hyperparameters after lr at the Optimizer's defaults), from the
+# update rules' descriptions
+OPTIMIZER_KERNELS = {rule.kernel: (rule.state, tuple(getattr(Optimizer([], kind), name) for name in rule.hyperparameters))
+                     for kind, rule in UPDATE_RULES.items()}
 STEPS = 5
 
 
