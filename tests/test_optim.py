@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import fastnet
-from fastnet.optim import Optimizer, Schedule
+from fastnet.optim import OPTIMIZERS, Optimizer, Schedule
+from helpers import assert_close
 
 
 def lrs(kind, total=100, lr=1.0, warmup=None):
@@ -51,12 +52,33 @@ def test_unknown_names_are_rejected():
         Optimizer([], "rmsprop")
 
 
-def test_weight_decay_spares_biases():
-    net = fastnet.MLP([4, 3, 2], dtype="float64")
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_weight_decay_shrinks_weight_matrices_and_spares_every_1d_parameter(kind):
+    """With zero gradients only the decay moves anything. Biases and layer-norm gains and biases
+    start non-zero here, so a decay applied to every parameter would move them."""
+    net = fastnet.MLP([4, 3, 2], dtype="float64", norm="layernorm", seed=2)
+    rng = np.random.default_rng(0)
+    for p in net.params:
+        if p.ndim == 1:
+            p[...] = rng.uniform(0.5, 1.5, p.shape)
     before = [p.copy() for p in net.params]
-    Optimizer(net.params, "sgd", weight_decay=0.5).step([np.zeros_like(p) for p in net.params], lr=0.1)
-    assert np.allclose(net.params[0], before[0] * 0.95)
-    assert np.array_equal(net.params[1], before[1])
+    lr, decay, momentum = 0.1, 0.5, 0.9
+    Optimizer(net.params, kind, momentum=momentum, weight_decay=decay).step(
+        [np.zeros_like(p) for p in net.params], lr=lr)
+    # What one step from zero state does to a weight w whose only gradient is the L2 term decay * w.
+    expected = {"sgd": lambda w: w * (1 - lr * decay),        # decoupled: exactly this product
+                "adamw": lambda w: w * (1 - lr * decay),      # decoupled; Adam's own step is 0 / eps
+                "momentum": lambda w: w - lr * decay * w,
+                "nesterov": lambda w: w - lr * (1 + momentum) * decay * w,
+                # Adam's first step, bias-corrected: lr * g / (|g| + eps), almost lr towards 0
+                "adam": lambda w: w - lr * (decay * w) / (np.abs(decay * w) + 1e-8)}
+    for p, old in zip(net.params, before):
+        if p.ndim == 1:
+            assert np.array_equal(p, old), f"{kind} moved a 1-D parameter"
+        elif kind in ("sgd", "adamw"):
+            assert np.array_equal(p, expected[kind](old)), f"{kind}: not exactly w * (1 - lr * wd)"
+        else:
+            assert_close(p, expected[kind](old), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["momentum", "adamw"])
