@@ -257,7 +257,9 @@ def _from_batches(files, where: pathlib.Path, source: str) -> Dataset:
         raise DataError(f"{where} lacks {', '.join(missing)}: use a complete copy of CIFAR-10")
     train_images.resize((filled, *train_images.shape[1:]), refcheck=False)  # if later batches were smaller
     test_images, test_labels = decoded.pop("test_batch")
-    return _checked(train_images, np.concatenate(train_labels), test_images, test_labels, class_names, source)
+    return _checked(train_images, np.concatenate(train_labels), test_images, test_labels, class_names, source,
+                    {"train": f"the training batches in {where}", "test": f"test_batch in {where}"},
+                    f"batches.meta in {where}")
 
 
 def _load_npy(folder: pathlib.Path) -> Dataset:
@@ -278,7 +280,8 @@ def _load_npy(folder: pathlib.Path) -> Dataset:
             raise DataError(f"cannot read {names_file} ({_reason(exc)}): make it UTF-8 text, one class name a line") from exc
     labels = {name: _as_labels(arrays[name], str(folder / name)) for name in NPY_FILES if "labels" in name}
     return _checked(arrays["train_images.npy"], labels["train_labels.npy"], arrays["test_images.npy"],
-                    labels["test_labels.npy"], class_names, f"npy files in {folder}")
+                    labels["test_labels.npy"], class_names, f"npy files in {folder}",
+                    {split: str(folder / f"{split}_labels.npy") for split in ("train", "test")}, str(names_file))
 
 
 def _as_labels(labels: np.ndarray, where: str) -> np.ndarray:
@@ -307,8 +310,12 @@ def _as_images(images: np.ndarray, where: str) -> np.ndarray:
     return images
 
 
-def _checked(train_images, train_labels, test_images, test_labels, class_names, source) -> Dataset:
-    """The one place where every layout's arrays are checked for consistency before use."""
+def _checked(train_images, train_labels, test_images, test_labels, class_names, source, label_files=None,
+             names_file=None) -> Dataset:
+    """The one place where every layout's arrays are checked for consistency before use. label_files
+    names where each split's labels come from, names_file where class names are listed, for the
+    messages."""
+    label_files = label_files or {split: f"the {split} split of {source}" for split in ("train", "test")}
     splits = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
     for split, (images, labels) in splits.items():
         images = _as_images(images, f"the {split} split of {source}")
@@ -324,16 +331,62 @@ def _checked(train_images, train_labels, test_images, test_labels, class_names, 
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DataError(f"train images of {source} are {train_images.shape[1:]} but test images are "
                         f"{test_images.shape[1:]}: resize one split so both have the same sample shape")
+    labels = {"train": train_labels, "test": test_labels}
     top = int(max(train_labels.max(), test_labels.max()))
     if class_names is None:
+        _check_label_gaps(labels, top, label_files, names_file)
         class_names = [str(k) for k in range(top + 1)]
     if top >= len(class_names):
-        raise DataError(f"{source} has label {top} but only {len(class_names)} class names: "
-                        "fix the labels or the class name list")
+        split, index = _first_label_at_least(labels, len(class_names))
+        raise DataError(f"{label_files[split]}: label {labels[split][index]} at index {index} is past the "
+                        f"{len(class_names)} classes that {names_file or source} names: fix the label, or add "
+                        f"its class to the list")
     counts = np.bincount(train_labels, minlength=len(class_names))
-    warnings = tuple(f"class {name!r} ({k}) has no training examples"
-                     for k, name in enumerate(class_names) if counts[k] == 0)
+    empty = [f"{class_names[k]!r} ({k})" for k in np.flatnonzero(counts == 0)]
+    warnings = ()
+    if len(empty) == 1:
+        warnings = (f"class {empty[0]} has no training examples",)
+    elif empty:
+        shown = ", ".join(empty[:EMPTY_CLASSES_SHOWN]) + (f" and {len(empty) - EMPTY_CLASSES_SHOWN} more"
+                                                          if len(empty) > EMPTY_CLASSES_SHOWN else "")
+        warnings = (f"{len(empty)} classes have no training examples: {shown}",)
     return Dataset(train_images, train_labels, test_images, test_labels, tuple(class_names), source, warnings)
+
+
+EMPTY_CLASSES_SHOWN = 5
+
+
+def _first_label_at_least(labels, value):
+    """(split, index) of the first label >= value, the training split first."""
+    for split in ("train", "test"):
+        hits = np.flatnonzero(labels[split] >= value)
+        if hits.size:
+            return split, int(hits[0])
+    raise ValueError(f"no label is {value} or more")
+
+
+def _check_label_gaps(labels, top, label_files, names_file):
+    """Without class names the classes are 0 .. top. A run of classes that no image has, longer than
+    the number of classes below it, is almost always a mistyped label (99 among 0 .. 9), not 90 empty
+    classes meant: a one-line error. Shorter gaps are legal, and reported as empty classes."""
+    used = np.zeros(top + 1, bool)
+    for split_labels in labels.values():
+        used[split_labels] = True
+    start = 0
+    while start <= top:
+        if used[start]:
+            start += 1
+            continue
+        stop = start
+        while not used[stop]:
+            stop += 1  # used[top] is True, so this ends
+        if stop - start > start:
+            split, index = _first_label_at_least(labels, stop)
+            listed = f"list the classes in {names_file}" if names_file else "list the class names"
+            raise DataError(f"{label_files[split]}: label {labels[split][index]} at index {index} lies past "
+                            f"{stop - start} classes ({start} to {stop - 1}) that no image has: fix the label, or "
+                            f"{listed} when empty classes are meant")
+        start = stop
 
 
 def channel_stats(images: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -217,6 +217,44 @@ def test_class_without_training_examples_is_a_warning(tmp_path, arrays):
     assert ds.num_classes == 10
 
 
+# ---- labels and classes ------------------------------------------------------------------------------
+# Without class_names.txt the classes are 0 .. the largest label, and a label far past the others is
+# almost always a typo; with the names, empty classes are meant, and reported in one line.
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_label_far_past_the_others_is_one_error_naming_file_index_and_value(tmp_path, arrays, split):
+    arrays[f"{split}_labels"][3] = 99
+    folder = write_npy(tmp_path, arrays)
+    with pytest.raises(DataError) as refused:
+        load_dataset(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder / f'{split}_labels.npy'}: label 99 at index 3 lies past 89 classes (10 to 98)")
+    assert "fix the label" in message and str(folder / "class_names.txt") in message and "\n" not in message
+
+
+def test_a_short_gap_in_the_classes_is_legal_and_reported(tmp_path, arrays):
+    for split in ("train", "test"):  # class 3 is in neither split: 0 .. 9 with one class empty
+        arrays[f"{split}_labels"][arrays[f"{split}_labels"] == 3] = 4
+    ds = load_dataset(write_npy(tmp_path, arrays))
+    assert ds.num_classes == 10 and ds.warnings == ("class '3' (3) has no training examples",)
+
+
+def test_many_empty_classes_that_are_named_make_one_warning_line(tmp_path, arrays):
+    arrays["train_labels"][3] = 99
+    ds = load_dataset(write_npy(tmp_path, arrays, names=[f"c{k}" for k in range(100)]))
+    assert ds.num_classes == 100
+    assert ds.warnings == ("89 classes have no training examples: 'c10' (10), 'c11' (11), 'c12' (12), 'c13' (13), "
+                           "'c14' (14) and 84 more",)
+
+
+def test_a_label_past_the_named_classes_is_one_error(tmp_path, arrays):
+    arrays["test_labels"][2] = 10
+    folder = write_npy(tmp_path, arrays, names=[f"c{k}" for k in range(10)])
+    with pytest.raises(DataError, match=r"test_labels.npy: label 10 at index 2 is past the 10 classes that .*"
+                                        r"class_names.txt names: fix the label, or add its class to the list"):
+        load_dataset(folder)
+
+
 # ---- bad inputs ------------------------------------------------------------------------------------
 
 def _truncate(path):
@@ -363,7 +401,7 @@ BAD_INPUTS = [
     (bad_meta, "batches.meta"),
     (bad_label_beyond_class_names, "label 10"),
     (bad_npy_truncated, "train_images.npy"),
-    (bad_npy_names_too_few, "5 class names"),
+    (bad_npy_names_too_few, "past the 5 classes"),
     (_npy_with(train_labels=lambda x: x[:-1]), "35 images but 34 labels"),
     (_npy_with(test_images=lambda x: x[:, :16, :16]), "same sample shape"),
     (_npy_with(train_images=lambda x: x / 100.0), "not [0, 1]"),

@@ -34,22 +34,24 @@ def no_temporaries(folder):
 
 def test_precision_recall_and_f1_match_a_hand_computation():
     # rows: true class, columns: predicted. Class "c" has no test images and is predicted once;
-    # class "d" is never predicted.
-    confusion = [[5, 1, 0, 0],
-                 [2, 3, 1, 0],
-                 [0, 0, 0, 0],
-                 [1, 0, 0, 2]]
-    result = report.classification_report(confusion, ["a", "b", "c", "d"])
+    # class "e" has two test images and is never predicted.
+    confusion = [[5, 1, 0, 0, 0],
+                 [2, 3, 1, 0, 0],
+                 [0, 0, 0, 0, 0],
+                 [1, 0, 0, 2, 0],
+                 [1, 0, 0, 1, 0]]
+    result = report.classification_report(confusion, ["a", "b", "c", "d", "e"])
     by_class = {row["class"]: row for row in result["per_class"]}
-    assert result["accuracy"] == pytest.approx(10 / 15)
-    assert result["images"] == 15
-    assert by_class["a"]["precision"] == pytest.approx(5 / 8) and by_class["a"]["recall"] == pytest.approx(5 / 6)
+    assert result["accuracy"] == pytest.approx(10 / 17)
+    assert result["images"] == 17
+    assert by_class["a"]["precision"] == pytest.approx(5 / 9) and by_class["a"]["recall"] == pytest.approx(5 / 6)
     assert by_class["b"]["precision"] == pytest.approx(3 / 4) and by_class["b"]["recall"] == pytest.approx(3 / 6)
     assert by_class["c"]["precision"] == 0.0 and by_class["c"]["recall"] == 0.0 and by_class["c"]["f1"] == 0.0
-    assert by_class["d"]["precision"] == pytest.approx(1.0) and by_class["d"]["recall"] == pytest.approx(2 / 3)
-    assert by_class["a"]["f1"] == pytest.approx(2 * (5 / 8) * (5 / 6) / (5 / 8 + 5 / 6))
-    assert [row["support"] for row in result["per_class"]] == [6, 6, 0, 3]
-    assert result["macro"]["recall"] == pytest.approx((5 / 6 + 3 / 6 + 0 + 2 / 3) / 4)
+    assert by_class["d"]["precision"] == pytest.approx(2 / 3) and by_class["d"]["recall"] == pytest.approx(2 / 3)
+    assert by_class["e"]["precision"] == 0.0 and by_class["e"]["recall"] == 0.0 and by_class["e"]["f1"] == 0.0
+    assert by_class["a"]["f1"] == pytest.approx(2 * (5 / 9) * (5 / 6) / (5 / 9 + 5 / 6))
+    assert [row["support"] for row in result["per_class"]] == [6, 6, 0, 3, 2]
+    assert result["macro"]["recall"] == pytest.approx((5 / 6 + 3 / 6 + 0 + 2 / 3 + 0) / 5)
     assert result["confusion"] == confusion
     json.dumps(result, allow_nan=False)  # every figure is a number JSON can hold
 

@@ -224,3 +224,21 @@ def test_no_float64_reaches_a_kernel_in_a_float32_pca_run(tiny_npy, tmp_path):
     with np.load(tmp_path / "checkpoint.npz", allow_pickle=False) as saved:
         assert {saved[name].dtype for name in saved.files if name.startswith(("param_", "optim_", "input_"))
                 if saved[name].ndim} == {np.dtype(np.float32)}
+
+
+def test_the_normalisation_is_fitted_on_the_images_the_validation_split_leaves(tiny_npy, tmp_path):
+    """model.npz's mean and std are those of the training images that --val keeps (split as the run's
+    generator splits them), not those of every training image."""
+    from fastnet import data
+
+    quiet_train(data=str(tiny_npy), epochs=1, hidden=(4,), val=100, seed=5, out=str(tmp_path))
+    dataset = data.load_dataset(tiny_npy)
+    kept, _, held_out, _ = data.split_validation(dataset.train_images, dataset.train_labels, 100,
+                                                 np.random.default_rng(5))
+    assert len(kept) == len(dataset.train_images) - 100 and len(held_out) == 100
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as saved:
+        mean, std = saved["mean"], saved["std"]
+    expected_mean, expected_std = data.channel_stats(kept)
+    assert np.array_equal(mean, expected_mean) and np.array_equal(std, expected_std)
+    everything_mean, everything_std = data.channel_stats(dataset.train_images)
+    assert not np.allclose(mean, everything_mean, rtol=1e-4) or not np.allclose(std, everything_std, rtol=1e-4)
