@@ -191,6 +191,7 @@ class StepOptions:
     augmentation: data.Augmentation | None = None
     label_smoothing: float = 0.0
     clip: float | None = None  # the largest global gradient norm; larger gradients are scaled down
+    after_backward: object = None  # called as after_backward(net, ws) between backward and clipping
 
 
 def warm_up(net, optimizer, images_dtype, options=StepOptions()):
@@ -201,7 +202,8 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, precision=net.precision, **net.spec())
     scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
                                   copies=scratch.param_copies)
-    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0))  # not the run's generator
+    # Not the run's generator, nor its after_backward hook: the scratch steps are no part of the run.
+    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None)
     ws = scratch.workspace(2)
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
@@ -293,163 +295,231 @@ def data_fingerprint(labels, mean, std, input_size, num_classes):
             "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
-def train(config, log=print, resume=False):
+def train(config, log=print, resume=False, after_backward=None, after_epoch=None):
     """Run the training that `config` describes; returns outcome(): the last epoch's metrics, the
     run folder, and the metrics of the epoch that model.npz keeps.
 
     With resume=True, continue the run in `config.out` from its checkpoint.npz. Everything a
     fresh run does first (validation split, initialisation) is repeated, then overwritten with the
     saved state, so both paths share one code path and a resumed run is bit-identical to one that
-    never stopped.
+    never stopped. The hooks are TrainingRun's.
     """
-    numerics = config.check()
-    saved = load_resume_checkpoint(config.out, config.backend) if resume else None
-    dataset = load_data(config.data, log)
-    for warning in dataset.warnings:
-        log(f"warning: {warning}")
-    rng = np.random.default_rng(config.seed)
+    return TrainingRun(config, log, resume, after_backward, after_epoch).execute()
 
-    train_images, train_labels = dataset.train_images, dataset.train_labels
-    val_images = val_labels = None
-    if config.val:
-        train_images, train_labels, val_images, val_labels = data.split_validation(
-            train_images, train_labels, config.val, rng)
 
-    mean, std = data.channel_stats(train_images)
-    shift, scale = normalizer(mean, std, dataset.input_size, train_images.dtype, config.dtype)
-    fingerprint = data_fingerprint(train_labels, mean, std, dataset.input_size, dataset.num_classes)
-    sizes = [config.pca or dataset.input_size, *config.hidden, dataset.num_classes]
-    net = MLP(sizes, backend=config.backend, dtype=config.dtype, seed=rng, activation=config.activation,
-              norm=config.norm, dropout=config.dropout, precision=config.precision)
-    augmentation = None
-    if config.flip or config.translate or config.cutout:
-        if len(dataset.sample_shape) not in (2, 3):
-            raise FastnetError(f"--flip, --translate and --cutout need images, but the samples of "
-                               f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
-        augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
-    options = StepOptions(rng, augmentation, config.label_smoothing, config.clip)
-    optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
-                          weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
-    steps_per_epoch = math.ceil(len(train_images) / config.batch_size)
-    schedule = Schedule(config.schedule, config.lr, config.epochs * steps_per_epoch, config.warmup)
-    progress = Progress()
-    if saved is not None:
-        progress = restore(saved, net, optimizer, rng, fingerprint, config.out)
-        if progress.epochs_done >= config.epochs:
-            log(f"the run in {config.out} already finished its {config.epochs} epochs: nothing to resume")
-            return outcome(progress.history, config.out)
-    if config.batch_size > len(train_images):
-        raise FastnetError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} "
-                           f"training images: pass a smaller one")
+class TrainingRun:
+    """One run of `fastnet train`, in named phases that execute() calls in order: prepare_data,
+    build_model, restore, prepare_inputs, open_run_folder, run_epochs, finish. Other drivers run the
+    same object with two hooks:
 
-    flat_train = train_images.reshape(len(train_images), -1)
-    train_shift, train_scale, projection, preprocess_seconds = shift, scale, None, 0.0
-    if config.pca:
-        # Components cannot follow shifts and cutout: with those, each batch is augmented as pixels and
-        # then projected. Otherwise the images are projected once, and a flip is a change of signs.
-        per_batch = bool(config.translate or config.cutout)
-        mirrored = dataset.sample_shape if config.flip and not per_batch else None
-        flat_train, projection, preprocess_seconds = principal_component_inputs(
-            flat_train, shift, scale, config.pca, rng, net.kernels, saved, mirrored, project=not per_batch)
-        if per_batch:
-            options.augmentation = data.ProjectedAugmentation(options.augmentation, projection)
-        else:
-            train_shift, train_scale = np.zeros(config.pca, net.dtype), np.ones(config.pca, net.dtype)
-            if config.flip:
-                options.augmentation = data.ComponentFlip(data.mirror_signs(projection, mirrored))
-    # What evaluation and model.npz see: the network on raw images, the projection folded in.
-    classifier = net if projection is None else net.with_input_projection(projection)
+    after_backward(net, ws): after each step's backward pass, before clipping and the update; the
+        gradients are in ws.grads (a data-parallel driver sums them across processes here);
+    after_epoch(summary): after each epoch's metrics, checkpoint and log line; returning True stops
+        the run there, as finished (a sweep reports the validation accuracy here, and prunes).
+    """
 
-    startup_seconds = warm_up(net, optimizer, flat_train.dtype, options)
+    def __init__(self, config, log=print, resume=False, after_backward=None, after_epoch=None):
+        self.config, self.log, self.resume = config, log, resume
+        self.after_backward, self.after_epoch = after_backward, after_epoch
 
-    out = make_run_dir(config.out)
-    checkpoint.remove_temporaries(out)
-    run_config = dataclasses.asdict(config) | {
-        "backend": net.backend, "sizes": sizes, "out": out, "startup_seconds": startup_seconds,
-        "data_source": dataset.source, "train_size": len(train_images), "blas": blas_libraries(),
-        "parallelism": backends.parallelism(net.backend), "numerics": numerics,
-        "data_fingerprint": fingerprint, "preprocess_seconds": preprocess_seconds}
-    run_config["started"] = datetime.now().isoformat(timespec="seconds")
-    if saved is not None:
-        run_config["started"] = saved.config.get("started", run_config["started"])
-        run_config["resumed_at_step"] = saved.config.get("resumed_at_step", []) + [progress.step]
-        before = (saved.config.get("backend"), saved.config.get("parallelism", {}).get("threads"))
-        if before != (net.backend, run_config["parallelism"]["threads"]) and None not in before:
-            log(f"note: the run trained on the {before[0]} backend with {before[1]} threads and resumes on "
-                f"{net.backend} with {run_config['parallelism']['threads']}: it will match a run that never "
-                f"stopped to float32 rounding, not bit for bit (products are split per thread)")
-    checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
-    write_metrics(out, progress.history)
-    where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
-             else f"{len(train_images)} training images from {dataset.source}")
-    inputs = f" on the top {config.pca} principal components of {dataset.input_size} inputs" if config.pca else ""
-    if config.precision == "bf16":
-        inputs += f", bf16 mixed precision ({', '.join(numerics['instructions'])}; {numerics['gemm']})"
-    log(f"fastnet: {'-'.join(map(str, sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
-        f"{startup_seconds:.2f} s), {where}; writing to {out}/")
+    def execute(self):
+        self.numerics = self.config.check()
+        self.saved = load_resume_checkpoint(self.config.out, self.config.backend) if self.resume else None
+        self.prepare_data()
+        self.build_model()
+        if self.saved is not None:
+            self.restore()
+            if self.progress.epochs_done >= self.config.epochs:
+                self.log(f"the run in {self.config.out} already finished its {self.config.epochs} epochs: "
+                         f"nothing to resume")
+                return outcome(self.progress.history, self.config.out)
+        if self.config.batch_size > len(self.train_images):
+            raise FastnetError(f"--batch-size {self.config.batch_size} is larger than the {len(self.train_images)} "
+                               f"training images: pass a smaller one")
+        self.prepare_inputs()
+        self.open_run_folder()
+        self.run_epochs()
+        return self.finish()
 
-    def save_checkpoint():
+    def prepare_data(self):
+        """The dataset, the validation split, the normalisation fitted on the training split, and the
+        run's one generator (which the split draws from first)."""
+        config = self.config
+        self.dataset = dataset = load_data(config.data, self.log)
+        for warning in dataset.warnings:
+            self.log(f"warning: {warning}")
+        self.rng = np.random.default_rng(config.seed)
+        self.train_images, self.train_labels = dataset.train_images, dataset.train_labels
+        self.val_images = self.val_labels = None
+        if config.val:
+            self.train_images, self.train_labels, self.val_images, self.val_labels = data.split_validation(
+                self.train_images, self.train_labels, config.val, self.rng)
+        self.mean, self.std = data.channel_stats(self.train_images)
+        self.shift, self.scale = normalizer(self.mean, self.std, dataset.input_size, self.train_images.dtype,
+                                            config.dtype)
+        self.fingerprint = data_fingerprint(self.train_labels, self.mean, self.std, dataset.input_size,
+                                            dataset.num_classes)
+
+    def build_model(self):
+        """The network, its augmentation, optimizer and schedule, and a fresh Progress."""
+        config, dataset = self.config, self.dataset
+        self.sizes = [config.pca or dataset.input_size, *config.hidden, dataset.num_classes]
+        self.net = net = MLP(self.sizes, backend=config.backend, dtype=config.dtype, seed=self.rng,
+                             activation=config.activation, norm=config.norm, dropout=config.dropout,
+                             precision=config.precision)
+        augmentation = None
+        if config.flip or config.translate or config.cutout:
+            if len(dataset.sample_shape) not in (2, 3):
+                raise FastnetError(f"--flip, --translate and --cutout need images, but the samples of "
+                                   f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
+            augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
+        self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, self.after_backward)
+        self.optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
+                                   weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
+        steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
+        self.schedule = Schedule(config.schedule, config.lr, config.epochs * steps_per_epoch, config.warmup)
+        self.progress = Progress()
+
+    def restore(self):
+        self.progress = restore(self.saved, self.net, self.optimizer, self.rng, self.fingerprint, self.config.out)
+
+    def prepare_inputs(self):
+        """What the steps read (the images, or their principal components with --pca), what
+        evaluation uses (the network on raw images, the projection folded in), and the warm-up."""
+        config, net, options = self.config, self.net, self.options
+        self.flat_train = self.train_images.reshape(len(self.train_images), -1)
+        self.train_shift, self.train_scale, self.projection, self.preprocess_seconds = self.shift, self.scale, None, 0.0
+        if config.pca:
+            # Components cannot follow shifts and cutout: with those, each batch is augmented as pixels and
+            # then projected. Otherwise the images are projected once, and a flip is a change of signs.
+            per_batch = bool(config.translate or config.cutout)
+            mirrored = self.dataset.sample_shape if config.flip and not per_batch else None
+            self.flat_train, self.projection, self.preprocess_seconds = principal_component_inputs(
+                self.flat_train, self.shift, self.scale, config.pca, self.rng, net.kernels, self.saved, mirrored,
+                project=not per_batch)
+            if per_batch:
+                options.augmentation = data.ProjectedAugmentation(options.augmentation, self.projection)
+            else:
+                self.train_shift = np.zeros(config.pca, net.dtype)
+                self.train_scale = np.ones(config.pca, net.dtype)
+                if config.flip:
+                    options.augmentation = data.ComponentFlip(data.mirror_signs(self.projection, mirrored))
+        self.classifier = net if self.projection is None else net.with_input_projection(self.projection)
+        self.startup_seconds = warm_up(net, self.optimizer, self.flat_train.dtype, options)
+
+    def open_run_folder(self):
+        """The run folder with config.json and the metrics so far, and the run's first log line."""
+        config, net, progress, saved = self.config, self.net, self.progress, self.saved
+        self.out = out = make_run_dir(config.out)
+        checkpoint.remove_temporaries(out)
+        run_config = dataclasses.asdict(config) | {
+            "backend": net.backend, "sizes": self.sizes, "out": out, "startup_seconds": self.startup_seconds,
+            "data_source": self.dataset.source, "train_size": len(self.train_images), "blas": blas_libraries(),
+            "parallelism": backends.parallelism(net.backend), "numerics": self.numerics,
+            "data_fingerprint": self.fingerprint, "preprocess_seconds": self.preprocess_seconds}
+        run_config["started"] = datetime.now().isoformat(timespec="seconds")
+        if saved is not None:
+            run_config["started"] = saved.config.get("started", run_config["started"])
+            run_config["resumed_at_step"] = saved.config.get("resumed_at_step", []) + [progress.step]
+            before = (saved.config.get("backend"), saved.config.get("parallelism", {}).get("threads"))
+            if before != (net.backend, run_config["parallelism"]["threads"]) and None not in before:
+                self.log(f"note: the run trained on the {before[0]} backend with {before[1]} threads and resumes on "
+                         f"{net.backend} with {run_config['parallelism']['threads']}: it will match a run that never "
+                         f"stopped to float32 rounding, not bit for bit (products are split per thread)")
+        self.run_config = run_config
+        checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
+        write_metrics(out, progress.history)
+        where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
+                 else f"{len(self.train_images)} training images from {self.dataset.source}")
+        inputs = (f" on the top {config.pca} principal components of {self.dataset.input_size} inputs"
+                  if config.pca else "")
+        if config.precision == "bf16":
+            inputs += (f", bf16 mixed precision ({', '.join(self.numerics['instructions'])}; "
+                       f"{self.numerics['gemm']})")
+        self.log(f"fastnet: {'-'.join(map(str, self.sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
+                 f"{self.startup_seconds:.2f} s), {where}; writing to {out}/")
+
+    def save_checkpoint(self):
+        net, progress, dataset = self.net, self.progress, self.dataset
         if not all(np.isfinite(p).all() for p in net.params):
-            raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", config.lr)
-        extra = optimizer.state_arrays() | {"progress": np.array(json.dumps(progress.state(rng)))}
+            raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", self.config.lr)
+        extra = self.optimizer.state_arrays() | {"progress": np.array(json.dumps(progress.state(self.rng)))}
         if progress.order is not None:
             extra["order"] = progress.order
-        checkpoint.save(os.path.join(out, CHECKPOINT), net, mean, std, dataset.sample_shape,
-                        dataset.class_names, run_config, extra, projection)
+        checkpoint.save(os.path.join(self.out, CHECKPOINT), net, self.mean, self.std, dataset.sample_shape,
+                        dataset.class_names, self.run_config, extra, self.projection)
 
-    every = config.checkpoint_every
-    with StopRequests() as stop:
-        def pause(step):
-            return stop.signum is not None or (every is not None and step % every == 0)
+    def run_epochs(self):
+        """Epochs until the last, a stop request, or after_epoch returning True."""
+        config, every = self.config, self.config.checkpoint_every
+        with StopRequests() as stop:
+            def pause(step):
+                return stop.signum is not None or (every is not None and step % every == 0)
 
-        while progress.epochs_done < config.epochs:
-            epoch = progress.epochs_done + 1
-            if progress.order is None:
-                progress.order = rng.permutation(len(train_images))
-            started = time.perf_counter()
-            loss_sum, correct, seen = train_epoch(
-                net, optimizer, schedule, flat_train, train_labels, train_shift, train_scale,
-                progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause, options)
-            progress.seconds += time.perf_counter() - started
-            progress.loss_sum += loss_sum
-            progress.correct += correct
-            progress.seen += seen
-            progress.step += math.ceil(seen / config.batch_size)
+            while self.progress.epochs_done < config.epochs:
+                if self.train_one_epoch(pause, stop):
+                    return
 
-            if progress.seen < len(progress.order):  # paused inside the epoch
-                save_checkpoint()
-                if stop.signum is not None:
-                    raise interrupted(stop.signum, progress, out)
-                continue
+    def train_one_epoch(self, pause, stop):
+        """The next epoch, or the rest of one a pause interrupted; True when the run should end here."""
+        config, progress, net = self.config, self.progress, self.net
+        epoch = progress.epochs_done + 1
+        if progress.order is None:
+            progress.order = self.rng.permutation(len(self.train_images))
+        started = time.perf_counter()
+        loss_sum, correct, seen = train_epoch(
+            net, self.optimizer, self.schedule, self.flat_train, self.train_labels, self.train_shift,
+            self.train_scale, progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause,
+            self.options)
+        progress.seconds += time.perf_counter() - started
+        progress.loss_sum += loss_sum
+        progress.correct += correct
+        progress.seen += seen
+        progress.step += math.ceil(seen / config.batch_size)
 
-            if projection is not None:
-                net.with_input_projection(projection, into=classifier)
-            test = evaluate(classifier, dataset.test_images, dataset.test_labels, shift, scale)
-            summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
-                       "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
-                       "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
-                       "samples_per_second": progress.seen / progress.seconds, "lr": schedule(progress.step - 1),
-                       "train_seconds": preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
-                       + progress.seconds}
-            if val_images is not None:
-                val = evaluate(classifier, val_images, val_labels, shift, scale)
-                summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
-            for name in ("train_loss", "test_loss", "val_loss"):
-                if not math.isfinite(summary.get(name, 0.0)):
-                    raise diverged(epoch, progress.step, f"the {name.replace('_', ' ')} is {summary[name]}", config.lr)
-            progress = dataclasses.replace(Progress(), epochs_done=epoch, step=progress.step,
-                                           history=progress.history + [summary])
-            save_checkpoint()
-            write_metrics(out, progress.history)
-            if best_epoch(progress.history) == epoch:
-                checkpoint.save(os.path.join(out, MODEL), net, mean, std, dataset.sample_shape,
-                                dataset.class_names, run_config, {"epoch": np.array(epoch)}, projection)
-            log(format_epoch(summary, config.epochs))
-            if stop.signum is not None and progress.epochs_done < config.epochs:
-                raise interrupted(stop.signum, progress, out)
-    for line in time_to_accuracy(progress.history):
-        log(line)
-    return outcome(progress.history, out)
+        if progress.seen < len(progress.order):  # paused inside the epoch
+            self.save_checkpoint()
+            if stop.signum is not None:
+                raise interrupted(stop.signum, progress, self.out)
+            return False
+
+        summary = self.epoch_metrics(epoch)
+        self.progress = dataclasses.replace(Progress(), epochs_done=epoch, step=progress.step,
+                                            history=progress.history + [summary])
+        self.save_checkpoint()
+        write_metrics(self.out, self.progress.history)
+        if best_epoch(self.progress.history) == epoch:
+            checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, self.dataset.sample_shape,
+                            self.dataset.class_names, self.run_config, {"epoch": np.array(epoch)}, self.projection)
+        self.log(format_epoch(summary, config.epochs))
+        if stop.signum is not None and self.progress.epochs_done < config.epochs:
+            raise interrupted(stop.signum, self.progress, self.out)
+        return bool(self.after_epoch is not None and self.after_epoch(summary))
+
+    def epoch_metrics(self, epoch):
+        """The finished epoch's summary: training figures, test (and validation) loss and accuracy."""
+        config, progress = self.config, self.progress
+        if self.projection is not None:
+            self.net.with_input_projection(self.projection, into=self.classifier)
+        test = evaluate(self.classifier, self.dataset.test_images, self.dataset.test_labels, self.shift, self.scale)
+        summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
+                   "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
+                   "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
+                   "samples_per_second": progress.seen / progress.seconds, "lr": self.schedule(progress.step - 1),
+                   "train_seconds": self.preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
+                   + progress.seconds}
+        if self.val_images is not None:
+            val = evaluate(self.classifier, self.val_images, self.val_labels, self.shift, self.scale)
+            summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
+        for name in ("train_loss", "test_loss", "val_loss"):
+            if not math.isfinite(summary.get(name, 0.0)):
+                raise diverged(epoch, progress.step, f"the {name.replace('_', ' ')} is {summary[name]}", config.lr)
+        return summary
+
+    def finish(self):
+        for line in time_to_accuracy(self.progress.history):
+            self.log(line)
+        return outcome(self.progress.history, self.out)
 
 
 def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=None, mirrored=None, project=True):
@@ -617,6 +687,8 @@ def training_step(net, optimizer, images, labels, shift, scale, batch, lr, optio
     net.run_forward(ws, options.rng, rounded_inputs=True)
     correct = k.count_correct(ws.logits, ws.labels)
     loss = net.run_backward(ws, options.label_smoothing)
+    if options.after_backward is not None:
+        options.after_backward(net, ws)
     if options.clip is not None:
         net.clip_grad_norm(ws.grads, options.clip)
     optimizer.step(ws.grads, lr)

@@ -242,3 +242,42 @@ def test_the_normalisation_is_fitted_on_the_images_the_validation_split_leaves(t
     assert np.array_equal(mean, expected_mean) and np.array_equal(std, expected_std)
     everything_mean, everything_std = data.channel_stats(dataset.train_images)
     assert not np.allclose(mean, everything_mean, rtol=1e-4) or not np.allclose(std, everything_std, rtol=1e-4)
+
+
+# --- The training loop's hooks, for other drivers (sweeps, data-parallel training) ------------------------
+
+def test_after_backward_sees_every_steps_gradients_before_the_update(tiny_npy, tmp_path):
+    """Called once per step of the run (not in the warm-up), with the gradients in ws.grads: a hook
+    that zeroes them leaves the parameters where the seed put them (no weight decay)."""
+    calls = []
+
+    def zero_the_gradients(net, ws):
+        calls.append(float(sum(np.abs(g).sum() for g in ws.grads)))
+        for g in ws.grads:
+            g[...] = 0
+
+    settings = dict(data=str(tiny_npy), epochs=2, hidden=(4,), batch_size=50, weight_decay=0.0)
+    train(TrainConfig(**settings, out=str(tmp_path / "frozen")), log=lambda line: None,
+          after_backward=zero_the_gradients)
+    assert len(calls) == 2 * 6 and all(total > 0 for total in calls)  # 300 images in batches of 50
+    from fastnet.model import MLP
+
+    initial = MLP([48, 4, 3], seed=np.random.default_rng(0))  # as the run draws it: seed 0, no --val
+    frozen = checkpoint.load(tmp_path / "frozen" / "model.npz")
+    for p, q in zip(frozen.net.params, initial.params):
+        assert np.array_equal(p, q)
+
+
+def test_after_epoch_may_stop_the_run_and_sees_each_epochs_metrics(tiny_npy, tmp_path):
+    seen = []
+
+    def stop_after_two(summary):
+        seen.append(summary)
+        return summary["epoch"] == 2
+
+    summary = train(TrainConfig(data=str(tiny_npy), epochs=5, hidden=(4,), val=50, out=str(tmp_path)),
+                    log=lambda line: None, after_epoch=stop_after_two)
+    assert [m["epoch"] for m in seen] == [1, 2] and summary["epoch"] == 2
+    assert read_metrics(tmp_path) == seen and "val_acc" in seen[-1]
+    with np.load(tmp_path / "checkpoint.npz", allow_pickle=False) as saved:  # resumable where it stopped
+        assert json.loads(str(saved["progress"]))["epochs_done"] == 2
