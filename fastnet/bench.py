@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from fastnet.cpu import cpu_model
+from fastnet.precision import bf16_instructions
 
 INPUT_SIZE, CLASSES = 3072, 10  # CIFAR-10's shape, so the figures compare with real training
 WARMUP_STEPS = 10
@@ -166,11 +167,9 @@ def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32"):
     if "torch" in results:
         for side in backend_names:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
-    from fastnet import precision as precisions
-
     return {"sizes": sizes, "batch_size": batch, "steps": steps, "threads": threads or os.cpu_count(),
             "cpu": cpu_model(), "flops_per_sample": flops, "precision": precision,
-            "bf16_instructions": precisions.bf16_instructions(),
+            "bf16_instructions": bf16_instructions(),
             "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
 
 

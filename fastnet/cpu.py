@@ -22,6 +22,12 @@ def flags():
     return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
+def vendor():
+    """GenuineIntel, AuthenticAMD ..., or None where /proc/cpuinfo does not say."""
+    lines = _cpuinfo_lines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), None)
+
+
 def model_name():
     lines = _cpuinfo_lines()
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")

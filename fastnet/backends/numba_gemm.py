@@ -31,6 +31,8 @@ from numba import njit, types
 from numba.extending import overload
 from threadpoolctl import ThreadpoolController, threadpool_info
 
+from fastnet import cpu
+
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values
 MKL_THREADING_SEQUENTIAL = 1
 ALIGN_COLUMNS = 16  # tile edges across a row fall on 64-byte lines: no two cores write one line
@@ -90,14 +92,11 @@ def find_blas(choice=None):
     mkl = _mkl_path() if choice in (None, "mkl") else None
     if choice == "mkl" and mkl is None:
         raise ValueError("FASTNET_BLAS=mkl but MKL is not installed: pip install mkl, or unset FASTNET_BLAS")
-    if mkl and (choice == "mkl" or _cpu_vendor() == "GenuineIntel"):
-        dll = ctypes.CDLL(mkl)
-        dll.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)  # before any other MKL call
-        version = ctypes.create_string_buffer(256)
-        dll.MKL_Get_Version_String(version, 256)
+    if mkl and (choice == "mkl" or cpu.vendor() == "GenuineIntel"):
+        dll, version = _open_mkl(mkl)
         sgemm, dgemm = _symbol(dll, ["cblas_sgemm_64"]), _symbol(dll, ["cblas_dgemm_64"])
         if sgemm and dgemm:
-            return Blas("mkl", mkl, sgemm, dgemm, version=version.value.decode(errors="replace").strip())
+            return Blas("mkl", mkl, sgemm, dgemm, version=version)
         if choice == "mkl":
             raise ValueError(f"FASTNET_BLAS=mkl but {mkl} has no ILP64 interface (cblas_sgemm_64): pip install -U mkl")
     for lib in _openblas_candidates():
@@ -110,15 +109,13 @@ def find_blas(choice=None):
                       "wheels bring: pip install --force-reinstall numpy, or pip install mkl")
 
 
-def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+def _open_mkl(path):
+    """MKL's library, on its sequential threading layer, and its version string."""
+    dll = ctypes.CDLL(path)
+    dll.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)  # before any other MKL call
+    version = ctypes.create_string_buffer(256)
+    dll.MKL_Get_Version_String(version, 256)
+    return dll, version.value.decode(errors="replace").strip()
 
 
 class Bf16Gemm:
@@ -143,13 +140,10 @@ def find_bf16_gemm():
     float32 products: NumPy's OpenBLAS has no bfloat16 GEMM (sbgemm is left out of its build)."""
     path = _mkl_path()
     if path is not None:
-        dll = ctypes.CDLL(path)
-        dll.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)
+        dll, version = _open_mkl(path)
         address = _symbol(dll, ["cblas_gemm_bf16bf16f32_64"])
         if address:
-            version = ctypes.create_string_buffer(256)
-            dll.MKL_Get_Version_String(version, 256)
-            return Bf16Gemm("mkl", path, address, version.value.decode(errors="replace").strip())
+            return Bf16Gemm("mkl", path, address, version)
     from fastnet.backends.numba_bf16 import reference_gemm
     return Bf16Gemm("none", None, reference_gemm.address)
 
