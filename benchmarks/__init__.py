@@ -6,21 +6,35 @@ anything a commit lacks (the numba backend, a kernel, an API) becomes `NotImplem
 asv reports as a skipped benchmark instead of a broken suite.
 """
 
+import importlib.util
 import os
+import pathlib
+import sys
 
 import numpy as np
 
-BACKENDS = ["numpy", "numba"]
 
-# The two fixed workloads of the README's Speed section, in float32.
-SIZES = {
-    "R1": ([3072, 512, 512, 10], 128),  # MLP 3072-512-512-10, batch 128
-    "R2": ([3072, 128, 10], 64),        # MLP 3072-128-10, batch 64
-}
-DTYPE = "float32"
+def _workloads_of_this_suite():
+    """fastnet/workloads.py of the source tree this suite is in, loaded by path under a name of its
+    own: the workloads are part of what is measured, so they stay the same at every commit, including
+    the commits that came before fastnet.workloads."""
+    name = "fastnet_asv_workloads"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parent.parent / "fastnet" / "workloads.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before it runs: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+workloads = _workloads_of_this_suite()
+BACKENDS = ["numpy", "numba"]
+WORKLOADS = workloads.WORKLOADS  # R1 and R2, the README's Speed section's
+DTYPE = workloads.DTYPE
+MOMENTUM = workloads.MOMENTUM
 NUM_IMAGES = 2048  # synthetic training images built in setup: 6 MB of uint8, no dataset needed
 LR = 1e-3          # small enough that thousands of timed steps on random labels never diverge
-MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-3  # the default recipe's, applied to weight matrices only
 
 # Cores for every benchmark. asv.conf.json sets OPENBLAS_NUM_THREADS and NUMBA_NUM_THREADS to the same
@@ -53,13 +67,6 @@ def pin_threads(backend="numpy"):
     except ImportError:
         return None
     return threadpool_limits(limits=BLAS_THREADS, user_api="blas")
-
-
-def useful_flops_per_sample(sizes):
-    """FLOPs of one training sample: forward, weight gradient and input gradient are 2*fan_in*fan_out
-    each, per layer, except the first layer's input gradient, which is never computed."""
-    pairs = list(zip(sizes[:-1], sizes[1:]))
-    return 3 * 2 * sum(i * o for i, o in pairs) - 2 * pairs[0][0] * pairs[0][1]
 
 
 def synthetic_data(num_images, input_size=3072, num_classes=10, seed=0):
@@ -110,17 +117,19 @@ def require_bf16(backend):
 
 
 class Trainer:
-    """A model, its optimizer and synthetic data, wired as fastnet.train.train_epoch wires them."""
+    """A model, its optimizer and synthetic data for one workload, trained a step at a time."""
 
     def __init__(self, backend, size, num_images=NUM_IMAGES, precision="fp32"):
         get_backend(backend)
         MLP, = require("model", "MLP")
-        Optimizer, = require("optim", "Optimizer")
+        Optimizer, Schedule = require("optim", "Optimizer", "Schedule")
+        self.train_epoch, = require("train", "train_epoch")
+        self.schedule = Schedule("constant", LR, 1)
         mixed = {}
         if precision != "fp32":
             require_bf16(backend)
             mixed = {"precision": precision}
-        self.sizes, self.batch_size = SIZES[size]
+        self.sizes, self.batch_size = list(WORKLOADS[size].sizes), WORKLOADS[size].batch_size
         self.images, self.labels, self.shift, self.scale = synthetic_data(num_images, self.sizes[0],
                                                                           self.sizes[-1])
         self.net = MLP(self.sizes, backend=backend, dtype=DTYPE, seed=0, **mixed)
@@ -135,18 +144,13 @@ class Trainer:
         self.next_batch = 0
 
     def step(self):
-        """One training step on the next minibatch: what train_epoch does per step."""
+        """One training step on the next minibatch, through fastnet.train.train_epoch, the loop that
+        `fastnet train` runs (its signature has not changed since the first commit). Returns the loss."""
         batch = self.batches[self.next_batch]
         self.next_batch = (self.next_batch + 1) % len(self.batches)
-        k, net = self.kernels, self.net
-        ws = net.workspace(len(batch))
-        k.gather_normalize(self.images, batch, self.shift, self.scale, ws.inputs)
-        np.take(self.labels, batch, out=ws.labels)
-        net.run_forward(ws)
-        k.count_correct(ws.logits, ws.labels)
-        loss = net.run_backward(ws)
-        self.optimizer.step(ws.grads, LR)
-        return loss
+        loss_sum = self.train_epoch(self.net, self.optimizer, self.schedule, self.images, self.labels, self.shift,
+                                    self.scale, batch, self.batch_size, 1, 0)[0]
+        return loss_sum / len(batch)
 
     def order(self, steps, seed=2):
         """Indices for `steps` full minibatches: permutations of the images, concatenated."""

@@ -7,12 +7,11 @@ array is allocated and filled in setup, which also calls the kernel once: a numb
 
 import numpy as np
 
-from . import (BACKENDS, LR, MOMENTUM, SIZES, WEIGHT_DECAY, Trainer, get_backend, get_kernel,
-               pin_threads)
+from . import BACKENDS, LR, MOMENTUM, WEIGHT_DECAY, WORKLOADS, Trainer, get_backend, get_kernel, pin_threads
 
 
 class _Kernel:
-    params = [BACKENDS, list(SIZES)]
+    params = [BACKENDS, list(WORKLOADS)]
     param_names = ["backend", "size"]
     kernel_name = None
 

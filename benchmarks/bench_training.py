@@ -10,14 +10,14 @@ import time
 
 import numpy as np
 
-from . import (BACKENDS, BLAS_THREADS, LR, MOMENTUM, SIZES, WEIGHT_DECAY, Trainer, get_backend, pin_threads,
-               require, useful_flops_per_sample)
+from . import (BACKENDS, BLAS_THREADS, LR, MOMENTUM, WEIGHT_DECAY, WORKLOADS, Trainer, get_backend, pin_threads,
+               require)
 
 EPOCH_SLICE_STEPS = 50
 
 
 class TrainingStep:
-    params = [BACKENDS, list(SIZES)]
+    params = [BACKENDS, list(WORKLOADS)]
     param_names = ["backend", "size"]
 
     def setup(self, backend, size):
@@ -70,8 +70,8 @@ class Throughput:
     track_samples_per_second.unit = "samples/s"
 
     def track_gflops(self, backend, precision):
-        """Useful GFLOP/s: 3*2*sum(fan_in*fan_out) - 2*fan_in0*fan_out0 FLOPs per sample."""
-        flops = useful_flops_per_sample(self.trainer.sizes) * self.trainer.batch_size
+        """Useful GFLOP/s: fastnet/workloads.py's flops_per_sample, per sample."""
+        flops = WORKLOADS["R1"].flops_per_sample * self.trainer.batch_size
         return flops / self._median_step_seconds() / 1e9
     track_gflops.unit = "GFLOP/s"
 
@@ -82,7 +82,7 @@ class EpochMemory:
     asv's peakmem is the process's maximum RSS, so it includes the interpreter, numpy, the data
     (30 MB of uint8), the model, its workspace and, for numba, loading the compiled kernels."""
 
-    params = [BACKENDS, list(SIZES)]
+    params = [BACKENDS, list(WORKLOADS)]
     param_names = ["backend", "size"]
     num_images = 10_000
 
@@ -111,6 +111,7 @@ class FullDatasetMemory:
     params = [BACKENDS]
     param_names = ["backend"]
     timeout = 600
+    images_per_batch, steps = 10_000, 100
 
     def setup_cache(self):
         """A folder of random CIFAR-10-shaped python batches (184 MB), in asv's working folder."""
@@ -119,8 +120,8 @@ class FullDatasetMemory:
         os.makedirs(folder, exist_ok=True)
         rng = np.random.default_rng(0)
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = {b"data": rng.integers(0, 256, (10_000, 3072), dtype=np.uint8),
-                     b"labels": rng.integers(0, 10, 10_000).tolist()}
+            batch = {b"data": rng.integers(0, 256, (self.images_per_batch, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, 10, self.images_per_batch).tolist()}
             with open(os.path.join(folder, name), "wb") as f:
                 pickle.dump(batch, f, protocol=2)
         return folder
@@ -137,11 +138,11 @@ class FullDatasetMemory:
         dataset = load_dataset(folder)
         mean, std = channel_stats(dataset.train_images)
         shift, scale = normalizer(mean, std, dataset.input_size, dataset.train_images.dtype, "float32")
-        sizes, batch = SIZES["R1"]
+        sizes, batch = list(WORKLOADS["R1"].sizes), WORKLOADS["R1"].batch_size
         net = MLP(sizes, backend=backend)
         optimizer = Optimizer(net.params, "nesterov", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend)
-        order = np.random.default_rng(0).permutation(len(dataset.train_labels))[:100 * batch]
-        train_epoch(net, optimizer, Schedule("constant", LR, 100), dataset.train_images.reshape(-1, 3072),
+        order = np.random.default_rng(0).permutation(len(dataset.train_labels))[:self.steps * batch]
+        train_epoch(net, optimizer, Schedule("constant", LR, self.steps), dataset.train_images.reshape(-1, 3072),
                     dataset.train_labels, shift, scale, order, batch, 1, 0)
         evaluate(net, dataset.test_images, dataset.test_labels, shift, scale)
 

@@ -18,18 +18,13 @@ import numpy as np
 
 from fastnet.cpu import cpu_model
 from fastnet.precision import bf16_instructions
+from fastnet.workloads import MOMENTUM, flops_per_sample, named
 
 INPUT_SIZE, CLASSES = 3072, 10  # CIFAR-10's shape, so the figures compare with real training
 WARMUP_STEPS = 10
+LR = 0.01
 PEAK_SIZES = (1024, 2048)
 PRECISION_NAMES = {"fp32": "float32", "bf16": "bf16 mixed precision (PyTorch: torch.autocast bfloat16)"}
-
-
-def flops_per_sample(sizes):
-    """Useful FLOPs of one training sample: forward and two backward GEMMs per layer, except the first
-    layer's input gradient, which no trainer computes."""
-    layer_flops = [2 * fan_in * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
-    return 3 * sum(layer_flops) - layer_flops[0]
 
 
 def synthetic_batches(sizes, batch, steps):
@@ -51,10 +46,10 @@ def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32"):
     started = time.perf_counter()
     net = MLP(sizes, backend=backend, precision=precision)  # imports the backend: part of its start-up
     with backends.use_threads(backend, threads):
-        optimizer = Optimizer(net.params, "momentum", backend=backend, copies=net.param_copies)
+        optimizer = Optimizer(net.params, "momentum", momentum=MOMENTUM, backend=backend, copies=net.param_copies)
         warm_up(net, optimizer, images.dtype)
         warmup_seconds = time.perf_counter() - started
-        schedule = Schedule("constant", 0.01, steps + WARMUP_STEPS)
+        schedule = Schedule("constant", LR, steps + WARMUP_STEPS)
         # Untimed steps first: they allocate the workspace and settle caches and thread pools.
         train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[:batch * WARMUP_STEPS], batch, 1,
                     0)
@@ -82,7 +77,7 @@ def time_torch(sizes, batch, steps, threads=None, precision="fp32"):
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     def autocast():
         if precision == "bf16":
@@ -167,14 +162,16 @@ def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32"):
     if "torch" in results:
         for side in backend_names:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
-    return {"sizes": sizes, "batch_size": batch, "steps": steps, "threads": threads or os.cpu_count(),
+    return {"workload": named(sizes, batch), "sizes": sizes, "batch_size": batch, "steps": steps, "threads": threads or os.cpu_count(),
             "cpu": cpu_model(), "flops_per_sample": flops, "precision": precision,
             "bf16_instructions": bf16_instructions(),
             "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
 
 
 def format_report(report):
-    lines = [f"fastnet bench: MLP {'-'.join(map(str, report['sizes']))}, batch {report['batch_size']}, "
+    workload = f"{report['workload']} " if report.get("workload") else ""
+    lines = [f"fastnet bench: {workload}MLP {'-'.join(map(str, report['sizes']))}, "
+             f"batch {report['batch_size']}, "
              f"{report['steps']} timed steps on synthetic data, {PRECISION_NAMES[report['precision']]}, SGD with "
              f"momentum; each side in its own process on {report['threads']} threads",
              f"CPU: {report['cpu']}",

@@ -11,10 +11,12 @@ import threading
 import numpy as np
 
 from fastnet import __version__, backends, bench, data, precision, report
-from fastnet.errors import FastnetError, Interrupted
+from fastnet.errors import FastnetError, Interrupted, SettingError
+from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
-from fastnet.model import ACTIVATIONS, NORMS, PRECISIONS
+from fastnet.precision import PRECISIONS
 from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, train
+from fastnet.workloads import WORKLOADS
 
 USAGE_ERROR = 2
 # What --resume lets a user change: where the data is and how fast it runs, never the numbers.
@@ -150,9 +152,11 @@ def build_parser():
     b = commands.add_parser("bench", help="time training steps on synthetic data, per backend and against PyTorch")
     b.add_argument("--backend", type=names, default=",".join(backends.available()), metavar="B,B,...",
                    help="backends to time (default: %(default)s)")
-    b.add_argument("--hidden", type=widths, default=defaults.hidden, metavar="W,W,...",
-                   help="hidden layer widths (default: %(default)s)")
-    b.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    b.add_argument("--workload", choices=list(WORKLOADS), default="R1",
+                   help="the network and batch size: " + "; ".join(map(str, WORKLOADS.values()))
+                   + " (default: %(default)s)")
+    b.add_argument("--hidden", type=widths, metavar="W,W,...", help="hidden layer widths instead of the workload's")
+    b.add_argument("--batch-size", type=positive_int, help="batch size instead of the workload's")
     b.add_argument("--steps", type=positive_int, default=100, help="timed training steps (default: %(default)s)")
     b.add_argument("--threads", type=positive_int, metavar="N", help="cores each side uses (default: all)")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -258,7 +262,9 @@ def run_bench(args):
     for name in args.backend:
         backends.resolve(name)  # an unknown or unavailable name stops here, in one line
         precision.check(args.precision, name)
-    timings = bench.bench(args.backend, args.hidden, args.batch_size, args.steps, args.threads, args.precision)
+    workload = WORKLOADS[args.workload]
+    timings = bench.bench(args.backend, args.hidden or workload.hidden, args.batch_size or workload.batch_size,
+                          args.steps, args.threads, args.precision)
     print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 
@@ -327,7 +333,8 @@ def main(argv=None):
         {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "data": run_data,
          "predict": run_predict, "plot": run_plot, "runs": run_runs}[args.command](args)
     except FastnetError as exc:
-        print(f"fastnet: error: {exc}", file=sys.stderr)
+        message = exc.on_command_line() if isinstance(exc, SettingError) else exc
+        print(f"fastnet: error: {message}", file=sys.stderr)
         return exc.exit_status
     except Interrupted as exc:
         print(f"fastnet: {exc}", file=sys.stderr)

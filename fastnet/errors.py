@@ -13,6 +13,20 @@ class FastnetError(Exception):
     exit_status = 2
 
 
+class SettingError(FastnetError, ValueError):
+    """A value that no run can use for one setting (fastnet.settings has the rules). The message
+    names the setting where it says {setting}: as Python spells it in str(), `dropout`, and as the
+    command line does in on_command_line(), `--dropout`. A ValueError too, as Python's own checks of
+    an argument's value are."""
+
+    def __init__(self, setting: str, message: str):
+        self.setting, self.message = setting, message
+        super().__init__(message.replace("{setting}", setting))
+
+    def on_command_line(self) -> str:
+        return self.message.replace("{setting}", "--" + self.setting.replace("_", "-"))
+
+
 class DataError(FastnetError):
     """A dataset that is missing, malformed or inconsistent."""
 

@@ -38,10 +38,11 @@ import math
 
 import numpy as np
 
-from fastnet import activations, backends
+from fastnet import activations, backends, settings
+from fastnet.errors import SettingError
+from fastnet.precision import PRECISIONS
 
 DTYPES = ("float32", "float64")
-PRECISIONS = ("fp32", "bf16")
 ACTIVATIONS = tuple(activations.ACTIVATIONS)
 NORMS = (None, "layernorm")
 LAYERNORM_EPS = 1e-5
@@ -105,6 +106,24 @@ class Workspace:
         return self.activations[-1]
 
 
+def check_settings(dtype="float32", activation="relu", dropout=0.0, norm=None, precision="fp32"):
+    """The rules of an MLP's settings (SettingError when one is broken), for MLP itself and for
+    TrainConfig.check, which applies them before a run reads its data. Returns the dtype."""
+    try:
+        name = str(np.dtype(dtype))
+    except TypeError:
+        name = str(dtype)
+    settings.one_of("dtype", name, DTYPES)
+    settings.one_of("activation", activation, ACTIVATIONS)
+    settings.fraction("dropout", dropout, 0.1, what="is a rate in [0, 1)")
+    settings.one_of("norm", norm, NORMS, advice="choose layernorm, or None for no normalisation")
+    settings.one_of("precision", precision, PRECISIONS)
+    if precision == "bf16" and name != "float32":
+        raise SettingError("precision", f"{{setting}} bf16 keeps float32 master weights, so it needs dtype float32, "
+                                        f"not {name}: use {{setting}} fp32 for {name}")
+    return np.dtype(name)
+
+
 class MLP:
     """A fully connected network.
 
@@ -137,24 +156,9 @@ class MLP:
 
     def __init__(self, sizes, backend="numpy", dtype="float32", seed=0, *, activation="relu", dropout=0.0,
                  norm=None, precision="fp32"):
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or min(sizes) < 1:
-            raise ValueError(f"sizes must be at least two positive widths, got {sizes}")
-        if str(np.dtype(dtype)) not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        sizes = list(settings.widths("sizes", sizes, "[3072, 512, 10]", at_least=2))
+        dtype = check_settings(dtype, activation, dropout, norm, precision)
         dropout = float(dropout)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout is a rate in [0, 1), got {dropout}")
-        if norm == "none":
-            norm = None
-        if norm not in NORMS:
-            raise ValueError(f"norm must be None or 'layernorm', got {norm!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if precision == "bf16" and np.dtype(dtype) != np.float32:
-            raise ValueError(f"precision bf16 keeps float32 master weights: use dtype float32, not {dtype}")
         self.sizes = sizes
         self.dtype = np.dtype(dtype)
         self.precision = precision
@@ -350,8 +354,7 @@ class MLP:
         y = np.asarray(y)
         if y.shape != (len(x),):
             raise ValueError(f"expected {len(x)} labels, got an array of shape {y.shape}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        settings.fraction("label_smoothing", label_smoothing, 0.1)
         ws = self.workspace(len(x))
         ws.inputs[...] = x
         ws.labels[...] = y

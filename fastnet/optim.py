@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from fastnet import backends
+from fastnet import backends, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,21 @@ OPTIMIZERS = tuple(UPDATE_RULES)
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
+def check_optimizer(kind="nesterov", momentum=0.9, weight_decay=0.0):
+    """The rules of an Optimizer's settings, for Optimizer and for TrainConfig.check."""
+    settings.one_of("optimizer", kind, OPTIMIZERS)
+    settings.fraction("momentum", momentum, 0.9)
+    settings.not_negative("weight_decay", weight_decay, "pass 0 for none")
+
+
+def check_schedule(kind="onecycle", lr=0.05, warmup=None):
+    """The rules of a Schedule's settings, for Schedule and for TrainConfig.check."""
+    settings.one_of("schedule", kind, SCHEDULES)
+    settings.positive_number("lr", lr, 0.05)
+    if warmup is not None:
+        settings.fraction("warmup", warmup, 0.1, what="is a fraction of the run in [0, 1)")
+
+
 class Optimizer:
     """Updates parameters in place from their gradients.
 
@@ -52,8 +67,7 @@ class Optimizer:
 
     def __init__(self, params, kind="nesterov", momentum=0.9, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, backend=None, copies=None):
-        if kind not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(kind, momentum, weight_decay)
         self.kind = kind
         self.params = params
         self.copies = list(copies) if copies is not None else [None] * len(params)
@@ -109,8 +123,7 @@ class Schedule:
     """
 
     def __init__(self, kind, lr, total_steps, warmup=None):
-        if kind not in SCHEDULES:
-            raise ValueError(f"unknown schedule {kind!r}: choose one of {', '.join(SCHEDULES)}")
+        check_schedule(kind, lr, warmup)
         self.kind = kind
         self.lr = float(lr)
         self.total_steps = max(int(total_steps), 1)

@@ -10,7 +10,7 @@ arithmetic on any CPU, at float32's speed or below.
 
 import os
 
-from fastnet import backends, cpu
+from fastnet import backends, cpu, settings
 from fastnet.errors import FastnetError
 
 PRECISIONS = ("fp32", "bf16")
@@ -28,8 +28,7 @@ def check(precision, backend=None, flags=None):
     """What config.json records of `precision` on `backend`: {"precision", and for bf16 "instructions"
     and "gemm"}. Raises FastnetError, one line saying what is missing and what to do, when the CPU
     or the backend cannot run it."""
-    if precision not in PRECISIONS:
-        raise FastnetError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    settings.one_of("precision", precision, PRECISIONS)
     if precision == "fp32":
         return {"precision": "fp32"}
     found = bf16_instructions(flags)

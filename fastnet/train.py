@@ -25,10 +25,11 @@ import numpy as np
 from threadpoolctl import threadpool_info
 from tqdm import tqdm
 
-from fastnet import backends, checkpoint, data, precision
-from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
-from fastnet.model import ACTIVATIONS, MLP, NORMS
-from fastnet.optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
+from fastnet import backends, checkpoint, data, precision, settings
+from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted, SettingError
+from fastnet.model import MLP
+from fastnet.model import check_settings as check_model_settings
+from fastnet.optim import Optimizer, Schedule, check_optimizer, check_schedule
 
 EVAL_BATCH = 1000
 # The metrics that measure time: they differ between runs that are otherwise bit-identical.
@@ -70,54 +71,27 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
     def check(self):
-        """Raise FastnetError for settings no run can use."""
+        """Apply the rule of every setting (fastnet.settings) before anything is read: SettingError
+        for the first that no run can use. Returns what config.json records of the precision."""
         defaults = TrainConfig()
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise FastnetError(f"--{name.replace('_', '-')} must be a positive integer, got {value}: "
-                                   f"pass one such as {getattr(defaults, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FastnetError(f"--lr must be a positive number, got {self.lr}: pass one such as {defaults.lr}")
-        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            raise FastnetError(f"--weight-decay must be 0 or more, got {self.weight_decay}: pass 0 for none")
-        if not 0 <= self.momentum < 1:
-            raise FastnetError(f"--momentum must be in [0, 1), got {self.momentum}: pass one such as "
-                               f"{defaults.momentum}")
-        if self.warmup is not None and not 0 <= self.warmup < 1:
-            raise FastnetError(f"--warmup is a fraction of the run in [0, 1), got {self.warmup}: pass one such as 0.1")
-        if not self.hidden or min(self.hidden) < 1:
-            raise FastnetError(f"--hidden must be a comma list of positive widths, got {self.hidden}: "
-                               f"pass one such as 512,512")
-        if self.optimizer not in OPTIMIZERS:
-            raise FastnetError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise FastnetError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise FastnetError(f"--checkpoint-every must be a positive number of steps, got "
-                               f"{self.checkpoint_every}: pass one such as 1000")
-        if self.val < 0:
-            raise FastnetError(f"--val must be 0 or more, got {self.val}: pass 0 for no validation split")
-        if self.activation not in ACTIVATIONS:
-            raise FastnetError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-        if self.norm not in NORMS:
-            raise FastnetError(f"unknown norm {self.norm!r}: choose layernorm, or leave it out")
-        if not 0 <= self.dropout < 1:
-            raise FastnetError(f"--dropout is a rate in [0, 1), got {self.dropout}: pass one such as 0.1")
-        if not 0 <= self.label_smoothing < 1:
-            raise FastnetError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}: pass one such as 0.1")
-        if self.translate < 0 or self.cutout < 0:
-            raise FastnetError(f"--translate and --cutout are sizes in pixels, got {self.translate} and "
-                               f"{self.cutout}: pass 0 or more")
-        if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
-            raise FastnetError(f"--clip must be a positive gradient norm, got {self.clip}: pass one such as 5")
-        if not isinstance(self.pca, int) or self.pca < 0:
-            raise FastnetError(f"--pca must be a number of components, got {self.pca}: pass one such as 256, "
-                               f"or 0 for none")
+        settings.positive_integer("epochs", self.epochs, defaults.epochs)
+        settings.positive_integer("batch_size", self.batch_size, defaults.batch_size)
+        settings.widths("hidden", self.hidden, ",".join(map(str, defaults.hidden)))
+        check_optimizer(self.optimizer, self.momentum, self.weight_decay)
+        check_schedule(self.schedule, self.lr, self.warmup)
+        if self.checkpoint_every is not None:
+            settings.positive_integer("checkpoint_every", self.checkpoint_every, 1000)
+        settings.not_negative("val", self.val, "pass 0 for no validation split")
+        check_model_settings(self.dtype, self.activation, self.dropout, self.norm, self.precision)
+        settings.fraction("label_smoothing", self.label_smoothing, 0.1)
+        settings.pixels("translate", self.translate)
+        settings.pixels("cutout", self.cutout)
+        if self.clip is not None:
+            settings.positive_number("clip", self.clip, 5, what="gradient norm")
+        if isinstance(self.pca, bool) or not isinstance(self.pca, int) or self.pca < 0:
+            raise SettingError("pca", f"{{setting}} must be a number of components, got {self.pca}: pass one such "
+                                      f"as 256, or 0 for none")
         backends.get(self.backend)
-        if self.precision == "bf16" and self.dtype != "float32":
-            raise FastnetError(f"--precision bf16 keeps float32 master weights, so it needs dtype float32, not "
-                               f"{self.dtype}: use --precision fp32 for {self.dtype}")
         return precision.check(self.precision, self.backend)
 
 

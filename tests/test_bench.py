@@ -2,10 +2,11 @@
 
 import importlib.util
 import json
+import time
 
 import pytest
 
-from fastnet.bench import flops_per_sample
+from fastnet.workloads import R1, R2, WORKLOADS, flops_per_sample, named
 from helpers import assert_one_line_error, fastnet
 
 
@@ -14,13 +15,24 @@ def test_flops_per_sample_counts_three_gemms_per_layer_but_the_first_layers_inpu
     # first layer's input gradient (2*3072*512 = 3,145,728).
     assert flops_per_sample([3072, 512, 512, 10]) == 3 * 3_680_256 - 3_145_728
     assert flops_per_sample([4, 3]) == 2 * 2 * 4 * 3
+    assert R1.flops_per_sample == 3 * 3_680_256 - 3_145_728
+
+
+def test_the_fixed_workloads_are_the_readmes():
+    assert {name: (w.sizes, w.batch_size) for name, w in WORKLOADS.items()} == {
+        "R1": ((3072, 512, 512, 10), 128), "R2": ((3072, 128, 10), 64)}
+    assert named([3072, 128, 10], 64) == "R2" and named([3072, 128, 10], 128) is None
+    assert str(R2) == "R2: MLP 3072-128-10, batch 64"
 
 
 def test_bench_reports_every_side_consistently():
+    started = time.perf_counter()
     result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 4, "--steps", 3, "--json")
+    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["sizes"] == [3072, 8, 10] and report["flops_per_sample"] == flops_per_sample([3072, 8, 10])
+    assert report["workload"] is None  # --hidden and --batch-size replaced R1's
     expected_sides = {"numpy", "numba"} | ({"torch"} if importlib.util.find_spec("torch") else set())
     assert set(report["results"]) == expected_sides
     for side, r in report["results"].items():
@@ -28,8 +40,18 @@ def test_bench_reports_every_side_consistently():
         assert r["samples_per_second"] == pytest.approx(4 * 3 / seconds)
         assert r["gflops"] == pytest.approx(report["flops_per_sample"] * r["samples_per_second"] / 1e9)
         assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / report["sgemm_peak_gflops"])
-        assert r["warmup_seconds"] >= 0
+        # Each side's warm-up and timed steps happened inside this command, one after the other.
+        assert 0 < r["warmup_seconds"] and r["warmup_seconds"] + seconds < elapsed
         assert ("vs_torch" in r) == ("torch" in report["results"] and side != "torch")
+
+
+def test_bench_times_the_workload_it_is_given():
+    result = fastnet("bench", "--backend", "numpy", "--workload", "R2", "--steps", 1)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("fastnet bench: R2 MLP 3072-128-10, batch 64, 1 timed steps")
+    report = json.loads(fastnet("bench", "--backend", "numpy", "--workload", "R2", "--hidden", 16, "--steps", 1,
+                                "--json").stdout)
+    assert (report["sizes"], report["batch_size"], report["workload"]) == ([3072, 16, 10], 64, None)
 
 
 def test_bench_table_names_each_backend():

@@ -121,7 +121,7 @@ CASES = {
     "dropout of 1": (lambda root, tiny, run: ["train", "--dropout", "1"], ["--dropout is a rate in [0, 1)"]),
     "negative label smoothing": (lambda root, tiny, run: ["train", "--label-smoothing", "-0.1"],
                                  ["--label-smoothing must be in [0, 1)"]),
-    "negative translate": (lambda root, tiny, run: ["train", "--translate", "-2"], ["--translate and --cutout"]),
+    "negative translate": (lambda root, tiny, run: ["train", "--translate", "-2"], ["--translate is a size in pixels, got -2"]),
     "zero clip": (lambda root, tiny, run: ["train", "--clip", "0"], ["--clip must be a positive gradient norm"]),
     "unknown recipe": (lambda root, tiny, run: ["train", "--recipe", "slow"], ["--recipe", "'slow'"]),
     "flip on samples that are not images": (npy_with(["--flip", "--batch-size", "5"],

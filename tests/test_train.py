@@ -84,13 +84,13 @@ def test_normalizer_standardises_each_channel():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"epochs": 0}, "--epochs must be a positive integer"),
-    ({"batch_size": -3}, "--batch-size must be a positive integer"),
-    ({"lr": 0.0}, "--lr must be a positive number"),
-    ({"hidden": (4, 0)}, "--hidden must be a comma list"),
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"batch_size": -3}, "batch_size must be a positive integer"),
+    ({"lr": 0.0}, "lr must be a positive number"),
+    ({"hidden": (4, 0)}, "hidden must be a comma list"),
     ({"batch_size": 1000}, "larger than the 300 training images"),
     ({"backend": "cuda"}, "unknown backend 'cuda'"),
-    ({"pca": -1}, "--pca must be a number of components"),
+    ({"pca": -1}, "pca must be a number of components"),
     ({"pca": 49}, "--pca 49 asks for more components than 300 images of 48 inputs"),
 ])
 def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):

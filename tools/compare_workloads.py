@@ -3,8 +3,8 @@
     python tools/compare_workloads.py [--workloads R1,R2] [--sides numpy,numba,numba:1,torch]
                                       [--repeats 3] [--data PATH] [--json FILE] [--quiet-wait 60]
 
-R1 is an MLP 3072-512-512-10 with batch 128, R2 an MLP 3072-128-10 with batch 64; both train one
-epoch of the 50,000 CIFAR-10 training images in float32 with SGD, momentum 0.9, constant lr 0.01,
+R1 (an MLP 3072-512-512-10 with batch 128) and R2 (3072-128-10, batch 64) are defined in
+fastnet/workloads.py; each trains one epoch of the 50,000 CIFAR-10 training images in float32 with SGD, momentum 0.9, constant lr 0.01,
 no weight decay: shuffle, gather uint8 rows, normalise, forward, softmax cross-entropy, backward,
 update. The numpy and numba sides run `fastnet.train.train_epoch`, the code path of `fastnet train`;
 the torch side (when torch imports; it is a peer to measure against, not a dependency) runs the
@@ -42,9 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastnet.bench import cpu_model, flops_per_sample  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.cpu import cpu_model  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
-WORKLOADS = {"R1": ([3072, 512, 512, 10], 128), "R2": ([3072, 128, 10], 64)}
 GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
                 # on a CPU with AMX (the mixed-precision issue); on AVX512-BF16 alone, reported only
                 ("numba@bf16", "numba"): 2.0, ("numba@bf16", "torch@bf16"): 1.5},
@@ -52,7 +52,7 @@ GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
 PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of the sgemm peak
 PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"), ("numba@bf16", "numba"),
          ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"))
-LR, MOMENTUM, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 0.9, 20, 0, 50_000
+LR, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 20, 0, 50_000
 PEAK_SIZES, THREADS = (1024, 2048, 3072, 4096), 2
 BUSY = 0.1  # cores kept busy by other processes above which a measurement is flagged as disturbed
 
@@ -91,7 +91,7 @@ def worker_train(side, workload, source):
     images2d, labels, images, described = load_images(source)
     mean, std = data.channel_stats(images)
     shift, scale = train.normalizer(mean, std, images2d.shape[1], images2d.dtype, "float32")
-    sizes, batch = WORKLOADS[workload]
+    sizes, batch = WORKLOADS[workload].sizes, WORKLOADS[workload].batch_size
     rng = np.random.default_rng(SEED)
     warm_order = rng.permutation(len(images2d))[:WARMUP_STEPS * batch]
     order = rng.permutation(len(images2d))  # the timed epoch's fresh permutation
@@ -296,8 +296,8 @@ def print_env(sides, results, peaks):
 
 
 def report(workload, sides, results, skipped, peak, repeats):
-    sizes, batch = WORKLOADS[workload]
-    fps = flops_per_sample(sizes)
+    sizes, batch = WORKLOADS[workload].sizes, WORKLOADS[workload].batch_size
+    fps = WORKLOADS[workload].flops_per_sample
     print(f"\n{workload}  MLP {'-'.join(map(str, sizes))}, batch {batch}, one epoch "
           f"(median of {repeats} runs, each in its own process); {fps / 1e6:.3f} MFLOP per sample")
     print(f"{'side':<12}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'epoch s (min-max)':>24}"

@@ -23,9 +23,9 @@ from fastnet.backends import numpy_backend as ref
 from fastnet.model import MLP
 from fastnet.optim import OPTIMIZERS, Optimizer
 from fastnet.train import warm_up
+from fastnet.workloads import WORKLOADS
 from helpers import assert_close
 
-WORKLOADS = {"R1": ([3072, 512, 512, 10], 128), "R2": ([3072, 128, 10], 64)}  # (sizes, batch)
 N_IMAGES = 2048
 RTOL = 1e-4
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
@@ -45,7 +45,7 @@ def backend(request):
 @pytest.fixture(scope="module", params=list(WORKLOADS))
 def workload(request):
     """Float32 arrays for one workload: data, and x, W, b, dout, relu output per layer shape."""
-    sizes, batch = WORKLOADS[request.param]
+    sizes, batch = WORKLOADS[request.param].sizes, WORKLOADS[request.param].batch_size
     rng = np.random.default_rng(0)
 
     def normal(*shape, scale=1.0):

@@ -1,0 +1,66 @@
+"""The rule of every setting, written once.
+
+A setting is a value a person chooses: a flag of `fastnet train`, a field of TrainConfig, an argument
+of MLP, Optimizer, Schedule or Augmentation. The classes apply the rules of their own arguments
+through these functions, and TrainConfig.check applies all of them before a run reads any data, so
+a bad flag costs no wait. A broken rule raises SettingError, whose message names the setting as its
+reader spells it: `dropout` from Python, `--dropout` from the command line.
+
+Each function returns the value it checked, converted where the rule says so (an int, a float).
+"""
+
+import math
+import numbers
+
+from fastnet.errors import SettingError
+
+
+def positive_integer(setting, value, example):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SettingError(setting, f"{{setting}} must be a positive integer, got {value}: pass one such as {example}")
+    return int(value)
+
+
+def positive_number(setting, value, example, what="number"):
+    if not (isinstance(value, numbers.Real) and value > 0 and math.isfinite(value)):
+        raise SettingError(setting, f"{{setting}} must be a positive {what}, got {value}: pass one such as {example}")
+    return float(value)
+
+
+def not_negative(setting, value, advice):
+    """0 or more, and finite; `advice` ends the message, e.g. 'pass 0 for none'."""
+    if not (isinstance(value, numbers.Real) and value >= 0 and math.isfinite(value)):
+        raise SettingError(setting, f"{{setting}} must be 0 or more, got {value}: {advice}")
+    return value
+
+
+def fraction(setting, value, example, what="must be in [0, 1)"):
+    """A number in [0, 1): a rate, a probability, a share of the run."""
+    if not (isinstance(value, numbers.Real) and 0 <= value < 1):
+        raise SettingError(setting, f"{{setting}} {what}, got {value}: pass one such as {example}")
+    return float(value)
+
+
+def pixels(setting, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise SettingError(setting, f"{{setting}} is a size in pixels, got {value}: pass 0 or more")
+    return int(value)
+
+
+def one_of(setting, value, choices, advice=None):
+    """One of `choices`; `advice` replaces the list of them in the message where a list would mislead
+    (e.g. a choice of None)."""
+    if value not in choices:
+        advice = advice or f"choose one of {', '.join(map(str, choices))}"
+        raise SettingError(setting, f"unknown {{setting}} {value!r}: {advice}")
+    return value
+
+
+def widths(setting, values, example, at_least=1):
+    """Layer widths: at least `at_least` of them, each a positive integer."""
+    values = tuple(values) if values is not None else ()
+    if (len(values) < at_least or min(values, default=1) < 1
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values)):
+        what = "a comma list of positive widths" if at_least == 1 else f"at least {at_least} positive widths"
+        raise SettingError(setting, f"{{setting}} must be {what}, got {values}: pass one such as {example}")
+    return tuple(int(v) for v in values)

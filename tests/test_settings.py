@@ -1,0 +1,83 @@
+"""One validation layer: each setting's rule is written once (fastnet.settings), TrainConfig.check and
+the class that takes the setting apply the same rule with the same message, and every broken rule is a
+SettingError that names the setting as its reader spells it."""
+
+import pytest
+
+from fastnet.errors import FastnetError, SettingError
+from fastnet.model import MLP
+from fastnet.optim import Optimizer, Schedule
+from fastnet.train import TrainConfig
+from helpers import assert_one_line_error, fastnet
+
+# setting, a value no run can use, the start of the message, and the same setting given straight to
+# the class that owns it (None: only a run has it).
+RULES = [
+    ("epochs", 0, "must be a positive integer, got 0", None),
+    ("batch_size", 2.5, "must be a positive integer, got 2.5", None),
+    ("hidden", (64, 0), "must be a comma list of positive widths", None),
+    ("lr", float("nan"), "must be a positive number, got nan", lambda v: Schedule("constant", v, 10)),
+    ("warmup", 1.0, "is a fraction of the run in [0, 1), got 1.0", lambda v: Schedule("onecycle", 0.1, 10, v)),
+    ("schedule", "linear", "'linear': choose one of constant, step", lambda v: Schedule(v, 0.1, 10)),
+    ("optimizer", "rmsprop", "'rmsprop': choose one of sgd", lambda v: Optimizer([], v)),
+    ("momentum", 1.0, "must be in [0, 1), got 1.0", lambda v: Optimizer([], "momentum", momentum=v)),
+    ("weight_decay", -1e-4, "must be 0 or more, got -0.0001", lambda v: Optimizer([], weight_decay=v)),
+    ("activation", "swish", "'swish': choose one of relu", lambda v: MLP([3, 2], activation=v)),
+    ("dropout", 1.0, "is a rate in [0, 1), got 1.0", lambda v: MLP([3, 2], dropout=v)),
+    ("norm", "batchnorm", "'batchnorm': choose layernorm, or None", lambda v: MLP([3, 2], norm=v)),
+    ("precision", "fp16", "'fp16': choose one of fp32, bf16", lambda v: MLP([3, 2], precision=v)),
+    ("label_smoothing", -0.1, "must be in [0, 1), got -0.1",
+     lambda v: MLP([3, 2]).loss_and_grads([[0.0, 0.0, 0.0]], [0], label_smoothing=v)),
+    ("translate", -1, "is a size in pixels, got -1", None),
+    ("cutout", -2, "is a size in pixels, got -2", None),
+    ("clip", 0.0, "must be a positive gradient norm, got 0.0", None),
+    ("pca", -1, "must be a number of components, got -1", None),
+    ("val", -5, "must be 0 or more, got -5", None),
+    ("checkpoint_every", 0, "must be a positive integer, got 0", None),
+]
+
+
+def names_the_setting(error, setting, phrase):
+    message = str(error)
+    return setting in message and phrase in message and f"--{setting}" not in message
+
+
+@pytest.mark.parametrize("setting, value, phrase, owner", RULES, ids=[rule[0] for rule in RULES])
+def test_a_broken_rule_is_one_setting_error_whoever_applies_it(setting, value, phrase, owner):
+    with pytest.raises(SettingError) as from_config:
+        TrainConfig(**{setting: value}).check()
+    error = from_config.value
+    assert error.setting == setting and names_the_setting(error, setting, phrase), str(error)
+    assert error.on_command_line().startswith(error.message.split("{setting}")[0])
+    assert f"--{setting.replace('_', '-')}" in error.on_command_line() and phrase in error.on_command_line()
+    if owner is not None:
+        with pytest.raises(SettingError) as from_owner:
+            owner(value)
+        assert str(from_owner.value) == str(error)  # one rule, one message
+
+
+def test_a_setting_error_is_what_python_callers_and_the_command_line_expect():
+    assert issubclass(SettingError, ValueError) and issubclass(SettingError, FastnetError)
+    error = SettingError("label_smoothing", "{setting} must be in [0, 1), got 2: pass one such as 0.1 {not a field}")
+    assert str(error) == "label_smoothing must be in [0, 1), got 2: pass one such as 0.1 {not a field}"
+    assert error.on_command_line() == "--label-smoothing must be in [0, 1), got 2: pass one such as 0.1 {not a field}"
+
+
+def test_the_defaults_and_the_edges_of_each_range_are_accepted():
+    TrainConfig().check()
+    TrainConfig(momentum=0.0, weight_decay=0.0, warmup=0.0, dropout=0.0, label_smoothing=0.0, val=0,
+                translate=0, cutout=0, pca=0, clip=1e-3, checkpoint_every=1, epochs=1, batch_size=1,
+                hidden=(1,)).check()
+
+
+def test_none_is_the_command_lines_word_for_no_norm_and_not_the_librarys():
+    with pytest.raises(SettingError, match="unknown norm 'none'"):
+        MLP([3, 2], norm="none")
+    assert MLP([3, 2], norm=None).norm is None
+
+
+def test_the_command_line_names_the_flag(tmp_path):
+    # --label-smoothing has no argparse range: the library's rule is what refuses it.
+    assert_one_line_error(fastnet("train", "--data", tmp_path / "missing", "--label-smoothing", "1", cwd=tmp_path),
+                          "--label-smoothing must be in [0, 1), got 1.0: pass one such as 0.1")
+    assert not list(tmp_path.iterdir())  # refused before the data was looked for or a run folder made
