@@ -20,6 +20,7 @@ from fastnet.model import MLP
 
 FORMAT = "fastnet-checkpoint-1"
 TEMPORARY_PREFIX = ".tmp-fastnet-"
+MODEL = "model.npz"  # in a run folder: the model to evaluate and predict with (see fastnet.train)
 
 
 def save(path, net, mean, std, sample_shape, class_names, config, extra=None, projection=None):
@@ -104,10 +105,24 @@ class Checkpoint:
         self.arrays = arrays
 
 
-def load(path, backend=None):
-    """Read a checkpoint written by save(); refuses anything that would need pickle."""
+def model_file(path):
+    """The file a model argument names: `path` itself, or for a run folder the model.npz in it."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, MODEL)
+        if not os.path.isfile(inside):
+            raise CheckpointError(f"{path} is a folder without a {MODEL}: pass a run folder that fastnet train "
+                                  f"wrote (it writes {MODEL} after the first epoch), or a model file")
+        return inside
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: pass the model.npz a training run wrote")
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run folder or the {MODEL} a training "
+                              f"run wrote")
+    return path
+
+
+def load(path, backend=None):
+    """Read a checkpoint written by save(), from its file or, for a model, from its run folder (see
+    model_file); refuses anything that would need pickle."""
+    path = model_file(path)
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":  # every .npz is a zip file

@@ -2,6 +2,7 @@
 problem the user can fix into one line on stderr and exit status 2."""
 
 import argparse
+import difflib
 import json
 import os
 import signal
@@ -28,10 +29,30 @@ class UsageError(FastnetError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, raised rather than printed with the usage."""
+    """An ArgumentParser whose errors are one line, raised rather than printed with the usage. A flag
+    it does not know gets the nearest one it does as a suggestion, and the help page of the command
+    it was typed to."""
 
     def error(self, message):
         raise UsageError(f"{message}: see '{self.prog} --help'")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.command_parser(parsed)
+            known = [flag for action in command._actions for flag in action.option_strings]
+            guesses = [close[0] for word in unknown if word.startswith("--")
+                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1)] if close]
+            hint = f": did you mean {' or '.join(dict.fromkeys(guesses))}? See" if guesses else ": see"
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{hint} '{command.prog} --help'")
+        return parsed
+
+    def command_parser(self, parsed):
+        """The parser of the (sub)command that `parsed` ran: fastnet train's for `fastnet train ...`."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)].command_parser(parsed)
+        return self
 
 
 def whole_number(text, minimum):
@@ -143,7 +164,7 @@ def build_parser():
                    help="at the end, draw curves.png and confusion.png into the run folder (needs matplotlib)")
 
     e = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a model")
-    e.add_argument("model", help="a model.npz written by fastnet train")
+    e.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
     add_data_and_backend(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.add_argument("--out", metavar="DIR", help="also write DIR/report.json: accuracy, per-class precision, "
@@ -165,7 +186,7 @@ def build_parser():
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     p = commands.add_parser("predict", help="classify image files (PNG, JPEG, BMP) with a trained model")
-    p.add_argument("model", help="a model.npz written by fastnet train")
+    p.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     p.add_argument("--top", type=positive_int, default=3, metavar="K",
                    help="how many classes to show per image (default: %(default)s)")
@@ -214,10 +235,11 @@ def run_train(args):
         summary = train(config, resume=bool(args.resume))
         if args.plot:
             print("wrote " + " and ".join(report.plot_run(summary["out"], data=config.data, backend=config.backend)))
-    kept = summary["kept"]
-    which = "" if kept["epoch"] == summary["epoch"] else f" (epoch {kept['epoch']}, the best by validation accuracy)"
-    print(f"done: test accuracy {summary['test_acc']:.2%} after {summary['epoch']} epochs; model in "
-          f"{summary['out']}/model.npz{which}: test accuracy {kept['test_acc']:.2%}")
+    kept, epochs = summary["kept"], summary["epoch"]
+    which = ("" if kept["epoch"] == epochs else
+             f" (epoch {kept['epoch']}, the best by validation accuracy: test accuracy {kept['test_acc']:.2%})")
+    print(f"done: test accuracy {summary['test_acc']:.2%} after {epochs} epoch{'' if epochs == 1 else 's'}; "
+          f"model in {summary['out']}/model.npz{which}")
 
 
 def run_evaluate(args):

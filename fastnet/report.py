@@ -111,9 +111,11 @@ def evaluate_saved_model(model_path, data_path=None, backend=None):
     saved = checkpoint.load(model_path, backend=backend)
     dataset = data.load_dataset(data_path)
     if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:
+        trained_on = saved.config.get("data_source") or saved.config.get("data") or "another dataset"
         raise CheckpointError(
-            f"{model_path} takes {saved.net.sizes[0]} inputs and {saved.net.sizes[-1]} classes but the "
-            f"data has {dataset.input_size} and {dataset.num_classes}: pass the data it was trained on")
+            f"{checkpoint.model_file(model_path)} was trained on {trained_on} ({saved.net.sizes[0]} inputs, "
+            f"{saved.net.sizes[-1]} classes), but {dataset.source} has {dataset.input_size} inputs and "
+            f"{dataset.num_classes} classes: pass that data with --data")
     shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, dataset.test_images.dtype,
                               saved.net.dtype)
     return saved, dataset, evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)

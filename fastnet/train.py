@@ -35,7 +35,7 @@ EVAL_BATCH = 1000
 # The metrics that measure time: they differ between runs that are otherwise bit-identical.
 TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
 CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
-MODEL = "model.npz"  # the model after the last finished epoch, to evaluate and predict with
+MODEL = checkpoint.MODEL  # the model after the last finished epoch (with --val: the best), to evaluate and predict with
 
 
 @dataclasses.dataclass

@@ -101,3 +101,51 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
         stderr = process.stderr.read().decode()
     assert process.returncode == 141
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_evaluate_and_predict_take_a_run_folder_as_plot_and_resume_do(tiny_npy, tmp_path):
+    from PIL import Image
+    run = tmp_path / "run"
+    trained = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--out", run)
+    assert trained.returncode == 0, trained.stderr
+    # One epoch, so the model is the last epoch's: no second accuracy, no "1 epochs".
+    done = trained.stdout.strip().splitlines()[-1]
+    assert " after 1 epoch; model in " in done and done.count("test accuracy") == 1, done
+    by_folder = fastnet("evaluate", run, "--data", tiny_npy, "--json")
+    assert by_folder.returncode == 0, by_folder.stderr
+    assert json.loads(by_folder.stdout) == json.loads(fastnet("evaluate", run / "model.npz", "--data", tiny_npy,
+                                                              "--json").stdout)
+    image = tmp_path / "bright.png"
+    Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(image)
+    predicted = [json.loads(fastnet("predict", model, image, "--json").stdout)["predictions"]
+                 for model in (run, run / "model.npz")]
+    assert predicted[0] == predicted[1] and predicted[0][0]["top"]
+    (tmp_path / "empty").mkdir()
+    for command in ("evaluate", "predict"):
+        extra = ["--data", tiny_npy] if command == "evaluate" else [image]
+        assert_one_line_error(fastnet(command, tmp_path / "empty", *extra), "is a folder without a model.npz",
+                              "pass a run folder that fastnet train wrote")
+
+
+def test_a_model_evaluated_on_other_data_names_the_data_it_was_trained_on(tiny_npy, tmp_path):
+    run = tmp_path / "run"
+    assert fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 4, "--out", run).returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.save(other / f"{split}_images.npy", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+        np.save(other / f"{split}_labels.npy", rng.integers(0, 3, 20).astype(np.uint8))
+    trained_on = json.loads((run / "config.json").read_text())["data_source"]
+    assert_one_line_error(fastnet("evaluate", run, "--data", other), f"was trained on {trained_on} (48 inputs, 3 "
+                          "classes)", "has 192 inputs and 3 classes", "pass that data with --data")
+
+
+@pytest.mark.parametrize("args, suggestion, command", [
+    (["train", "--epcohs", "3"], "did you mean --epochs?", "fastnet train"),
+    (["train", "--epochs", "3", "--qqqq=0.1"], "unrecognized arguments: --qqqq=0.1: see", "fastnet train"),
+    (["data", "download", "--tto", "x"], "did you mean --to?", "fastnet data download"),
+    (["evaluate", "run", "--jsn"], "did you mean --json?", "fastnet evaluate"),
+])
+def test_a_mistyped_flag_gets_the_nearest_flag_and_its_commands_help(args, suggestion, command):
+    assert_one_line_error(fastnet(*args), suggestion, f"'{command} --help'")
