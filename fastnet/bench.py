@@ -3,20 +3,21 @@ peak and, when it is importable, PyTorch.
 
 Every measurement (each backend, PyTorch, the sgemm peak) runs in a fresh process of its own:
 OpenBLAS's threads keep spinning after a NumPy call and would slow down whatever ran next in the
-same process. The fastnet sides time `fastnet.train.train_epoch`, the loop `fastnet train` runs:
+same process. The sides run several times, interleaved, and the report gives the median, the spread
+and how busy other processes kept the CPU, flagging the runs they disturbed. The fastnet sides time `fastnet.train.train_epoch`, the loop `fastnet train` runs:
 gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
 """
 
 import importlib.util
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 
 import numpy as np
 
-from fastnet.cpu import cpu_model
+from fastnet.cpu import DISTURBED, cpu_model, run_child
 from fastnet.precision import bf16_instructions
 from fastnet.workloads import MOMENTUM, flops_per_sample, named
 
@@ -134,59 +135,80 @@ def worker(spec):
 
 
 def measure_in_own_process(side, sizes, batch, steps, threads=None, precision="fp32"):
+    """One measurement in a fresh process, with the cores other processes kept busy meanwhile."""
     spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps, "threads": threads, "precision": precision}
-    done = subprocess.run([sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True, text=True)
+    done, others = run_child([sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True,
+                             text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"other_load": others}
 
 
-def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32"):
-    """Measure every side, each in its own process, on `threads` cores (None: all), fastnet's and
-    PyTorch's in `precision`; returns the report as a dict."""
+def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", repeats=3):
+    """Measure every side `repeats` times, each time in a process of its own, interleaved (A B C A B C
+    ...) so that drift on a shared machine reaches every side alike, on `threads` cores (None: all),
+    fastnet's and PyTorch's in `precision`. Returns the report as a dict: per side the median run,
+    the spread of all runs and the most cores other processes kept busy during one."""
     sizes = [INPUT_SIZE, *hidden, CLASSES]
     sides = list(backend_names) + (["torch"] if importlib.util.find_spec("torch") else [])
     peak = measure_in_own_process("peak", sizes, batch, steps)
     flops = flops_per_sample(sizes)
+    runs = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side in sides:
+            runs[side].append(measure_in_own_process(side, sizes, batch, steps, threads, precision))
     results = {}
-    for side in sides:
-        timing = measure_in_own_process(side, sizes, batch, steps, threads, precision)
-        samples_per_second = batch * steps / timing["seconds"]
+    for side, timings in runs.items():
+        seconds = statistics.median(t["seconds"] for t in timings)
+        samples_per_second = batch * steps / seconds
         gflops = flops * samples_per_second / 1e9
-        results[side] = {"samples_per_second": samples_per_second, "ms_per_step": timing["seconds"] / steps * 1e3,
+        each = sorted(batch * steps / t["seconds"] for t in timings)
+        results[side] = {"samples_per_second": samples_per_second, "ms_per_step": seconds / steps * 1e3,
                          "gflops": gflops, "percent_of_peak": 100 * gflops / peak["gflops"],
-                         "warmup_seconds": timing["warmup_seconds"]}
-        results[side]["precision"] = timing["precision"]
-        if "parallelism" in timing:
-            results[side]["parallelism"] = timing["parallelism"]
+                         "warmup_seconds": statistics.median(t["warmup_seconds"] for t in timings),
+                         "samples_per_second_runs": each, "other_load": max(t["other_load"] for t in timings),
+                         "disturbed_runs": sum(t["other_load"] > DISTURBED for t in timings),
+                         "precision": timings[0]["precision"]}
+        if "parallelism" in timings[0]:
+            results[side]["parallelism"] = timings[0]["parallelism"]
     if "torch" in results:
         for side in backend_names:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
-    return {"workload": named(sizes, batch), "sizes": sizes, "batch_size": batch, "steps": steps, "threads": threads or os.cpu_count(),
-            "cpu": cpu_model(), "flops_per_sample": flops, "precision": precision,
-            "bf16_instructions": bf16_instructions(),
+    return {"workload": named(sizes, batch), "sizes": sizes, "batch_size": batch, "steps": steps, "repeats": repeats,
+            "threads": threads or os.cpu_count(), "cpu": cpu_model(), "flops_per_sample": flops,
+            "precision": precision, "bf16_instructions": bf16_instructions(),
             "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
 
 
 def format_report(report):
     workload = f"{report['workload']} " if report.get("workload") else ""
+    repeats = report["repeats"]
     lines = [f"fastnet bench: {workload}MLP {'-'.join(map(str, report['sizes']))}, "
              f"batch {report['batch_size']}, "
              f"{report['steps']} timed steps on synthetic data, {PRECISION_NAMES[report['precision']]}, SGD with "
-             f"momentum; each side in its own process on {report['threads']} threads",
+             f"momentum; each side in its own process on {report['threads']} threads, {repeats} interleaved "
+             f"run{'s' if repeats > 1 else ''} (medians; min-max of samples/s)",
              f"CPU: {report['cpu']}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (NumPy float32 matmul; {report['blas']})",
-             f"{'side':<8}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}{'vs torch':>10}"]
+             f"{'side':<8}{'samples/s':>11}{'min-max':>17}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}"
+             f"{'vs torch':>10}{'others':>8}"]
     for side, r in report["results"].items():
         versus = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
-        lines.append(f"{side:<8}{r['samples_per_second']:>11,.0f}{r['ms_per_step']:>9.2f}{r['gflops']:>9.1f}"
-                     f"{r['percent_of_peak']:>8.1f}{r['warmup_seconds']:>11.2f}{versus:>10}")
+        spread = f"{r['samples_per_second_runs'][0]:,.0f}-{r['samples_per_second_runs'][-1]:,.0f}"
+        lines.append(f"{side:<8}{r['samples_per_second']:>11,.0f}{spread:>17}{r['ms_per_step']:>9.2f}"
+                     f"{r['gflops']:>9.1f}{r['percent_of_peak']:>8.1f}{r['warmup_seconds']:>11.2f}{versus:>10}"
+                     f"{r['other_load']:>8.2f}")
     for side, r in report["results"].items():
         if "parallelism" in r:
             p = r["parallelism"]
             blas = f"; BLAS {p['blas']}" if "blas" in p else ""
             bf16 = f"; bf16 GEMM {p['bf16_gemm']}" if "bf16_gemm" in p and report["precision"] == "bf16" else ""
             lines.append(f"{side}: {p['threads']} threads, {p['split']}{blas}{bf16}")
+    disturbed = {side: r["disturbed_runs"] for side, r in report["results"].items() if r["disturbed_runs"]}
+    if disturbed:
+        lines.append(f"disturbed: other processes kept more than {DISTURBED} cores busy during "
+                     + ", ".join(f"{n} of {repeats} {side} runs" for side, n in disturbed.items())
+                     + " ('others': the most in one run); rerun on an idle machine before comparing")
     if "torch" not in report["results"]:
         lines.append("PyTorch is not importable, so there is no comparison with it (pip install torch)")
     return "\n".join(lines)

@@ -179,6 +179,8 @@ def build_parser():
     b.add_argument("--hidden", type=widths, metavar="W,W,...", help="hidden layer widths instead of the workload's")
     b.add_argument("--batch-size", type=positive_int, help="batch size instead of the workload's")
     b.add_argument("--steps", type=positive_int, default=100, help="timed training steps (default: %(default)s)")
+    b.add_argument("--repeats", type=positive_int, default=3,
+                   help="runs of each side, interleaved; the table shows the median (default: %(default)s)")
     b.add_argument("--threads", type=positive_int, metavar="N", help="cores each side uses (default: all)")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fastnet's sides in this precision; PyTorch's under bf16 autocast for bf16 "
@@ -286,7 +288,7 @@ def run_bench(args):
         precision.check(args.precision, name)
     workload = WORKLOADS[args.workload]
     timings = bench.bench(args.backend, args.hidden or workload.hidden, args.batch_size or workload.batch_size,
-                          args.steps, args.threads, args.precision)
+                          args.steps, args.threads, args.precision, args.repeats)
     print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 

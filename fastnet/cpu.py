@@ -1,8 +1,14 @@
 """What this machine's CPU is: its model name and instruction-set flags, from /proc/cpuinfo.
 
 Every speed figure fastnet prints names the CPU beside it, and mixed precision needs to know
-whether the CPU multiplies bfloat16 itself.
+whether the CPU multiplies bfloat16 itself, and how busy other processes keep it while a figure is
+measured.
 """
+
+import os
+import resource
+import subprocess
+import time
 
 VECTOR_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
                 ("amx_bf16", "AMX-BF16"))
@@ -38,3 +44,42 @@ def cpu_model():
     present = flags()
     vector = [name for flag, name in VECTOR_FLAGS if flag in present]
     return f"{model_name()} ({', '.join(vector) or 'no AVX2'})"
+
+
+# --- Other load: the biggest source of noise in a speed figure -------------------------------------
+# OpenBLAS's spinning threads slow down many times over when a third process takes one of two cores,
+# so every harness measures how busy the rest of the machine kept the CPU while it timed something.
+
+DISTURBED = 0.1  # cores kept busy by other processes above which a measurement is flagged
+
+
+def busy_seconds():
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat), or None without it."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def wait_until_quiet(limit):
+    """Wait, up to `limit` seconds, for one second in which the machine keeps < DISTURBED cores busy."""
+    deadline = time.perf_counter() + limit
+    while True:
+        before = busy_seconds()
+        time.sleep(1.0)
+        if before is None or busy_seconds() - before < DISTURBED or time.perf_counter() > deadline:
+            return
+
+
+def run_child(command, **options):
+    """subprocess.run(command, **options), and how many cores processes other than the child (and
+    this one, which waits) kept busy on average while it ran: 0.0 on an idle machine."""
+    before, own_before, started = busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run(command, **options)
+    own_after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - started
+    if before is None:
+        return done, 0.0
+    own = (own_after.ru_utime - own_before.ru_utime) + (own_after.ru_stime - own_before.ru_stime)
+    return done, max(busy_seconds() - before - own, 0.0) / wall

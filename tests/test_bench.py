@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -43,19 +45,23 @@ def test_bench_reports_every_side_consistently():
         # Each side's warm-up and timed steps happened inside this command, one after the other.
         assert 0 < r["warmup_seconds"] and r["warmup_seconds"] + seconds < elapsed
         assert ("vs_torch" in r) == ("torch" in report["results"] and side != "torch")
+        runs = r["samples_per_second_runs"]  # three by default, interleaved with the other sides'
+        assert len(runs) == report["repeats"] == 3 and runs == sorted(runs)
+        assert runs[0] <= r["samples_per_second"] <= runs[-1] and r["samples_per_second"] == pytest.approx(runs[1])
+        assert r["other_load"] >= 0 and 0 <= r["disturbed_runs"] <= 3
 
 
 def test_bench_times_the_workload_it_is_given():
-    result = fastnet("bench", "--backend", "numpy", "--workload", "R2", "--steps", 1)
+    result = fastnet("bench", "--backend", "numpy", "--workload", "R2", "--steps", 1, "--repeats", 1)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("fastnet bench: R2 MLP 3072-128-10, batch 64, 1 timed steps")
     report = json.loads(fastnet("bench", "--backend", "numpy", "--workload", "R2", "--hidden", 16, "--steps", 1,
-                                "--json").stdout)
+                                "--repeats", 1, "--json").stdout)
     assert (report["sizes"], report["batch_size"], report["workload"]) == ([3072, 16, 10], 64, None)
 
 
 def test_bench_table_names_each_backend():
-    result = fastnet("bench", "--backend", "numpy", "--hidden", 8, "--batch-size", 4, "--steps", 2)
+    result = fastnet("bench", "--backend", "numpy", "--hidden", 8, "--batch-size", 4, "--steps", 2, "--repeats", 1)
     assert result.returncode == 0, result.stderr
     rows = [line.split()[0] for line in result.stdout.splitlines()[4:]]
     assert rows[0] == "numpy" and "sgemm peak" in result.stdout and "CPU: " in result.stdout
@@ -72,11 +78,26 @@ def test_bench_bad_input(args, phrase):
 
 def test_bench_in_bf16_says_so_and_runs_every_side_in_it():
     result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 4, "--steps", 2,
-                     "--precision", "bf16", env={"FASTNET_BF16_ANY_CPU": "1"})
+                     "--repeats", 1, "--precision", "bf16", env={"FASTNET_BF16_ANY_CPU": "1"})
     assert result.returncode == 0, result.stderr
     assert "bf16 mixed precision (PyTorch: torch.autocast bfloat16)" in result.stdout.splitlines()[0]
     assert "; bf16 GEMM " in result.stdout  # the numba side's line names the library
     report = json.loads(fastnet("bench", "--backend", "numba", "--hidden", 8, "--batch-size", 4, "--steps", 2,
-                                "--precision", "bf16", "--json", env={"FASTNET_BF16_ANY_CPU": "1"}).stdout)
+                                "--repeats", 1, "--precision", "bf16", "--json", env={"FASTNET_BF16_ANY_CPU": "1"}).stdout)
     assert report["precision"] == "bf16" and isinstance(report["bf16_instructions"], list)
     assert {r["precision"] for r in report["results"].values()} == {"bf16"}
+
+
+def test_a_run_that_other_load_disturbs_says_so(tmp_path):
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # keeps about one core busy
+    try:
+        result = fastnet("bench", "--backend", "numpy", "--hidden", 8, "--batch-size", 4, "--steps", 200,
+                         "--repeats", 2)
+        report = json.loads(fastnet("bench", "--backend", "numpy", "--hidden", 8, "--batch-size", 4, "--steps", 200,
+                                    "--repeats", 2, "--json").stdout)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert result.returncode == 0, result.stderr
+    assert "disturbed: other processes kept more than 0.1 cores busy during 2 of 2 numpy runs" in result.stdout
+    assert report["results"]["numpy"]["disturbed_runs"] == 2 and report["results"]["numpy"]["other_load"] > 0.1

@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastnet.cpu import cpu_model  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
+from fastnet.cpu import cpu_model, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
 from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
 GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
@@ -54,7 +54,6 @@ PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "
          ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"))
 LR, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 20, 0, 50_000
 PEAK_SIZES, THREADS = (1024, 2048, 3072, 4096), 2
-BUSY = 0.1  # cores kept busy by other processes above which a measurement is flagged as disturbed
 
 
 # --- Workers: each runs in a fresh process and prints one JSON line -------------------------------
@@ -201,32 +200,12 @@ def worker_peak(lib):
 
 # --- Parent: plan, run the workers interleaved, report ---------------------------------------------
 
-def busy_cpu_seconds():
-    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
-    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_until_quiet(limit):
-    """Wait (up to `limit` s) for one second in which other processes keep < BUSY cores busy."""
-    deadline = time.perf_counter() + limit
-    while True:
-        busy = busy_cpu_seconds()
-        time.sleep(1.0)
-        if busy_cpu_seconds() - busy < BUSY or time.perf_counter() > deadline:
-            return
-
-
 def run_worker(*args, quiet_wait=0.0):
     """Run one worker; also measure how many cores OTHER processes kept busy meanwhile."""
     if quiet_wait:
         wait_until_quiet(quiet_wait)
-    busy0, own0, t0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *args],
-                          cwd=ROOT, capture_output=True, text=True)
-    own1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
-    own = (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
-    others = max(busy_cpu_seconds() - busy0 - own, 0.0) / wall
+    proc, others = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", *args], cwd=ROOT,
+                             capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"worker {' '.join(args)} exited {proc.returncode}: {tail}", "other_load": others}
