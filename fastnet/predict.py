@@ -160,9 +160,9 @@ def load(path, backend=None):
 
 def image_files(paths):
     """The files to classify: each path as given, and each folder replaced by the image files
-    directly inside it, sorted by name. A path that does not exist is kept, so that it gets its own
+    directly inside it (not in its subfolders), sorted by name. A path that does not exist is kept, so that it gets its own
     error line like any other unreadable file."""
-    found, empty = [], []
+    found, empty, subfolders = [], [], []
     for path in map(os.fspath, paths):
         if not os.path.isdir(path):
             found.append(path)
@@ -176,9 +176,14 @@ def image_files(paths):
         found.extend(inside)
         if not inside:
             empty.append(path)
+            subfolders.extend(os.path.join(path, name) for name in entries if os.path.isdir(os.path.join(path, name)))
     if not found:
         where = ", ".join(empty) or "what was given"
-        raise FastnetError(f"no image files in {where}: pass image files, or folders that hold "
+        unsearched = ""
+        if subfolders:
+            shown = ", ".join(subfolders[:3]) + (f" and {len(subfolders) - 3} more" if len(subfolders) > 3 else "")
+            unsearched = f" (subfolders are not searched: pass {shown} too)"
+        raise FastnetError(f"no image files in {where}{unsearched}: pass image files, or folders that hold "
                            f"{', '.join(IMAGE_SUFFIXES)} files")
     return found
 
@@ -198,18 +203,26 @@ def read_image(path, sample_shape):
 
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file; check the path")
+    # Pillow raises a zoo of types on malformed files (OSError, SyntaxError, ValueError, struct.error,
+    # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
     try:
-        with Image.open(path) as opened:
-            opened.load()  # open() only reads the header: a truncated file would fail later
+        opened = Image.open(path)  # reads the header only
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+    with opened:
+        try:
+            opened.load()
+        except Exception as exc:  # noqa: BLE001  (the header was fine, so it is the file that is broken)
+            raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
+                             f"cannot be read; replace it with an intact copy") from exc
+        try:
             picture = ImageOps.exif_transpose(opened)
             picture = _to_mode(picture, mode)
             if picture.size != size:
                 picture = picture.resize(size, Image.Resampling.LANCZOS)
             pixels = np.asarray(picture, dtype=np.uint8)
-    # Pillow raises a zoo of types on malformed files (OSError, SyntaxError, ValueError, struct.error,
-    # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
-    except Exception as exc:  # noqa: BLE001
-        raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     return pixels.reshape(shape)
 
 

@@ -112,18 +112,24 @@ def test_a_broken_file_gets_one_line_and_the_others_still_run(tiny_model, tmp_pa
     whole = save_image(tmp_path / "whole.png", noise).read_bytes()
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(whole[: len(whole) // 2])
+    damaged = tmp_path / "damaged.png"  # whole length, but the compressed pixels overwritten halfway
+    middle = len(whole) // 2
+    damaged.write_bytes(whole[:middle] + bytes(200) + whole[middle + 200:])
     missing = tmp_path / "missing.jpg"
     also_good = save_image(tmp_path / "also-good.jpg", uniform(40))
 
-    result = run_fastnet("predict", tiny_model, good, garbage, truncated, missing, also_good)
+    result = run_fastnet("predict", tiny_model, good, garbage, truncated, damaged, missing, also_good)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = result.stderr.strip().splitlines()
-    assert len(errors) == 3, result.stderr
-    for line, path in zip(errors, (garbage, truncated, missing)):
+    assert len(errors) == 4, result.stderr
+    for line, path in zip(errors, (garbage, truncated, damaged, missing)):
         assert line.startswith(f"fastnet: error: {path}: "), line
         assert "; " in line  # the problem, then what to do
-    assert "not an image" in errors[0] and "truncated" in errors[1] and "no such file" in errors[2]
+    assert "not an image" in errors[0] and "no such file" in errors[3]
+    for line in errors[1:3]:  # the user's words, not Pillow's ("Truncated File Read")
+        assert "this PNG file is damaged or truncated" in line and "replace it with an intact copy" in line, line
+        assert "File Read" not in line
     printed = [line.split(": ")[0] for line in result.stdout.splitlines()]
     assert printed == [str(good), str(also_good)]
 
@@ -182,6 +188,8 @@ def test_a_bigger_image_is_resized_to_the_model_input(tiny_model, tmp_path):
     (lambda model, folder: ["/no/such/model.npz", folder], ["does not exist"]),
     (lambda model, folder: [model, folder, "--top", 0], ["--top", "not positive"]),
     (lambda model, folder: [model, folder / "empty"], ["no image files", "empty"]),
+    (lambda model, folder: [model, folder / "nested"], ["no image files in", "subfolders are not searched: pass",
+                                                        "nested/photos too"]),
     (lambda model, folder: [model], ["required", "IMAGE"]),
 ])
 def test_bad_arguments_get_one_line_and_status_2(make_args, phrases, tmp_path):
@@ -190,6 +198,8 @@ def test_bad_arguments_get_one_line_and_status_2(make_args, phrases, tmp_path):
     checkpoint.save(model, net, [0.5] * 3, [0.25] * 3, (4, 4, 3), NAMES, {})
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
+    (tmp_path / "nested" / "photos").mkdir(parents=True)
+    save_image(tmp_path / "nested" / "photos" / "cat.png", uniform(10))
     save_image(tmp_path / "x.png", uniform(10))
     assert_one_line_error(run_fastnet("predict", *make_args(model, tmp_path)), *phrases)
 
