@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastnet import data
+from fastnet.data import statistics
 from fastnet.data import Dataset, channel_stats, default_data_path, find_dataset, load_dataset, split_validation
 from fastnet.errors import DataError
 from helpers import real_data_path, unavailable
@@ -462,7 +463,7 @@ def test_channel_stats_uses_module_chunk_size(monkeypatch):
     images = np.random.default_rng(3).random((40, 4, 4, 2), dtype=np.float32)
     recorder = images.view(_SliceRecorder)
     recorder.info = []
-    monkeypatch.setattr(data, "STATS_CHUNK", 6)
+    monkeypatch.setattr(statistics, "STATS_CHUNK", 6)
     mean, std = channel_stats(recorder)
     expected = _direct_stats(images)
     np.testing.assert_allclose(mean, expected[0], atol=1e-6)

@@ -183,14 +183,14 @@ def test_unreachable_server_says_offline(tmp_path):
 
 
 def test_train_downloads_into_the_default_folder_when_it_finds_no_data(server, tmp_path, monkeypatch):
-    from fastnet import data
+    from fastnet.data import downloading
     from fastnet.train import TrainConfig, train
     from test_data import make_arrays, write_archive
 
     archive = write_archive(tmp_path / "build" / NAME, make_arrays()).read_bytes()
     server.payload = archive
-    monkeypatch.setattr(data, "CIFAR10_URL", server.url)
-    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
+    monkeypatch.setattr(downloading, "CIFAR10_URL", server.url)
+    monkeypatch.setattr(downloading, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
     monkeypatch.setenv("FASTNET_DATA", str(tmp_path / "data"))
     said = []
     summary = train(TrainConfig(epochs=1, hidden=(4,), batch_size=5, out=str(tmp_path / "run")), log=said.append)

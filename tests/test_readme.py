@@ -4,7 +4,7 @@ and the facts it repeats are the code's."""
 import re
 from pathlib import Path
 
-from fastnet import data
+from fastnet.data import downloading
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -25,5 +25,5 @@ def test_only_the_development_section_mentions_the_development_data():
 
 def test_the_offline_instructions_give_the_url_and_md5_that_download_uses():
     offline = sections()["Data"].split("**Offline.**")[1].split("\n\n**")[0]
-    assert data.CIFAR10_URL in offline and data.CIFAR10_MD5 in offline
+    assert downloading.CIFAR10_URL in offline and downloading.CIFAR10_MD5 in offline
     assert "--data" in offline and "FASTNET_DATA" in offline

@@ -1,0 +1,26 @@
+"""The data a run trains on, and what the trainer does to it before it reaches the network, one module each:
+
+    layouts.py       Dataset; finding, loading and checking the three on-disk layouts
+    downloading.py   fetching the CIFAR-10 archive, resumable, md5-checked
+    statistics.py    per-channel mean and std, which inputs are standardised with
+    split.py         the validation split held out by --val
+    components.py    principal components and projection onto them (--pca)
+    augmentation.py  the random flips, translations and cutouts of each batch
+
+The functions and classes are re-exported here, so `from fastnet import data; data.load_dataset()`
+works. The module-level values (STATS_CHUNK, CIFAR10_URL, NPY_FILES, ...) are not: a copy here would
+not be the value the code reads, so read, set or monkeypatch them on the module that holds them.
+"""
+
+from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation
+from fastnet.data.components import mirror_permutation, mirror_signs, principal_components, project
+from fastnet.data.downloading import download
+from fastnet.data.layouts import Dataset, default_data_path, find_dataset, load_dataset
+from fastnet.data.split import split_validation
+from fastnet.data.statistics import channel_stats
+
+__all__ = [
+    "Augmentation", "ComponentFlip", "Dataset", "ProjectedAugmentation", "channel_stats", "default_data_path",
+    "download", "find_dataset", "load_dataset", "mirror_permutation", "mirror_signs", "principal_components",
+    "project", "split_validation",
+]

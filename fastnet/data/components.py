@@ -1,0 +1,118 @@
+"""Principal components of the images (fastnet train --pca): fitting them, optionally so that a mirror flip
+only changes their signs, and projecting images onto them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+
+from fastnet.errors import DataError
+
+PCA_SAMPLE = 5_000  # training images the principal components of --pca are estimated from
+PROJECT_CHUNK = 1024
+
+
+def principal_components(images: np.ndarray, shift: np.ndarray, scale: np.ndarray, count: int,
+                         rng: np.random.Generator, kernels, sample: int | None = None,
+                         mirrored: tuple[int, ...] | None = None) -> np.ndarray:
+    """The ``count`` directions in which the standardised images, ``(images - shift) * scale``, vary
+    most: an (input_size, count) matrix of orthonormal columns in decreasing order of variance, in
+    the dtype of ``shift``.
+
+    They are estimated from ``sample`` images (default PCA_SAMPLE) that ``rng`` draws. For CIFAR-10,
+    5,000 images trained networks as accurate as 10,000 or 20,000 did, in less time and memory.
+
+    With ``mirrored``, the shape of one image ((H, W, C) or (H, W)), they are the components of the
+    images together with their mirror images. Each is then mirror-symmetric or antisymmetric (see
+    mirror_signs), so that flipping an image only changes the sign of some of its components.
+    """
+    flat = images.reshape(len(images), -1)
+    size = flat.shape[1]
+    rows = np.sort(rng.choice(len(flat), size=min(sample or PCA_SAMPLE, len(flat)), replace=False))
+    if not 0 < count < min(size, len(rows)) + 1:
+        raise DataError(f"--pca {count} asks for more components than {len(rows)} images of {size} inputs "
+                        f"can give: pass at most {min(size, len(rows))}")
+    standardised = np.empty((len(rows), size), shift.dtype)
+    kernels.gather_normalize(flat, rows, shift, scale, standardised)
+    mean = standardised.mean(axis=0)
+    mirror = None if mirrored is None else mirror_permutation(mirrored)
+    standardised -= mean if mirror is None else (mean + mean[mirror]) / 2
+    covariance = np.dot(standardised.T, standardised) / len(rows)
+    del standardised
+    if mirror is None:
+        vectors = _top_eigenpairs(covariance, count)[1]
+    else:
+        # With the mirror images, the covariance is (C + M C M) / 2 for the flip M; its eigenvectors
+        # are symmetric or antisymmetric. Solving in each of those two subspaces on its own keeps them
+        # exactly so, where one solve would mix two of nearly equal variance.
+        values, vectors = [], []
+        for basis in _mirror_bases(mirror, covariance.dtype):
+            if basis.shape[1]:
+                found = _top_eigenpairs(basis.T @ covariance @ basis, min(count, basis.shape[1]))
+                values.append(found[0])
+                vectors.append(basis @ found[1])
+        vectors = np.hstack(vectors)[:, np.argsort(-np.concatenate(values), kind="stable")[:count]]
+    # LAPACK may return either sign of an eigenvector; fixing one keeps runs independent of that.
+    vectors *= np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(count)])
+    return np.ascontiguousarray(vectors, dtype=shift.dtype)
+
+
+def _top_eigenpairs(symmetric: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` largest eigenvalues of a symmetric matrix, largest first, and their eigenvectors.
+    Only those are computed: for 512 of 3072, three times faster than all of them."""
+    size = len(symmetric)
+    values, vectors = scipy.linalg.eigh(symmetric, subset_by_index=(size - count, size - 1))
+    return values[::-1], vectors[:, ::-1]
+
+
+def mirror_permutation(image_shape: tuple[int, ...]) -> np.ndarray:
+    """mirror[i]: the feature of a flattened (H, W, C) or (H, W) image that a left-right flip moves to
+    feature i. A flip swaps the two, so mirror is its own inverse."""
+    features = np.arange(math.prod(image_shape)).reshape(image_shape[0], image_shape[1], -1)
+    return features[:, ::-1].reshape(-1)
+
+
+def _mirror_bases(mirror: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal bases, as columns, of the mirror-symmetric and of the antisymmetric images: a
+    pair of features that the flip swaps contributes (e_i + e_j) / sqrt 2 to the first and
+    (e_i - e_j) / sqrt 2 to the second; a feature it keeps (the middle column of an odd width), e_i
+    to the first."""
+    index = np.arange(len(mirror))
+    firsts, kept = index[index < mirror], index[index == mirror]
+    pairs = np.arange(len(firsts))
+    half = np.sqrt(0.5)
+    symmetric = np.zeros((len(mirror), len(firsts) + len(kept)), dtype)
+    symmetric[firsts, pairs] = symmetric[mirror[firsts], pairs] = half
+    symmetric[kept, len(firsts) + np.arange(len(kept))] = 1
+    antisymmetric = np.zeros((len(mirror), len(firsts)), dtype)
+    antisymmetric[firsts, pairs] = half
+    antisymmetric[mirror[firsts], pairs] = -half
+    return symmetric, antisymmetric
+
+
+def mirror_signs(components: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """+1 for each column of ``components`` that a left-right flip of the image leaves as it is, -1 for
+    each that it negates, in the components' dtype. Only components fitted with ``mirrored`` are
+    all one or the other; anything else is a ValueError."""
+    alignment = np.einsum("ij,ij->j", components, components[mirror_permutation(image_shape)], dtype=np.float64)
+    if np.any(np.abs(np.abs(alignment) - 1) > 1e-3):
+        raise ValueError("these components are not mirror-symmetric or antisymmetric: fit them with mirrored=")
+    return np.sign(alignment).astype(components.dtype)
+
+
+def project(images: np.ndarray, shift: np.ndarray, scale: np.ndarray, projection: np.ndarray, kernels,
+            chunk: int = PROJECT_CHUNK) -> np.ndarray:
+    """``((images - shift) * scale) @ projection`` as an (N, projection.shape[1]) array, computed with
+    the backend's kernels one chunk at a time, so that the standardised pixels never exist all at once."""
+    flat = images.reshape(len(images), -1)
+    out = np.empty((len(flat), projection.shape[1]), projection.dtype)
+    standardised = np.empty((min(chunk, len(flat)), flat.shape[1]), projection.dtype)
+    no_bias = np.zeros(projection.shape[1], projection.dtype)
+    for start in range(0, len(flat), chunk):
+        stop = min(start + chunk, len(flat))
+        rows = standardised[:stop - start]
+        kernels.gather_normalize(flat, np.arange(start, stop), shift, scale, rows)
+        kernels.dense_forward(rows, projection, no_bias, out[start:stop])
+    return out
