@@ -295,7 +295,7 @@ def run_bench(args):
 def run_data(args):
     if args.data_command != "download":
         raise UsageError("fastnet data needs an action: fastnet data download [--to DIR]")
-    path = data.download(to=args.to)
+    path = data.download(to=args.to, log=print)
     print(f"CIFAR-10 archive ready: {path}")
 
 

@@ -50,11 +50,16 @@ def relative_error(a, b):
 
 def real_data_path():
     """Where the real CIFAR-10 is: $FASTNET_TEST_DATA, else data/ when a dataset is there."""
-    path = pathlib.Path(os.environ.get("FASTNET_TEST_DATA") or ROOT / "data")
+    given = os.environ.get("FASTNET_TEST_DATA")
+    path = pathlib.Path(given or ROOT / "data")
     try:
         data.find_dataset(path)
     except DataError:
-        unavailable(f"the real CIFAR-10 is not in {path}: set FASTNET_TEST_DATA (see README, Tests)")
+        if given:
+            unavailable(f"FASTNET_TEST_DATA={given} holds no CIFAR-10: point it at the folder that "
+                        f"tools/build_test_data.sh wrote (see README, Development)")
+        unavailable(f"no CIFAR-10 in {path} and FASTNET_TEST_DATA is not set: put the dataset in {path} "
+                    f"(fastnet data download) or set FASTNET_TEST_DATA (see README, Tests)")
     return path
 
 

@@ -720,3 +720,18 @@ def test_projected_augmentation_augments_the_pixels_then_projects_them(backend):
     augmentation.apply(kernels, images, indices, np.random.default_rng(7), shift, scale, pixels)
     np.testing.assert_allclose(out, pixels.astype(np.float64) @ projection, rtol=1e-5,
                                atol=1e-5 * np.abs(pixels).max() * np.sqrt(48))
+
+
+def test_a_test_without_the_real_images_says_where_it_looked(monkeypatch, tmp_path):
+    import re
+
+    import helpers
+    monkeypatch.delenv("CI", raising=False)  # under CI the same reasons fail the test instead
+    monkeypatch.delenv("FASTNET_TEST_DATA", raising=False)
+    monkeypatch.setattr(helpers, "ROOT", tmp_path)
+    looked = re.escape(str(tmp_path / "data"))
+    with pytest.raises(pytest.skip.Exception, match=f"no CIFAR-10 in {looked} and FASTNET_TEST_DATA is not set"):
+        helpers.real_data_path()
+    monkeypatch.setenv("FASTNET_TEST_DATA", str(tmp_path / "built"))
+    with pytest.raises(pytest.skip.Exception, match=r"FASTNET_TEST_DATA=.*built holds no CIFAR-10: point it at"):
+        helpers.real_data_path()

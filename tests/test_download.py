@@ -144,8 +144,30 @@ def test_existing_complete_file_needs_no_request(server, tmp_path):
 
 def test_existing_wrong_file_is_replaced(server, tmp_path):
     (tmp_path / NAME).write_bytes(b"not the archive")
-    assert fetch(server, tmp_path).read_bytes() == PAYLOAD
+    said = []
+    assert fetch(server, tmp_path, log=said.append).read_bytes() == PAYLOAD
     assert len(server.requests) == 1
+    wrong = hashlib.md5(b"not the archive").hexdigest()
+    assert said == [f"{tmp_path / NAME} is here but its md5 is {wrong}, not the official {PAYLOAD_MD5}: "
+                    "downloading it again"]
+
+
+def test_an_intact_archive_already_there_is_kept_and_says_so(server, tmp_path):
+    (tmp_path / NAME).write_bytes(PAYLOAD)
+    said = []
+    assert fetch(server, tmp_path, log=said.append) == tmp_path / NAME and server.requests == []
+    assert said == [f"{tmp_path / NAME} is already here, with the md5 of the official archive: nothing to download"]
+
+
+def test_a_failed_download_leaves_no_folder_it_created(tmp_path):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(DataError):
+        download(tmp_path / "new" / "deeper", url=f"http://127.0.0.1:{port}/{NAME}", md5=PAYLOAD_MD5,
+                 progress=False, timeout=5)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_default_folder_comes_from_the_environment(server, tmp_path, monkeypatch):
@@ -178,7 +200,9 @@ def test_unreachable_server_says_offline(tmp_path):
         download(tmp_path, url=f"http://127.0.0.1:{port}/{NAME}", md5=PAYLOAD_MD5, progress=False, timeout=5)
     message = str(err.value)
     assert "\n" not in message
-    assert "offline" in message and str(tmp_path) in message and "--data" in message and NAME in message
+    assert "offline" in message and str(tmp_path) in message and NAME in message
+    # `fastnet data download` has no --data: the advice says which command takes it.
+    assert "fastnet train finds it there, or reads it from anywhere with --data PATH" in message
     assert not (tmp_path / NAME).exists()
 
 

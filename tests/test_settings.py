@@ -4,6 +4,7 @@ SettingError that names the setting as its reader spells it."""
 
 import pytest
 
+from fastnet.data import Augmentation
 from fastnet.errors import FastnetError, SettingError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer, Schedule
@@ -28,8 +29,8 @@ RULES = [
     ("precision", "fp16", "'fp16': choose one of fp32, bf16", lambda v: MLP([3, 2], precision=v)),
     ("label_smoothing", -0.1, "must be in [0, 1), got -0.1",
      lambda v: MLP([3, 2]).loss_and_grads([[0.0, 0.0, 0.0]], [0], label_smoothing=v)),
-    ("translate", -1, "is a size in pixels, got -1", None),
-    ("cutout", -2, "is a size in pixels, got -2", None),
+    ("translate", -1, "is a size in pixels, got -1", lambda v: Augmentation((4, 4, 3), translate=v)),
+    ("cutout", -2, "is a size in pixels, got -2", lambda v: Augmentation((4, 4, 3), cutout=v)),
     ("clip", 0.0, "must be a positive gradient norm, got 0.0", None),
     ("pca", -1, "must be a number of components, got -1", None),
     ("val", -5, "must be 0 or more, got -5", None),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastnet import settings
+
 
 class Augmentation:
     """The random choices of one training batch for the augment_gather_normalize kernel, drawn from the
@@ -26,9 +28,8 @@ class Augmentation:
             raise ValueError(f"augmentation needs images of shape (H, W, C) or (H, W), got samples of shape "
                              f"{tuple(image_shape)}")
         self.image_shape = tuple(int(s) for s in image_shape) + ((1,) if len(image_shape) == 2 else ())
-        self.flip, self.translate, self.cutout = bool(flip), int(translate), int(cutout)
-        if self.translate < 0 or self.cutout < 0:
-            raise ValueError(f"translate and cutout must be 0 or more, got {translate} and {cutout}")
+        self.flip = bool(flip)
+        self.translate, self.cutout = settings.pixels("translate", translate), settings.pixels("cutout", cutout)
         self._capacity = 0
 
     @property

@@ -32,27 +32,40 @@ def _md5(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def download(to: str | os.PathLike | None = None, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
-             progress: bool = True, timeout: float = 30.0) -> pathlib.Path:
-    """Download ``url`` into folder ``to`` (resuming a partial download), check its md5, return its path."""
+def download(to: str | os.PathLike | None = None, url: str | None = None, md5: str | None = None,
+             progress: bool = True, timeout: float = 30.0, log=None) -> pathlib.Path:
+    """Download ``url`` (default: the official archive) into folder ``to``, resuming a partial download,
+    check its md5 and return its path. An intact copy already there is kept, and says so through
+    ``log``; a failed download leaves no folder behind that it created."""
+    url, md5 = url or CIFAR10_URL, md5 or CIFAR10_MD5  # read now, so that a patched module value counts
+    log = log or (lambda line: None)
     folder = pathlib.Path(to) if to is not None else default_data_path()
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create folder {folder} ({_reason(exc)}): pass a writable folder") from exc
     name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or CIFAR10_ARCHIVE
     final, part = folder / name, folder / (name + ".part")
-    if final.is_file() and _md5(final) == md5:
-        return final
+    if final.is_file():
+        found = _md5(final)
+        if found == md5:
+            log(f"{final} is already here, with the md5 of the official archive: nothing to download")
+            return final
+        log(f"{final} is here but its md5 is {found}, not the official {md5}: downloading it again")
+    if part.is_file():
+        log(f"resuming the download in {part} after {part.stat().st_size:,} bytes")
     try:
         _fetch(url, part, progress, timeout)
     except urllib.error.HTTPError as exc:
-        raise DataError(f"could not download {url}: the server answered {_reason(exc)}; download {name} "
-                        f"elsewhere and put it in {folder}, or pass --data PATH to a local copy") from exc
+        _remove_if_empty(part, created)
+        raise DataError(f"could not download {url}: the server answered {_reason(exc)}; {_by_hand(name, folder)}") \
+            from exc
     except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts and resets are all OSError
+        _remove_if_empty(part, created)
         reason = _reason(exc.reason if isinstance(exc, urllib.error.URLError) else exc)
-        raise DataError(f"could not download {url} ({reason}): you seem to be offline; download {name} "
-                        f"elsewhere and put it in {folder}, or pass --data PATH to a local copy") from exc
+        raise DataError(f"could not download {url} ({reason}): you seem to be offline; {_by_hand(name, folder)}") \
+            from exc
     actual = _md5(part)
     if actual != md5:
         part.unlink()
@@ -60,6 +73,23 @@ def download(to: str | os.PathLike | None = None, url: str = CIFAR10_URL, md5: s
                         "the expected one; run the download again or fetch it by hand")
     os.replace(part, final)  # atomic, so a file under the final name is always complete
     return final
+
+
+def _by_hand(name, folder):
+    return (f"copy {name} from a machine with a network into {folder} (fastnet train finds it there, or reads "
+            f"it from anywhere with --data PATH)")
+
+
+def _remove_if_empty(part, created):
+    """Undo what a download that got no byte made: its empty .part file, and the folders it created
+    (a partial .part is kept, to be resumed)."""
+    if part.is_file() and part.stat().st_size == 0:
+        part.unlink()
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a partial download, or someone else's file): keep it
+            return
 
 
 def _fetch(url: str, part: pathlib.Path, progress: bool, timeout: float) -> None:
