@@ -71,8 +71,9 @@ def unavailable(message):
 
 
 class Float64Detector:
-    """Wraps a backend so that every kernel call fails the test if an array argument or an array
-    result is float64, which in a float32 run could only come from a silent upcast."""
+    """Wraps a backend so that every kernel call fails the test if an array argument is float64,
+    which in a float32 run could only come from a silent upcast, or if its result is a NumPy float64
+    (the kernels return None, or a Python number)."""
 
     def __init__(self, backend):
         self.backend = backend

@@ -111,7 +111,9 @@ def to_bf16(a):
     """The bfloat16 bits nearest to float32 `a`, by the reference kernel (itself tested against
     ml_dtypes in test_bf16.py)."""
     a = np.asarray(a, np.float32)
-    return ref.round_to_bf16(a, np.empty(a.shape, np.uint16))
+    bits = np.empty(a.shape, np.uint16)
+    ref.round_to_bf16(a, bits)
+    return bits
 
 
 def assert_loss_matches(actual, expected, dtype, what):
@@ -152,8 +154,8 @@ def check_kernel(backend, kernel, make_args, reductions, what="", linear=False, 
     reductions maps the names of the arguments a kernel writes to the length of the sums behind
     them; every other array argument must come back exactly as numpy leaves it. For a `linear`
     kernel, the tolerances scale with term_magnitudes; for another, `magnitudes` may map argument
-    names to the scale of their terms. A returned array must be the argument numpy returns (the same
-    memory, not a copy). Returns the two results.
+    names to the scale of their terms. Both backends must keep the return convention (see
+    assert_returns). Returns the two results.
     """
     names = list(inspect.signature(getattr(ref, kernel)).parameters)
     expected_args, actual_args = make_args(), make_args()
@@ -168,13 +170,24 @@ def check_kernel(backend, kernel, make_args, reductions, what="", linear=False, 
             magnitude = magnitudes.get(name) if name in reductions else None
             assert_matches(got, want, reductions.get(name), f"{label}: argument {name}", magnitude)
 
-    if isinstance(expected, np.ndarray):
-        position = next(i for i, a in enumerate(expected_args) if a is expected)
-        assert isinstance(actual, np.ndarray) and actual.ctypes.data == actual_args[position].ctypes.data, \
-            f"{label} must return its argument {names[position]}, as numpy does"
-    elif expected is None:
-        assert actual is None, f"{label} returned {actual!r}; numpy returns None"
+    assert_returns(f"numpy.{kernel}{what}", kernel, expected)
+    assert_returns(label, kernel, actual)
+    assert type(actual) is type(expected), f"{label} returned {type(actual).__name__}, numpy {type(expected).__name__}"
     return actual, expected
+
+
+# The kernels whose result is a number; every other kernel writes arrays and returns None.
+NUMBER_KERNELS = {"softmax_cross_entropy", "softmax_cross_entropy_smoothed", "count_correct", "sum_of_squares"}
+assert NUMBER_KERNELS <= set(backends.KERNELS)
+
+
+def assert_returns(label, kernel, result):
+    """The return convention of numpy_backend's docstring: a number kernel returns a Python float or
+    int, and every other kernel None, so that no caller can read a result that is not in its outputs."""
+    if kernel in NUMBER_KERNELS:
+        assert type(result) in (float, int), f"{label} returned {type(result).__name__}, not a Python number"
+    else:
+        assert result is None, f"{label} returned {type(result).__name__}: a kernel that writes arrays returns None"
 
 
 def laid_out(a, layout, axis=-1):
@@ -426,7 +439,7 @@ def slope_error_scale(kernel, saved):
         return np.ones_like(saved)
     if "tanh" in kernel:
         return 1 + saved * saved
-    return 1 + np.abs(saved) * 0.7978845608028654 * (1 + 3 * 0.044715 * saved * saved)
+    return 1 + np.abs(saved) * ref.GELU_SQRT_2_OVER_PI * (1 + 3 * ref.GELU_CUBIC * saved * saved)
 
 
 def activation_saved(kernel, z):
@@ -668,8 +681,10 @@ def test_round_to_bf16_gives_the_references_bits(other, layout):
 def test_bf16_to_float32_gives_the_references_values(other):
     """Every one of the 65,536 bfloat16 bit patterns, exactly (NaNs compared by their bits)."""
     bits = np.arange(1 << 16, dtype=np.uint16).reshape(64, 1024)
-    actual = backends.get(other).bf16_to_float32(bits.copy(), garbage(bits.shape, np.float32))
-    expected = ref.bf16_to_float32(bits.copy(), garbage(bits.shape, np.float32))
+    actual, expected = garbage(bits.shape, np.float32), garbage(bits.shape, np.float32)
+    for backend, out in ((other, actual), ("numpy", expected)):
+        assert_returns(f"{backend}.bf16_to_float32", "bf16_to_float32",
+                       backends.get(backend).bf16_to_float32(bits.copy(), out))
     assert np.array_equal(actual.view(np.uint32), expected.view(np.uint32))
     assert np.array_equal(expected.view(np.uint32), bits.astype(np.uint32) << 16)
 
@@ -785,7 +800,8 @@ def test_the_reference_multiplies_bf16_operands_as_their_exact_values():
     x, W = rng.standard_normal((33, 300)).astype(np.float32), rng.standard_normal((300, 17)).astype(np.float32)
     x16, W16 = to_bf16(x), to_bf16(W)
     exact = bf16_values(x16).astype(np.float64) @ bf16_values(W16).astype(np.float64)
-    out = ref.dense_forward(x16, W16, np.zeros(17, np.float32), garbage((33, 17), np.float32))
+    out = garbage((33, 17), np.float32)
+    ref.dense_forward(x16, W16, np.zeros(17, np.float32), out)
     magnitude = np.abs(bf16_values(x16)).astype(np.float64) @ np.abs(bf16_values(W16)).astype(np.float64)
     assert_close(out, exact.astype(np.float32), rtol=0, atol=float32_tol(300) * magnitude.max())
     unrounded = x.astype(np.float64) @ W.astype(np.float64)
@@ -1002,7 +1018,7 @@ def test_optimizer_steps(other, kernel, grad_layout, dtype, shape, seed, weight_
         for arrays, backend in ((mine, other), (theirs, "numpy")):
             laid_out_grad = laid_out(grad.copy(), grad_layout)
             result = getattr(backends.get(backend), kernel)(arrays[0], laid_out_grad, *arrays[1:], *tail)
-            assert result is None, f"{backend}.{kernel} returned {result!r}"
+            assert_returns(f"{backend}.{kernel}", kernel, result)
             assert np.array_equal(laid_out_grad, grad), f"{backend}.{kernel} changed its grad"
         # Each step rounds a few times per element and the errors of successive steps add up.
         for name, got, want in zip(("param", *state_names), mine, theirs):

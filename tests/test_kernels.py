@@ -25,7 +25,8 @@ def test_dense_backward_matches_finite_differences(rng, batch, fan_in, fan_out):
     out = np.empty((batch, fan_out))
 
     def loss():  # a scalar whose gradient with respect to out is `upstream`
-        return float(np.sum(ref.dense_forward(x, W, b, out) * upstream))
+        ref.dense_forward(x, W, b, out)
+        return float(np.sum(out * upstream))
 
     dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
     ref.dense_backward(upstream, x, W, dW, db, dx)
@@ -36,11 +37,14 @@ def test_dense_backward_matches_finite_differences(rng, batch, fan_in, fan_out):
 def test_dense_relu_backward_matches_finite_differences(rng):
     x, W, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 6)), rng.standard_normal(6)
     upstream = rng.standard_normal((5, 6))
-    out = ref.dense_relu_forward(x, W, b, np.empty((5, 6)))
+    out = np.empty((5, 6))
+    ref.dense_relu_forward(x, W, b, out)
     assert (out == 0).any() and (out > 0).any()
 
     def loss():
-        return float(np.sum(ref.dense_relu_forward(x, W, b, np.empty((5, 6))) * upstream))
+        perturbed = np.empty((5, 6))
+        ref.dense_relu_forward(x, W, b, perturbed)
+        return float(np.sum(perturbed * upstream))
 
     dout = upstream.copy()
     dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
@@ -60,7 +64,8 @@ def test_dense_backward_skips_dx_when_not_asked(rng):
 
 def test_dense_relu_forward_is_relu_of_dense(rng):
     x, W, b = rng.standard_normal((5, 6)), rng.standard_normal((6, 7)), rng.standard_normal(7)
-    out = ref.dense_relu_forward(x, W, b, np.empty((5, 7)))
+    out = np.empty((5, 7))
+    ref.dense_relu_forward(x, W, b, out)
     assert_close(out, np.maximum(x @ W + b, 0), rtol=1e-12)
     assert (out == 0).any() and (out > 0).any()
 
@@ -73,7 +78,8 @@ def test_relu_backward_matches_finite_differences(rng):
     def loss():
         return float(np.sum(np.maximum(x, 0) * upstream))
 
-    dx = ref.relu_backward(upstream, np.maximum(x, 0), np.empty_like(x))
+    dx = np.empty_like(x)
+    ref.relu_backward(upstream, np.maximum(x, 0), dx)
     assert relative_error(dx, numerical_gradient(loss, x)) < GRAD_TOL
 
 
@@ -116,7 +122,8 @@ def test_gather_normalize(rng, source_dtype):
     indices = np.array([4, 0, 4, 8])
     shift = rng.uniform(0, 200, 5).astype(np.float32)
     scale = rng.uniform(0.01, 1, 5).astype(np.float32)
-    out = ref.gather_normalize(images, indices, shift, scale, np.empty((4, 5), np.float32))
+    out = np.empty((4, 5), np.float32)
+    ref.gather_normalize(images, indices, shift, scale, out)
     expected = (images[indices].astype(np.float64) - shift) * scale
     assert_close(out, expected.astype(np.float32), rtol=1e-6, atol=1e-5)
 
@@ -202,11 +209,15 @@ assert set(TEXTBOOK) == set(ACTIVATIONS)
 
 
 def forward(act, x, out):
-    return getattr(ref, act.forward)(x, *act.scalars, out)
+    """The activation's forward kernel; returns out, which it wrote."""
+    getattr(ref, act.forward)(x, *act.scalars, out)
+    return out
 
 
 def backward(act, dout, x, out, dx):
-    return getattr(ref, act.backward)(dout, x if act.reads_input else out, *act.scalars, dx)
+    """The activation's backward kernel; returns dx, which it wrote."""
+    getattr(ref, act.backward)(dout, x if act.reads_input else out, *act.scalars, dx)
+    return dx
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
@@ -240,11 +251,13 @@ def test_gelu_is_close_to_the_exact_one(rng):
     from math import erf
     x = np.linspace(-6, 6, 241)
     exact = x * 0.5 * (1 + np.array([erf(v / np.sqrt(2)) for v in x]))
-    assert np.max(np.abs(ref.gelu_forward(x, np.empty_like(x)) - exact)) < 1e-3
+    assert np.max(np.abs(forward(ACTIVATIONS["gelu"], x, np.empty_like(x)) - exact)) < 1e-3
 
 
 def dense_forward(act, x, W, b, pre, out):
-    return getattr(ref, act.dense_forward)(x, W, b, *act.scalars, *((pre,) if act.reads_input else ()), out)
+    """The activation's dense forward kernel; returns out, which it wrote."""
+    getattr(ref, act.dense_forward)(x, W, b, *act.scalars, *((pre,) if act.reads_input else ()), out)
+    return out
 
 
 def dense_backward(act, dout, pre, out, x, W, dW, db, dx):
@@ -296,8 +309,8 @@ def test_layernorm_backward_matches_finite_differences(rng, batch, width, in_pla
     upstream = rng.standard_normal((batch, width))
 
     def forward():
-        xhat, inv_std = np.empty_like(x), np.empty(batch)
-        out = ref.layernorm_forward(x, gain, bias, 1e-5, xhat, inv_std, np.empty_like(x))
+        xhat, inv_std, out = np.empty_like(x), np.empty(batch), np.empty_like(x)
+        ref.layernorm_forward(x, gain, bias, 1e-5, xhat, inv_std, out)
         return out, xhat, inv_std
 
     def loss():
@@ -306,7 +319,8 @@ def test_layernorm_backward_matches_finite_differences(rng, batch, width, in_pla
     _, xhat, inv_std = forward()
     dgain, dbias = np.empty_like(gain), np.empty_like(bias)
     dout = upstream.copy()
-    dx = ref.layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dout if in_place else np.empty_like(x))
+    dx = dout if in_place else np.empty_like(x)
+    ref.layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx)
     for analytic, variable in ((dgain, gain), (dbias, bias), (dx, x)):
         assert relative_error(analytic, numerical_gradient(loss, variable)) < GRAD_TOL
 
@@ -314,20 +328,28 @@ def test_layernorm_backward_matches_finite_differences(rng, batch, width, in_pla
 def test_dropout_drops_below_the_rate_and_scales_the_rest(rng):
     x = rng.standard_normal((3, 4)).astype(np.float32)
     uniform = np.array([[0.0, 0.25, 0.2499, 0.9]] * 3, np.float32)
-    out = ref.dropout(x, uniform, 0.25, np.empty_like(x))
+    out = np.empty_like(x)
+    ref.dropout(x, uniform, 0.25, out)
     keep = np.array([False, True, False, True])
     assert_close(out[:, keep], x[:, keep] / np.float32(0.75), rtol=1e-7)
     assert not out[:, ~keep].any()
     # It is its own backward: the gradient of sum(out * g) with respect to x is dropout(g).
     x64, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
     u64 = uniform.astype(np.float64)
-    numeric = numerical_gradient(lambda: float(np.sum(ref.dropout(x64, u64, 0.25, np.empty_like(x64)) * g)), x64)
-    assert relative_error(ref.dropout(g, u64, 0.25, np.empty_like(g)), numeric) < GRAD_TOL
+
+    def dropped(a):
+        out = np.empty_like(a)
+        ref.dropout(a, u64, 0.25, out)
+        return out
+
+    numeric = numerical_gradient(lambda: float(np.sum(dropped(x64) * g)), x64)
+    assert relative_error(dropped(g), numeric) < GRAD_TOL
 
 
 def test_dropout_keeps_the_expected_value(rng):
     x = np.ones((200, 500), np.float32)
-    out = ref.dropout(x, rng.random(x.shape, dtype=np.float32), 0.3, np.empty_like(x))
+    out = np.empty_like(x)
+    ref.dropout(x, rng.random(x.shape, dtype=np.float32), 0.3, out)
     assert out.mean() == pytest.approx(1.0, abs=0.01)
     assert np.mean(out == 0) == pytest.approx(0.3, abs=0.01)
 

@@ -18,6 +18,19 @@ Nothing is summed across threads: every sum is done by one thread in a fixed ord
 never depend on thread timing. The losses and count_correct stay serial: a 128 x 10 batch is less
 work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
 starts warm.
+
+Every kernel keeps numpy_backend's return convention (arrays into the caller's outputs, None
+returned; a number only where the result is one). The private helpers have one naming pattern. A
+part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, the
+parallel loop over a product's tiles, which the serial entry calls on C-contiguous arrays;
+`_columns`, a backward kernel's parallel pass over column tiles of dout before its products;
+`_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
+work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
+`_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
+(`_adam`). The constants that define a result, GELU's and bfloat16's bit patterns, are imported from
+numpy_backend. Numba compiles a global in as a constant, and its disk cache checks only the source
+file of the function it caches, so after changing one of them there, delete the cached .nbi and
+.nbc files.
 """
 
 import contextlib
@@ -35,6 +48,7 @@ from fastnet.backends import numba_gemm  # noqa: E402
 from fastnet.backends.numba_bf16 import from_bf16, to_bf16  # noqa: E402
 from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, contiguous, copy_back, gemm, product_tile, span,  # noqa: E402
                                          thread_count)
+from fastnet.backends.numpy_backend import GELU_CUBIC, GELU_SQRT_2_OVER_PI  # noqa: E402
 
 from fastnet.errors import FastnetError  # noqa: E402
 
@@ -84,7 +98,6 @@ def gather_normalize(images, indices, shift, scale, out, out16=None):
             out[i, j] = y
             if out16 is not None:
                 out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -102,7 +115,6 @@ def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
         if out16 is not None:
             for j in range(out.shape[1]):
                 out16[i, j] = to_bf16(out[i, j])
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -142,7 +154,6 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
         if out16 is not None:
             for j in range(out.shape[1]):
                 out16[i, j] = to_bf16(out[i, j])
-    return out
 
 
 # --- bfloat16 --------------------------------------------------------------------------------------
@@ -154,7 +165,6 @@ def round_to_bf16(x, out16):
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             out16[i, j] = to_bf16(x[i, j])
-    return out16
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -163,7 +173,6 @@ def bf16_to_float32(x16, out):
     for i in prange(x16.shape[0]):
         for j in range(x16.shape[1]):
             out[i, j] = from_bf16(x16[i, j])
-    return out
 
 
 # --- Dense layer -----------------------------------------------------------------------------------
@@ -171,25 +180,24 @@ def bf16_to_float32(x16, out):
 # Each dense kernel is a serial entry and a parallel loop. The entry hands the loop C-contiguous arrays
 # (np.ascontiguousarray returns a C array itself, and copies any other layout, which the model never
 # passes; copy_back returns what was written into such a copy), so the loop, slow to compile, is
-# compiled once per dtype and not once per layout. Forward: one prange iteration per tile of the
-# output (numba_gemm.product_tile); the thread that computed a tile adds its bias and applies its
-# activation. Backward: a first pass over column tiles of dout applies the activation's derivative
-# in place and sums each column for db, in batch order, then _weight_and_input_products splits dW
-# by its rows and dx by its rows (the batch).
+# compiled once per dtype and not once per layout. Forward (<kernel>_tiles): one prange iteration per
+# tile of the output (numba_gemm.product_tile); the thread that computed a tile adds its bias and
+# applies its activation. Backward (<kernel>_columns): a first pass over column tiles of dout applies
+# the activation's derivative in place and sums each column for db, in batch order, then
+# _weight_and_input_grads_tiles splits dW by its rows and dx by its rows (the batch).
 
 
 @njit(cache=True, error_model="numpy")
 def dense_forward(x, W, b, out, out16=None):
     """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
     work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out, work16)
+    _dense_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out, work16)
     copy_back(out, work_out)
     copy_back(out16, work16)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_forward(x, W, b, out, out16):
+def _dense_forward_tiles(x, W, b, out, out16):
     """The tiles of dense_forward, on C-contiguous arrays."""
     parts = thread_count()
     for part in prange(parts):
@@ -201,22 +209,20 @@ def _dense_forward(x, W, b, out, out16):
                 out[i, j] = z
                 if out16 is not None:
                     out16[i, j] = to_bf16(z)
-    return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_relu_forward(x, W, b, out, out16=None):
     """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
     work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
-                        work16)
+    _dense_relu_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
+                              work16)
     copy_back(out, work_out)
     copy_back(out16, work16)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_relu_forward(x, W, b, out, out16):
+def _dense_relu_forward_tiles(x, W, b, out, out16):
     """The tiles of dense_relu_forward, on C-contiguous arrays."""
     zero = out.dtype.type(0)
     parts = thread_count()
@@ -229,7 +235,6 @@ def _dense_relu_forward(x, W, b, out, out16):
                 out[i, j] = z
                 if out16 is not None:
                     out16[i, j] = to_bf16(z)
-    return out
 
 
 @njit(cache=True, error_model="numpy")
@@ -237,7 +242,7 @@ def dense_backward(dout, x, W, dW, db, dx, dout16=None):
     """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None; with
     dout16, dout's bf16 copy is written in the column-sum pass and the products read it."""
     work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _bias_grad(work_dout, work_db, work16)
+    _dense_backward_columns(work_dout, work_db, work16)
     _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
@@ -245,7 +250,7 @@ def dense_backward(dout, x, W, dW, db, dx, dout16=None):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _bias_grad(dout, db, dout16):
+def _dense_backward_columns(dout, db, dout16):
     """dense_backward's pass over column tiles of dout, before its products."""
     parts = thread_count()
     for part in prange(parts):
@@ -263,7 +268,7 @@ def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
     in the same pass (writing dout16 there too), then the two GEMMs."""
     work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _relu_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db, work16)
+    _dense_relu_backward_columns(work_dout, np.ascontiguousarray(out), work_db, work16)
     _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
@@ -271,7 +276,7 @@ def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _relu_grad_and_bias(dout, out, db, dout16):
+def _dense_relu_backward_columns(dout, out, db, dout16):
     """dense_relu_backward's pass over column tiles of dout, before its products."""
     zero = dout.dtype.type(0)
     parts = thread_count()
@@ -292,22 +297,17 @@ def _relu_grad_and_bias(dout, out, db, dout16):
 def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
     """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T, written into contiguous copies of
     outputs that are not. The products read dout16 instead of dout when it is given."""
-    if dout16 is None:
-        _weight_and_input_outputs(dout, x, W, dW, dx)
-    else:
-        _weight_and_input_outputs(dout16, x, W, dW, dx)
-
-
-@njit(cache=True, error_model="numpy")
-def _weight_and_input_outputs(dout, x, W, dW, dx):
     work_dW, work_dx = np.ascontiguousarray(dW), contiguous(dx)
-    _weight_and_input_products(dout, x, W, work_dW, work_dx)
+    if dout16 is None:
+        _weight_and_input_grads_tiles(dout, x, W, work_dW, work_dx)
+    else:
+        _weight_and_input_grads_tiles(dout16, x, W, work_dW, work_dx)
     copy_back(dx, work_dx)
     copy_back(dW, work_dW)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _weight_and_input_products(dout, x, W, dW, dx):
+def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
     """dW by its rows and dx by its rows (the batch): each thread computes one tile of each."""
     parts = thread_count()
     for part in prange(parts):
@@ -325,7 +325,6 @@ def relu_backward(dout, out, dx):
     for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] if out[i, j] > zero else zero
-    return dx
 
 
 # --- Other activations -----------------------------------------------------------------------------
@@ -344,7 +343,6 @@ def relu_forward(x, out, out16=None):
             out[i, j] = z
             if out16 is not None:
                 out16[i, j] = to_bf16(z)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -358,7 +356,6 @@ def leaky_relu_forward(x, negative_slope, out, out16=None):
             out[i, j] = y
             if out16 is not None:
                 out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -369,22 +366,20 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
         for j in range(dout.shape[1]):
             g = dout[i, j]
             dx[i, j] = g if out[i, j] > zero else g * slope
-    return dx
 
 
 @njit(cache=True, error_model="numpy")
 def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
     work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_leaky_relu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b),
-                              negative_slope, work_out, work16)
+    _dense_leaky_relu_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b),
+                                    negative_slope, work_out, work16)
     copy_back(out, work_out)
     copy_back(out16, work16)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_leaky_relu_forward(x, W, b, negative_slope, out, out16):
+def _dense_leaky_relu_forward_tiles(x, W, b, negative_slope, out, out16):
     """The tiles of dense_leaky_relu_forward, on C-contiguous arrays."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
     parts = thread_count()
@@ -398,14 +393,13 @@ def _dense_leaky_relu_forward(x, W, b, negative_slope, out, out16):
                 out[i, j] = y
                 if out16 is not None:
                     out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
     """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
     work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _leaky_relu_grad_and_bias(work_dout, np.ascontiguousarray(out), negative_slope, work_db, work16)
+    _dense_leaky_relu_backward_columns(work_dout, np.ascontiguousarray(out), negative_slope, work_db, work16)
     _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
@@ -413,7 +407,7 @@ def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout1
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _leaky_relu_grad_and_bias(dout, out, negative_slope, db, dout16):
+def _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16):
     """dense_leaky_relu_backward's pass over column tiles of dout, before its products."""
     slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
     parts = thread_count()
@@ -453,7 +447,6 @@ def tanh_forward(x, out, out16=None):
             out[i, j] = y
             if out16 is not None:
                 out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -463,22 +456,20 @@ def tanh_backward(dout, out, dx):
     for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] * (one - out[i, j] * out[i, j])
-    return dx
 
 
 @njit(cache=True, error_model="numpy")
 def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
     work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_tanh_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
-                        work16)
+    _dense_tanh_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
+                              work16)
     copy_back(out, work_out)
     copy_back(out16, work16)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_tanh_forward(x, W, b, out, out16):
+def _dense_tanh_forward_tiles(x, W, b, out, out16):
     """The tiles of dense_tanh_forward, on C-contiguous arrays."""
     real = out.dtype.type
     fast = out.itemsize == 4
@@ -493,14 +484,13 @@ def _dense_tanh_forward(x, W, b, out, out16):
                 out[i, j] = y
                 if out16 is not None:
                     out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
     work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _tanh_grad_and_bias(work_dout, np.ascontiguousarray(out), work_db, work16)
+    _dense_tanh_backward_columns(work_dout, np.ascontiguousarray(out), work_db, work16)
     _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
@@ -508,7 +498,7 @@ def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _tanh_grad_and_bias(dout, out, db, dout16):
+def _dense_tanh_backward_columns(dout, out, db, dout16):
     """dense_tanh_backward's pass over column tiles of dout, before its products."""
     one = dout.dtype.type(1)
     parts = thread_count()
@@ -524,9 +514,6 @@ def _tanh_grad_and_bias(dout, out, db, dout16):
                     dout16[i, j] = to_bf16(g)
 
 
-# The constants of numpy_backend's GELU.
-_GELU_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_CUBIC = 0.044715
 _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overflows harmlessly to inf
 
 
@@ -549,45 +536,42 @@ def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
 def gelu_forward(x, out, out16=None):
     """out = gelu(x), tanh approximation."""
     real = out.dtype.type
-    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
+    one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
     for i in prange(x.shape[0]):
         for j in range(x.shape[1]):
             y = _gelu(x[i, j], one, two_root, cubic, cap)
             out[i, j] = y
             if out16 is not None:
                 out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def gelu_backward(dout, x, dx):
     """dx = dout * gelu'(x); dx may be dout."""
     real = dx.dtype.type
-    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
-    three_cubic = real(3 * _GELU_CUBIC)
+    one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
+    three_cubic = real(3 * GELU_CUBIC)
     for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] * _gelu_slope(x[i, j], one, two_root, cubic, three_cubic, cap)
-    return dx
 
 
 @njit(cache=True, error_model="numpy")
 def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
     work_pre, work_out, work16 = np.ascontiguousarray(pre), np.ascontiguousarray(out), contiguous(out16)
-    _dense_gelu_forward(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_pre, work_out,
-                        work16)
+    _dense_gelu_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_pre,
+                              work_out, work16)
     copy_back(pre, work_pre)
     copy_back(out, work_out)
     copy_back(out16, work16)
-    return out
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_gelu_forward(x, W, b, pre, out, out16):
+def _dense_gelu_forward_tiles(x, W, b, pre, out, out16):
     """The tiles of dense_gelu_forward, on C-contiguous arrays."""
     real = out.dtype.type
-    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
+    one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
     parts = thread_count()
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(pre.shape[0], pre.shape[1], parts, part)
@@ -600,14 +584,13 @@ def _dense_gelu_forward(x, W, b, pre, out, out16):
                 out[i, j] = y
                 if out16 is not None:
                     out16[i, j] = to_bf16(y)
-    return out
 
 
 @njit(cache=True, error_model="numpy")
 def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
     work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _gelu_grad_and_bias(work_dout, np.ascontiguousarray(pre), work_db, work16)
+    _dense_gelu_backward_columns(work_dout, np.ascontiguousarray(pre), work_db, work16)
     _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
     copy_back(dout, work_dout)
     copy_back(db, work_db)
@@ -615,11 +598,11 @@ def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _gelu_grad_and_bias(dout, pre, db, dout16):
+def _dense_gelu_backward_columns(dout, pre, db, dout16):
     """dense_gelu_backward's pass over column tiles of dout, before its products."""
     real = dout.dtype.type
-    one, two_root, cubic, cap = real(1), real(2 * _GELU_SQRT_2_OVER_PI), real(_GELU_CUBIC), real(_EXP_CAP)
-    three_cubic = real(3 * _GELU_CUBIC)
+    one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
+    three_cubic = real(3 * GELU_CUBIC)
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
@@ -639,12 +622,11 @@ def _gelu_grad_and_bias(dout, pre, db, dout16):
 def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
     """Layer norm one row at a time, the rows split across the threads."""
     for i in prange(x.shape[0]):
-        _layernorm_row(x, gain, bias, eps, xhat, inv_std, out, i)
-    return out
+        _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i)
 
 
 @njit(cache=True, error_model="numpy")
-def _layernorm_row(x, gain, bias, eps, xhat, inv_std, out, i):
+def _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i):
     """Row i: the mean, then the variance from the centred values (two passes, so no cancellation),
     then xhat and out in a third. The row sums are float64 scalars. (A function of its own: in a
     prange body Numba typed these sums as float32.)"""
@@ -682,12 +664,11 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
                 dgain[j] += dout[i, j] * xhat[i, j]
                 dbias[j] += dout[i, j]
     for i in prange(dout.shape[0]):
-        _layernorm_row_grad(dout, xhat, inv_std, gain, dx, i)
-    return dx
+        _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i)
 
 
 @njit(cache=True, error_model="numpy")
-def _layernorm_row_grad(dout, xhat, inv_std, gain, dx, i):
+def _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i):
     """Row i of layer norm's dx: a pass that sums the two row means in float64, then one that writes
     dx (after reading dout, so dx may be dout)."""
     real = dx.dtype.type
@@ -720,7 +701,6 @@ def dropout(x, uniform, rate, out, out16=None):
             out[i, j] = y
             if out16 is not None:
                 out16[i, j] = to_bf16(y)
-    return out
 
 
 # --- Loss ------------------------------------------------------------------------------------------
@@ -827,13 +807,13 @@ def sgd_step(param, grad, lr, weight_decay, param16=None):
     # As in the reference, the factor is computed in double and rounded once.
     shrink, rate = real(1.0 - lr * weight_decay), real(lr)
     if param16 is None:
-        _sgd(param.reshape(-1), np.ravel(grad), shrink, rate, None)
+        _sgd_step_elements(param.reshape(-1), np.ravel(grad), shrink, rate, None)
     else:
-        _sgd(param.reshape(-1), np.ravel(grad), shrink, rate, param16.reshape(-1))
+        _sgd_step_elements(param.reshape(-1), np.ravel(grad), shrink, rate, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _sgd(p, g, shrink, lr, p16):
+def _sgd_step_elements(p, g, shrink, lr, p16):
     for i in prange(p.size):
         p[i] = p[i] * shrink - lr * g[i]
         if p16 is not None:
@@ -846,13 +826,13 @@ def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
     real = param.dtype.type
     factors = real(lr), real(momentum), real(weight_decay)
     if param16 is None:
-        _momentum(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
+        _momentum_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
     else:
-        _momentum(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
+        _momentum_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _momentum(p, g, v, lr, momentum, decay, p16):
+def _momentum_step_elements(p, g, v, lr, momentum, decay, p16):
     for i in prange(p.size):
         v[i] = v[i] * momentum + g[i] + decay * p[i]
         p[i] -= lr * v[i]
@@ -866,13 +846,13 @@ def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
     real = param.dtype.type
     factors = real(lr), real(momentum), real(weight_decay)
     if param16 is None:
-        _nesterov(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
+        _nesterov_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
     else:
-        _nesterov(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
+        _nesterov_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _nesterov(p, g, v, lr, momentum, decay, p16):
+def _nesterov_step_elements(p, g, v, lr, momentum, decay, p16):
     for i in prange(p.size):
         gi = g[i] + decay * p[i]
         v[i] = v[i] * momentum + gi
@@ -894,21 +874,22 @@ def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, par
 
 
 @njit(cache=True, error_model="numpy")
-def _adam(param, grad, first_moment, second_moment, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step,
-          param16):
+def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step, param16):
+    """The update of adam_step and adamw_step, as numpy_backend's _adam: l2_decay * param joins the
+    gradient, decoupled_decay shrinks the parameter (each step passes 0 for the other)."""
     real = param.dtype.type
     # Factors are computed in double and rounded once, as the reference's Python floats are.
     factors = (real(beta1), real(beta2), real(eps), real(l2_decay), real(1.0 - beta1), real(1.0 - beta2),
                real(1.0 - lr * decoupled_decay), real(lr / (1 - beta1 ** step)), real(1 - beta2 ** step))
-    flat = param.reshape(-1), np.ravel(grad), first_moment.reshape(-1), second_moment.reshape(-1)
+    flat = param.reshape(-1), np.ravel(grad), m.reshape(-1), v.reshape(-1)
     if param16 is None:
-        _adam_loop(*flat, *factors, None)
+        _adam_elements(*flat, *factors, None)
     else:
-        _adam_loop(*flat, *factors, param16.reshape(-1))
+        _adam_elements(*flat, *factors, param16.reshape(-1))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _adam_loop(p, g, m, v, b1, b2, tiny, l2, keep1, keep2, shrink, step_size, correction2, p16):
+def _adam_elements(p, g, m, v, b1, b2, tiny, l2, keep1, keep2, shrink, step_size, correction2, p16):
     for i in prange(p.size):
         gi = g[i] + l2 * p[i]
         m[i] = m[i] * b1 + keep1 * gi

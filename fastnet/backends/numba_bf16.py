@@ -15,6 +15,8 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
+from fastnet.backends.numpy_backend import BF16_QUIET_BIT, BF16_ROUNDING_BIAS, FLOAT32_INF, FLOAT32_MAGNITUDE
+
 NO_TRANS = 111
 
 
@@ -47,9 +49,9 @@ def to_bf16(value):
     one half, or is one half and the kept half is odd. NaN keeps its sign and top payload bits, with
     the quiet bit set, so that no NaN rounds to inf."""
     bits = np.int64(float32_bits(np.float32(value)))
-    if (bits & 0x7FFFFFFF) > 0x7F800000:
-        return np.uint16((bits >> 16) | 0x40)
-    return np.uint16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+    if (bits & FLOAT32_MAGNITUDE) > FLOAT32_INF:
+        return np.uint16((bits >> 16) | BF16_QUIET_BIT)
+    return np.uint16((bits + BF16_ROUNDING_BIAS + ((bits >> 16) & 1)) >> 16)
 
 
 @njit(cache=True, nogil=True, inline="always")

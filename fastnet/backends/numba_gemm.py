@@ -328,15 +328,13 @@ def matmul(a, b, out):
     if not has_unit_stride(b):
         b = np.ascontiguousarray(b)
     work = np.ascontiguousarray(out)
-    _matmul(a, b, work)
+    _matmul_tiles(a, b, work)
     copy_back(out, work)
-    return out
 
 
 @njit(cache=True, parallel=True)
-def _matmul(a, b, out):
+def _matmul_tiles(a, b, out):
     parts = thread_count()
     for part in numba.prange(parts):
         r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
         gemm(a[r0:r1], b[:, c0:c1], out[r0:r1, c0:c1])
-    return out

@@ -1,8 +1,11 @@
 """The NumPy reference backend: every kernel of fastnet as plain, readable array code.
 
-This module defines the kernel interface. Each function works on arrays only and, where a result is
-an array, writes it into an output that the caller allocated once and reuses (`out`, `dx`, `dW` ...),
-so that a training step allocates as little as NumPy allows. Shapes use B for the batch, D for input
+This module defines the kernel interface. Each function works on arrays only. A kernel writes every
+array it computes into an output that the caller allocated once and reuses (`out`, `dx`, `dW` ...),
+or updates its arguments in place, and returns None; only a kernel whose result is a number (a loss,
+a count of correct predictions, a sum of squares) returns it, as a Python float or int. So a
+training step allocates as little as NumPy allows, and a caller reads each result from the one place
+every backend must put it, the array it passed. Shapes use B for the batch, D for input
 features, H for output features and K for classes. Every array of one call shares the model's dtype
 (float32 for training, float64 for gradient checks); scalars arrive as Python floats, which NumPy
 treats as "weak" and never uses to upcast float32 arrays.
@@ -30,7 +33,6 @@ def gather_normalize(images, indices, shift, scale, out, out16=None):
     np.subtract(images[indices], shift, out=out)
     np.multiply(out, scale, out=out)
     _write_bf16(out, out16)
-    return out
 
 
 def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
@@ -40,7 +42,6 @@ def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
     one = signs.dtype.type(1)
     np.multiply(inputs[indices], np.where(flips[:, None] != 0, signs, one), out=out)
     _write_bf16(out, out16)
-    return out
 
 
 def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out,
@@ -77,12 +78,17 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
     normalized[~inside | cut] = 0
     out[...] = normalized.reshape(batch, -1)
     _write_bf16(out, out16)
-    return out
 
 
 # --- bfloat16 --------------------------------------------------------------------------------------
 # bfloat16 keeps float32's sign and 8 exponent bits and 7 of its 23 mantissa bits, so a float32's top
 # 16 bits are a bf16 number, and a bf16 number padded with 16 zero bits is its exact float32 value.
+# The rounding's bit patterns, which numba_bf16.to_bf16 applies one value at a time:
+BF16_ROUNDING_BIAS = 0x7FFF     # one half of the dropped 16 bits, less one
+FLOAT32_MAGNITUDE = 0x7FFFFFFF  # every bit but the sign
+FLOAT32_INF = 0x7F800000        # the magnitude of inf; a NaN's is greater
+BF16_QUIET_BIT = 0x40           # the top bit of bf16's mantissa: set, it makes a NaN quiet
+
 
 def round_to_bf16(x, out16):
     """out16 (uint16) = the bfloat16 nearest to each element of the float32 array x, ties to even.
@@ -93,23 +99,23 @@ def round_to_bf16(x, out16):
     and could become inf, so it is truncated instead, with its quiet bit (0x40) set.
     """
     bits = np.asarray(x, np.float32).view(np.uint32)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    out16[...] = np.where(nan, (bits >> 16) | 0x40, rounded)
-    return out16
+    rounded = (bits + (BF16_ROUNDING_BIAS + ((bits >> 16) & 1))) >> 16
+    nan = (bits & FLOAT32_MAGNITUDE) > FLOAT32_INF
+    out16[...] = np.where(nan, (bits >> 16) | BF16_QUIET_BIT, rounded)
 
 
 def bf16_to_float32(x16, out):
     """out = the exact float32 value of each bfloat16 in x16 (uint16)."""
     out[...] = (x16.astype(np.uint32) << 16).view(np.float32)
-    return out
 
 
 def _values(a):
     """A GEMM operand as numbers: a itself, or the float32 values of a bfloat16 (uint16) array."""
     if a.dtype != np.uint16:
         return a
-    return bf16_to_float32(a, np.empty(a.shape, np.float32))
+    values = np.empty(a.shape, np.float32)
+    bf16_to_float32(a, values)
+    return values
 
 
 def _write_bf16(out, out16):
@@ -126,7 +132,6 @@ def dense_forward(x, W, b, out, out16=None):
     np.matmul(_values(x), _values(W), out=out)
     out += b
     _write_bf16(out, out16)
-    return out
 
 
 def dense_relu_forward(x, W, b, out, out16=None):
@@ -134,7 +139,6 @@ def dense_relu_forward(x, W, b, out, out16=None):
     dense_forward(x, W, b, out)
     np.maximum(out, 0, out=out)
     _write_bf16(out, out16)
-    return out
 
 
 def dense_backward(dout, x, W, dW, db, dx, dout16=None):
@@ -149,7 +153,8 @@ def dense_backward(dout, x, W, dW, db, dx, dout16=None):
     """
     operand = dout
     if dout16 is not None:
-        operand = _values(round_to_bf16(dout, dout16))
+        round_to_bf16(dout, dout16)
+        operand = _values(dout16)
     np.matmul(_values(x).T, operand, out=dW)
     np.sum(dout, axis=0, out=db)
     if dx is not None:
@@ -167,7 +172,6 @@ def relu_backward(dout, out, dx):
     """dx = dout where the ReLU's output was positive, else 0. Uses the forward output, not its
     input, so the forward pass need not keep the pre-activation. dx may be dout itself."""
     np.multiply(dout, out > 0, out=dx)
-    return dx
 
 
 # --- Other activations -----------------------------------------------------------------------------
@@ -179,27 +183,24 @@ def relu_forward(x, out, out16=None):
     """out = max(x, 0); out may be x."""
     np.maximum(x, 0, out=out)
     _write_bf16(out, out16)
-    return out
 
 
 def leaky_relu_forward(x, negative_slope, out, out16=None):
     """out = x where x > 0, else negative_slope * x; out may be x."""
     np.copyto(out, np.where(x > 0, x, x * negative_slope))
     _write_bf16(out, out16)
-    return out
 
 
 def leaky_relu_backward(dout, out, negative_slope, dx):
     """dx = dout where the output was positive, else negative_slope * dout. A slope in (0, 1) keeps
     the sign, so the output tells the side of the kink. dx may be dout."""
     np.copyto(dx, np.where(out > 0, dout, dout * negative_slope))
-    return dx
 
 
 def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b)."""
     dense_forward(x, W, b, out)
-    return leaky_relu_forward(out, negative_slope, out, out16)
+    leaky_relu_forward(out, negative_slope, out, out16)
 
 
 def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
@@ -212,19 +213,17 @@ def tanh_forward(x, out, out16=None):
     """out = tanh(x); out may be x."""
     np.tanh(x, out=out)
     _write_bf16(out, out16)
-    return out
 
 
 def tanh_backward(dout, out, dx):
     """dx = dout * (1 - out**2), from tanh's output. dx may be dout."""
     np.multiply(dout, 1 - out * out, out=dx)
-    return dx
 
 
 def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b)."""
     dense_forward(x, W, b, out)
-    return tanh_forward(out, out, out16)
+    tanh_forward(out, out, out16)
 
 
 def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
@@ -244,7 +243,6 @@ def gelu_forward(x, out, out16=None):
     inner = GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * (x * x * x))
     np.multiply(0.5 * x, 1 + np.tanh(inner), out=out)
     _write_bf16(out, out16)
-    return out
 
 
 def gelu_backward(dout, x, dx):
@@ -252,13 +250,12 @@ def gelu_backward(dout, x, dx):
     t = np.tanh(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * (x * x * x)))
     slope = 0.5 * (1 + t) + (0.5 * x) * (1 - t * t) * (GELU_SQRT_2_OVER_PI * (1 + 3 * GELU_CUBIC * (x * x)))
     np.multiply(dout, slope, out=dx)
-    return dx
 
 
 def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre): the backward pass needs pre."""
     dense_forward(x, W, b, pre)
-    return gelu_forward(pre, out, out16)
+    gelu_forward(pre, out, out16)
 
 
 def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
@@ -282,7 +279,6 @@ def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
     np.multiply(centred, inv_std[:, None], out=xhat)
     np.multiply(xhat, gain, out=out)
     out += bias
-    return out
 
 
 def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
@@ -295,7 +291,6 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
     mean_g = g.mean(axis=1, keepdims=True)
     mean_g_xhat = (g * xhat).mean(axis=1, keepdims=True)
     np.multiply(g - mean_g - xhat * mean_g_xhat, inv_std[:, None], out=dx)
-    return dx
 
 
 # --- Dropout ---------------------------------------------------------------------------------------
@@ -310,7 +305,6 @@ def dropout(x, uniform, rate, out, out16=None):
     np.multiply(x, uniform >= rate, out=out)  # rate is compared as uniform's dtype (NumPy 2's rule)
     out *= 1 / (1 - rate)
     _write_bf16(out, out16)
-    return out
 
 
 # --- Loss ------------------------------------------------------------------------------------------
@@ -410,21 +404,22 @@ def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
 
 def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """Adam with bias correction; step counts from 1. weight_decay is L2 added to the gradient."""
-    if weight_decay:
-        grad = grad + weight_decay * param
-    _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step)
-    _write_bf16(param, param16)
+    _adam(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, 0.0, step, param16)
 
 
 def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """AdamW: Adam whose weight decay shrinks the parameter directly instead of entering the moments."""
-    if weight_decay:
-        param *= 1 - lr * weight_decay
-    _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step)
-    _write_bf16(param, param16)
+    _adam(param, grad, m, v, lr, beta1, beta2, eps, 0.0, weight_decay, step, param16)
 
 
-def _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step):
+def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step, param16):
+    """The update of adam_step and adamw_step, which differ only in where the weight decay goes:
+    l2_decay * param joins the gradient, decoupled_decay shrinks the parameter (each step passes
+    0 for the other). The gradient's decay reads the parameter before it shrinks."""
+    if l2_decay:
+        grad = grad + l2_decay * param
+    if decoupled_decay:
+        param *= 1 - lr * decoupled_decay
     m *= beta1
     m += (1 - beta1) * grad
     v *= beta2
@@ -432,3 +427,4 @@ def _adam_moments_and_update(param, grad, m, v, lr, beta1, beta2, eps, step):
     step_size = lr / (1 - beta1 ** step)
     denom = np.sqrt(v / (1 - beta2 ** step)) + eps
     param -= step_size * m / denom
+    _write_bf16(param, param16)

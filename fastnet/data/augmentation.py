@@ -87,8 +87,8 @@ class Augmentation:
         view for a contiguous array)."""
         flips, offsets, centres = self.draw(rng, len(indices))
         images = images.reshape(len(images), *self.image_shape)
-        return kernels.augment_gather_normalize(images, indices, flips, offsets, centres, self.cutout, shift,
-                                                scale, out, out16)
+        kernels.augment_gather_normalize(images, indices, flips, offsets, centres, self.cutout, shift, scale,
+                                         out, out16)
 
 
 class ComponentFlip:
@@ -105,7 +105,7 @@ class ComponentFlip:
         """Draw this batch's flips and gather inputs[indices] into out, flipped where drawn. shift and
         scale are not used: the components are standardised already."""
         flips, _, _ = self._draws.draw(rng, len(indices))
-        return kernels.gather_flip_components(inputs, indices, flips, self.signs, out, out16)
+        kernels.gather_flip_components(inputs, indices, flips, self.signs, out, out16)
 
 
 class ProjectedAugmentation:
@@ -126,4 +126,4 @@ class ProjectedAugmentation:
         if pixels is None:
             pixels = self._pixels[len(indices)] = np.empty((len(indices), len(self.projection)), out.dtype)
         self.augmentation.apply(kernels, images, indices, rng, shift, scale, pixels)
-        return kernels.dense_forward(pixels, self.projection, self._no_bias, out, out16)
+        kernels.dense_forward(pixels, self.projection, self._no_bias, out, out16)
