@@ -42,8 +42,8 @@ class Parser(argparse.ArgumentParser):
             command = self.command_parser(parsed)
             known = [flag for action in command._actions for flag in action.option_strings]
             guesses = [close[0] for word in unknown if word.startswith("--")
-                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1)] if close]
-            hint = f": did you mean {' or '.join(dict.fromkeys(guesses))}? See" if guesses else ": see"
+                       for close in [difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75)] if close]
+            hint = f": did you mean {' or '.join(dict.fromkeys(guesses))}? see" if guesses else ": see"
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{hint} '{command.prog} --help'")
         return parsed
 

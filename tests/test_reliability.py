@@ -134,7 +134,7 @@ CASES = {
     "bench on an unknown backend": (lambda root, tiny, run: ["bench", "--backend", "numpy,cuda"],
                                     ["unknown backend 'cuda'"]),
     "data without action": (lambda root, tiny, run: ["data"], ["fastnet data download"]),
-    "evaluate without model": (lambda root, tiny, run: ["evaluate"], ["required: model"]),
+    "evaluate without model": (lambda root, tiny, run: ["evaluate"], ["required: RUN_DIR|MODEL"]),
     # Data
     "data path missing": (lambda root, tiny, run: ["train", "--data", root / "nowhere"], ["nowhere", "does not exist"]),
     "data is a plain file": (lambda root, tiny, run: ["train", "--data", (root / "notes.txt").write_text("hi") and
@@ -171,7 +171,7 @@ CASES = {
                                   ["only pickle can load", "refused"]),
     "model input size differs": (lambda root, tiny, run: ["evaluate", run / "model.npz", "--data",
                                                           other_data(root, shape=(5, 5, 3))],
-                                 ["takes 48 inputs", "the data has 75"]),
+                                 ["(48 inputs, 3 classes)", "has 75 inputs", "--data"]),
     "model classes differ": (lambda root, tiny, run: ["evaluate", run / "model.npz", "--data",
                                                       other_data(root, classes=4)], ["3 classes", "and 4"]),
     "resume without checkpoint": (lambda root, tiny, run: ["train", "--resume", root], ["no checkpoint.npz"]),
