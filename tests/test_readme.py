@@ -27,3 +27,14 @@ def test_the_offline_instructions_give_the_url_and_md5_that_download_uses():
     offline = sections()["Data"].split("**Offline.**")[1].split("\n\n**")[0]
     assert downloading.CIFAR10_URL in offline and downloading.CIFAR10_MD5 in offline
     assert "--data" in offline and "FASTNET_DATA" in offline
+
+
+def test_the_first_screen_names_the_cpu_its_figures_come_from():
+    first_screen = README.split("## Quick start")[0]
+    assert re.search(r"AMD EPYC \(Zen 3, family 25 model 1; AVX2 and FMA, no\s+AVX-512; NumPy's OpenBLAS [\d.]+ with "
+                     r"its Haswell kernels\)", first_screen)
+    speed = sections()["Speed"]
+    # One row per machine for the default run, each naming its CPU and BLAS kernel.
+    rows = [line for line in speed.split("**The default run**")[1].split("\n\n")[1].splitlines()[2:]]
+    named = [row.split("|")[1].strip() for row in rows if row.split("|")[1].strip()]
+    assert len(named) >= 3 and all(("AMD EPYC" in cpu or "Intel Xeon" in cpu) and "OpenBLAS" in cpu for cpu in named)
