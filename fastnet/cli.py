@@ -17,6 +17,8 @@ from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
 from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, train
+from fastnet.sweep.run import PRUNERS
+from fastnet.sweep.space import FIXED
 from fastnet.workloads import WORKLOADS
 
 USAGE_ERROR = 2
@@ -99,27 +101,13 @@ def names(text):
     return values
 
 
-def build_parser():
-    defaults = TrainConfig()
-    parser = Parser(prog="fastnet", description="Train dense neural networks on images, fast, on the CPU.")
-    parser.add_argument("--version", action="version", version=f"fastnet {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    def add_data_and_backend(sub):
-        sub.add_argument("--data", metavar="PATH", help="CIFAR-10 archive, batches folder or .npy folder "
-                         "(default: $FASTNET_DATA or data/)")
-        sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
-                         "(default: $FASTNET_BACKEND or numpy)")
-        sub.add_argument("--threads", type=positive_int, metavar="N",
-                         help="cores to use (default: all): the numba backend's threads, or numpy's BLAS threads")
-
-    t = commands.add_parser("train", help="train a network and evaluate it after every epoch")
-    add_data_and_backend(t)
-    # The settings that define a run's numbers. They default to SUPPRESS so that the namespace holds
-    # only what was typed: --resume must know which settings the user tried to change.
-    run = t.add_argument_group("run settings (fixed for a run: --resume takes them from its checkpoint)")
+def add_run_settings(run, defaults, leave_out=()):
+    """The flags of the settings that define a run's numbers, on argument group `run`; those named in
+    `leave_out` (TrainConfig names) are not added."""
 
     def setting(flag, help="", **kwargs):
+        if flag.lstrip("-").replace("-", "_") in leave_out:
+            return
         default = getattr(defaults, flag.lstrip("-").replace("-", "_"))
         if default is None:
             shown = "none"
@@ -156,6 +144,28 @@ def build_parser():
             "of their pixels, fitted to 5,000 training images; 0: pixels")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
             "most 15 minutes); other flags override its settings")
+
+
+def build_parser():
+    defaults = TrainConfig()
+    parser = Parser(prog="fastnet", description="Train dense neural networks on images, fast, on the CPU.")
+    parser.add_argument("--version", action="version", version=f"fastnet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def add_data_and_backend(sub):
+        sub.add_argument("--data", metavar="PATH", help="CIFAR-10 archive, batches folder or .npy folder "
+                         "(default: $FASTNET_DATA or data/)")
+        sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
+                         "(default: $FASTNET_BACKEND or numpy)")
+        sub.add_argument("--threads", type=positive_int, metavar="N",
+                         help="cores to use (default: all): the numba backend's threads, or numpy's BLAS threads")
+
+    t = commands.add_parser("train", help="train a network and evaluate it after every epoch")
+    add_data_and_backend(t)
+    # The settings that define a run's numbers. They default to SUPPRESS so that the namespace holds
+    # only what was typed: --resume must know which settings the user tried to change.
+    add_run_settings(t.add_argument_group("run settings (fixed for a run: --resume takes them from its checkpoint)"),
+                     defaults)
     t.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",
                    help="also write checkpoint.npz every STEPS steps (default: after every epoch only)")
     t.add_argument("--resume", metavar="RUN_DIR",
@@ -186,6 +196,32 @@ def build_parser():
                    help="fastnet's sides in this precision; PyTorch's under bf16 autocast for bf16 "
                    "(default: %(default)s)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    sw = commands.add_parser("sweep", help="search fastnet train settings with Optuna, trials on Dask workers")
+    sw.add_argument("--data", metavar="PATH", help="the dataset, at a path every worker can read "
+                    "(default: $FASTNET_DATA or data/)")
+    sw.add_argument("--backend", help=f"kernel backend of every trial: {', '.join(backends.available())}")
+    sw.add_argument("--space", metavar="SPACE.toml", help="the search space (default: fastnet's, "
+                    "fastnet/sweep/default_space.toml)")
+    sw.add_argument("--trials", type=positive_int, default=20, help="finished trials the study ends with, "
+                    "counting those of earlier runs of the same study (default: %(default)s)")
+    sw.add_argument("--timeout", type=float, metavar="MINUTES", help="start no trial after this long")
+    sw.add_argument("--workers", type=positive_int, metavar="W", help="Dask worker processes on this machine "
+                    "(default: one per core)")
+    sw.add_argument("--threads-per-trial", type=positive_int, default=1, metavar="T",
+                    help="cores each trial uses (default: %(default)s)")
+    sw.add_argument("--storage", metavar="URL", help="the study's database, an Optuna RDB URL such as "
+                    "postgresql://user@host/db (default: sqlite in the sweep folder)")
+    sw.add_argument("--study", default="fastnet", help="the study's name in the database (default: %(default)s)")
+    sw.add_argument("--val", type=positive_int, default=5000, metavar="N",
+                    help="training images held out to choose on; the test set never is (default: %(default)s)")
+    sw.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="(default: %(default)s)")
+    sw.add_argument("--pruner", choices=PRUNERS, default="median",
+                    help="stop trials behind the others on validation accuracy (default: %(default)s)")
+    sw.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    sw.add_argument("--out", metavar="DIR", help="the sweep folder (default: sweeps/<timestamp>)")
+    add_run_settings(sw.add_argument_group("fastnet train settings, fixed for every trial"), defaults,
+                     leave_out=FIXED)
 
     p = commands.add_parser("predict", help="classify image files (PNG, JPEG, BMP) with a trained model")
     p.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
@@ -304,6 +340,18 @@ def terminate(signum, frame):
     raise Interrupted(signum, "terminated")
 
 
+def run_sweep(args):
+    from fastnet.sweep import run, space
+
+    fixed = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k not in FIXED}
+    config = run.SweepConfig(data=args.data, space=args.space, trials=args.trials, timeout=args.timeout,
+                             workers=args.workers, threads_per_trial=args.threads_per_trial, storage=args.storage,
+                             study=args.study, val=args.val, epochs=args.epochs, pruner=args.pruner, seed=args.seed,
+                             out=args.out, backend=args.backend, fixed=fixed)
+    summary = run.sweep(config)
+    print(run.format_results(summary, space.load(args.space)))
+
+
 def run_predict(args):
     from fastnet import predict
 
@@ -354,7 +402,7 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return USAGE_ERROR
-        {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "data": run_data,
+        {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "sweep": run_sweep, "data": run_data,
          "predict": run_predict, "plot": run_plot, "runs": run_runs}[args.command](args)
     except FastnetError as exc:
         message = exc.on_command_line() if isinstance(exc, SettingError) else exc

@@ -27,6 +27,11 @@ class SettingError(FastnetError, ValueError):
         return self.message.replace("{setting}", "--" + self.setting.replace("_", "-"))
 
 
+class SpaceError(FastnetError):
+    """A sweep's search space that cannot be searched: unreadable, an unknown or fixed setting, an
+    empty range, a value fastnet train would refuse (fastnet.sweep.space)."""
+
+
 class DataError(FastnetError):
     """A dataset that is missing, malformed or inconsistent."""
 
