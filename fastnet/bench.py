@@ -4,7 +4,8 @@ peak and, when it is importable, PyTorch.
 Every measurement (each backend, PyTorch, the sgemm peak) runs in a fresh process of its own:
 OpenBLAS's threads keep spinning after a NumPy call and would slow down whatever ran next in the
 same process. The sides run several times, interleaved, and the report gives the median, the spread
-and how busy other processes kept the CPU, flagging the runs they disturbed. The fastnet sides time `fastnet.train.train_epoch`, the loop `fastnet train` runs:
+and how busy other processes kept the CPU, flagging the runs they disturbed. The fastnet sides time
+`fastnet.train.train_epoch`, the loop `fastnet train` runs:
 gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
 """
 

@@ -341,7 +341,7 @@ def terminate(signum, frame):
 
 
 def run_sweep(args):
-    from fastnet.sweep import run, space
+    from fastnet.sweep import run
 
     fixed = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k not in FIXED}
     config = run.SweepConfig(data=args.data, space=args.space, trials=args.trials, timeout=args.timeout,
@@ -349,7 +349,7 @@ def run_sweep(args):
                              study=args.study, val=args.val, epochs=args.epochs, pruner=args.pruner, seed=args.seed,
                              out=args.out, backend=args.backend, fixed=fixed)
     summary = run.sweep(config)
-    print(run.format_results(summary, space.load(args.space)))
+    print(run.format_results(summary))
 
 
 def run_predict(args):

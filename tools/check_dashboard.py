@@ -41,9 +41,9 @@ class Thumbnails(html.parser.HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "div":
-            name = (attrs.get("id") or "").removeprefix("summarygrid-") if (attrs.get("id") or "").startswith(
-                "summarygrid-") and attrs.get("id") != "summarygrid-display" else None
-            if name:
+            ident = attrs.get("id") or ""
+            name = ident.removeprefix("summarygrid-") if ident.startswith("summarygrid-") else None
+            if name and name != "display":  # the grid's own container, not a thumbnail
                 self.names.append(name)
                 self.plotted.setdefault(name, False)
             self._open.append(name)

@@ -202,15 +202,15 @@ def write_results(study, config, space, out, storage):
                "config": dataclasses.asdict(config) | {"storage": hidden_password(storage)}, "out": out}
     with open(os.path.join(out, "sweep.json"), "w") as file:
         json.dump(summary, file, indent=2)
-    return summary | {"rows": rows}
+    return summary | {"rows": rows, "settings": list(space.settings)}
 
 
 def _from_json(settings):
     return {name: tuple(value) if isinstance(value, list) else value for name, value in settings.items()}
 
 
-def format_results(summary, space):
-    names = list(space.settings)
+def format_results(summary):
+    names = summary["settings"]
     widths = {name: max(len(name), *(len(str(row[name])) for row in summary["rows"])) for name in names}
     lines = [f"{'trial':>5}  {'state':<8}  {'val':>7}  {'epochs':>6}  " + "  ".join(f"{n:<{widths[n]}}" for n in names)]
     for row in summary["rows"]:
