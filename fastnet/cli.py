@@ -208,6 +208,11 @@ def build_parser():
     sw.add_argument("--timeout", type=float, metavar="MINUTES", help="start no trial after this long")
     sw.add_argument("--workers", type=positive_int, metavar="W", help="Dask worker processes on this machine "
                     "(default: one per core)")
+    sw.add_argument("--scheduler", metavar="ADDRESS", help="run the trials on the Dask cluster of this scheduler, "
+                    "tcp://HOST:8786 or tls://HOST:8786, instead of on workers started here (README, Sweeps)")
+    for name, what in (("ca-file", "the certificate authority's"), ("cert", "this client's certificate"),
+                       ("key", "this client's private key")):
+        sw.add_argument(f"--tls-{name}", metavar="PEM", help=f"with a tls:// scheduler: {what} PEM file")
     sw.add_argument("--threads-per-trial", type=positive_int, default=1, metavar="T",
                     help="cores each trial uses (default: %(default)s)")
     sw.add_argument("--storage", metavar="URL", help="the study's database, an Optuna RDB URL such as "
@@ -345,7 +350,9 @@ def run_sweep(args):
 
     fixed = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k not in FIXED}
     config = run.SweepConfig(data=args.data, space=args.space, trials=args.trials, timeout=args.timeout,
-                             workers=args.workers, threads_per_trial=args.threads_per_trial, storage=args.storage,
+                             workers=args.workers, scheduler=args.scheduler, tls_ca_file=args.tls_ca_file,
+                             tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             threads_per_trial=args.threads_per_trial, storage=args.storage,
                              study=args.study, val=args.val, epochs=args.epochs, pruner=args.pruner, seed=args.seed,
                              out=args.out, backend=args.backend, fixed=fixed)
     summary = run.sweep(config)

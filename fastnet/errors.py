@@ -40,6 +40,13 @@ class CheckpointError(FastnetError):
     """A checkpoint that is missing, foreign, truncated or does not fit the data."""
 
 
+class DatabaseLost(FastnetError):
+    """A sweep's database that went away mid-sweep: its own status, since what it recorded is kept
+    and the same command continues once it is back."""
+
+    exit_status = 3
+
+
 class DivergenceError(FastnetError):
     """Training produced a NaN or infinity; its own status, so scripts can retry with a lower rate."""
 

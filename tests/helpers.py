@@ -95,10 +95,36 @@ class Float64Detector:
 
 # --- The real command, in a subprocess, as a user runs it ------------------------------------------
 
+# A sweep's search space for the tests: lr from hopeless (1e-5) to fast, so that a seeded search draws
+# some of each and the hopeless get pruned.
+SWEEP_SPACE = """
+[lr]
+low = 1e-5
+high = 0.2
+log = true
+
+[dropout]
+low = 0.0
+high = 0.3
+"""
+
+
 def fastnet(*args, env=None, cwd=None):
+    command, options = _command(args, env)
+    return subprocess.run(command, **options, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def start_fastnet(*args, env=None):
+    """The command, started and not waited for: a Popen with stdout and stderr as text pipes, in a
+    session of its own, so that os.killpg reaches it and its children as Ctrl-C in a terminal does."""
+    command, options = _command(args, env)
+    return subprocess.Popen(command, **options, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _command(args, env):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
-                          text=True, env=environment, cwd=cwd, timeout=600)
+    return [sys.executable, "-m", "fastnet", *map(str, args)], {"env": environment}
 
 
 def assert_one_line_error(result, *phrases):

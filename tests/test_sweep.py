@@ -9,19 +9,9 @@ import sqlite3
 import pytest
 
 from fastnet.train import TIMING_METRICS
+from helpers import SWEEP_SPACE as SPACE
 from helpers import assert_one_line_error, fastnet
 
-# lr from hopeless (1e-5) to fast: a seeded search draws some of each, and the hopeless get pruned.
-SPACE = """
-[lr]
-low = 1e-5
-high = 0.2
-log = true
-
-[dropout]
-low = 0.0
-high = 0.3
-"""
 SMALL = ["--val", 500, "--epochs", 3, "--hidden", 16, "--batch-size", 100]
 
 

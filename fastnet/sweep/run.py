@@ -7,23 +7,34 @@ same study up to its number of trials in all. A trial that fails (it diverged, o
 recorded as failed and another trial takes its place.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import signal
+import socket
+import threading
 import time
+import uuid
+import warnings
 from datetime import datetime
 
 from fastnet import data
 from fastnet import settings as rules
-from fastnet.errors import FastnetError, SettingError
+from fastnet.errors import DatabaseLost, FastnetError, Interrupted, SettingError
 from fastnet.sweep import space as spaces
-from fastnet.sweep.trial import pruner, run_trial, sampler
+from fastnet.sweep import trial as trials
+from fastnet.sweep.trial import run_trial
 from fastnet.train import TrainConfig
 
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = ("COMPLETE", "PRUNED")
+CONNECT_TIMEOUT = 10  # seconds to reach a Dask scheduler
+# The pip package of each database driver SQLAlchemy may ask for.
+DRIVERS = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "pymysql": "pymysql"}
 
 
 @dataclasses.dataclass
@@ -33,6 +44,10 @@ class SweepConfig:
     trials: int = 20                  # finished (complete or pruned) trials the study ends with
     timeout: float | None = None      # minutes; no new trial starts after it
     workers: int | None = None        # Dask worker processes on this machine; None: one per core
+    scheduler: str | None = None      # the address of a running Dask scheduler, instead of workers here
+    tls_ca_file: str | None = None    # with a tls:// scheduler: Dask's certificates, as dask worker takes them
+    tls_cert: str | None = None
+    tls_key: str | None = None
     threads_per_trial: int = 1
     storage: str | None = None        # an Optuna RDB URL; None: sqlite in the sweep folder
     study: str = "fastnet"
@@ -50,6 +65,10 @@ class SweepConfig:
         rules.positive_integer("threads_per_trial", self.threads_per_trial, 1)
         if self.workers is not None:
             rules.positive_integer("workers", self.workers, os.cpu_count())
+            if self.scheduler is not None:
+                raise SettingError("workers", "{setting} starts workers on this machine, --scheduler uses a "
+                                              "cluster's: give one of the two")
+        self.check_cluster()
         if self.timeout is not None:
             rules.positive_number("timeout", self.timeout, 60)
         rules.positive_integer("val", self.val, 5000)  # trials are chosen on it: the test set never is
@@ -62,6 +81,34 @@ class SweepConfig:
         TrainConfig(**self.trial_settings()).check()
         return space
 
+    def check_cluster(self):
+        tls = {"tls_ca_file": self.tls_ca_file, "tls_cert": self.tls_cert, "tls_key": self.tls_key}
+        if self.scheduler is not None and "://" not in self.scheduler:
+            raise SettingError("scheduler", f"{{setting}} {self.scheduler!r} is not a Dask address: write it as "
+                                            f"tcp://HOST:8786, or tls://HOST:8786 with Dask's certificates")
+        given = [name for name, path in tls.items() if path is not None]
+        if (self.scheduler or "").startswith("tls://") and not given and not _dask_tls_configured():
+            raise SettingError("scheduler", "a tls:// scheduler needs Dask's certificates: give --tls-ca-file, "
+                                            "--tls-cert and --tls-key, or set them in Dask's configuration")
+        if given and not (self.scheduler or "").startswith("tls://"):
+            raise SettingError(given[0], "{setting} is for a tls:// scheduler: give --scheduler tls://HOST:PORT")
+        if given and len(given) < 3:
+            missing = next(name for name in tls if name not in given)
+            raise SettingError(missing, "a tls:// scheduler needs {setting} too: give --tls-ca-file, --tls-cert "
+                                        "and --tls-key, as dask worker takes them")
+        for name in given:
+            if not os.path.isfile(tls[name]):
+                raise SettingError(name, f"{{setting}} {tls[name]} is not a file: give the path of Dask's PEM file")
+
+    def security(self):
+        """Dask's Security for the client: these certificates, or (None) Dask's own configuration."""
+        if self.tls_ca_file is None:
+            return None
+        from distributed.security import Security
+
+        return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert, tls_client_key=self.tls_key,
+                        require_encryption=True)
+
     def trial_settings(self):
         return self.fixed | {"data": self.data_path(), "val": self.val, "epochs": self.epochs, "seed": self.seed,
                              "backend": self.backend}
@@ -72,6 +119,12 @@ class SweepConfig:
         path = self.data if self.data is not None else str(data.default_data_path())
         data.find_dataset(path)  # DataError, one line, when there is none
         return os.path.abspath(path)
+
+
+def _dask_tls_configured():
+    import dask
+
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None))
 
 
 def hidden_password(url):
@@ -88,56 +141,198 @@ def sweep(config, log=print):
     """Run the sweep `config` describes; returns the summary that sweep.json holds."""
     try:
         import optuna
-        from distributed import Client, LocalCluster, wait
+        from sqlalchemy.exc import SQLAlchemyError
     except ImportError as exc:
         raise FastnetError(f"fastnet sweep needs {exc.name}, which is not installed: pip install 'fastnet[sweep]'") \
             from None
+    database_errors = (SQLAlchemyError, optuna.exceptions.StorageInternalError)  # Optuna wraps some of the first
     space = config.check()
     out = config.out or os.path.join("sweeps", datetime.now().strftime("%Y%m%d-%H%M%S"))
     created = not os.path.exists(out)
     os.makedirs(os.path.join(out, "trials"), exist_ok=True)
-    storage = config.storage or f"sqlite:///{os.path.abspath(os.path.join(out, 'study.db'))}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = config.storage or f"sqlite:///{os.path.abspath(os.path.join(out, 'study.db'))}"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep reports what goes wrong itself
+    with contextlib.ExitStack() as stack:
+        try:
+            store = _open(url)
+            client = stack.enter_context(cluster(config))
+            study = optuna.create_study(study_name=config.study, storage=store, direction="maximize",
+                                        load_if_exists=True)  # the trials sample and prune, not this study
+        except (FastnetError, *database_errors, ImportError) as exc:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)  # nothing was recorded: leave nothing behind
+            if isinstance(exc, FastnetError):
+                raise
+            raise FastnetError(_cannot_open(url, exc)) from None
+        me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        job = {"study": config.study, "storage": url, "space": space, "fixed": config.trial_settings(),
+               "trials_dir": os.path.abspath(os.path.join(out, "trials")), "threads": config.threads_per_trial,
+               "pruner": config.pruner, "trials": config.trials, "seed": config.seed, "sweep": me}
+        capacity = sum(client.nthreads().values())  # trials that run at once: a worker thread each
+        log(f"sweep {config.study} in {hidden_password(url)}: {config.trials} trials of {len(space.settings)} settings "
+            f"({', '.join(space.settings)}), {capacity} workers x {config.threads_per_trial} threads")
+        try:
+            drive(study, store, client, job, config, capacity, log)
+        except database_errors as exc:
+            raise DatabaseLost(f"lost the study's database {hidden_password(url)} mid-sweep ({_cause(exc)}): "
+                               f"what it recorded is kept; when it is back, the same command continues the "
+                               f"study") from None
+        except KeyboardInterrupt:
+            # Marked first, so that a trial that would finish while its worker shuts down cannot (the
+            # study refuses to change a finished trial); and again after, for trials asked meanwhile.
+            stopped = _stop_running(study, store, me, "stopped by Ctrl-C")
+            stack.close()
+            stopped += _stop_running(study, store, me, "stopped by Ctrl-C")
+            summary = write_results(study, config, space, out, url)
+            raise Interrupted(signal.SIGINT, f"sweep stopped by Ctrl-C: {len(stopped)} running trials marked "
+                                             f"stopped, {_finished(summary)} of {config.trials} done; the same "
+                                             f"command continues the study") from None
+    return write_results(study, config, space, out, url)
+
+
+def _open(url, attempts=3):
+    """The study's storage: connects, and gives a new database Optuna's tables. Two sweeps started
+    at once on a new database both create them, and one of the two is refused: it tries again."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(attempts):
+        try:
+            return trials.storage(url)
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+
+
+def _cannot_open(url, exc):
+    shown = hidden_password(url)
+    if isinstance(exc, ImportError):  # Optuna's, whose cause is the driver's own
+        driver = getattr(exc.__cause__, "name", None) or exc.name or "for it"
+        return (f"cannot open the study in {shown}: the database driver {driver} is not installed: pip install "
+                f"{DRIVERS.get(driver, driver)}")
+    return f"cannot open the study in {shown} ({_cause(exc)}): check that the database runs and the URL is right"
+
+
+def _cause(exc):
+    """The name of the database's own error, under Optuna's wrapping."""
+    return type(exc.__cause__ or exc).__name__
+
+
+@contextlib.contextmanager
+def cluster(config):
+    """A Dask client: of the scheduler at config.scheduler, or of a LocalCluster of config.workers
+    processes that run one trial each."""
+    from distributed import Client, LocalCluster
+
+    if config.scheduler is None:
+        # Dask's HTTP server on a free loopback port, and none of its logs: the sweep reports what a
+        # trial raised, and a worker's notes on shutting down are not for the user.
+        with _children_started_quietly():
+            local = LocalCluster(n_workers=config.workers or os.cpu_count(), threads_per_worker=1, processes=True,
+                                 dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
+        with local, Client(local) as client:
+            yield client
+        return
     try:
-        study = optuna.create_study(study_name=config.study, storage=storage, direction="maximize",
-                                    load_if_exists=True, sampler=sampler(config.seed), pruner=pruner(config.pruner))
-    except Exception as exc:  # noqa: BLE001  (SQLAlchemy's and the drivers' many kinds of failure)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # nothing was recorded: leave nothing behind
-        raise FastnetError(f"cannot open the study in {hidden_password(storage)} ({type(exc).__name__}): check "
-                           f"that the database runs and the URL is right") from None
-    workers = config.workers or os.cpu_count()
-    job = {"study": config.study, "storage": storage, "space": str(space.path), "fixed": config.trial_settings(),
-           "trials_dir": os.path.abspath(os.path.join(out, "trials")), "threads": config.threads_per_trial,
-           "pruner": config.pruner}
+        client = Client(config.scheduler, security=config.security(), timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise FastnetError(f"cannot reach the Dask scheduler at {config.scheduler} ({_reason(exc)}): start it "
+                           f"with 'dask scheduler' (README, Sweeps) or check the address") from None
+    with client:
+        if not client.nthreads():
+            raise FastnetError(f"the Dask scheduler at {config.scheduler} has no workers: start some with "
+                               f"'dask worker {config.scheduler} --nthreads 1'")
+        yield client
+
+
+@contextlib.contextmanager
+def _children_started_quietly():
+    """Processes started in this block ignore SIGINT: Ctrl-C in a terminal reaches a LocalCluster's
+    workers too, and it is for the sweep to stop them and mark their trials. And multiprocessing's
+    resource tracker, started here, does not warn at exit about the semaphores of workers that
+    closing the cluster had to kill: it removes them all the same."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler, warnings_given = signal.signal(signal.SIGINT, signal.SIG_IGN), os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = "ignore:resource_tracker:UserWarning"
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if warnings_given is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings_given
+
+
+def _reason(exc):
+    text = str(exc).split("\n")[0]
+    return text if len(text) < 120 else type(exc).__name__
+
+
+def drive(study, store, client, job, config, capacity, log):
+    """Keep up to `capacity` trials running until the study holds config.trials finished ones (all
+    sweeps on it counted) or the timeout stops new ones; returns when none of this sweep's run."""
+    from distributed import TimeoutError as NotYet
+    from distributed import wait
+
     deadline = time.monotonic() + 60 * config.timeout if config.timeout else None
-    log(f"sweep {config.study} in {hidden_password(storage)}: {config.trials} trials of {len(space.settings)} "
-        f"settings ({', '.join(space.settings)}), {workers} workers x {config.threads_per_trial} threads")
-    failures_in_a_row, submitted = 0, len(study.trials)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        running = set()
-        while True:
-            finished = _count(study, FINISHED)
-            while (len(running) < workers and finished + len(running) < config.trials
-                   and (deadline is None or time.monotonic() < deadline)):
-                running.add(client.submit(run_trial, job | {"seed": config.seed * 100_003 + submitted}, pure=False))
-                submitted += 1
-            if not running:
-                break
-            done, running = wait(running, return_when="FIRST_COMPLETED")
-            for future in done:
+    running, submitted, failures_in_a_row = set(), 0, 0
+    while True:
+        _fail_stale(study)
+        everything = study.get_trials(deepcopy=False)
+        finished = sum(t.state.name in FINISHED for t in everything)
+        others = sum(t.state.name == "RUNNING" and t.user_attrs.get("sweep") != job["sweep"] for t in everything)
+        starting = deadline is None or time.monotonic() < deadline
+        while starting and len(running) < capacity and finished + others + len(running) < config.trials:
+            running.add(client.submit(run_trial, job | {"job": f"{job['sweep']}/{submitted}"}, pure=False))
+            submitted += 1
+        if not running:
+            _stop_running(study, store, job["sweep"], "its worker died")  # no job of this sweep runs them
+            if starting and others and finished < config.trials:  # other sweeps' trials may end it
+                time.sleep(trials.HEARTBEAT)
+                continue
+            return
+        try:
+            done, running = wait(running, timeout=trials.HEARTBEAT, return_when="FIRST_COMPLETED")
+        except NotYet:
+            continue
+        for future in done:
+            try:
                 result = future.result()
-                failures_in_a_row = failures_in_a_row + 1 if result["state"] == "FAIL" else 0
-                log(_progress(study, len(running), result))
+            except Exception as exc:  # noqa: BLE001  (the job's worker died too often: Dask's KilledWorker)
+                result = {"number": "?", "state": "FAIL", "error": f"{type(exc).__name__}: {exc}"}
+            if result["state"] == "NOT NEEDED":
+                continue
+            failures_in_a_row = failures_in_a_row + 1 if result["state"] == "FAIL" else 0
+            log(_progress(study, len(running), result))
             if failures_in_a_row >= max(config.trials, 3):
                 raise FastnetError(f"the last {failures_in_a_row} trials all failed, the last with: "
                                    f"{result.get('error')}; fix the fixed settings or the space")
-    return write_results(study, config, space, out, storage)
 
 
-def _count(study, states):
-    return sum(trial.state.name in states for trial in study.get_trials(deepcopy=False))
+def _fail_stale(study):
+    """Optuna's check for running trials whose heartbeats stopped: failed, and queued again."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _stop_running(study, store, sweep_id, why):
+    """Mark the running trials of this sweep stopped; returns their numbers."""
+    return [t.number for t in _running(study, sweep_id) if trials.stop(store, study.study_name, t.number, why)]
+
+
+def _running(study, sweep_id):
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
+            and t.user_attrs.get("sweep") == sweep_id]
+
+
+def _finished(summary):
+    return summary["trials"]["COMPLETE"] + summary["trials"]["PRUNED"]
 
 
 def _progress(study, running, result):
@@ -185,9 +380,11 @@ def write_results(study, config, space, out, storage):
     rows = [{"number": t.number, "state": t.state.name, "val_acc": t.value if t.value is not None else "",
              "epochs": max(t.intermediate_values, default=0), "out": t.user_attrs.get("out", "")}
             | {name: _flag_value(t.user_attrs.get("settings", {}).get(name)) for name in space.settings}
+            | {"note": _note(t)}
             for t in trials]
     with open(os.path.join(out, "trials.csv"), "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["number", "state", "val_acc", "epochs", *space.settings, "out"])
+        writer = csv.DictWriter(file, fieldnames=["number", "state", "val_acc", "epochs", *space.settings, "out",
+                                                  "note"])
         writer.writeheader()
         writer.writerows(rows)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -205,6 +402,23 @@ def write_results(study, config, space, out, storage):
     return summary | {"rows": rows, "settings": list(space.settings)}
 
 
+def _note(trial):
+    """Why a failed trial ended, and which trial a retry repeats."""
+    import optuna
+
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    origin = trial.user_attrs.get("retry_of", retried)
+    if origin is not None:
+        notes.append(f"retry of trial {origin}")
+    if trial.state.name == "FAIL":
+        notes.append(trial.user_attrs.get("error") or trial.user_attrs.get("ended")
+                     or "its worker died (its heartbeats stopped)")
+    return "; ".join(notes)
+
+
 def _from_json(settings):
     return {name: tuple(value) if isinstance(value, list) else value for name, value in settings.items()}
 
@@ -212,11 +426,12 @@ def _from_json(settings):
 def format_results(summary):
     names = summary["settings"]
     widths = {name: max(len(name), *(len(str(row[name])) for row in summary["rows"])) for name in names}
-    lines = [f"{'trial':>5}  {'state':<8}  {'val':>7}  {'epochs':>6}  " + "  ".join(f"{n:<{widths[n]}}" for n in names)]
+    lines = [f"{'trial':>5}  {'state':<8}  {'val':>7}  {'epochs':>6}  " + "  ".join(f"{n:<{widths[n]}}" for n in names)
+             + "  note"]
     for row in summary["rows"]:
         value = f"{row['val_acc']:.2%}" if row["val_acc"] != "" else ""
-        lines.append(f"{row['number']:>5}  {row['state'].lower():<8}  {value:>7}  {row['epochs']:>6}  "
-                     + "  ".join(f"{str(row[n]):<{widths[n]}}" for n in names))
+        lines.append((f"{row['number']:>5}  {row['state'].lower():<8}  {value:>7}  {row['epochs']:>6}  "
+                      + "  ".join(f"{str(row[n]):<{widths[n]}}" for n in names) + f"  {row['note']}").rstrip())
     counts = summary["trials"]
     lines.append(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed; results in "
                  f"{summary['out']}/trials.csv and sweep.json")

@@ -2,16 +2,27 @@
 draws, report the validation accuracy after every epoch, and tell the study how the trial ended.
 
 Everything a trial needs travels as a small dict (the study's name and storage URL, the fixed
-settings, the space file): the data are read by the worker from the path in the settings, never
+settings, the space): the data are read by the worker from the path in the settings, never
 shipped through the scheduler.
+
+A running trial sends Optuna a heartbeat every HEARTBEAT seconds. When its worker dies (kill -9, a
+lost machine), the heartbeats stop, and after GRACE seconds the sweep marks the trial failed and
+queues its settings to be tried again (Optuna's RetryHeartbeatStaleTrialCallback). Whoever stops a trial
+(the sweep, on Ctrl-C) marks it in the study; the trial sees that after its epoch and ends.
 """
 
 import os
+import socket
+import threading
+import warnings
 
 from fastnet import backends
 from fastnet.errors import FastnetError
-from fastnet.sweep import space as spaces
 from fastnet.train import TrainConfig, train
+
+HEARTBEAT = 5  # seconds
+GRACE = 20     # seconds without a heartbeat before a running trial counts as dead
+RETRIES = 2    # times the settings of a trial whose worker died are tried again
 
 
 def pruner(name):
@@ -28,46 +39,119 @@ def sampler(seed):
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def storage(url):
+    """Optuna's RDB storage of `url`, with the heartbeats that find trials whose worker died."""
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(RETRIES)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                                          heartbeat_stale_trial_callback=retry)
+
+
+def trial_id(store, study_name, number):
+    """The storage's key of trial `number` of the study."""
+    return store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study_name), number)
+
+
+def stop(store, study_name, number, why):
+    """Mark running trial `number` failed, with `why` in its user attributes (the trial itself sees
+    it after its epoch); False when it had finished meanwhile."""
+    import optuna
+
+    key = trial_id(store, study_name, number)
+    try:
+        store.set_trial_user_attr(key, "ended", why)
+        return store.set_trial_state_values(key, optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
 def run_trial(job):
     """Run one trial of job["study"]; returns {"number", "state", "value", "settings", "out"}.
 
-    job: study, storage, space (a TOML path or None), fixed (TrainConfig settings every trial
-    shares), trials_dir, threads, pruner, seed (this job's own, so that parallel jobs draw apart).
+    job: study, storage (its URL), space (a fastnet.sweep.space.Space), fixed (TrainConfig settings every trial
+    shares), trials_dir, threads, pruner, trials (finished trials the study is to have), sweep (the
+    id of the fastnet sweep process that sent it) and job (this job's id within it), both kept with
+    the trial; seed, the sweep's.
     """
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=job["study"], storage=job["storage"], sampler=sampler(job["seed"]),
-                              pruner=pruner(job["pruner"]))
-    trial = study.ask()
-    drawn = spaces.load(job["space"]).suggest(trial)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep reports what goes wrong itself
+    store = storage(job["storage"])
+    study = optuna.load_study(study_name=job["study"], storage=store, pruner=pruner(job["pruner"]))
+    for earlier in _attempts(study, job["job"]):  # this job ran before, and Dask runs it again: its worker died
+        if stop(store, job["study"], earlier.number, "its worker died"):
+            study.enqueue_trial(earlier.params, user_attrs={"retry_of": earlier.number})
+    if _taken(study) >= job["trials"]:  # other sweeps on the study started the trials it still needed
+        return {"number": None, "state": "NOT NEEDED"}
+    with warnings.catch_warnings():  # "heartbeats are for Study.optimize": _beat below does what it would
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        trial = study.ask()
+    # Seeded by the sweep's seed and the trial's number, so that no two trials draw alike, whichever
+    # sweep process asked, and a rerun of a one-worker sweep draws the same settings.
+    study.sampler = sampler(job["seed"] * 100_003 + trial.number)
+    key = trial_id(store, job["study"], trial.number)
+    store.record_heartbeat(key)
+    beating = threading.Event()
+    threading.Thread(target=_beat, args=(store, key, beating), daemon=True).start()
+    drawn = job["space"].suggest(trial)
     out = os.path.join(job["trials_dir"], f"trial-{trial.number:04d}")
     settings = job["fixed"] | drawn | {"out": out}
-    trial.set_user_attr("settings", _jsonable(drawn))
-    trial.set_user_attr("out", out)
-    pruned = []
+    for name, value in {"sweep": job["sweep"], "job": job["job"], "host": socket.gethostname(), "pid": os.getpid(),
+                        "settings": _jsonable(drawn), "out": out}.items():
+        trial.set_user_attr(name, value)
+    ended = []  # "pruned" or "stopped", after the epoch that decided it
 
     def after_epoch(summary):
+        if store.get_trial(key).state != optuna.trial.TrialState.RUNNING:
+            ended.append("stopped")  # by the sweep: the study already says so
+            return True
         trial.report(summary["val_acc"], summary["epoch"])
         if trial.should_prune():
-            pruned.append(summary["epoch"])
+            ended.append("pruned")
             return True  # ends the run after this epoch, its checkpoint and model written
         return False
 
+    result = {"number": trial.number, "settings": drawn, "out": out}
     try:
         with backends.use_threads(settings.get("backend"), job["threads"]):
             summary = train(TrainConfig(**settings), log=lambda line: None, after_epoch=after_epoch)
     except FastnetError as exc:  # diverged, or a setting this data cannot take: the search goes on
         trial.set_user_attr("error", str(exc))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return {"number": trial.number, "state": "FAIL", "value": None, "settings": drawn, "out": out,
-                "error": str(exc)}
+        return result | {"state": "FAIL", "value": None, "error": str(exc)}
+    finally:
+        beating.set()
     value = summary["kept"]["val_acc"]  # the model a run keeps: its best epoch by validation accuracy
-    if pruned:
+    if ended == ["stopped"]:
+        return result | {"state": "STOPPED", "value": value}
+    if ended == ["pruned"]:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return {"number": trial.number, "state": "PRUNED", "value": value, "settings": drawn, "out": out}
+        return result | {"state": "PRUNED", "value": value}
     study.tell(trial, value)
-    return {"number": trial.number, "state": "COMPLETE", "value": value, "settings": drawn, "out": out}
+    return result | {"state": "COMPLETE", "value": value}
+
+
+def _attempts(study, job_id):
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("job") == job_id]
+
+
+def _taken(study):
+    """Trials finished or running, by any sweep on the study."""
+    import optuna
+
+    states = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.RUNNING)))
+
+
+def _beat(store, key, stopped):
+    while not stopped.wait(HEARTBEAT):
+        store.record_heartbeat(key)
 
 
 def _jsonable(settings):
