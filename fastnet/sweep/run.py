@@ -2,9 +2,14 @@
 trials until the study holds the trials asked for, then write the results.
 
 The study lives in Optuna's RDB storage (an SQLite file in the sweep folder unless --storage says
-otherwise), so the driver counts finished trials there: run again, the same command continues the
-same study up to its number of trials in all. A trial that fails (it diverged, or a worker died) is
-recorded as failed and another trial takes its place.
+otherwise), so the driver counts finished trials there, those of every sweep process on the same
+study: run again, the same command continues the study up to its number of trials in all, and
+several processes on one PostgreSQL study stop together at it. The workers are a LocalCluster
+started here, or those of the Dask scheduler at --scheduler (tcp://, or tls:// with Dask's
+certificates). A trial that fails (it diverged, or its worker died) is recorded as failed, with why
+in trials.csv, and another takes its place; the settings of one whose worker died are tried again.
+Ctrl-C marks this sweep's running trials stopped; a database lost mid-sweep is DatabaseLost (exit
+status 3), since what it recorded is kept.
 """
 
 import contextlib
