@@ -5,10 +5,12 @@ Everything a trial needs travels as a small dict (the study's name and storage U
 settings, the space): the data are read by the worker from the path in the settings, never
 shipped through the scheduler.
 
-A running trial sends Optuna a heartbeat every HEARTBEAT seconds. When its worker dies (kill -9, a
-lost machine), the heartbeats stop, and after GRACE seconds the sweep marks the trial failed and
-queues its settings to be tried again (Optuna's RetryHeartbeatStaleTrialCallback). Whoever stops a trial
-(the sweep, on Ctrl-C) marks it in the study; the trial sees that after its epoch and ends.
+When a worker dies mid-trial (kill -9), Dask runs its job again elsewhere, and the new attempt marks
+the trial it finds of that job failed and queues its settings to be tried again. Where nobody runs
+the job again (a machine lost, a sweep process killed with its cluster), a running trial's heartbeat,
+sent to Optuna every HEARTBEAT seconds, stops; after GRACE seconds the sweep marks it failed and
+queues its settings again (Optuna's RetryHeartbeatStaleTrialCallback). Whoever stops a trial (the
+sweep, on Ctrl-C) marks it in the study; the trial sees that after its epoch and ends.
 """
 
 import os
@@ -74,17 +76,18 @@ def stop(store, study_name, number, why):
 def run_trial(job):
     """Run one trial of job["study"]; returns {"number", "state", "value", "settings", "out"}.
 
-    job: study, storage (its URL), space (a fastnet.sweep.space.Space), fixed (TrainConfig settings every trial
-    shares), trials_dir, threads, pruner, trials (finished trials the study is to have), sweep (the
-    id of the fastnet sweep process that sent it) and job (this job's id within it), both kept with
-    the trial; seed, the sweep's.
+    job: study, storage (its URL), space (a fastnet.sweep.space.Space), fixed (the TrainConfig
+    settings every trial shares), trials_dir, threads, pruner, trials (finished trials the study is
+    to have), seed (the sweep's), sweep (the id of the fastnet sweep process that sent it) and job
+    (this job's id), both kept with the trial.
     """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep reports what goes wrong itself
     store = storage(job["storage"])
-    study = optuna.load_study(study_name=job["study"], storage=store, pruner=pruner(job["pruner"], job["fixed"]["epochs"]))
-    for earlier in _attempts(study, job["job"]):  # this job ran before, and Dask runs it again: its worker died
+    study = optuna.load_study(study_name=job["study"], storage=store,
+                              pruner=pruner(job["pruner"], job["fixed"]["epochs"]))
+    for earlier in _attempts(study, job["job"]):  # Dask runs this job again: the worker of the first died
         if stop(store, job["study"], earlier.number, "its worker died"):
             study.enqueue_trial(earlier.params, user_attrs={"retry_of": earlier.number})
     if _taken(study) >= job["trials"]:  # other sweeps on the study started the trials it still needed
