@@ -43,7 +43,7 @@ def test_a_sweep_finishes_prunes_continues_on_two_workers_and_agrees_with_its_st
     assert second.returncode == 0, second.stderr
     stored = study_trials(out)
     assert sum(state in ("COMPLETE", "PRUNED") for state, _ in stored.values()) == 9
-    assert "2 workers x 1 threads" in second.stdout
+    assert "), 2 workers x 1 thread\n" in second.stdout
 
     with open(out / "trials.csv", newline="") as file:
         rows = list(csv.DictReader(file))

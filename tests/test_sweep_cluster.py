@@ -267,7 +267,7 @@ def test_a_sweep_runs_its_trials_on_a_dask_cluster_over_tls(images, space, tmp_p
 
         result = fastnet(*common, *tls, "--trials", 4, "--epochs", 3, *QUICK)
         assert result.returncode == 0, result.stderr
-        assert "2 workers x 1 threads" in result.stdout
+        assert "), 2 workers x 1 thread\n" in result.stdout
         trials = trials_of(f"sqlite:///{out / 'study.db'}")
         assert sum(t.state in FINISHED for t in trials) == 4
         worker_pids = {p.pid for p in psutil.Process(workers.pid).children(recursive=True)}

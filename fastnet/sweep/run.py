@@ -175,7 +175,8 @@ def sweep(config, log=print):
                "pruner": config.pruner, "trials": config.trials, "seed": config.seed, "sweep": me}
         capacity = sum(client.nthreads().values())  # trials that run at once: a worker thread each
         log(f"sweep {config.study} in {hidden_password(url)}: {config.trials} trials of {len(space.settings)} settings "
-            f"({', '.join(space.settings)}), {capacity} workers x {config.threads_per_trial} threads")
+            f"({', '.join(space.settings)}), {_plural(capacity, 'worker')} x "
+            f"{_plural(config.threads_per_trial, 'thread')}")
         try:
             drive(study, store, client, job, config, capacity, log)
         except database_errors as exc:
@@ -324,6 +325,10 @@ def _fail_stale(study):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def _plural(number, thing):
+    return f"{number} {thing}{'s' * (number != 1)}"
 
 
 def _stop_running(study, store, sweep_id, why):
