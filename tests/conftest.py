@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastnet import data
-from helpers import real_data_path
+from helpers import real_data_path, save_brightness_classes
 
 
 @pytest.fixture(scope="session")
@@ -32,15 +32,5 @@ def cifar_subset(cifar, tmp_path_factory):
 @pytest.fixture
 def tiny_npy(tmp_path):
     """A synthetic, learnable 3-class npy dataset: each class is a brightness level plus noise."""
-    rng = np.random.default_rng(0)
-
-    def make(count):
-        labels = rng.integers(0, 3, count)
-        images = np.clip(labels[:, None, None, None] * 80 + 40 + rng.normal(0, 20, (count, 4, 4, 3)), 0, 255)
-        return images.astype(np.uint8), labels.astype(np.uint8)
-
-    for split, count in (("train", 300), ("test", 90)):
-        images, labels = make(count)
-        np.save(tmp_path / f"{split}_images.npy", images)
-        np.save(tmp_path / f"{split}_labels.npy", labels)
-    return tmp_path
+    return save_brightness_classes(tmp_path, np.random.default_rng(0), {"train": 300, "test": 90}, side=4, step=80,
+                                   base=40, noise=20)

@@ -93,6 +93,18 @@ class Float64Detector:
         return checked
 
 
+def save_brightness_classes(folder, rng, counts, side, step, base, noise):
+    """A synthetic 3-class npy dataset in `folder`: each class a brightness level (base + class *
+    step) under Gaussian noise, side x side x 3 uint8 images; counts is {split: images}."""
+    for split, count in counts.items():
+        labels = rng.integers(0, 3, count)
+        images = np.clip(labels[:, None, None, None] * step + base + rng.normal(0, noise, (count, side, side, 3)), 0,
+                         255)
+        np.save(pathlib.Path(folder) / f"{split}_images.npy", images.astype(np.uint8))
+        np.save(pathlib.Path(folder) / f"{split}_labels.npy", labels.astype(np.uint8))
+    return folder
+
+
 # --- The real command, in a subprocess, as a user runs it ------------------------------------------
 
 # A sweep's search space for the tests: lr from hopeless (1e-5) to fast, so that a seeded search draws

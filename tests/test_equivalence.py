@@ -36,7 +36,7 @@ from fastnet.model import MLP
 from fastnet.activations import ACTIVATIONS
 from fastnet.optim import UPDATE_RULES, Optimizer
 from fastnet.train import TIMING_METRICS, TrainConfig, train
-from helpers import assert_close, real_data_path, unavailable
+from helpers import assert_close, real_data_path, save_brightness_classes, unavailable
 
 OTHER_BACKENDS = [name for name in backends.available() if name != "numpy"]
 
@@ -1113,14 +1113,8 @@ def synthetic(tmp_path_factory):
     """A 3-class npy dataset of 4x4x3 uint8 images (48 inputs): each class a brightness level under
     enough noise that a small network gets most, not all, of them right. 632 training images make 40
     batches of 16 per epoch (the last one of 8, so a second workspace is used too)."""
-    folder = tmp_path_factory.mktemp("synthetic")
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 632), ("test", 300)):
-        labels = rng.integers(0, 3, count)
-        images = np.clip(labels[:, None, None, None] * 30 + 100 + rng.normal(0, 70, (count, 4, 4, 3)), 0, 255)
-        np.save(folder / f"{split}_images.npy", images.astype(np.uint8))
-        np.save(folder / f"{split}_labels.npy", labels.astype(np.uint8))
-    return folder
+    return save_brightness_classes(tmp_path_factory.mktemp("synthetic"), np.random.default_rng(1),
+                                   {"train": 632, "test": 300}, side=4, step=30, base=100, noise=70)
 
 
 SYNTHETIC_RUN = dict(hidden=(32, 16), epochs=5, batch_size=16, optimizer="nesterov", weight_decay=5e-3,

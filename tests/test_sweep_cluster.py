@@ -26,7 +26,7 @@ import psutil
 import pytest
 import sqlalchemy
 
-from helpers import SWEEP_SPACE, assert_one_line_error, fastnet, start_fastnet
+from helpers import SWEEP_SPACE, assert_one_line_error, fastnet, save_brightness_classes, start_fastnet
 
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -38,13 +38,8 @@ QUICK = ["--val", 400, "--hidden", 64, "--batch-size", 8, "--backend", "numpy"]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """A synthetic, learnable 3-class npy dataset of 8x8 images."""
-    folder, rng = tmp_path_factory.mktemp("sweep-images"), np.random.default_rng(0)
-    for split, count in (("train", 2400), ("test", 200)):
-        labels = rng.integers(0, 3, count)
-        images = np.clip(labels[:, None, None, None] * 80 + 40 + rng.normal(0, 20, (count, 8, 8, 3)), 0, 255)
-        np.save(folder / f"{split}_images.npy", images.astype(np.uint8))
-        np.save(folder / f"{split}_labels.npy", labels.astype(np.uint8))
-    return folder
+    return save_brightness_classes(tmp_path_factory.mktemp("sweep-images"), np.random.default_rng(0),
+                                   {"train": 2400, "test": 200}, side=8, step=80, base=40, noise=20)
 
 
 @pytest.fixture
