@@ -99,6 +99,9 @@ def run_trial(job):
     # sweep process asked, and a rerun of a one-worker sweep draws the same settings.
     study.sampler = sampler(job["seed"] * 100_003 + trial.number)
     key = trial_id(store, job["study"], trial.number)
+    if _taken(study, before=trial.number) >= job["trials"]:  # another sweep asked at the same moment, first
+        stop(store, job["study"], trial.number, "not needed: other sweeps had started the trials the study needed")
+        return {"number": trial.number, "state": "NOT NEEDED"}
     store.record_heartbeat(key)
     beating = threading.Event()
     threading.Thread(target=_beat, args=(store, key, beating), daemon=True).start()
@@ -147,12 +150,14 @@ def _attempts(study, job_id):
             if t.user_attrs.get("job") == job_id]
 
 
-def _taken(study):
-    """Trials finished or running, by any sweep on the study."""
+def _taken(study, before=None):
+    """Trials finished or running, by any sweep on the study; with `before`, only those of lower
+    numbers, which were asked for first."""
     import optuna
 
     states = optuna.trial.TrialState
-    return len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.RUNNING)))
+    taken = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.RUNNING))
+    return sum(before is None or t.number < before for t in taken)
 
 
 def _beat(store, key, stopped):
