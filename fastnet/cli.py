@@ -16,7 +16,7 @@ from fastnet.errors import FastnetError, Interrupted, SettingError
 from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
-from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, train
+from fastnet.train import RECIPES, TTA, TrainConfig, recipe_config, resumed_config, train
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
 from fastnet.workloads import WORKLOADS
@@ -93,6 +93,18 @@ def norm_name(text):
     return None if text == "none" else text
 
 
+def tta_name(text):
+    """--tta: a test-time augmentation of TTA, or none."""
+    if text != "none" and text not in TTA:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a test-time augmentation: choose flip or none")
+    return None if text == "none" else text
+
+
+def chosen_tta(args):
+    """evaluate's and predict's --tta as report and predict take it: "run" when not given."""
+    return {None: "run", "none": None}.get(args.tta, args.tta)
+
+
 def names(text):
     """--backend for bench: a comma list of backend names."""
     values = [part.strip() for part in text.split(",") if part.strip()]
@@ -142,6 +154,10 @@ def add_run_settings(run, defaults, leave_out=()):
             "on CPUs with AMX-BF16 or AVX512-BF16")
     setting("--pca", type=count, metavar="K", help="train on the images' top K principal components instead "
             "of their pixels, fitted to 5,000 training images; 0: pixels")
+    setting("--whiten", action=argparse.BooleanOptionalAction, help="with --pca: scale every component to unit "
+            "variance (PCA whitening)")
+    setting("--tta", type=tta_name, metavar="flip|none", help="test-time augmentation of every evaluation: flip "
+            "averages the logits of each image and its mirror image")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
             "most 15 minutes); other flags override its settings")
 
@@ -177,6 +193,8 @@ def build_parser():
     e.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
     add_data_and_backend(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--tta", choices=("flip", "none"), help="test-time augmentation (default: the one the run "
+                   "was evaluated with)")
     e.add_argument("--out", metavar="DIR", help="also write DIR/report.json: accuracy, per-class precision, "
                    "recall and F1, confusion matrix")
 
@@ -234,6 +252,8 @@ def build_parser():
     p.add_argument("--top", type=positive_int, default=3, metavar="K",
                    help="how many classes to show per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.add_argument("--tta", choices=("flip", "none"), help="test-time augmentation (default: the one the run "
+                   "was evaluated with)")
     p.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                    "(default: $FASTNET_BACKEND or numpy)")
     p.add_argument("--threads", type=positive_int, metavar="N",
@@ -300,18 +320,20 @@ def run_evaluate(args):
 
 def evaluation_report(args):
     """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on the test split."""
-    saved, dataset, result = report.evaluate_saved_model(args.model, args.data, args.backend)
+    saved, dataset, result = report.evaluate_saved_model(args.model, args.data, args.backend, chosen_tta(args))
     confusion = result.confusion(dataset.test_labels, dataset.num_classes)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    return {"accuracy": result.accuracy, "loss": result.loss, "images": len(dataset.test_labels),
+    tta = saved.config.get("tta") if args.tta is None else chosen_tta(args)
+    return {"accuracy": result.accuracy, "loss": result.loss, "tta": tta, "images": len(dataset.test_labels),
             "source": dataset.source, "class_names": saved.class_names,
             "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
 
 
 def print_report(evaluation):
     names, confusion = evaluation["class_names"], evaluation["confusion"]
+    views = ", each averaged with its mirror image" if evaluation["tta"] == "flip" else ""
     print(f"test accuracy {evaluation['accuracy']:.2%}  loss {evaluation['loss']:.4f}  on {evaluation['images']} "
-          f"images from {evaluation['source']}")
+          f"images from {evaluation['source']}{views}")
     width = max(len(n) for n in names)
     print(f"{'class':<{width}}  accuracy")
     for name, acc in zip(names, evaluation["per_class_accuracy"]):
@@ -363,7 +385,7 @@ def run_predict(args):
     from fastnet import predict
 
     with blas_threads(args):
-        model = predict.load(args.model, backend=args.backend)
+        model = predict.load(args.model, backend=args.backend, tta=chosen_tta(args))
         if predict.image_geometry(model.sample_shape) is None:
             raise UsageError(f"{args.model} takes samples of shape {model.sample_shape}, which no image file "
                              "maps onto: use fastnet.load(...).predict on arrays instead")

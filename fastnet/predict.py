@@ -2,8 +2,10 @@
 
 Whatever the input, a picture goes through the same preprocessing as in training and in
 `fastnet evaluate`: the checkpoint's channel statistics, turned into a per-feature shift and scale
-by `fastnet.train.normalizer` and applied by the backend's own `gather_normalize` kernel. A uint8
-image therefore gets the same logits here as it does in `fastnet evaluate`.
+by `fastnet.train.normalizer` and applied by the backend's own `gather_normalize` kernel; a model
+trained on principal components (--pca) projects onto them with `dense_forward` and runs the network
+as it was trained. A uint8 image therefore gets the same logits here as it does in `fastnet evaluate`,
+with the same test-time augmentation (--tta) unless told otherwise.
 """
 
 import math
@@ -11,9 +13,9 @@ import os
 
 import numpy as np
 
-from fastnet import checkpoint
+from fastnet import checkpoint, data
 from fastnet.errors import FastnetError
-from fastnet.train import EVAL_BATCH, normalizer
+from fastnet.train import EVAL_BATCH, TTA, normalizer
 
 # What a folder given to `fastnet predict` is searched for. A file named on the command line is
 # tried whatever its name: Pillow recognises formats by content.
@@ -81,10 +83,20 @@ class Model:
     `images` may be one image in the model's input shape or a batch of them ((N, H, W, C), or
     (N, H, W) / (N, D) for models trained on such data); flattened rows (N, D) are accepted too.
     Pixels are uint8 0-255 or floats in [0, 1], as in training.
+
+    `tta` is a test-time augmentation of fastnet.train.TTA ("flip": the mean of the logits of each image
+    and of its mirror image), or "run" for the one the model's run was evaluated with.
     """
 
-    def __init__(self, saved):
-        self.net = saved.net
+    def __init__(self, saved, tta="run"):
+        self.net = saved.net  # on raw inputs, with a --pca projection folded in
+        self._trained_net, self._projection = saved.trained_net, saved.projection
+        self.tta = saved.config.get("tta") if tta == "run" else tta
+        if self.tta not in TTA:
+            raise FastnetError(f"unknown test-time augmentation {self.tta!r}: choose flip or none")
+        if self.tta == "flip" and len(saved.sample_shape) not in (2, 3):
+            raise FastnetError(f"--tta flip mirrors images, but this model takes samples of shape "
+                               f"{tuple(saved.sample_shape)}: pass --tta none")
         self.mean, self.std = saved.mean, saved.std
         self.sample_shape = tuple(saved.sample_shape)
         self.class_names = list(saved.class_names)
@@ -102,14 +114,24 @@ class Model:
     def logits(self, images):
         """Raw scores (N, classes) in the network's dtype."""
         rows = self._as_rows(images)
+        logits = self._logits(rows)
+        if self.tta == "flip":
+            logits += self._logits(data.mirror_images(rows, self.sample_shape))
+            logits *= 0.5
+        return logits
+
+    def _logits(self, rows):
         shift, scale = normalizer(self.mean, self.std, self.input_size, rows.dtype, self.net.dtype)
         logits = np.empty((len(rows), self.num_classes), self.net.dtype)
         # In slices, so that the float copy of a large batch never has to exist all at once.
         for start in range(0, len(rows), EVAL_BATCH):
             stop = min(start + EVAL_BATCH, len(rows))
-            inputs = np.empty((stop - start, self.input_size), self.net.dtype)
-            self.net.kernels.gather_normalize(rows, np.arange(start, stop), shift, scale, inputs)
-            logits[start:stop] = self.net.forward(inputs)
+            if self._projection is None:
+                inputs = np.empty((stop - start, self.input_size), self.net.dtype)
+                self.net.kernels.gather_normalize(rows, np.arange(start, stop), shift, scale, inputs)
+            else:
+                inputs = data.project(rows[start:stop], shift, scale, self._projection, self.net.kernels)
+            logits[start:stop] = self._trained_net.forward(inputs)
         return logits
 
     def predict_proba(self, images):
@@ -148,12 +170,13 @@ class Model:
         return np.ascontiguousarray(images.reshape(len(images), -1))
 
 
-def load(path, backend=None):
+def load(path, backend=None, tta="run"):
     """The model saved at `path` (a model.npz written by `fastnet train`), ready to predict.
 
-    `backend` picks the kernels as everywhere else (default: $FASTNET_BACKEND or numpy).
+    `backend` picks the kernels as everywhere else (default: $FASTNET_BACKEND or numpy); `tta` is
+    Model's.
     """
-    return Model(checkpoint.load(os.fspath(path), backend=backend))
+    return Model(checkpoint.load(os.fspath(path), backend=backend), tta)
 
 
 # --- Image files ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 from fastnet import checkpoint, data
 from fastnet.errors import CheckpointError, FastnetError
-from fastnet.train import evaluate, normalizer
+from fastnet.train import evaluation_inputs, normalizer
 
 MISSING = "-"
 
@@ -106,8 +106,9 @@ def write_classification_report(folder, evaluation, model=None):
     return path
 
 
-def evaluate_saved_model(model_path, data_path=None, backend=None):
-    """(the loaded checkpoint, the dataset, its Evaluation on the test split) for a saved model."""
+def evaluate_saved_model(model_path, data_path=None, backend=None, tta="run"):
+    """(the loaded checkpoint, the dataset, its Evaluation on the test split) for a saved model, with
+    the test-time augmentation `tta` (one of train.TTA; "run": the one its run was evaluated with)."""
     saved = checkpoint.load(model_path, backend=backend)
     dataset = data.load_dataset(data_path)
     if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:
@@ -118,7 +119,11 @@ def evaluate_saved_model(model_path, data_path=None, backend=None):
             f"{dataset.num_classes} classes: pass that data with --data")
     shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, dataset.test_images.dtype,
                               saved.net.dtype)
-    return saved, dataset, evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)
+    tta = saved.config.get("tta") if tta == "run" else tta
+    inputs = evaluation_inputs(dataset.test_images, dataset.sample_shape, shift, scale, saved.projection,
+                               saved.net.kernels, tta)
+    # As training evaluated it: a --pca network on the components, not the one that folds them in.
+    return saved, dataset, inputs.evaluate(saved.trained_net, dataset.test_labels)
 
 
 def confusion_on_test_split(model_path, data_path=None, backend=None):

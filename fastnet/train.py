@@ -33,6 +33,9 @@ from fastnet.model import check_settings as check_model_settings
 from fastnet.optim import Optimizer, Schedule, check_optimizer, check_schedule
 
 EVAL_BATCH = 1000
+# Test-time augmentations (--tta): None evaluates each image as it is; "flip" on the mean of the logits of
+# the image and of its mirror image, which a network trained with --flip has learnt to classify alike.
+TTA = (None, "flip")
 # The metrics that measure time: they differ between runs that are otherwise bit-identical.
 TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
 CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
@@ -68,6 +71,8 @@ class TrainConfig:
     cutout: int = 0                  # and a blanked square of this side
     clip: float | None = None        # gradient clipping by global norm
     pca: int = 0                     # train on this many principal components of the images; 0: pixels
+    whiten: bool = False             # with pca: scale each component to unit variance
+    tta: str | None = None           # "flip": evaluate on the mean logits of each image and its mirror image
     recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
@@ -92,6 +97,12 @@ class TrainConfig:
         if isinstance(self.pca, bool) or not isinstance(self.pca, int) or self.pca < 0:
             raise SettingError("pca", f"{{setting}} must be a number of components, got {self.pca}: pass one such "
                                       f"as 256, or 0 for none")
+        if self.whiten and not self.pca:
+            raise SettingError("whiten", "{setting} scales principal components, and this run has none: add --pca K "
+                                         "(for example --pca 256) or drop {setting}")
+        if self.tta not in TTA:
+            raise SettingError("tta", f"{{setting}} {self.tta} is not a test-time augmentation: choose "
+                                      f"{' or '.join(str(t).lower() for t in TTA)}")
         backends.get(self.backend)
         return precision.check(self.precision, self.backend)
 
@@ -99,9 +110,10 @@ class TrainConfig:
 # Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
 # How they were found is in the README's Accuracy section.
 RECIPES = {
-    "fast": dict(backend="numba", pca=256, epochs=40, lr=0.02, flip=True),
-    "best": dict(backend="numba", pca=512, hidden=(2048, 2048), activation="gelu", norm="layernorm", epochs=55,
-                 lr=0.02, weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1),
+    "fast": dict(backend="numba", pca=256, whiten=True, epochs=30, lr=0.05, flip=True, tta="flip"),
+    "best": dict(backend="numba", pca=512, whiten=True, hidden=(2048, 2048), activation="gelu", norm="layernorm",
+                 epochs=42, lr=0.02, weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1,
+                 tta="flip"),
 }
 
 
@@ -139,8 +151,10 @@ def normalizer(mean, std, input_size, images_dtype, dtype):
     return shift, scale
 
 
-def evaluate(net, images, labels, shift, scale):
-    """Mean loss, accuracy and predicted labels of `net` on uint8 or float images."""
+def evaluate(net, images, labels, shift, scale, mirrored=None):
+    """Mean loss, accuracy and predicted labels of `net` on uint8 or float images. With `mirrored`, the
+    same images flipped (data.mirror_images), on the mean of the logits of each image and its mirror
+    image (--tta flip)."""
     images = images.reshape(len(images), -1)
     k = net.kernels
     total_loss, predictions = 0.0, np.empty(len(images), np.int64)
@@ -150,10 +164,49 @@ def evaluate(net, images, labels, shift, scale):
         k.gather_normalize(images, np.arange(start, stop), shift, scale, ws.inputs)
         ws.labels[...] = labels[start:stop]
         logits = net.run_forward(ws)
+        if mirrored is not None:
+            logits = logits.copy()
+            k.gather_normalize(mirrored, np.arange(start, stop), shift, scale, ws.inputs)
+            logits += net.run_forward(ws)
+            logits *= 0.5
         total_loss += k.softmax_cross_entropy(logits, ws.labels, ws.deltas[-1]) * (stop - start)
         predictions[start:stop] = logits.argmax(axis=1)
     accuracy = float(np.mean(predictions == labels)) if len(labels) else float("nan")
     return Evaluation(total_loss / max(len(images), 1), accuracy, predictions)
+
+
+@dataclasses.dataclass
+class EvaluationInputs:
+    """What evaluate() reads of one set of images, prepared once: the network's inputs (the images,
+    or for a --pca run their components) with the shift and scale that standardise them, and for
+    --tta flip the same of the mirror images."""
+
+    images: np.ndarray
+    shift: np.ndarray
+    scale: np.ndarray
+    mirrored: np.ndarray | None = None
+
+    def evaluate(self, net, labels):
+        return evaluate(net, self.images, labels, self.shift, self.scale, self.mirrored)
+
+
+def evaluation_inputs(images, sample_shape, shift, scale, projection=None, kernels=None, tta=None):
+    """The EvaluationInputs of `images` for a network on pixels standardised by (shift, scale), or with
+    `projection` for one on their components (evaluate the network as it was trained, not the one
+    that folds the projection in: a --pca run evaluates its components once, so each epoch's test
+    costs the network alone). `fastnet evaluate` prepares them the same way, so it finds the very
+    numbers that training reported."""
+    flat = images.reshape(len(images), -1)
+    if tta == "flip" and len(sample_shape) not in (2, 3):
+        raise FastnetError(f"--tta flip mirrors images, but these samples have shape {tuple(sample_shape)}: "
+                           f"pass --tta none")
+    mirrored = data.mirror_images(flat, sample_shape) if tta == "flip" else None
+    if projection is None:
+        return EvaluationInputs(flat, shift, scale, mirrored)
+    count = projection.shape[1]
+    components = [None if x is None else data.project(x, shift, scale, projection, kernels) for x in (flat, mirrored)]
+    return EvaluationInputs(components[0], np.zeros(count, projection.dtype), np.ones(count, projection.dtype),
+                            components[1])
 
 
 @dataclasses.dataclass
@@ -343,10 +396,11 @@ class TrainingRun:
                              activation=config.activation, norm=config.norm, dropout=config.dropout,
                              precision=config.precision)
         augmentation = None
-        if config.flip or config.translate or config.cutout:
+        if config.flip or config.translate or config.cutout or config.tta:
             if len(dataset.sample_shape) not in (2, 3):
-                raise FastnetError(f"--flip, --translate and --cutout need images, but the samples of "
+                raise FastnetError(f"--flip, --translate, --cutout and --tta need images, but the samples of "
                                    f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
+        if config.flip or config.translate or config.cutout:
             augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
         self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, self.after_backward)
         self.optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
@@ -371,7 +425,7 @@ class TrainingRun:
             mirrored = self.dataset.sample_shape if config.flip and not per_batch else None
             self.flat_train, self.projection, self.preprocess_seconds = principal_component_inputs(
                 self.flat_train, self.shift, self.scale, config.pca, self.rng, net.kernels, self.saved, mirrored,
-                project=not per_batch)
+                project=not per_batch, whiten=config.whiten)
             if per_batch:
                 options.augmentation = data.ProjectedAugmentation(options.augmentation, self.projection)
             else:
@@ -379,7 +433,10 @@ class TrainingRun:
                 self.train_scale = np.ones(config.pca, net.dtype)
                 if config.flip:
                     options.augmentation = data.ComponentFlip(data.mirror_signs(self.projection, mirrored))
-        self.classifier = net if self.projection is None else net.with_input_projection(self.projection)
+        self.evaluation_sets = {
+            name: evaluation_inputs(images, self.dataset.sample_shape, self.shift, self.scale, self.projection,
+                                    net.kernels, config.tta)
+            for name, images in (("test", self.dataset.test_images), ("val", self.val_images)) if images is not None}
         self.startup_seconds = warm_up(net, self.optimizer, self.flat_train.dtype, options)
 
     def open_run_folder(self):
@@ -474,17 +531,17 @@ class TrainingRun:
     def epoch_metrics(self, epoch):
         """The finished epoch's summary: training figures, test (and validation) loss and accuracy."""
         config, progress = self.config, self.progress
-        if self.projection is not None:
-            self.net.with_input_projection(self.projection, into=self.classifier)
-        test = evaluate(self.classifier, self.dataset.test_images, self.dataset.test_labels, self.shift, self.scale)
+        test = self.evaluation_sets["test"].evaluate(self.net, self.dataset.test_labels)
         summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
                    "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
                    "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
                    "samples_per_second": progress.seen / progress.seconds, "lr": self.schedule(progress.step - 1),
                    "train_seconds": self.preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
                    + progress.seconds}
+        if config.tta:
+            summary["tta"] = config.tta  # the test (and validation) figures are of flip-averaged logits
         if self.val_images is not None:
-            val = evaluate(self.classifier, self.val_images, self.val_labels, self.shift, self.scale)
+            val = self.evaluation_sets["val"].evaluate(self.net, self.val_labels)
             summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
         for name in ("train_loss", "test_loss", "val_loss"):
             if not math.isfinite(summary.get(name, 0.0)):
@@ -497,16 +554,17 @@ class TrainingRun:
         return outcome(self.progress.history, self.out)
 
 
-def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=None, mirrored=None, project=True):
+def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=None, mirrored=None, project=True,
+                               whiten=False):
     """--pca: (the standardised images projected onto their top `count` principal components, or the
     images as they are when not `project`; the projection; the seconds it all took). With `mirrored`,
     the image shape, the components are fitted so that a flip only changes signs
-    (data.principal_components). A resumed run (`saved`) keeps the components it began with, and its
-    generator was saved past their draw. The seconds are part of training, which time to accuracy
+    (data.principal_components); `whiten` scales them to unit variance. A resumed run (`saved`) keeps
+    the components it began with, and its generator was saved past their draw. The seconds are part of training, which time to accuracy
     counts; a resumed run counts those of its first session."""
     started = time.perf_counter()
     projection = saved.projection if saved is not None else data.principal_components(
-        images, shift, scale, count, rng, kernels, mirrored=mirrored)
+        images, shift, scale, count, rng, kernels, mirrored=mirrored, whiten=whiten)
     if project:
         images = data.project(images, shift, scale, projection, kernels)
     seconds = saved.config["preprocess_seconds"] if saved is not None else time.perf_counter() - started
@@ -671,7 +729,8 @@ def training_step(net, optimizer, images, labels, shift, scale, batch, lr, optio
 
 
 def format_epoch(m, epochs):
-    val = f"  val {m['val_loss']:.3f} {m['val_acc']:6.2%}" if "val_acc" in m else ""
+    views = "+" + m["tta"] if "tta" in m else ""
+    val = f"  val{views} {m['val_loss']:.3f} {m['val_acc']:6.2%}" if "val_acc" in m else ""
     return (f"epoch {m['epoch']:>{len(str(epochs))}}/{epochs}  train {m['train_loss']:.3f} {m['train_acc']:6.2%}"
-            f"{val}  test {m['test_loss']:.3f} {m['test_acc']:6.2%}  "
+            f"{val}  test{views} {m['test_loss']:.3f} {m['test_acc']:6.2%}  "
             f"{m['epoch_seconds']:5.1f} s  {m['samples_per_second']:,.0f} samples/s")

@@ -677,6 +677,45 @@ def test_mirrored_components_turn_a_flip_of_the_image_into_a_change_of_signs(bac
     np.testing.assert_allclose(np.linalg.svd(components.T @ rows[:6].T, compute_uv=False), 1, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("mirrored", [None, (4, 4, 3)], ids=["plain", "mirrored"])
+def test_whitened_components_scale_each_direction_to_unit_variance_above_the_floor(backend, mirrored):
+    from fastnet import backends
+    from fastnet.data.components import WHITEN_FLOOR
+
+    images = low_rank_images()
+    shift, scale = standardisation(images)
+    plain, white = (data.principal_components(images, shift, scale, 5, np.random.default_rng(0), backends.get(backend),
+                                              sample=len(images), mirrored=mirrored, whiten=whiten)
+                    for whiten in (False, True))
+    lengths = np.linalg.norm(white.astype(np.float64), axis=0)
+    np.testing.assert_allclose(white / lengths, plain, atol=1e-5)  # the same directions, only rescaled
+    # The independent reference, in float64: the variance of the standardised images (with their mirror
+    # images, when fitted so) along each direction, and the mean variance of a pixel.
+    standardised = (images.reshape(len(images), -1) - shift.astype(np.float64)) * scale
+    if mirrored is not None:
+        standardised = np.concatenate([standardised, standardised.reshape(-1, 4, 4, 3)[:, :, ::-1].reshape(-1, 48)])
+    centred = standardised - standardised.mean(axis=0)
+    variances = np.mean((centred @ plain.astype(np.float64)) ** 2, axis=0)
+    floor = WHITEN_FLOOR * np.mean(centred ** 2, axis=0).mean()
+    np.testing.assert_allclose(lengths, 1 / np.sqrt(variances + floor), rtol=1e-4)
+    # So the projected images have variance v / (v + floor) along a direction of variance v: close to 1
+    # for the strong directions, while the floor keeps the faint ones from being blown up to 1.
+    projected = np.mean((centred @ white.astype(np.float64)) ** 2, axis=0)
+    np.testing.assert_allclose(projected, variances / (variances + floor), rtol=1e-4)
+    assert projected[0] > 0.9 and projected[-1] < 0.7
+    if mirrored is not None:
+        assert np.array_equal(data.mirror_signs(white, mirrored), data.mirror_signs(plain, mirrored))
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 3), (3, 5, 2), (4, 5)], ids=["even", "odd-width", "one-channel"])
+def test_mirror_images_flips_each_flattened_image_left_to_right(shape):
+    images = np.random.default_rng(0).integers(0, 256, (3, *shape), dtype=np.uint8)
+    mirrored = data.mirror_images(images.reshape(3, -1), shape)
+    assert mirrored.shape == (3, images[0].size) and mirrored.dtype == np.uint8
+    assert np.array_equal(mirrored, images[:, :, ::-1].reshape(3, -1))
+
+
 def test_mirror_signs_refuse_components_that_a_flip_mixes():
     from fastnet import backends
 

@@ -128,6 +128,10 @@ CASES = {
                                                      train_images=lambda x: x.reshape(len(x), -1),
                                                      test_images=lambda x: x.reshape(len(x), -1)),
                                             ["--flip", "need images", "drop those flags"]),
+    "tta on samples that are not images": (npy_with(["--tta", "flip", "--batch-size", "5"],
+                                                    train_images=lambda x: x.reshape(len(x), -1),
+                                                    test_images=lambda x: x.reshape(len(x), -1)),
+                                           ["--tta", "need images", "drop those flags"]),
     "zero threads": (lambda root, tiny, run: ["train", "--threads", "0"], ["--threads", "not positive"]),
     "unwritable out": (lambda root, tiny, run: ["train", "--out", (root / "a-file").touch() or root / "a-file" / "run"],
                        ["cannot write to --out"]),
@@ -186,6 +190,10 @@ CASES = {
     "negative pca": (lambda root, tiny, run: ["train", "--pca", "-2"], ["--pca", "negative"]),
     "more pca components than inputs": (lambda root, tiny, run: ["train", "--pca", "49"],
                                         ["--pca 49", "48 inputs", "pass at most 48"]),
+    "whiten without pca": (lambda root, tiny, run: ["train", "--whiten"], ["--whiten", "add --pca K"]),
+    "unknown tta": (lambda root, tiny, run: ["train", "--tta", "crop"], ["--tta", "'crop'", "flip or none"]),
+    "evaluate with an unknown tta": (lambda root, tiny, run: ["evaluate", run, "--tta", "crop"],
+                                     ["--tta", "invalid choice", "'crop'"]),
 }
 
 
@@ -311,8 +319,10 @@ REGULARISED = dict(activation="tanh", norm="layernorm", dropout=0.2, label_smoot
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}, {"pca": 6, "flip": True, "translate": 1},
+                                   {"pca": 6, "whiten": True, "flip": True, "tta": "flip"},
                                    {"precision": "bf16"}, {"precision": "bf16", "pca": 6, **REGULARISED}],
-                         ids=["plain", "regularised", "pca-flip", "pca-translate", "bf16", "bf16-pca-regularised"])
+                         ids=["plain", "regularised", "pca-flip", "pca-translate", "whitened-tta", "bf16",
+                              "bf16-pca-regularised"])
 def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path, monkeypatch):
     monkeypatch.setenv(precision.ANY_CPU, "1")  # bf16 on any CPU: the numbers, not the speed, are tested
     tiny, _ = finished_run

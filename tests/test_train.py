@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from fastnet import checkpoint
+from fastnet import checkpoint, report
 from fastnet.errors import FastnetError
 from fastnet.train import TrainConfig, normalizer, train
+from helpers import fastnet
 
 METRIC_FIELDS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
                  "samples_per_second"}
@@ -92,6 +93,8 @@ def test_normalizer_standardises_each_channel():
     ({"backend": "cuda"}, "unknown backend 'cuda'"),
     ({"pca": -1}, "pca must be a number of components"),
     ({"pca": 49}, "--pca 49 asks for more components than 300 images of 48 inputs"),
+    ({"whiten": True}, "whiten scales principal components, and this run has none: add --pca K"),
+    ({"tta": "crop"}, "tta crop is not a test-time augmentation: choose none or flip"),
 ])
 def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):
     with pytest.raises(FastnetError, match=message):
@@ -195,9 +198,14 @@ def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend,
     assert saved.net.sizes == [48, 8, 3] and saved.trained_net.sizes == [6, 8, 3]
     assert saved.projection.shape == (48, 6) and saved.projection.dtype == np.float32
     dataset = data.load_dataset(tiny_npy)
+    # fastnet evaluate runs the network on the components, as training did: the very same numbers.
+    evaluated = report.evaluate_saved_model(str(tmp_path / "a"), str(tiny_npy), backend)[2]
+    assert (evaluated.accuracy, evaluated.loss) == (metrics[-1]["test_acc"], metrics[-1]["test_loss"])
+    # The folded network on raw images computes the same, to float32 rounding.
     shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, np.uint8, np.float32)
-    assert evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale).accuracy == \
-        metrics[-1]["test_acc"]
+    folded = evaluate(saved.net, dataset.test_images, dataset.test_labels, shift, scale)
+    assert np.mean(folded.predictions == evaluated.predictions) >= 1 - 1 / 90
+    assert folded.loss == pytest.approx(evaluated.loss, rel=1e-4)
     other = checkpoint.load(str(tmp_path / "b" / "model.npz"), backend=backend)
     assert np.array_equal(saved.projection, other.projection)
     assert all(np.array_equal(p, q) for p, q in zip(saved.net.params, other.net.params))
@@ -281,3 +289,71 @@ def test_after_epoch_may_stop_the_run_and_sees_each_epochs_metrics(tiny_npy, tmp
     assert read_metrics(tmp_path) == seen and "val_acc" in seen[-1]
     with np.load(tmp_path / "checkpoint.npz", allow_pickle=False) as saved:  # resumable where it stopped
         assert json.loads(str(saved["progress"]))["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("projected", [False, True], ids=["pixels", "pca"])
+def test_flip_averaged_evaluation_scores_the_mean_logits_of_each_image_and_its_mirror(backend, projected, tiny_npy):
+    from fastnet import data
+    from fastnet.model import MLP
+    from fastnet.train import evaluation_inputs
+
+    dataset = data.load_dataset(tiny_npy)
+    rng = np.random.default_rng(5)
+    net = MLP([6 if projected else 48, 16, 3], backend=backend, seed=rng)
+    shift, scale = normalizer(*data.channel_stats(dataset.train_images), 48, np.uint8, np.float32)
+    projection = None
+    if projected:
+        projection = data.principal_components(dataset.train_images, shift, scale, 6, rng, net.kernels, whiten=True)
+    labels = dataset.test_labels
+    flipped, plain = (evaluation_inputs(dataset.test_images, dataset.sample_shape, shift, scale, projection,
+                                        net.kernels, tta).evaluate(net, labels) for tta in ("flip", None))
+
+    # The reference, in float64: the images and their mirror images (reversed columns), standardised
+    # and projected by hand; the network's own forward pass on each, averaged.
+    def inputs(images):
+        standardised = (images.reshape(len(images), -1) - shift.astype(np.float64)) * scale
+        return standardised if projection is None else standardised @ projection.astype(np.float64)
+
+    def cross_entropy(logits):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(labels)), labels])
+
+    logits = [net.forward(inputs(x).astype(np.float32)).astype(np.float64)
+              for x in (dataset.test_images, dataset.test_images[:, :, ::-1])]
+    mean = (logits[0] + logits[1]) / 2
+    assert flipped.loss == pytest.approx(cross_entropy(mean), rel=1e-4)
+    assert plain.loss == pytest.approx(cross_entropy(logits[0]), rel=1e-4)
+    assert plain.loss != pytest.approx(flipped.loss, rel=1e-3)  # the mirror images do count
+    top_two = np.sort(mean, axis=1)[:, -2:]
+    decided = top_two[:, 1] - top_two[:, 0] > 1e-4  # float32 may break a near tie either way
+    assert np.array_equal(flipped.predictions[decided], mean.argmax(axis=1)[decided])
+    assert flipped.accuracy == np.mean(flipped.predictions == labels)
+
+
+def test_a_whitened_flip_averaged_run_reports_what_evaluate_and_predict_find(tiny_npy, tmp_path):
+    from fastnet import data, predict
+
+    quiet_train(data=str(tiny_npy), pca=6, whiten=True, flip=True, tta="flip", epochs=2, hidden=(8,), batch_size=32,
+                out=str(tmp_path))
+    metrics = read_metrics(tmp_path)
+    assert all(m["tta"] == "flip" for m in metrics)
+    saved, dataset, evaluated = report.evaluate_saved_model(str(tmp_path), str(tiny_npy))
+    assert (evaluated.accuracy, evaluated.loss) == (metrics[-1]["test_acc"], metrics[-1]["test_loss"])
+    plain = report.evaluate_saved_model(str(tmp_path), str(tiny_npy), tta=None)[2]
+    assert plain.loss != evaluated.loss
+    # Whitened: the projected training images have about unit variance along the strong components.
+    components = data.project(dataset.train_images, *normalizer(saved.mean, saved.std, 48, np.uint8, np.float32),
+                              saved.projection, saved.net.kernels)
+    assert 0.5 < components.var(axis=0)[0] <= 1.0
+    # fastnet.load (predict.load) predicts with the run's test-time augmentation, and without it when asked.
+    model, unflipped = predict.load(tmp_path), predict.load(tmp_path, tta=None)
+    assert model.tta == "flip" and unflipped.tta is None
+    both = unflipped.logits(dataset.test_images) + unflipped.logits(dataset.test_images[:, :, ::-1])
+    np.testing.assert_allclose(model.logits(dataset.test_images), both / 2, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(model.predict(dataset.test_images), evaluated.predictions)
+    # The command says which it used, and prints the run's own figure.
+    shown, plain_shown = (json.loads(fastnet("evaluate", tmp_path, "--data", tiny_npy, "--json", *tta).stdout)
+                          for tta in ((), ("--tta", "none")))
+    assert (shown["tta"], shown["accuracy"], plain_shown["tta"]) == ("flip", metrics[-1]["test_acc"], None)
+    assert plain_shown["loss"] == pytest.approx(plain.loss, rel=1e-6)

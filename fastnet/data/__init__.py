@@ -13,7 +13,7 @@ not be the value the code reads, so read, set or monkeypatch them on the module 
 """
 
 from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation
-from fastnet.data.components import mirror_permutation, mirror_signs, principal_components, project
+from fastnet.data.components import mirror_images, mirror_permutation, mirror_signs, principal_components, project
 from fastnet.data.downloading import download
 from fastnet.data.layouts import Dataset, default_data_path, find_dataset, load_dataset
 from fastnet.data.split import split_validation
@@ -21,6 +21,7 @@ from fastnet.data.statistics import channel_stats
 
 __all__ = [
     "Augmentation", "ComponentFlip", "Dataset", "ProjectedAugmentation", "channel_stats", "default_data_path",
-    "download", "find_dataset", "load_dataset", "mirror_permutation", "mirror_signs", "principal_components",
+    "download", "find_dataset", "load_dataset", "mirror_images", "mirror_permutation", "mirror_signs",
+    "principal_components",
     "project", "split_validation",
 ]

@@ -33,18 +33,18 @@ DEFAULT_SPACE = Path(__file__).with_name("default_space.toml")
 # Fixed for every trial of a sweep: the data and folders, the validation split that trials are
 # compared on, the epochs that pruning counts, the seed, and what depends on the machine.
 FIXED = ("data", "out", "backend", "val", "epochs", "seed", "recipe", "checkpoint_every", "dtype", "precision")
-BOOLEANS = ("flip",)
+BOOLEANS = ("flip", "whiten")
 FLOATS = ("lr", "momentum", "weight_decay", "warmup", "dropout", "label_smoothing", "clip")
 INTEGERS = ("batch_size", "translate", "cutout", "pca")
 VARIABLE = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.name not in FIXED)
 
 
 def command_line_value(setting, value):
-    """A choice as TrainConfig takes it: widths "512,512" as a tuple, norm "none" as None."""
+    """A choice as TrainConfig takes it: widths "512,512" as a tuple, norm and tta "none" as None."""
     if setting == "hidden" and isinstance(value, str):
         parts = [part.strip() for part in value.split(",")]
         return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else value
-    if setting == "norm" and value == "none":
+    if setting in ("norm", "tta") and value == "none":
         return None
     return value
 
