@@ -118,10 +118,14 @@ RECIPES = {
 
 
 def recipe_config(recipe=None, **settings):
-    """The TrainConfig of `recipe` (None: the plain defaults) with `settings` on top."""
+    """The TrainConfig of `recipe` (None: the plain defaults) with `settings` on top. A recipe's
+    whitening goes with its components: `pca=0` turns it off too, unless `whiten` is given as well."""
     if recipe is not None and recipe not in RECIPES:
         raise FastnetError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    return TrainConfig(**(RECIPES.get(recipe, {}) | settings), recipe=recipe)
+    chosen = RECIPES.get(recipe, {}) | settings
+    if not chosen.get("pca") and "whiten" not in settings:
+        chosen.pop("whiten", None)
+    return TrainConfig(**chosen, recipe=recipe)
 
 
 @dataclasses.dataclass

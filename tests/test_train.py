@@ -168,6 +168,8 @@ def test_a_recipe_is_a_starting_point_that_flags_override():
     changed = recipe_config("best", epochs=2, norm=None)  # --norm none turns the recipe's layer norm off
     assert changed.epochs == 2 and changed.norm is None and changed.backend == RECIPES["best"]["backend"]
     assert recipe_config(None, epochs=3) == TrainConfig(epochs=3)
+    # Its whitening goes with its components, unless asked for; asked for without them, it is refused.
+    assert not recipe_config("best", pca=0).whiten and recipe_config("best", pca=0, whiten=True).whiten
     with pytest.raises(FastnetError, match="unknown recipe 'slow'"):
         recipe_config("slow")
 
