@@ -112,7 +112,7 @@ class TrainConfig:
 RECIPES = {
     "fast": dict(backend="numba", pca=256, whiten=True, epochs=30, lr=0.05, flip=True, tta="flip"),
     "best": dict(backend="numba", pca=512, whiten=True, hidden=(2048, 2048), activation="gelu", norm="layernorm",
-                 epochs=42, lr=0.02, weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1,
+                 epochs=40, lr=0.03, weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1,
                  tta="flip"),
 }
 
