@@ -16,7 +16,7 @@ from fastnet.errors import FastnetError, Interrupted, SettingError
 from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
-from fastnet.train import RECIPES, TTA, TrainConfig, recipe_config, resumed_config, train
+from fastnet.train import RECIPES, TTA, TrainConfig, recipe_config, resumed_config, saved_tta, train
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
 from fastnet.workloads import WORKLOADS
@@ -100,7 +100,7 @@ def tta_name(text):
     return None if text == "none" else text
 
 
-def chosen_tta(args):
+def tta_flag(args):
     """evaluate's and predict's --tta as report and predict take it: "run" when not given."""
     return {None: "run", "none": None}.get(args.tta, args.tta)
 
@@ -320,11 +320,11 @@ def run_evaluate(args):
 
 def evaluation_report(args):
     """Accuracy, loss, per-class accuracy and confusion matrix of a saved model on the test split."""
-    saved, dataset, result = report.evaluate_saved_model(args.model, args.data, args.backend, chosen_tta(args))
+    saved, dataset, result = report.evaluate_saved_model(args.model, args.data, args.backend, tta_flag(args))
     confusion = result.confusion(dataset.test_labels, dataset.num_classes)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    tta = saved.config.get("tta") if args.tta is None else chosen_tta(args)
-    return {"accuracy": result.accuracy, "loss": result.loss, "tta": tta, "images": len(dataset.test_labels),
+    return {"accuracy": result.accuracy, "loss": result.loss, "tta": saved_tta(saved.config, tta_flag(args)),
+            "images": len(dataset.test_labels),
             "source": dataset.source, "class_names": saved.class_names,
             "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
 
@@ -385,7 +385,7 @@ def run_predict(args):
     from fastnet import predict
 
     with blas_threads(args):
-        model = predict.load(args.model, backend=args.backend, tta=chosen_tta(args))
+        model = predict.load(args.model, backend=args.backend, tta=tta_flag(args))
         if predict.image_geometry(model.sample_shape) is None:
             raise UsageError(f"{args.model} takes samples of shape {model.sample_shape}, which no image file "
                              "maps onto: use fastnet.load(...).predict on arrays instead")

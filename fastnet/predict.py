@@ -15,7 +15,7 @@ import numpy as np
 
 from fastnet import checkpoint, data
 from fastnet.errors import FastnetError
-from fastnet.train import EVAL_BATCH, TTA, normalizer
+from fastnet.train import EVAL_BATCH, TTA, normalizer, saved_tta
 
 # What a folder given to `fastnet predict` is searched for. A file named on the command line is
 # tried whatever its name: Pillow recognises formats by content.
@@ -91,7 +91,7 @@ class Model:
     def __init__(self, saved, tta="run"):
         self.net = saved.net  # on raw inputs, with a --pca projection folded in
         self._trained_net, self._projection = saved.trained_net, saved.projection
-        self.tta = saved.config.get("tta") if tta == "run" else tta
+        self.tta = saved_tta(saved.config, tta)
         if self.tta not in TTA:
             raise FastnetError(f"unknown test-time augmentation {self.tta!r}: choose flip or none")
         if self.tta == "flip" and len(saved.sample_shape) not in (2, 3):

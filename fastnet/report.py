@@ -16,7 +16,7 @@ import numpy as np
 
 from fastnet import checkpoint, data
 from fastnet.errors import CheckpointError, FastnetError
-from fastnet.train import evaluation_inputs, normalizer
+from fastnet.train import evaluation_inputs, normalizer, saved_tta
 
 MISSING = "-"
 
@@ -119,9 +119,8 @@ def evaluate_saved_model(model_path, data_path=None, backend=None, tta="run"):
             f"{dataset.num_classes} classes: pass that data with --data")
     shift, scale = normalizer(saved.mean, saved.std, dataset.input_size, dataset.test_images.dtype,
                               saved.net.dtype)
-    tta = saved.config.get("tta") if tta == "run" else tta
     inputs = evaluation_inputs(dataset.test_images, dataset.sample_shape, shift, scale, saved.projection,
-                               saved.net.kernels, tta)
+                               saved.net.kernels, saved_tta(saved.config, tta))
     # As training evaluated it: a --pca network on the components, not the one that folds them in.
     return saved, dataset, inputs.evaluate(saved.trained_net, dataset.test_labels)
 

@@ -36,6 +36,11 @@ EVAL_BATCH = 1000
 # Test-time augmentations (--tta): None evaluates each image as it is; "flip" on the mean of the logits of
 # the image and of its mirror image, which a network trained with --flip has learnt to classify alike.
 TTA = (None, "flip")
+
+
+def saved_tta(config, tta="run"):
+    """The test-time augmentation to evaluate a saved run with: `tta`, or for "run" the run's own."""
+    return config.get("tta") if tta == "run" else tta
 # The metrics that measure time: they differ between runs that are otherwise bit-identical.
 TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
 CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
