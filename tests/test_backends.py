@@ -185,6 +185,29 @@ def test_numba_kernels_take_the_arguments_of_their_numpy_twins():
         assert inspect.signature(python_function) == inspect.signature(getattr(numpy_backend, kernel)), kernel
 
 
+
+def test_numba_kernels_are_compiled_for_c_contiguous_arrays_alone():
+    """Every kernel copies a Fortran-ordered or strided argument on its way in (and a written one back
+    out), so Numba compiles it once per dtype, not once per combination of its arguments' layouts."""
+    numba_backend = importlib.import_module("fastnet.backends.numba_backend")
+    from numba import types as numba_types
+    rng = np.random.default_rng(0)
+    x = np.asfortranarray(rng.standard_normal((5, 3)))
+    out = np.full((5, 6), np.nan)[:, ::2]  # strided: written through the copy
+    numba_backend.tanh_forward(x, out)
+    np.testing.assert_allclose(out, np.tanh(x), rtol=1e-12)
+    velocity = np.zeros((3, 4)).T  # Fortran-ordered optimizer state, read and written
+    param, grad = np.ones((4, 3)), np.full((8, 3), 2.0)[::2]
+    numba_backend.momentum_step(param, grad, velocity, 0.5, 0.9, 0.0)
+    np.testing.assert_array_equal(velocity, np.full((4, 3), 2.0))
+    np.testing.assert_array_equal(param, np.zeros((4, 3)))
+    for kernel in backends.KERNELS:
+        compiled = getattr(getattr(numba_backend, kernel), "compiled", None)
+        assert compiled is not None, f"{kernel} is not wrapped in numba_gemm.on_contiguous"
+        layouts = {a.layout for signature in compiled.signatures for a in signature if isinstance(a, numba_types.Array)}
+        assert layouts <= {"C"}, f"{kernel} was compiled for layouts {layouts}"
+    assert numba_backend.tanh_forward.compiled.signatures and numba_backend.momentum_step.compiled.signatures
+
 # --- The command line ---------------------------------------------------------------------------------
 
 def test_cli_unknown_backend_is_one_line_listing_the_available_ones(tiny_npy, tmp_path):

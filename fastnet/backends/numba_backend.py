@@ -17,13 +17,13 @@ passes, the optimizer updates) split their rows or elements across the same thre
 Nothing is summed across threads: every sum is done by one thread in a fixed order, so results
 never depend on thread timing. The losses and count_correct stay serial: a 128 x 10 batch is less
 work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
-starts warm.
+starts warm. Every kernel is compiled for C-contiguous arrays alone (numba_gemm.on_contiguous), which
+is what the model and optimizer pass: an array of another layout is copied on the way in, and out.
 
 Every kernel keeps numpy_backend's return convention (arrays into the caller's outputs, None
 returned; a number only where the result is one). The private helpers have one naming pattern. A
-part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, the
-parallel loop over a product's tiles, which the serial entry calls on C-contiguous arrays;
-`_columns`, a backward kernel's parallel pass over column tiles of dout before its products;
+part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, a
+parallel loop over a product's tiles; `_columns`, a backward kernel's parallel pass over column tiles of dout before its products;
 `_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
 work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
 `_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
@@ -46,7 +46,7 @@ from numba import njit, prange  # noqa: E402
 
 from fastnet.backends import numba_gemm  # noqa: E402
 from fastnet.backends.numba_bf16 import from_bf16, to_bf16  # noqa: E402
-from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, contiguous, copy_back, gemm, product_tile, span,  # noqa: E402
+from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, gemm, on_contiguous, product_tile, span,  # noqa: E402
                                          thread_count)
 from fastnet.backends.numpy_backend import GELU_CUBIC, GELU_SQRT_2_OVER_PI  # noqa: E402
 
@@ -86,6 +86,7 @@ NAME = "numba"
 # --- Data ------------------------------------------------------------------------------------------
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def gather_normalize(images, indices, shift, scale, out, out16=None):
     """out[i] = (images[indices[i]] - shift) * scale, converting each row as it is copied (and
@@ -100,6 +101,7 @@ def gather_normalize(images, indices, shift, scale, out, out16=None):
                 out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
     """out[i] = inputs[indices[i]], times signs where flips[i] is set: a mirrored image, for images
@@ -117,6 +119,7 @@ def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
                 out16[i, j] = to_bf16(out[i, j])
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out,
                              out16=None):
@@ -159,6 +162,7 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
 # --- bfloat16 --------------------------------------------------------------------------------------
 
 
+@on_contiguous("out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def round_to_bf16(x, out16):
     """out16 = x rounded to bfloat16, ties to even (numba_bf16.to_bf16), rows split across threads."""
@@ -167,6 +171,7 @@ def round_to_bf16(x, out16):
             out16[i, j] = to_bf16(x[i, j])
 
 
+@on_contiguous("out")
 @njit(cache=True, parallel=True, error_model="numpy")
 def bf16_to_float32(x16, out):
     """out = the exact float32 values of the bfloat16 bits in x16."""
@@ -177,28 +182,16 @@ def bf16_to_float32(x16, out):
 
 # --- Dense layer -----------------------------------------------------------------------------------
 
-# Each dense kernel is a serial entry and a parallel loop. The entry hands the loop C-contiguous arrays
-# (np.ascontiguousarray returns a C array itself, and copies any other layout, which the model never
-# passes; copy_back returns what was written into such a copy), so the loop, slow to compile, is
-# compiled once per dtype and not once per layout. Forward (<kernel>_tiles): one prange iteration per
-# tile of the output (numba_gemm.product_tile); the thread that computed a tile adds its bias and
-# applies its activation. Backward (<kernel>_columns): a first pass over column tiles of dout applies
-# the activation's derivative in place and sums each column for db, in batch order, then
-# _weight_and_input_grads_tiles splits dW by its rows and dx by its rows (the batch).
+# Forward: one prange iteration per tile of the output (numba_gemm.product_tile); the thread that
+# computed a tile adds its bias and applies its activation. Backward (<kernel>_columns): a first pass
+# over column tiles of dout applies the activation's derivative in place and sums each column for db,
+# in batch order, then _weight_and_input_grads_tiles splits dW by its rows and dx by its rows (the batch).
 
 
-@njit(cache=True, error_model="numpy")
+@on_contiguous("out", "out16")
+@njit(cache=True, parallel=True, error_model="numpy")
 def dense_forward(x, W, b, out, out16=None):
     """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
-    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out, work16)
-    copy_back(out, work_out)
-    copy_back(out16, work16)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _dense_forward_tiles(x, W, b, out, out16):
-    """The tiles of dense_forward, on C-contiguous arrays."""
     parts = thread_count()
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
@@ -211,19 +204,10 @@ def _dense_forward_tiles(x, W, b, out, out16):
                     out16[i, j] = to_bf16(z)
 
 
-@njit(cache=True, error_model="numpy")
+@on_contiguous("out", "out16")
+@njit(cache=True, parallel=True, error_model="numpy")
 def dense_relu_forward(x, W, b, out, out16=None):
     """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
-    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_relu_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
-                              work16)
-    copy_back(out, work_out)
-    copy_back(out16, work16)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _dense_relu_forward_tiles(x, W, b, out, out16):
-    """The tiles of dense_relu_forward, on C-contiguous arrays."""
     zero = out.dtype.type(0)
     parts = thread_count()
     for part in prange(parts):
@@ -237,16 +221,13 @@ def _dense_relu_forward_tiles(x, W, b, out, out16):
                     out16[i, j] = to_bf16(z)
 
 
+@on_contiguous("dW", "db", "dx", "dout16")
 @njit(cache=True, error_model="numpy")
 def dense_backward(dout, x, W, dW, db, dx, dout16=None):
     """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None; with
     dout16, dout's bf16 copy is written in the column-sum pass and the products read it."""
-    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _dense_backward_columns(work_dout, work_db, work16)
-    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
-    copy_back(dout, work_dout)
-    copy_back(db, work_db)
-    copy_back(dout16, work16)
+    _dense_backward_columns(dout, db, dout16)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -263,16 +244,13 @@ def _dense_backward_columns(dout, db, dout16):
                     dout16[i, j] = to_bf16(dout[i, j])
 
 
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
 @njit(cache=True, error_model="numpy")
 def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
     in the same pass (writing dout16 there too), then the two GEMMs."""
-    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _dense_relu_backward_columns(work_dout, np.ascontiguousarray(out), work_db, work16)
-    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
-    copy_back(dout, work_dout)
-    copy_back(db, work_db)
-    copy_back(dout16, work16)
+    _dense_relu_backward_columns(dout, out, db, dout16)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -295,15 +273,12 @@ def _dense_relu_backward_columns(dout, out, db, dout16):
 
 @njit(cache=True, error_model="numpy")
 def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
-    """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T, written into contiguous copies of
-    outputs that are not. The products read dout16 instead of dout when it is given."""
-    work_dW, work_dx = np.ascontiguousarray(dW), contiguous(dx)
+    """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T. The products read dout16 instead of
+    dout when it is given."""
     if dout16 is None:
-        _weight_and_input_grads_tiles(dout, x, W, work_dW, work_dx)
+        _weight_and_input_grads_tiles(dout, x, W, dW, dx)
     else:
-        _weight_and_input_grads_tiles(dout16, x, W, work_dW, work_dx)
-    copy_back(dx, work_dx)
-    copy_back(dW, work_dW)
+        _weight_and_input_grads_tiles(dout16, x, W, dW, dx)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -318,6 +293,7 @@ def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
             gemm(dout[b0:b1], W.T, dx[b0:b1])
 
 
+@on_contiguous("dx")
 @njit(cache=True, parallel=True, error_model="numpy")
 def relu_backward(dout, out, dx):
     """dx = dout where out > 0, else 0; dx may be dout itself."""
@@ -333,6 +309,7 @@ def relu_backward(dout, out, dx):
 # ReLU's do. Constants are converted to the arrays' dtype once, so float32 stays float32.
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def relu_forward(x, out, out16=None):
     """out = max(x, 0); out may be x."""
@@ -345,6 +322,7 @@ def relu_forward(x, out, out16=None):
                 out16[i, j] = to_bf16(z)
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def leaky_relu_forward(x, negative_slope, out, out16=None):
     """out = x where x > 0, else negative_slope * x; out may be x."""
@@ -358,6 +336,7 @@ def leaky_relu_forward(x, negative_slope, out, out16=None):
                 out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("dx")
 @njit(cache=True, parallel=True, error_model="numpy")
 def leaky_relu_backward(dout, out, negative_slope, dx):
     """dx = dout where out > 0, else negative_slope * dout; dx may be dout."""
@@ -368,19 +347,10 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
             dx[i, j] = g if out[i, j] > zero else g * slope
 
 
-@njit(cache=True, error_model="numpy")
+@on_contiguous("out", "out16")
+@njit(cache=True, parallel=True, error_model="numpy")
 def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
-    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_leaky_relu_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b),
-                                    negative_slope, work_out, work16)
-    copy_back(out, work_out)
-    copy_back(out16, work16)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _dense_leaky_relu_forward_tiles(x, W, b, negative_slope, out, out16):
-    """The tiles of dense_leaky_relu_forward, on C-contiguous arrays."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
     parts = thread_count()
     for part in prange(parts):
@@ -395,15 +365,12 @@ def _dense_leaky_relu_forward_tiles(x, W, b, negative_slope, out, out16):
                     out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
 @njit(cache=True, error_model="numpy")
 def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
     """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
-    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _dense_leaky_relu_backward_columns(work_dout, np.ascontiguousarray(out), negative_slope, work_db, work16)
-    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
-    copy_back(dout, work_dout)
-    copy_back(db, work_db)
-    copy_back(dout16, work16)
+    _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -436,6 +403,7 @@ def _tanh_via_exp(z):
     return 1.0 - 2.0 / (np.exp(2.0 * z) + 1.0)
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def tanh_forward(x, out, out16=None):
     """out = tanh(x); out may be x."""
@@ -449,6 +417,7 @@ def tanh_forward(x, out, out16=None):
                 out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("dx")
 @njit(cache=True, parallel=True, error_model="numpy")
 def tanh_backward(dout, out, dx):
     """dx = dout * (1 - out**2); dx may be dout."""
@@ -458,19 +427,10 @@ def tanh_backward(dout, out, dx):
             dx[i, j] = dout[i, j] * (one - out[i, j] * out[i, j])
 
 
-@njit(cache=True, error_model="numpy")
+@on_contiguous("out", "out16")
+@njit(cache=True, parallel=True, error_model="numpy")
 def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
-    work_out, work16 = np.ascontiguousarray(out), contiguous(out16)
-    _dense_tanh_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_out,
-                              work16)
-    copy_back(out, work_out)
-    copy_back(out16, work16)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _dense_tanh_forward_tiles(x, W, b, out, out16):
-    """The tiles of dense_tanh_forward, on C-contiguous arrays."""
     real = out.dtype.type
     fast = out.itemsize == 4
     parts = thread_count()
@@ -486,15 +446,12 @@ def _dense_tanh_forward_tiles(x, W, b, out, out16):
                     out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
 @njit(cache=True, error_model="numpy")
 def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
-    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _dense_tanh_backward_columns(work_dout, np.ascontiguousarray(out), work_db, work16)
-    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
-    copy_back(dout, work_dout)
-    copy_back(db, work_db)
-    copy_back(dout16, work16)
+    _dense_tanh_backward_columns(dout, out, db, dout16)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -532,6 +489,7 @@ def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
     return s + z * (two_root * (one + three_cubic * (z * z))) * s * (e * s)
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def gelu_forward(x, out, out16=None):
     """out = gelu(x), tanh approximation."""
@@ -545,6 +503,7 @@ def gelu_forward(x, out, out16=None):
                 out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("dx")
 @njit(cache=True, parallel=True, error_model="numpy")
 def gelu_backward(dout, x, dx):
     """dx = dout * gelu'(x); dx may be dout."""
@@ -556,20 +515,10 @@ def gelu_backward(dout, x, dx):
             dx[i, j] = dout[i, j] * _gelu_slope(x[i, j], one, two_root, cubic, three_cubic, cap)
 
 
-@njit(cache=True, error_model="numpy")
+@on_contiguous("pre", "out", "out16")
+@njit(cache=True, parallel=True, error_model="numpy")
 def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
-    work_pre, work_out, work16 = np.ascontiguousarray(pre), np.ascontiguousarray(out), contiguous(out16)
-    _dense_gelu_forward_tiles(np.ascontiguousarray(x), np.ascontiguousarray(W), np.ascontiguousarray(b), work_pre,
-                              work_out, work16)
-    copy_back(pre, work_pre)
-    copy_back(out, work_out)
-    copy_back(out16, work16)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _dense_gelu_forward_tiles(x, W, b, pre, out, out16):
-    """The tiles of dense_gelu_forward, on C-contiguous arrays."""
     real = out.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
     parts = thread_count()
@@ -586,15 +535,12 @@ def _dense_gelu_forward_tiles(x, W, b, pre, out, out16):
                     out16[i, j] = to_bf16(y)
 
 
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
 @njit(cache=True, error_model="numpy")
 def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
-    work_dout, work_db, work16 = np.ascontiguousarray(dout), np.ascontiguousarray(db), contiguous(dout16)
-    _dense_gelu_backward_columns(work_dout, np.ascontiguousarray(pre), work_db, work16)
-    _weight_and_input_grads(work_dout, work16, np.ascontiguousarray(x), np.ascontiguousarray(W), dW, dx)
-    copy_back(dout, work_dout)
-    copy_back(db, work_db)
-    copy_back(dout16, work16)
+    _dense_gelu_backward_columns(dout, pre, db, dout16)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -618,6 +564,7 @@ def _dense_gelu_backward_columns(dout, pre, db, dout16):
 # --- Layer normalisation ---------------------------------------------------------------------------
 
 
+@on_contiguous("xhat", "inv_std", "out")
 @njit(cache=True, parallel=True, error_model="numpy")
 def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
     """Layer norm one row at a time, the rows split across the threads."""
@@ -648,6 +595,7 @@ def _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i):
         out[i, j] = h * gain[j] + bias[j]
 
 
+@on_contiguous("dgain", "dbias", "dx")
 @njit(cache=True, parallel=True, error_model="numpy")
 def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
     """Layer norm's gradients: dgain and dbias by column tiles, each column summed in batch order;
@@ -688,6 +636,7 @@ def _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i):
 # --- Dropout ---------------------------------------------------------------------------------------
 
 
+@on_contiguous("out", "out16")
 @njit(cache=True, parallel=True, error_model="numpy")
 def dropout(x, uniform, rate, out, out16=None):
     """Inverted dropout with the caller's uniform numbers; its own backward. out may be x."""
@@ -715,6 +664,7 @@ def _row_max(logits, i):
     return top
 
 
+@on_contiguous("dlogits")
 @njit(cache=True, error_model="numpy")
 def softmax_cross_entropy(logits, labels, dlogits):
     """Mean softmax cross-entropy and its gradient, one row at a time: the row's maximum, then its
@@ -739,6 +689,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
     return total / batch
 
 
+@on_contiguous("dlogits")
 @njit(cache=True, error_model="numpy")
 def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
     """softmax_cross_entropy against label-smoothed targets, one row at a time as there; the row's
@@ -768,6 +719,7 @@ def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
     return total / batch
 
 
+@on_contiguous()
 @njit(cache=True, error_model="numpy")
 def count_correct(logits, labels):
     """Rows whose first largest logit is at the label, as np.argmax breaks ties."""
@@ -784,22 +736,23 @@ def count_correct(logits, labels):
 # --- Gradient clipping -----------------------------------------------------------------------------
 
 
+@on_contiguous()
 @njit(cache=True, error_model="numpy")
 def sum_of_squares(x):
     """The sum of x's squared elements as a float: BLAS's dot of x with itself, as in the reference,
-    which reads the array once at memory speed. A gradient is contiguous, so ravel is a view."""
+    which reads the array once at memory speed."""
     flat = np.ravel(x)
     return float(np.dot(flat, flat))
 
 
 # --- Optimizer updates -----------------------------------------------------------------------------
 # Each kernel is an entry that flattens its arrays and a parallel loop over their elements.
-# Parameters and state are C-contiguous (the model and optimizer allocate them so), so reshape(-1)
-# is a view; np.ravel copies only a gradient that is not. The bf16 copy, when given, is written from
+# Every array arrives C-contiguous, so reshape(-1) and np.ravel are views. The bf16 copy, when given, is written from
 # each updated element in the same loop. (The entry flattens it too: flattened inside the parallel
 # function, by a helper, Numba's parfors dropped the writes to it.)
 
 
+@on_contiguous("param", "param16")
 @njit(cache=True, error_model="numpy")
 def sgd_step(param, grad, lr, weight_decay, param16=None):
     """param -= lr * (grad + weight_decay * param)."""
@@ -820,6 +773,7 @@ def _sgd_step_elements(p, g, shrink, lr, p16):
             p16[i] = to_bf16(p[i])
 
 
+@on_contiguous("param", "velocity", "param16")
 @njit(cache=True, error_model="numpy")
 def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """v = momentum * v + grad + weight_decay * param; param -= lr * v."""
@@ -840,6 +794,7 @@ def _momentum_step_elements(p, g, v, lr, momentum, decay, p16):
             p16[i] = to_bf16(p[i])
 
 
+@on_contiguous("param", "velocity", "param16")
 @njit(cache=True, error_model="numpy")
 def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """g' = grad + weight_decay * param; v = momentum * v + g'; param -= lr * (g' + momentum * v)."""
@@ -861,12 +816,14 @@ def _nesterov_step_elements(p, g, v, lr, momentum, decay, p16):
             p16[i] = to_bf16(p[i])
 
 
+@on_contiguous("param", "m", "v", "param16")
 @njit(cache=True, error_model="numpy")
 def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """Adam with bias correction and L2 weight decay added to the gradient."""
     _adam(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, 0.0, step, param16)
 
 
+@on_contiguous("param", "m", "v", "param16")
 @njit(cache=True, error_model="numpy")
 def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """AdamW: the weight decay shrinks the parameter instead of entering the moments."""

@@ -20,7 +20,9 @@ signature, whichever library it finds.
 
 import ctypes
 import ctypes.util
+import functools
 import glob
+import inspect
 import os
 import sys
 
@@ -28,7 +30,6 @@ import llvmlite.binding
 import numba
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from fastnet import cpu
@@ -252,11 +253,6 @@ def _layout(a, itemsize):
 
 
 @njit(cache=True, nogil=True)
-def has_unit_stride(a):
-    return _layout(a, a.itemsize)[0] != 0
-
-
-@njit(cache=True, nogil=True)
 def gemm(a, b, out):
     """out = a @ b as one BLAS call on the calling thread. a and b need a unit stride along one axis
     (row-major arrays and their transposes); out along its rows. Nothing is allocated. a and b may
@@ -282,28 +278,38 @@ def gemm(a, b, out):
                lead_out)
 
 
-def contiguous(array):
-    """np.ascontiguousarray of an optional array: None stays None, so that a kernel's optional
-    output is handled like its others."""
-    return None if array is None else np.ascontiguousarray(array)
+def on_contiguous(*written):
+    """Compile a kernel for C-contiguous arrays alone; `written` names the arguments it writes.
 
+    Numba compiles a function once per combination of its arguments' layouts (C, Fortran, strided),
+    and the equivalence suite passes all three: a seven-array backward kernel compiled 36 times, and
+    the first test run spent most of its time compiling. The entry this returns hands the compiled
+    kernel its arguments as they are when every array is C-contiguous, as the model's and the
+    optimizer's always are; otherwise it passes C-contiguous copies and writes the written ones back.
+    """
+    def decorate(kernel):
+        signature = inspect.signature(kernel.py_func)
+        positions = [list(signature.parameters).index(name) for name in written]
 
-@overload(contiguous)
-def _contiguous(array):
-    # Chosen by type, not by an `is None` test, which Numba would type as an Optional result.
-    if isinstance(array, types.NoneType):
-        return lambda array: None
-    return lambda array: np.ascontiguousarray(array)
+        @functools.wraps(kernel.py_func)
+        def entry(*args, **kwargs):
+            if kwargs:
+                args = signature.bind(*args, **kwargs).args
+            for a in args:  # a loop, not all(...): this runs before every kernel call of every step
+                if isinstance(a, np.ndarray) and not a.flags["C_CONTIGUOUS"]:
+                    break
+            else:
+                return kernel(*args)
+            work = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in args]
+            result = kernel(*work)
+            for i in positions:
+                if i < len(args) and work[i] is not args[i]:
+                    args[i][...] = work[i]
+            return result
 
-
-@njit(cache=True, nogil=True)
-def copy_back(array, work):
-    """Write `work`, a contiguous copy of `array` that a kernel computed into, back into it; nothing
-    when work is array itself (np.ascontiguousarray of a C array), or when array is None."""
-    if array is None:
-        return
-    if work.ctypes.data != array.ctypes.data:
-        array[...] = work
+        entry.compiled = kernel  # the Numba dispatcher, for what inspects its compilations
+        return entry
+    return decorate
 
 
 # --- Whole products, split across the threads -----------------------------------------------------------
@@ -318,18 +324,15 @@ def product_tile(rows, columns, parts, part):
     return start, stop, 0, columns
 
 
-@njit(cache=True)
 def matmul(a, b, out):
     """out = a @ b, one tile per thread: the driver's plain product, which the dense kernels repeat
-    with their epilogues. a and b may be transposed views (BLAS reads them as they are) or strided
-    (copied first); out is written in place whatever its layout."""
-    if not has_unit_stride(a):
-        a = np.ascontiguousarray(a)
-    if not has_unit_stride(b):
-        b = np.ascontiguousarray(b)
+    with their epilogues. a and b may be transposed views (BLAS reads them as they are); another
+    layout is copied first. out is written in place whatever its layout."""
+    a, b = (m if m.flags.c_contiguous or m.flags.f_contiguous else np.ascontiguousarray(m) for m in (a, b))
     work = np.ascontiguousarray(out)
     _matmul_tiles(a, b, work)
-    copy_back(out, work)
+    if work is not out:
+        out[...] = work
 
 
 @njit(cache=True, parallel=True)
