@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from fastnet import __version__, backends, bench, data, precision, report
-from fastnet.errors import FastnetError, Interrupted, SettingError
+from fastnet import __version__, backends, bench, data, distributed, precision, report
+from fastnet.errors import FastnetError, Interrupted, PeerLost, SettingError
 from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
@@ -188,6 +188,12 @@ def build_parser():
                    help="continue the run in RUN_DIR from its checkpoint.npz, with its own settings")
     t.add_argument("--plot", action="store_true",
                    help="at the end, draw curves.png and confusion.png into the run folder (needs matplotlib)")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over MPI, one process per share of each batch: launch as "
+                        "mpirun -n N fastnet train --distributed ... (needs mpi4py; --threads defaults to the "
+                        "cores per rank)")
+    t.add_argument("--peer-timeout", type=float, default=distributed.PEER_TIMEOUT, metavar="SECONDS",
+                   help="with --distributed: stop when a rank has sent nothing for this long (default: %(default)g)")
 
     e = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a model")
     e.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
@@ -294,8 +300,13 @@ def run_train(args):
         config = resumed_config(args.resume, **given)
     else:
         config = recipe_config(**given)
+    parallel = distributed.start(args.peer_timeout) if args.distributed else None
+    if parallel is not None and args.threads is None:
+        args.threads = parallel.default_threads()
     with blas_threads(args, config.backend):
-        summary = train(config, resume=bool(args.resume))
+        summary = train(config, resume=bool(args.resume), parallel=parallel)
+        if parallel is not None and not parallel.writes:
+            return
         if args.plot:
             print("wrote " + " and ".join(report.plot_run(summary["out"], data=config.data, backend=config.backend)))
     kept, epochs = summary["kept"], summary["epoch"]
@@ -435,7 +446,10 @@ def main(argv=None):
          "predict": run_predict, "plot": run_plot, "runs": run_runs}[args.command](args)
     except FastnetError as exc:
         message = exc.on_command_line() if isinstance(exc, SettingError) else exc
-        print(f"fastnet: error: {message}", file=sys.stderr)
+        # Every rank of a data-parallel run meets the same bad setting: rank 0 says it once.
+        if distributed.running is None or distributed.running.writes or isinstance(exc, PeerLost):
+            print(f"fastnet: error: {message}", file=sys.stderr)
+        distributed.abort(exc.exit_status)
         return exc.exit_status
     except Interrupted as exc:
         print(f"fastnet: {exc}", file=sys.stderr)

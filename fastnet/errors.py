@@ -47,6 +47,13 @@ class DatabaseLost(FastnetError):
     exit_status = 3
 
 
+class PeerLost(FastnetError):
+    """A rank of a data-parallel run that died or stopped answering: its own status, since the last
+    checkpoint is kept and the same command with --resume continues."""
+
+    exit_status = 3
+
+
 class DivergenceError(FastnetError):
     """Training produced a NaN or infinity; its own status, so scripts can retry with a lower rate."""
 

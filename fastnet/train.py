@@ -198,6 +198,10 @@ class EvaluationInputs:
     def evaluate(self, net, labels):
         return evaluate(net, self.images, labels, self.shift, self.scale, self.mirrored)
 
+    def rows(self, start, stop):
+        mirrored = None if self.mirrored is None else self.mirrored[start:stop]
+        return EvaluationInputs(self.images[start:stop], self.shift, self.scale, mirrored)
+
 
 def evaluation_inputs(images, sample_shape, shift, scale, projection=None, kernels=None, tta=None):
     """The EvaluationInputs of `images` for a network on pixels standardised by (shift, scale), or with
@@ -228,7 +232,12 @@ class StepOptions:
     augmentation: data.Augmentation | None = None
     label_smoothing: float = 0.0
     clip: float | None = None  # the largest global gradient norm; larger gradients are scaled down
-    after_backward: object = None  # called as after_backward(net, ws) between backward and clipping
+    # called as after_backward(net, ws, loss, correct) between backward and clipping; may return the
+    # step's (loss, correct) instead (a data-parallel driver returns the global batch's)
+    after_backward: object = None
+    # called as share(batch, rng) -> (the rows of batch this process trains on, the generator its
+    # draws come from): a data-parallel driver's share of each global batch
+    share: object = None
 
 
 def warm_up(net, optimizer, images_dtype, options=StepOptions()):
@@ -240,7 +249,7 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
                                   copies=scratch.param_copies)
     # Not the run's generator, nor its after_backward hook: the scratch steps are no part of the run.
-    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None)
+    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None, share=None)
     ws = scratch.workspace(2)
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
@@ -332,16 +341,16 @@ def data_fingerprint(labels, mean, std, input_size, num_classes):
             "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
-def train(config, log=print, resume=False, after_backward=None, after_epoch=None):
+def train(config, log=print, resume=False, after_backward=None, after_epoch=None, parallel=None):
     """Run the training that `config` describes; returns outcome(): the last epoch's metrics, the
     run folder, and the metrics of the epoch that model.npz keeps.
 
     With resume=True, continue the run in `config.out` from its checkpoint.npz. Everything a
     fresh run does first (validation split, initialisation) is repeated, then overwritten with the
     saved state, so both paths share one code path and a resumed run is bit-identical to one that
-    never stopped. The hooks are TrainingRun's.
+    never stopped. The hooks, and `parallel`, are TrainingRun's.
     """
-    return TrainingRun(config, log, resume, after_backward, after_epoch).execute()
+    return TrainingRun(config, log, resume, after_backward, after_epoch, parallel).execute()
 
 
 class TrainingRun:
@@ -353,10 +362,21 @@ class TrainingRun:
         gradients are in ws.grads (a data-parallel driver sums them across processes here);
     after_epoch(summary): after each epoch's metrics, checkpoint and log line; returning True stops
         the run there, as finished (a sweep reports the validation accuracy here, and prunes).
+
+    With `parallel` (a distributed.DataParallel), this process is one rank of a data-parallel run: its
+    steps train on the rank's share of each batch and sum the gradients across ranks (the driver's
+    share and after_backward), evaluation is split across the ranks, the ranks agree on when to stop,
+    and only rank 0 logs and writes the run folder.
     """
 
-    def __init__(self, config, log=print, resume=False, after_backward=None, after_epoch=None):
-        self.config, self.log, self.resume = config, log, resume
+    def __init__(self, config, log=print, resume=False, after_backward=None, after_epoch=None, parallel=None):
+        self.config, self.resume, self.parallel = config, resume, parallel
+        self.writes = parallel is None or parallel.writes
+        self.log = log if self.writes else (lambda line: None)
+        if parallel is not None:
+            if after_backward is not None:
+                raise ValueError("a data-parallel run's after_backward is its driver's")
+            after_backward = parallel.after_backward
         self.after_backward, self.after_epoch = after_backward, after_epoch
 
     def execute(self):
@@ -411,7 +431,8 @@ class TrainingRun:
                                    f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
         if config.flip or config.translate or config.cutout:
             augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
-        self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, self.after_backward)
+        self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, self.after_backward,
+                                   self.parallel and self.parallel.share)
         self.optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
                                    weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
         steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
@@ -451,13 +472,18 @@ class TrainingRun:
     def open_run_folder(self):
         """The run folder with config.json and the metrics so far, and the run's first log line."""
         config, net, progress, saved = self.config, self.net, self.progress, self.saved
-        self.out = out = make_run_dir(config.out)
-        checkpoint.remove_temporaries(out)
+        out = make_run_dir(config.out) if self.writes else None
+        if self.parallel is not None:
+            out = self.parallel.broadcast(out)  # rank 0 names a new run's folder
+        self.out = out
+        if self.writes:
+            checkpoint.remove_temporaries(out)
         run_config = dataclasses.asdict(config) | {
             "backend": net.backend, "sizes": self.sizes, "out": out, "startup_seconds": self.startup_seconds,
             "data_source": self.dataset.source, "train_size": len(self.train_images), "blas": blas_libraries(),
             "parallelism": backends.parallelism(net.backend), "numerics": self.numerics,
-            "data_fingerprint": self.fingerprint, "preprocess_seconds": self.preprocess_seconds}
+            "data_fingerprint": self.fingerprint, "preprocess_seconds": self.preprocess_seconds,
+            "distributed": self.parallel and self.parallel.describe()}
         run_config["started"] = datetime.now().isoformat(timespec="seconds")
         if saved is not None:
             run_config["started"] = saved.config.get("started", run_config["started"])
@@ -467,9 +493,14 @@ class TrainingRun:
                 self.log(f"note: the run trained on the {before[0]} backend with {before[1]} threads and resumes on "
                          f"{net.backend} with {run_config['parallelism']['threads']}: it will match a run that never "
                          f"stopped to float32 rounding, not bit for bit (products are split per thread)")
+            ranks = [(c or {}).get("ranks", 1) for c in (saved.config.get("distributed"), run_config["distributed"])]
+            if ranks[0] != ranks[1]:
+                self.log(f"note: the run trained on {ranks[0]} ranks and resumes on {ranks[1]}: it will match a run "
+                         f"that never stopped to float32 rounding, not bit for bit (the gradients are summed per rank)")
         self.run_config = run_config
-        checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
-        write_metrics(out, progress.history)
+        if self.writes:
+            checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
+            write_metrics(out, progress.history)
         where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
                  else f"{len(self.train_images)} training images from {self.dataset.source}")
         inputs = (f" on the top {config.pca} principal components of {self.dataset.input_size} inputs"
@@ -477,6 +508,8 @@ class TrainingRun:
         if config.precision == "bf16":
             inputs += (f", bf16 mixed precision ({', '.join(self.numerics['instructions'])}; "
                        f"{self.numerics['gemm']})")
+        if self.parallel is not None:
+            inputs += f", data-parallel on {self.parallel.size} ranks"
         self.log(f"fastnet: {'-'.join(map(str, self.sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
                  f"{self.startup_seconds:.2f} s), {where}; writing to {out}/")
 
@@ -484,6 +517,10 @@ class TrainingRun:
         net, progress, dataset = self.net, self.progress, self.dataset
         if not all(np.isfinite(p).all() for p in net.params):
             raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", self.config.lr)
+        if self.parallel is not None:
+            self.parallel.check_same_parameters(net.params)
+            if not self.writes:
+                return
         extra = self.optimizer.state_arrays() | {"progress": np.array(json.dumps(progress.state(self.rng)))}
         if progress.order is not None:
             extra["order"] = progress.order
@@ -494,8 +531,12 @@ class TrainingRun:
         """Epochs until the last, a stop request, or after_epoch returning True."""
         config, every = self.config, self.config.checkpoint_every
         with StopRequests() as stop:
+            if self.parallel is not None:  # every rank stops at the step where any rank was asked to
+                self.parallel.stop_requested = lambda: stop.signum is not None
+
             def pause(step):
-                return stop.signum is not None or (every is not None and step % every == 0)
+                stopping = stop.signum is not None if self.parallel is None else self.parallel.stopping
+                return stopping or (every is not None and step % every == 0)
 
             while self.progress.epochs_done < config.epochs:
                 if self.train_one_epoch(pause, stop):
@@ -520,42 +561,55 @@ class TrainingRun:
 
         if progress.seen < len(progress.order):  # paused inside the epoch
             self.save_checkpoint()
-            if stop.signum is not None:
-                raise interrupted(stop.signum, progress, self.out)
+            if self.stopping(stop):
+                raise interrupted(stop.signum or signal.SIGTERM, progress, self.out)
             return False
 
         summary = self.epoch_metrics(epoch)
         self.progress = dataclasses.replace(Progress(), epochs_done=epoch, step=progress.step,
                                             history=progress.history + [summary])
         self.save_checkpoint()
-        write_metrics(self.out, self.progress.history)
-        if best_epoch(self.progress.history) == epoch:
+        if self.writes:
+            write_metrics(self.out, self.progress.history)
+        if self.writes and best_epoch(self.progress.history) == epoch:
             checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, self.dataset.sample_shape,
                             self.dataset.class_names, self.run_config, {"epoch": np.array(epoch)}, self.projection)
         self.log(format_epoch(summary, config.epochs))
-        if stop.signum is not None and self.progress.epochs_done < config.epochs:
-            raise interrupted(stop.signum, self.progress, self.out)
+        if self.stopping(stop) and self.progress.epochs_done < config.epochs:
+            raise interrupted(stop.signum or signal.SIGTERM, self.progress, self.out)
         return bool(self.after_epoch is not None and self.after_epoch(summary))
+
+    def stopping(self, stop):
+        return stop.signum is not None if self.parallel is None else self.parallel.stopping
 
     def epoch_metrics(self, epoch):
         """The finished epoch's summary: training figures, test (and validation) loss and accuracy."""
         config, progress = self.config, self.progress
-        test = self.evaluation_sets["test"].evaluate(self.net, self.dataset.test_labels)
+        test = self.evaluation("test", self.dataset.test_labels)
         summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
-                   "train_acc": progress.correct / progress.seen, "test_loss": test.loss,
-                   "test_acc": test.accuracy, "epoch_seconds": progress.seconds,
+                   "train_acc": progress.correct / progress.seen, "test_loss": test[0],
+                   "test_acc": test[1], "epoch_seconds": progress.seconds,
                    "samples_per_second": progress.seen / progress.seconds, "lr": self.schedule(progress.step - 1),
                    "train_seconds": self.preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
                    + progress.seconds}
         if config.tta:
             summary["tta"] = config.tta  # the test (and validation) figures are of flip-averaged logits
         if self.val_images is not None:
-            val = self.evaluation_sets["val"].evaluate(self.net, self.val_labels)
-            summary |= {"val_loss": val.loss, "val_acc": val.accuracy}
+            val = self.evaluation("val", self.val_labels)
+            summary |= {"val_loss": val[0], "val_acc": val[1]}
         for name in ("train_loss", "test_loss", "val_loss"):
             if not math.isfinite(summary.get(name, 0.0)):
                 raise diverged(epoch, progress.step, f"the {name.replace('_', ' ')} is {summary[name]}", config.lr)
         return summary
+
+    def evaluation(self, name, labels):
+        """(loss, accuracy) of the network on evaluation set `name`; split across the ranks of a
+        data-parallel run."""
+        inputs = self.evaluation_sets[name]
+        if self.parallel is None:
+            result = inputs.evaluate(self.net, labels)
+            return result.loss, result.accuracy
+        return self.parallel.split_evaluation(EvaluationInputs.evaluate, inputs, self.net, labels)
 
     def finish(self):
         for line in time_to_accuracy(self.progress.history):
@@ -719,18 +773,20 @@ def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, b
 def training_step(net, optimizer, images, labels, shift, scale, batch, lr, options):
     """One minibatch: gather (and augment) images[batch], forward, backward, update. Returns (mean
     loss, correct predictions); the parameters are updated even when the loss is not finite."""
-    k = net.kernels
+    k, rng = net.kernels, options.rng
+    if options.share is not None:
+        batch, rng = options.share(batch, rng)
     ws = net.workspace(len(batch))
     if options.augmentation is not None:
-        options.augmentation.apply(k, images, batch, options.rng, shift, scale, ws.inputs, ws.inputs16)
+        options.augmentation.apply(k, images, batch, rng, shift, scale, ws.inputs, ws.inputs16)
     else:
         k.gather_normalize(images, batch, shift, scale, ws.inputs, ws.inputs16)
     np.take(labels, batch, out=ws.labels)
-    net.run_forward(ws, options.rng, rounded_inputs=True)
+    net.run_forward(ws, rng, rounded_inputs=True)
     correct = k.count_correct(ws.logits, ws.labels)
     loss = net.run_backward(ws, options.label_smoothing)
     if options.after_backward is not None:
-        options.after_backward(net, ws)
+        loss, correct = options.after_backward(net, ws, loss, correct) or (loss, correct)
     if options.clip is not None:
         net.clip_grad_norm(ws.grads, options.clip)
     optimizer.step(ws.grads, lr)

@@ -204,7 +204,8 @@ def test_numba_kernels_are_compiled_for_c_contiguous_arrays_alone():
     for kernel in backends.KERNELS:
         compiled = getattr(getattr(numba_backend, kernel), "compiled", None)
         assert compiled is not None, f"{kernel} is not wrapped in numba_gemm.on_contiguous"
-        layouts = {a.layout for signature in compiled.signatures for a in signature if isinstance(a, numba_types.Array)}
+        layouts = {a.layout for signature in compiled.signatures for a in signature
+                   if isinstance(a, numba_types.Array)}
         assert layouts <= {"C"}, f"{kernel} was compiled for layouts {layouts}"
     assert numba_backend.tanh_forward.compiled.signatures and numba_backend.momentum_step.compiled.signatures
 

@@ -261,7 +261,7 @@ def test_after_backward_sees_every_steps_gradients_before_the_update(tiny_npy, t
     that zeroes them leaves the parameters where the seed put them (no weight decay)."""
     calls = []
 
-    def zero_the_gradients(net, ws):
+    def zero_the_gradients(net, ws, loss, correct):
         calls.append(float(sum(np.abs(g).sum() for g in ws.grads)))
         for g in ws.grads:
             g[...] = 0

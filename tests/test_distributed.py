@@ -1,0 +1,259 @@
+"""Data-parallel training over MPI (fastnet.distributed), run as users run it: `mpirun -n N python -m
+fastnet train --distributed`, against one process on the same global batches.
+
+Under CI (.ci/run installs Debian's Open MPI and mpi4py) a missing mpirun is a failure, not a skip.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastnet import checkpoint
+from fastnet.distributed import RowShare, share_bounds
+from fastnet.model import MLP
+from helpers import assert_one_line_error, fastnet, save_brightness_classes, unavailable
+
+# Open MPI refuses root unless told twice (CI runs as root); oversubscribe: more ranks than cores; its
+# own connections on loopback.
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_oob_tcp_if_include": "lo",
+           "OMPI_MCA_btl_tcp_if_include": "lo"}
+LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_")
+
+
+def mpirun_command(ranks, *args):
+    if shutil.which("mpirun") is None:
+        unavailable("mpirun is not installed: apt-get install openmpi-bin (and pip install mpi4py)")
+    return ["mpirun", "-n", str(ranks), sys.executable, "-m", "fastnet", *map(str, args)]
+
+
+def environment():
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FASTNET_", *LAUNCHER_PREFIXES))} | MPI_ENV
+
+
+def mpirun(ranks, *args):
+    return subprocess.run(mpirun_command(ranks, *args), env=environment(), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """300 training and 90 test 4x4 images of three brightness classes."""
+    return save_brightness_classes(tmp_path_factory.mktemp("images"), np.random.default_rng(0),
+                                   {"train": 300, "test": 90}, side=4, step=80, base=40, noise=20)
+
+
+def parameters(run):
+    return checkpoint.load(os.path.join(run, "checkpoint.npz")).trained_net.params
+
+
+def train_both_ways(tmp_path, images, ranks, *settings):
+    """The same run on `ranks` ranks (one thread each) and in one process; returns both run folders."""
+    common = ["train", "--data", images, *settings]
+    together = tmp_path / f"ranks{ranks}"
+    result = mpirun(ranks, *common, "--distributed", "--out", together)
+    assert result.returncode == 0, result.stderr
+    alone = tmp_path / "alone"
+    result = fastnet(*common, "--out", alone)
+    assert result.returncode == 0, result.stderr
+    return together, alone
+
+
+@pytest.mark.parametrize("ranks, backend, settings", [
+    (2, "numba", ["--hidden", "7", "--batch-size", "300"]),  # the whole set in one batch: one step
+    (2, "numpy", ["--hidden", "7", "--batch-size", "300"]),
+    (3, "numba", ["--hidden", "17,5", "--batch-size", "299", "--dropout", "0.2", "--flip", "--translate", "1"]),
+])
+def test_one_step_on_n_ranks_is_the_one_process_step_to_float32_rounding(tmp_path, images, ranks, backend, settings):
+    together, alone = train_both_ways(tmp_path, images, ranks, "--backend", backend, "--epochs", 1, "--lr", 0.1,
+                                      "--weight-decay", 0, *settings)
+    for p, q in zip(parameters(together), parameters(alone)):
+        assert p.shape == q.shape and p.dtype == q.dtype == np.float32
+        assert np.max(np.abs(p - q)) <= 1e-5 * np.max(np.abs(q))
+    # The step moved them (equal to rounding is not equal to where the seed put them)...
+    sizes = [W.shape[0] for W in parameters(alone)[0::2]] + [parameters(alone)[-2].shape[1]]
+    initial = MLP(sizes, seed=np.random.default_rng(0)).params
+    assert all(np.max(np.abs(p - q)) > 1e-3 * np.max(np.abs(q)) for p, q in zip(parameters(alone), initial))
+    # ...and the ranks' split evaluation found the whole test set's figures.
+    split, whole = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (together, alone))
+    assert split["test_acc"] == whole["test_acc"]
+    assert split["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+    assert split["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    assert split["train_acc"] == whole["train_acc"]
+
+def test_batch_one_over_two_ranks_trains_what_one_process_trains(tmp_path, images):
+    """Every batch of one image leaves a rank with no rows: it sends zero gradients, and still draws the
+    batch's random numbers, so the ranks stay in step."""
+    together, alone = train_both_ways(tmp_path, images, 2, "--backend", "numba", "--epochs", 1, "--hidden", "5",
+                                      "--batch-size", 1, "--dropout", 0.3, "--lr", 0.01)
+    for p, q in zip(parameters(together), parameters(alone)):
+        assert np.max(np.abs(p - q)) <= 1e-4 * np.max(np.abs(q))
+    lines = [line for line in open(together / "metrics.jsonl")]
+    assert len(lines) == 1 and '"test_acc"' in lines[0]
+
+
+def test_reruns_on_two_ranks_are_bit_identical_and_rank_0_alone_writes(tmp_path, images):
+    args = ["train", "--data", images, "--distributed", "--backend", "numba", "--epochs", 3, "--hidden", "9",
+            "--batch-size", 32, "--dropout", 0.1, "--flip"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        result = mpirun(2, *args, "--out", out)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("done: test accuracy") == 1  # rank 0 reports; the others are silent
+        assert result.stdout.count("epoch 3/3") == 1
+    for p, q in zip(parameters(first), parameters(second)):
+        assert p.tobytes() == q.tobytes()
+    assert sorted(os.listdir(first)) == ["checkpoint.npz", "config.json", "metrics.jsonl", "model.npz"]
+    config = json.loads((first / "config.json").read_text())
+    assert config["distributed"] == {"ranks": 2, "ranks_per_node": 2}
+    assert config["parallelism"]["threads"] == 1  # two ranks on two cores: one thread each
+
+
+def run_until_epoch(out, epochs, *args):
+    """mpirun -n 2 of `args`, started and returned once `out` holds `epochs` epochs' metrics."""
+    process = subprocess.Popen(mpirun_command(2, *args, "--out", out), env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < epochs:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
+TRAIN_FOR_A_WHILE = ["--distributed", "--backend", "numpy", "--epochs", 40, "--hidden", "6", "--batch-size", 10]
+
+
+def test_a_killed_rank_stops_the_run_naming_it_and_the_resumed_run_is_bit_identical(tmp_path, images):
+    args = ["train", "--data", images, *TRAIN_FOR_A_WHILE]
+    whole = tmp_path / "whole"
+    assert mpirun(2, *args, "--out", whole).returncode == 0
+    broken = tmp_path / "broken"
+    process = run_until_epoch(broken, 3, *args)
+    os.kill(rank_process(1, broken), signal.SIGKILL)
+    out, err = process.communicate(timeout=60)  # bounded: the other rank must not hang
+    assert process.returncode != 0 and "Traceback" not in err
+    # Rank 0 names it when it gets to (it was waiting for rank 1); mpirun, aborting the job, always does.
+    ours = [line for line in err.splitlines() if line.startswith("fastnet: error: ")]
+    assert len(ours) <= 1 and all("rank 1 (pid" in line and "died or was killed while rank 0" in line
+                                  for line in ours), err
+    assert "process rank 1" in err or ours, err
+    result = mpirun(2, "train", "--distributed", "--resume", broken)
+    assert result.returncode == 0, result.stderr
+    for p, q in zip(parameters(broken), parameters(whole)):
+        assert p.tobytes() == q.tobytes()
+
+
+def test_a_rank_that_hangs_stops_the_other_after_the_peer_timeout_with_one_line(tmp_path, images):
+    broken = tmp_path / "hung"
+    process = run_until_epoch(broken, 2, "train", "--data", images, *TRAIN_FOR_A_WHILE, "--peer-timeout", 2)
+    hung = rank_process(1, broken)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGKILL)
+    assert process.returncode != 0 and "Traceback" not in err
+    # One line from the rank that waited; mpirun continues the stopped rank to end it, and it may say
+    # that rank 0 is gone, in a line of its own.
+    ours = [line for line in err.splitlines() if line.startswith("fastnet: error: ") and "while rank 0" in line]
+    assert len(ours) == 1 and f"rank 1 (pid {hung}" in ours[0] and "sent nothing for 2 s" in ours[0], err
+    assert all("while rank 1" in line for line in err.splitlines() if line.startswith("fastnet:") and line not in ours)
+    checkpoint.load(os.path.join(broken, "checkpoint.npz"))  # still loadable
+
+
+def rank_process(rank, out):
+    """The pid of the fastnet process that mpirun started as `rank`, writing to `out`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if variables.get(b"OMPI_COMM_WORLD_RANK") == str(rank).encode() and str(out).encode() in command:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} process of {out}")
+
+
+# --- Refusals ----------------------------------------------------------------------------------------
+
+def test_distributed_outside_mpirun_says_how_to_launch(tmp_path, images):
+    env = {k: "" for k in os.environ if k.startswith(LAUNCHER_PREFIXES)}
+    result = subprocess.run([sys.executable, "-m", "fastnet", "train", "--distributed", "--data", str(images),
+                             "--out", str(tmp_path / "run")], env=environment() | env, capture_output=True,
+                            text=True, timeout=120)
+    assert_one_line_error(result, "--distributed", "mpirun -n 2 fastnet train --distributed")
+    assert not (tmp_path / "run").exists()
+
+
+def test_distributed_without_mpi4py_says_what_to_install(tmp_path, images):
+    stub = tmp_path / "no-mpi4py" / "mpi4py"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('No module named mpi4py')\n")
+    env = environment() | {"PYTHONPATH": str(stub.parent), "OMPI_COMM_WORLD_SIZE": "1"}
+    result = subprocess.run([sys.executable, "-m", "fastnet", "train", "--distributed", "--data", str(images),
+                             "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "--distributed", "mpi4py", "pip install")
+    assert not (tmp_path / "run").exists()
+
+
+# --- The parts, in one process ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, size", [(1, 2), (7, 3), (128, 2), (5, 8)])
+def test_shares_cover_the_batch_in_rank_order(rows, size):
+    bounds = [share_bounds(rows, size, r) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_a_rank_draws_its_rows_of_what_one_process_draws():
+    """Dropout's masks (rows x width) and augmentation's draws (rows,), in a step's order: each rank's
+    draws are its rows of the single process's, and its generator ends where that one does."""
+    alone = np.random.default_rng(7)
+    whole = [alone.random(dtype=np.float32, out=np.empty((5, 3), np.float32)), alone.random(out=np.empty(5))]
+    for start, stop in [(0, 2), (2, 5), (3, 3)]:
+        rng = np.random.default_rng(7)
+        share = RowShare(rng, start, stop, 5)
+        mine = [share.random(dtype=np.float32, out=np.empty((stop - start, 3), np.float32)),
+                share.random(out=np.empty(stop - start))]
+        for m, w in zip(mine, whole):
+            assert m.dtype == w.dtype and np.array_equal(m, w[start:stop])
+        assert rng.bit_generator.state == alone.bit_generator.state
+
+
+def test_the_all_reduce_sums_in_rank_order_bit_for_bit(tmp_path):
+    """Three ranks reduce buffers of awkward lengths (fewer elements than ranks, odd sizes) and each
+    checks the result against the sum it computes itself of every rank's buffer, in rank order."""
+    script = tmp_path / "reduce.py"
+    script.write_text("""
+import numpy as np
+from fastnet import distributed
+parallel = distributed.start()
+for size in (1, 2, 7, 1000):
+    for dtype in (np.float32, np.float64):
+        mine = (np.random.default_rng(parallel.rank * 1000 + size).standard_normal(size) * 1e4).astype(dtype)
+        expected = np.zeros(size, dtype)
+        for r in range(parallel.size):
+            expected += (np.random.default_rng(r * 1000 + size).standard_normal(size) * 1e4).astype(dtype)
+        buffer = mine.copy()
+        parallel.reduce_in_rank_order(buffer)
+        assert buffer.tobytes() == expected.tobytes(), (size, dtype)
+print("rank", parallel.rank, "ok")
+""")
+    if shutil.which("mpirun") is None:
+        unavailable("mpirun is not installed: apt-get install openmpi-bin (and pip install mpi4py)")
+    result = subprocess.run(["mpirun", "-n", "3", sys.executable, str(script)], env=environment(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split("\n"))[-3:] == ["rank 0 ok", "rank 1 ok", "rank 2 ok"]
