@@ -33,7 +33,6 @@ from fastnet.errors import FastnetError, PeerLost, SettingError
 # What mpirun (Open MPI, MPICH's hydra, PMIx launchers such as srun) sets in every process it starts.
 LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 PEER_TIMEOUT = 120.0  # seconds; longer than rank 0 takes to write a checkpoint, shorter than a user waits
-_POLL_SECONDS = 0.0005
 _REDUCE, _GATHER, _DIGEST = 1, 2, 3  # message tags: the two halves of the all-reduce, the parameter check
 
 
@@ -108,6 +107,7 @@ class DataParallel:
         self.writes = self.rank == 0
         self.stop_requested = lambda: False
         self.stopping = False
+        self.reduce_seconds = 0.0  # wall time in reduce_in_rank_order, for the cost model's measured side
         self._shares, self._buffer, self._received = {}, None, {}
 
     def default_threads(self):
@@ -166,6 +166,7 @@ class DataParallel:
         rank gathers every segment. Each rank sends and receives 2 (N - 1) / N of the buffer."""
         if self.size == 1:
             return
+        started = time.perf_counter()
         bounds = [share_bounds(buffer.size, self.size, r) for r in range(self.size)]
         start, stop = bounds[self.rank]
         received = self._received.get((buffer.size, buffer.dtype))
@@ -180,11 +181,14 @@ class DataParallel:
             requests.append(self.comm.Isend(buffer[lo:hi], dest=peer, tag=_REDUCE))
             senders.append(peer)
         self._wait(requests, senders, "gradients")
-        received[self.rank, :stop - start] = buffer[start:stop]
-        segment = buffer[start:stop]
-        segment[...] = received[0, :stop - start]
+        # ((b0 + b1) + b2) + ...: on rank 0 into its own segment; elsewhere into row 0, which holds rank
+        # 0's, then back. (IEEE addition commutes, so b0 + b1 is the same bits whichever holds b0.)
+        segment, width = buffer[start:stop], stop - start
+        total = segment if self.rank == 0 else received[0, :width]
         for r in range(1, self.size):
-            segment += received[r, :stop - start]
+            total += segment if r == self.rank else received[r, :width]
+        if self.rank != 0:
+            segment[...] = total
         requests, senders = [], []
         for peer in self._others():
             lo, hi = bounds[peer]
@@ -193,6 +197,7 @@ class DataParallel:
             requests.append(self.comm.Isend(segment, dest=peer, tag=_GATHER))
             senders.append(peer)
         self._wait(requests, senders, "summed gradients")
+        self.reduce_seconds += time.perf_counter() - started
 
     def _others(self):
         # Starting after this rank spreads the first messages over all the peers.
@@ -206,8 +211,7 @@ class DataParallel:
         next_check = time.monotonic() + 0.005
         while not self.MPI.Request.Testall(requests):
             now = time.monotonic()
-            if now < next_check:
-                time.sleep(_POLL_SECONDS)
+            if now < next_check:  # spin, as MPI_Wait does: a large message moves only while MPI is called
                 continue
             next_check = now + 0.05
             pending = sorted({peer for request, peer in zip(requests, senders) if not request.Test()})

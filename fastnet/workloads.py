@@ -49,6 +49,13 @@ def flops_per_sample(sizes) -> int:
     return 3 * sum(layer_flops) - layer_flops[0]
 
 
+def parameter_count(sizes, layernorm=False) -> int:
+    """Weights and biases of layers of these widths, and layer norm's gain and bias on every hidden
+    layer: what a data-parallel step sums across processes."""
+    dense = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+    return dense + (2 * sum(sizes[1:-1]) if layernorm else 0)
+
+
 def named(sizes, batch_size) -> str | None:
     """The name of the workload with these layer widths and batch size, or None."""
     for workload in WORKLOADS.values():

@@ -12,6 +12,9 @@ same model with nn.Linear, F.cross_entropy and torch.optim.SGD on 2 threads. A s
 backend NAME on N cores (`fastnet train --threads N`); a plain name uses them all. A side ending in
 `@bf16` trains in mixed precision: `fastnet train --precision bf16` for fastnet's backends (skipped
 where fastnet refuses it), torch.autocast's bfloat16 for torch; e.g. --sides numba,numba@bf16,torch@bf16.
+A side `NAME:TxR` trains data-parallel on R ranks of T threads each (`mpirun -n R fastnet train
+--distributed --threads T`, fastnet.distributed), e.g. numba:1x2 against numba on a 2-core machine; its
+worker is started under mpirun, and rank 0's epoch is the one reported.
 
 Every measurement runs in its own fresh process (`--worker SIDE WORKLOAD`, one JSON line out):
 after a NumPy call OpenBLAS's threads keep spinning for a while and slow whatever runs next in the
@@ -51,7 +54,9 @@ GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
          "R2": {("numba", "torch"): 1.5}}
 PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of the sgemm peak
 PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"), ("numba@bf16", "numba"),
-         ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"))
+         ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"), ("numba:1x2", "numba"), ("numpy:1x2", "numpy"))
+# Open MPI refuses to start ranks as root unless told so twice.
+MPI_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 LR, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 20, 0, 50_000
 PEAK_SIZES, THREADS = (1024, 2048, 3072, 4096), 2
 
@@ -76,11 +81,17 @@ def split_side(side):
     malformed side."""
     side, at, precision = side.partition("@")
     name, colon, threads = side.partition(":")
+    threads, x, ranks = threads.partition("x")
     if name not in ("numpy", "numba", "torch") or colon and not (threads.isdigit() and int(threads) > 0):
         return None
-    if at and precision != "bf16":
+    if at and precision != "bf16" or x and (name == "torch" or not (ranks.isdigit() and int(ranks) > 0)):
         return None
     return name, int(threads) if colon else None, precision or "fp32"
+
+
+def ranks_of(side):
+    """R of a data-parallel side NAME:TxR; 1 for the others."""
+    return int(side.partition("@")[0].partition(":")[2].partition("x")[2] or 1)
 
 
 def worker_train(side, workload, source):
@@ -92,6 +103,11 @@ def worker_train(side, workload, source):
     shift, scale = train.normalizer(mean, std, images2d.shape[1], images2d.dtype, "float32")
     sizes, batch = WORKLOADS[workload].sizes, WORKLOADS[workload].batch_size
     rng = np.random.default_rng(SEED)
+    options, parallel = train.StepOptions(), None
+    if ranks_of(side) > 1:  # under mpirun: this process is one rank
+        from fastnet import distributed
+        parallel = distributed.start()
+        options = train.StepOptions(share=parallel.share, after_backward=parallel.after_backward)
     warm_order = rng.permutation(len(images2d))[:WARMUP_STEPS * batch]
     order = rng.permutation(len(images2d))  # the timed epoch's fresh permutation
     steps = math.ceil(len(order) / batch)
@@ -108,13 +124,23 @@ def worker_train(side, workload, source):
                             copies=net.param_copies)
             sched = Schedule("constant", LR, steps + WARMUP_STEPS)
             t0 = time.perf_counter()
-            train.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0)
+            train.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0,
+                              options=options)
             t1, c1 = time.perf_counter(), time.process_time()
+            if parallel is not None:
+                parallel.reduce_seconds = 0.0  # the timed epoch's alone
             loss_sum, _, _ = train.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
-                                               WARMUP_STEPS)
+                                               WARMUP_STEPS, options=options)
             t2, c2 = time.perf_counter(), time.process_time()
             result |= {"warmup_seconds": t1 - t0, "epoch_seconds": t2 - t1, "cpu_seconds": c2 - c1,
                        "final_loss": loss_sum / len(order), "parallelism": backends.parallelism(backend)}
+        if parallel is not None:
+            # cpu/wall over the whole job: every rank's CPU seconds, summed
+            reduce_seconds = parallel.reduce_seconds
+            result |= parallel.describe() | {"cpu_seconds": float(parallel.sum_in_rank_order([c2 - c1])[0]),
+                                             "reduce_seconds": reduce_seconds}
+            if not parallel.writes:
+                return None
     return result | worker_env()
 
 
@@ -204,8 +230,11 @@ def run_worker(*args, quiet_wait=0.0):
     """Run one worker; also measure how many cores OTHER processes kept busy meanwhile."""
     if quiet_wait:
         wait_until_quiet(quiet_wait)
-    proc, others = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", *args], cwd=ROOT,
-                             capture_output=True, text=True)
+    ranks = ranks_of(args[0]) if args[0] != "peak" else 1
+    launch = ["mpirun", "-n", str(ranks)] if ranks > 1 else []
+    env = os.environ | (MPI_ROOT if ranks > 1 and os.geteuid() == 0 else {})
+    proc, others = run_child([*launch, sys.executable, str(Path(__file__).resolve()), "--worker", *args], cwd=ROOT,
+                             capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"worker {' '.join(args)} exited {proc.returncode}: {tail}", "other_load": others}
@@ -337,7 +366,8 @@ def main():
     if args.worker:
         kind, *rest = args.worker
         result = worker_peak(rest[0]) if kind == "peak" else worker_train(kind, rest[0], args.data)
-        print(json.dumps(result))
+        if result is not None:  # None: a rank other than 0 of a data-parallel side
+            print(json.dumps(result))
         return
 
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]

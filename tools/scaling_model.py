@@ -1,0 +1,71 @@
+"""The communication cost of data-parallel training (`fastnet train --distributed`) on paper, against
+measured training speeds: how large each machine's share of a batch must be for N machines to keep a
+scaling efficiency.
+
+    python tools/scaling_model.py --speed R1=13900 --speed best=2560 [--machines 8] [--efficiency 0.9]
+
+--speed NAME=S: S training samples per second that one machine reaches on workload NAME (R1, R2, or
+best: `--recipe best`'s network, 512 principal components, 2048-2048 with layer norm, batch 128), as
+tools/compare_workloads.py and `fastnet train` measure them.
+
+The model. A step sums every gradient across the N machines: 4 bytes per parameter in one flat buffer
+(fastnet.distributed). A ring all-reduce (what fastnet's reduce-scatter plus all-gather moves) sends and
+receives 2 (N - 1) / N of the buffer on each machine's link and takes 2 (N - 1) message latencies, so
+
+    T = 2 (N - 1) / N * bytes / bandwidth + 2 (N - 1) * latency.
+
+A machine computes its share of b samples in b / S seconds. Without overlap the efficiency is
+E = (b / S) / (b / S + T), so E >= e needs b >= S * T * e / (1 - e). Overlapping a layer's reduction
+with the backward pass of the layers below hides at most the backward's share of the step (about 2/3),
+which the table leaves out: it is the bound that needs no overlap.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fastnet.workloads import WORKLOADS, parameter_count  # noqa: E402
+
+# --recipe best's network on its 512 components (fastnet.train.RECIPES), with layer norm, batch 128.
+NETWORKS = {name: (w.sizes, False, w.batch_size) for name, w in WORKLOADS.items()} | {
+    "best": ((512, 2048, 2048, 10), True, 128)}
+LINKS = {"10 Gbit/s": 10e9 / 8, "100 Gbit/s": 100e9 / 8}  # bytes per second
+LATENCY = 10e-6  # seconds per message: TCP over a data-centre Ethernet switch, order of magnitude
+
+
+def all_reduce_seconds(size_bytes, machines, bandwidth, latency=LATENCY):
+    return 2 * (machines - 1) / machines * size_bytes / bandwidth + 2 * (machines - 1) * latency
+
+
+def smallest_share(samples_per_second, seconds, efficiency):
+    return math.ceil(samples_per_second * seconds * efficiency / (1 - efficiency))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--speed", action="append", required=True, metavar="NAME=S",
+                        help="samples per second of one machine on workload NAME (R1, R2, best)")
+    parser.add_argument("--machines", type=int, default=8)
+    parser.add_argument("--efficiency", type=float, default=0.9)
+    args = parser.parse_args()
+    print(f"| workload | parameters | bytes per step | link | all-reduce on {args.machines} | step at its batch, "
+          f"one machine | efficiency at that batch | smallest per-machine batch for {args.efficiency:.0%} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for item in args.speed:
+        name, _, speed = item.partition("=")
+        sizes, layernorm, batch = NETWORKS[name]
+        speed = float(speed)
+        params = parameter_count(sizes, layernorm)
+        size = 4 * params
+        step = batch / speed
+        for link, bandwidth in LINKS.items():
+            t = all_reduce_seconds(size, args.machines, bandwidth)
+            print(f"| {name} (batch {batch}) | {params:,} | {size / 1e6:.1f} MB | {link} | {t * 1e3:.1f} ms | "
+                  f"{step * 1e3:.1f} ms | {step / (step + t):.0%} | {smallest_share(speed, t, args.efficiency):,} |")
+
+
+if __name__ == "__main__":
+    main()
