@@ -6,6 +6,7 @@ fastnet.train.train_epoch uses it. Numba kernels are compiled in setup, by runni
 """
 
 import os
+import shutil
 import time
 
 import numpy as np
@@ -74,6 +75,28 @@ class Throughput:
         flops = WORKLOADS["R1"].flops_per_sample * self.trainer.batch_size
         return flops / self._median_step_seconds() / 1e9
     track_gflops.unit = "GFLOP/s"
+
+
+class DataParallel:
+    """R1 throughput data-parallel: `mpirun -n 2` ranks of one thread each (fastnet train --distributed),
+    timed by fastnet bench's own worker; beside Throughput's one process on every core."""
+
+    params = [BACKENDS]
+    param_names = ["backend"]
+    ranks, steps = 2, 100
+    timeout = 300
+
+    def setup(self, backend):
+        if shutil.which("mpirun") is None:
+            raise NotImplementedError("no mpirun on this machine: apt-get install openmpi-bin")
+        self.side, self.measure = require("bench", "data_parallel_side", "measure_in_own_process")
+
+    def track_samples_per_second(self, backend):
+        workload = WORKLOADS["R1"]
+        timing = self.measure(self.side(backend, self.ranks, self.ranks), list(workload.sizes), workload.batch_size,
+                              self.steps)
+        return workload.batch_size * self.steps / timing["seconds"]
+    track_samples_per_second.unit = "samples/s"
 
 
 class EpochMemory:

@@ -7,6 +7,10 @@ same process. The sides run several times, interleaved, and the report gives the
 and how busy other processes kept the CPU, flagging the runs they disturbed. The fastnet sides time
 `fastnet.train.train_epoch`, the loop `fastnet train` runs:
 gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
+
+With `--ranks N`, each backend is also timed data-parallel: N processes under `mpirun`, each on its
+share of every batch with the cores shared among them (the side `BACKEND:TxN`, T threads per rank),
+as `mpirun -n N fastnet train --distributed` runs. Rank 0's time is the one reported.
 """
 
 import importlib.util
@@ -37,11 +41,14 @@ def synthetic_batches(sizes, batch, steps):
     return images, labels, rng.permutation(count)
 
 
-def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32"):
+def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32", parallel=None):
     from fastnet import backends
     from fastnet.model import MLP
     from fastnet.optim import Optimizer, Schedule
-    from fastnet.train import train_epoch, warm_up
+    from fastnet.train import StepOptions, train_epoch, warm_up
+
+    options = StepOptions() if parallel is None else StepOptions(share=parallel.share,
+                                                                 after_backward=parallel.after_backward)
 
     images, labels, order = synthetic_batches(sizes, batch, steps)
     shift, scale = np.full(sizes[0], 127.5, np.float32), np.full(sizes[0], 1 / 64, np.float32)
@@ -54,14 +61,15 @@ def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32"):
         schedule = Schedule("constant", LR, steps + WARMUP_STEPS)
         # Untimed steps first: they allocate the workspace and settle caches and thread pools.
         train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[:batch * WARMUP_STEPS], batch, 1,
-                    0)
+                    0, options=options)
         started = time.perf_counter()
         train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[batch * WARMUP_STEPS:], batch, 1,
-                    WARMUP_STEPS)
+                    WARMUP_STEPS, options=options)
         seconds = time.perf_counter() - started
         parallelism = backends.parallelism(backend)
-    return {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism,
-            "precision": net.precision}
+    result = {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism,
+              "precision": net.precision}
+    return result if parallel is None else result | {"distributed": parallel.describe()}
 
 
 def time_torch(sizes, batch, steps, threads=None, precision="fp32"):
@@ -130,28 +138,51 @@ def worker(spec):
     elif spec["side"] == "torch":
         result = time_torch(spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"), spec["precision"])
     else:
-        result = time_fastnet(spec["side"], spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"),
-                              spec["precision"])
+        parallel = None
+        if spec.get("ranks", 1) > 1:
+            from fastnet import distributed
+            parallel = distributed.start()
+        result = time_fastnet(spec["backend"], spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"),
+                              spec["precision"], parallel)
+        if parallel is not None and not parallel.writes:
+            return
     print(json.dumps(result))
 
 
+def data_parallel_side(backend, ranks, threads=None):
+    """The side name of `backend` on `ranks` ranks: BACKEND:TxN, T the threads of each."""
+    return f"{backend}:{max(1, (threads or os.cpu_count()) // ranks)}x{ranks}"
+
+
 def measure_in_own_process(side, sizes, batch, steps, threads=None, precision="fp32"):
-    """One measurement in a fresh process, with the cores other processes kept busy meanwhile."""
-    spec = {"side": side, "sizes": sizes, "batch": batch, "steps": steps, "threads": threads, "precision": precision}
-    done, others = run_child([sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True,
-                             text=True)
+    """One measurement in a fresh process (or, for a data-parallel side, `mpirun -n N` of them), with
+    the cores other processes kept busy meanwhile."""
+    backend, _, layout = side.partition(":")
+    per_rank, _, ranks = layout.partition("x")
+    ranks = int(ranks or 1)
+    spec = {"side": side, "backend": backend, "sizes": sizes, "batch": batch, "steps": steps,
+            "threads": int(per_rank) if ranks > 1 else threads, "precision": precision, "ranks": ranks}
+    launch, env = [], None
+    if ranks > 1:
+        launch = ["mpirun", "-n", str(ranks)]
+        if os.geteuid() == 0:  # Open MPI starts no rank as root unless told so twice
+            env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    done, others = run_child([*launch, sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True,
+                             text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"other_load": others}
 
 
-def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", repeats=3):
+def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", repeats=3, ranks=None):
     """Measure every side `repeats` times, each time in a process of its own, interleaved (A B C A B C
     ...) so that drift on a shared machine reaches every side alike, on `threads` cores (None: all),
-    fastnet's and PyTorch's in `precision`. Returns the report as a dict: per side the median run,
-    the spread of all runs and the most cores other processes kept busy during one."""
+    fastnet's and PyTorch's in `precision`; with `ranks`, each backend data-parallel on that many
+    ranks too. Returns the report as a dict: per side the median run, the spread of all runs and the
+    most cores other processes kept busy during one."""
     sizes = [INPUT_SIZE, *hidden, CLASSES]
-    sides = list(backend_names) + (["torch"] if importlib.util.find_spec("torch") else [])
+    parallel_sides = [data_parallel_side(b, ranks, threads) for b in backend_names] if ranks and ranks > 1 else []
+    sides = list(backend_names) + parallel_sides + (["torch"] if importlib.util.find_spec("torch") else [])
     peak = measure_in_own_process("peak", sizes, batch, steps)
     flops = flops_per_sample(sizes)
     runs = {side: [] for side in sides}
@@ -172,8 +203,10 @@ def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", r
                          "precision": timings[0]["precision"]}
         if "parallelism" in timings[0]:
             results[side]["parallelism"] = timings[0]["parallelism"]
+        if "distributed" in timings[0]:
+            results[side]["distributed"] = timings[0]["distributed"]
     if "torch" in results:
-        for side in backend_names:
+        for side in [*backend_names, *parallel_sides]:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
     return {"workload": named(sizes, batch), "sizes": sizes, "batch_size": batch, "steps": steps, "repeats": repeats,
             "threads": threads or os.cpu_count(), "cpu": cpu_model(), "flops_per_sample": flops,
@@ -191,12 +224,12 @@ def format_report(report):
              f"run{'s' if repeats > 1 else ''} (medians; min-max of samples/s)",
              f"CPU: {report['cpu']}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (NumPy float32 matmul; {report['blas']})",
-             f"{'side':<8}{'samples/s':>11}{'min-max':>17}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}"
+             f"{'side':<10}{'samples/s':>11}{'min-max':>17}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}"
              f"{'vs torch':>10}{'others':>8}"]
     for side, r in report["results"].items():
         versus = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
         spread = f"{r['samples_per_second_runs'][0]:,.0f}-{r['samples_per_second_runs'][-1]:,.0f}"
-        lines.append(f"{side:<8}{r['samples_per_second']:>11,.0f}{spread:>17}{r['ms_per_step']:>9.2f}"
+        lines.append(f"{side:<10}{r['samples_per_second']:>11,.0f}{spread:>17}{r['ms_per_step']:>9.2f}"
                      f"{r['gflops']:>9.1f}{r['percent_of_peak']:>8.1f}{r['warmup_seconds']:>11.2f}{versus:>10}"
                      f"{r['other_load']:>8.2f}")
     for side, r in report["results"].items():
@@ -204,7 +237,8 @@ def format_report(report):
             p = r["parallelism"]
             blas = f"; BLAS {p['blas']}" if "blas" in p else ""
             bf16 = f"; bf16 GEMM {p['bf16_gemm']}" if "bf16_gemm" in p and report["precision"] == "bf16" else ""
-            lines.append(f"{side}: {p['threads']} threads, {p['split']}{blas}{bf16}")
+            ranks = f" in each of {r['distributed']['ranks']} ranks (mpirun)" if "distributed" in r else ""
+            lines.append(f"{side}: {p['threads']} threads{ranks}, {p['split']}{blas}{bf16}")
     disturbed = {side: r["disturbed_runs"] for side, r in report["results"].items() if r["disturbed_runs"]}
     if disturbed:
         lines.append(f"disturbed: other processes kept more than {DISTURBED} cores busy during "

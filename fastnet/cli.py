@@ -219,6 +219,9 @@ def build_parser():
     b.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fastnet's sides in this precision; PyTorch's under bf16 autocast for bf16 "
                    "(default: %(default)s)")
+    b.add_argument("--ranks", type=positive_int, metavar="N",
+                   help="also time each backend data-parallel on N ranks under mpirun, the cores shared among "
+                        "them (fastnet train --distributed; needs mpi4py and an MPI)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     sw = commands.add_parser("sweep", help="search fastnet train settings with Optuna, trials on Dask workers")
@@ -362,7 +365,7 @@ def run_bench(args):
         precision.check(args.precision, name)
     workload = WORKLOADS[args.workload]
     timings = bench.bench(args.backend, args.hidden or workload.hidden, args.batch_size or workload.batch_size,
-                          args.steps, args.threads, args.precision, args.repeats)
+                          args.steps, args.threads, args.precision, args.repeats, args.ranks)
     print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 

@@ -65,6 +65,7 @@ def make_small(module):
     if module.__name__ == "benchmarks.bench_training":
         module.EPOCH_SLICE_STEPS = 3
         module.Throughput.blocks, module.Throughput.steps_per_block = 1, 2
+        module.DataParallel.steps = 2
         module.EpochMemory.num_images = 3 * max(w.batch_size for w in suite.WORKLOADS.values())
         module.FullDatasetMemory.images_per_batch, module.FullDatasetMemory.steps = 300, 2
         # What is checked is that each snippet runs, not how long a cold compile takes: NumbaStartup's

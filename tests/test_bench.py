@@ -2,13 +2,14 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from fastnet.workloads import R1, R2, WORKLOADS, flops_per_sample, named
-from helpers import assert_one_line_error, fastnet
+from helpers import assert_one_line_error, fastnet, unavailable
 
 
 def test_flops_per_sample_counts_three_gemms_per_layer_but_the_first_layers_input_gradient():
@@ -47,6 +48,24 @@ def test_bench_reports_every_side_consistently():
         # The median of two runs' seconds is their mean: its rate lies between the two runs' rates.
         assert runs[0] <= r["samples_per_second"] * (1 + 1e-12) and r["samples_per_second"] <= runs[-1] * (1 + 1e-12)
         assert r["other_load"] >= 0 and 0 <= r["disturbed_runs"] <= 2
+
+
+def test_bench_with_ranks_times_each_backend_data_parallel_too():
+    """--ranks 2: each backend also under mpirun -n 2, one thread per rank on this 2-core machine, with
+    the ranks recorded by the run itself (not inferred from the side's name)."""
+    if shutil.which("mpirun") is None:
+        unavailable("mpirun is not installed: apt-get install openmpi-bin (and pip install mpi4py)")
+    threads = 2
+    result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 5, "--steps", 3,
+                     "--repeats", 1, "--threads", threads, "--ranks", 2, "--json")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)["results"]
+    for backend in ("numpy", "numba"):
+        alone, together = results[backend], results[f"{backend}:1x2"]
+        assert "distributed" not in alone and alone["parallelism"]["threads"] == threads
+        assert together["distributed"]["ranks"] == 2 and together["parallelism"]["threads"] == 1
+        assert together["samples_per_second"] == pytest.approx(5 * 3 / (together["ms_per_step"] * 3 / 1e3))
+        assert ("vs_torch" in together) == ("torch" in results)
 
 
 def test_bench_times_the_workload_it_is_given():
