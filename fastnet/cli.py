@@ -455,7 +455,8 @@ def main(argv=None):
         distributed.abort(exc.exit_status)
         return exc.exit_status
     except Interrupted as exc:
-        print(f"fastnet: {exc}", file=sys.stderr)
+        if distributed.running is None or distributed.running.writes:  # every rank stopped at this step
+            print(f"fastnet: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("fastnet: interrupted", file=sys.stderr)

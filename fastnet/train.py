@@ -562,7 +562,7 @@ class TrainingRun:
         if progress.seen < len(progress.order):  # paused inside the epoch
             self.save_checkpoint()
             if self.stopping(stop):
-                raise interrupted(stop.signum or signal.SIGTERM, progress, self.out)
+                raise interrupted(stop.signum or signal.SIGTERM, progress, self.out, self.resume_command())
             return False
 
         summary = self.epoch_metrics(epoch)
@@ -576,8 +576,13 @@ class TrainingRun:
                             self.dataset.class_names, self.run_config, {"epoch": np.array(epoch)}, self.projection)
         self.log(format_epoch(summary, config.epochs))
         if self.stopping(stop) and self.progress.epochs_done < config.epochs:
-            raise interrupted(stop.signum or signal.SIGTERM, self.progress, self.out)
+            raise interrupted(stop.signum or signal.SIGTERM, self.progress, self.out, self.resume_command())
         return bool(self.after_epoch is not None and self.after_epoch(summary))
+
+    def resume_command(self):
+        if self.parallel is None:
+            return "fastnet train"
+        return f"mpirun -n {self.parallel.size} fastnet train --distributed"
 
     def stopping(self, stop):
         return stop.signum is not None if self.parallel is None else self.parallel.stopping
@@ -706,10 +711,10 @@ def diverged(epoch, step, what, lr):
                            f"kept; lower the learning rate (e.g. --lr {lr / 10:g})")
 
 
-def interrupted(signum, progress, out):
+def interrupted(signum, progress, out, command="fastnet train"):
     return Interrupted(signum, f"stopped by {signal.Signals(signum).name} at epoch "
                                f"{progress.epochs_done + 1}, step {progress.step}; checkpoint saved: "
-                               f"continue with: fastnet train --resume {out}")
+                               f"continue with: {command} --resume {out}")
 
 
 class StopRequests:

@@ -151,6 +151,27 @@ def test_a_killed_rank_stops_the_run_naming_it_and_the_resumed_run_is_bit_identi
         assert p.tobytes() == q.tobytes()
 
 
+def test_ctrl_c_on_mpirun_stops_every_rank_at_one_step_and_says_how_to_resume(tmp_path, images):
+    """mpirun passes Ctrl-C on to the ranks as SIGTERM; the stop request travels in the step's buffer, so
+    both ranks stop after the same step, rank 0 saves the checkpoint, and the resumed run ends where
+    a run that never stopped ends."""
+    args = ["train", "--data", images, *TRAIN_FOR_A_WHILE]
+    stopped = tmp_path / "stopped"
+    process = run_until_epoch(stopped, 2, *args)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fastnet: ")]
+    assert len(lines) == 1 and "stopped by SIG" in lines[0], err
+    assert f"continue with: mpirun -n 2 fastnet train --distributed --resume {stopped}" in lines[0]
+    result = mpirun(2, "train", "--distributed", "--resume", stopped)
+    assert result.returncode == 0, result.stderr
+    whole = tmp_path / "whole"
+    assert mpirun(2, *args, "--out", whole).returncode == 0
+    for p, q in zip(parameters(stopped), parameters(whole)):
+        assert p.tobytes() == q.tobytes()
+
+
 def test_a_rank_that_hangs_stops_the_other_after_the_peer_timeout_with_one_line(tmp_path, images):
     broken = tmp_path / "hung"
     process = run_until_epoch(broken, 2, "train", "--data", images, *TRAIN_FOR_A_WHILE, "--peer-timeout", 2)
