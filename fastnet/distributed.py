@@ -265,11 +265,11 @@ class DataParallel:
             raise FastnetError(f"ranks {', '.join(map(str, differ))} hold parameters that differ from rank 0's: "
                                f"the ranks must run the same fastnet, numba and BLAS on the same kind of CPU")
 
-    def split_evaluation(self, evaluate, inputs, net, labels):
-        """evaluate(net, labels) of `inputs` (EvaluationInputs) with each rank taking its share of the
-        images; the loss and accuracy of the whole set, the same on every rank."""
+    def split_evaluation(self, inputs, net, labels):
+        """The loss and accuracy of `net` on `inputs` (train.EvaluationInputs) with each rank evaluating
+        its share of the images: the whole set's, the same on every rank."""
         start, stop = share_bounds(len(labels), self.size, self.rank)
-        mine = evaluate(inputs.rows(start, stop), net, labels[start:stop])
+        mine = inputs.rows(start, stop).evaluate(net, labels[start:stop])
         count = stop - start
         loss_sum, correct = self.sum_in_rank_order(
             [mine.loss * count if count else 0.0, mine.accuracy * count if count else 0.0])

@@ -358,8 +358,9 @@ class TrainingRun:
     build_model, restore, prepare_inputs, open_run_folder, run_epochs, finish. Other drivers run the
     same object with two hooks:
 
-    after_backward(net, ws): after each step's backward pass, before clipping and the update; the
-        gradients are in ws.grads (a data-parallel driver sums them across processes here);
+    after_backward(net, ws, loss, correct): after each step's backward pass, before clipping and the
+        update; the gradients are in ws.grads; it may return the step's (loss, correct) instead (a
+        data-parallel driver sums both, and the gradients, across processes here);
     after_epoch(summary): after each epoch's metrics, checkpoint and log line; returning True stops
         the run there, as finished (a sweep reports the validation accuracy here, and prunes).
 
@@ -535,8 +536,7 @@ class TrainingRun:
                 self.parallel.stop_requested = lambda: stop.signum is not None
 
             def pause(step):
-                stopping = stop.signum is not None if self.parallel is None else self.parallel.stopping
-                return stopping or (every is not None and step % every == 0)
+                return self.stopping(stop) or (every is not None and step % every == 0)
 
             while self.progress.epochs_done < config.epochs:
                 if self.train_one_epoch(pause, stop):
@@ -571,9 +571,10 @@ class TrainingRun:
         self.save_checkpoint()
         if self.writes:
             write_metrics(self.out, self.progress.history)
-        if self.writes and best_epoch(self.progress.history) == epoch:
-            checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, self.dataset.sample_shape,
-                            self.dataset.class_names, self.run_config, {"epoch": np.array(epoch)}, self.projection)
+            if best_epoch(self.progress.history) == epoch:
+                checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, self.dataset.sample_shape,
+                                self.dataset.class_names, self.run_config, {"epoch": np.array(epoch)},
+                                self.projection)
         self.log(format_epoch(summary, config.epochs))
         if self.stopping(stop) and self.progress.epochs_done < config.epochs:
             raise interrupted(stop.signum or signal.SIGTERM, self.progress, self.out, self.resume_command())
@@ -614,7 +615,7 @@ class TrainingRun:
         if self.parallel is None:
             result = inputs.evaluate(self.net, labels)
             return result.loss, result.accuracy
-        return self.parallel.split_evaluation(EvaluationInputs.evaluate, inputs, self.net, labels)
+        return self.parallel.split_evaluation(inputs, self.net, labels)
 
     def finish(self):
         for line in time_to_accuracy(self.progress.history):
