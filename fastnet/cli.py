@@ -194,6 +194,9 @@ def build_parser():
                         "cores per rank)")
     t.add_argument("--peer-timeout", type=float, default=distributed.PEER_TIMEOUT, metavar="SECONDS",
                    help="with --distributed: stop when a rank has sent nothing for this long (default: %(default)g)")
+    t.add_argument("--overlap", action="store_true",
+                   help="with --distributed: sum the upper layers' gradients on a thread of each rank while backward "
+                        "computes the first layer (pays on slow links only: see the README)")
 
     e = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a model")
     e.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
@@ -303,7 +306,9 @@ def run_train(args):
         config = resumed_config(args.resume, **given)
     else:
         config = recipe_config(**given)
-    parallel = distributed.start(args.peer_timeout) if args.distributed else None
+    if args.overlap and not args.distributed:
+        raise UsageError("--overlap overlaps the sums of a data-parallel run: add --distributed, under mpirun")
+    parallel = distributed.start(args.peer_timeout, args.overlap) if args.distributed else None
     if parallel is not None and args.threads is None:
         args.threads = parallel.default_threads()
     with blas_threads(args, config.backend):

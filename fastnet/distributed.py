@@ -12,6 +12,12 @@ the ranks sum them, with the step's loss, correct count and stop request, in one
 segment is summed by its owner in rank order 0, 1, ..., N-1, so the result does not depend on the
 order in which messages arrive. Every rank then applies the same update to the same parameters.
 
+With --overlap, the buffer travels in buckets (_Layout): the upper layers' gradients are summed by a
+thread of each rank while backward computes the first layer's, and the last bucket after backward.
+Each number is still summed in rank order, so the bits are those of the one-buffer sum. The thread
+takes its CPU from the computing threads: it pays only where the wire, not the CPU, is what the sum
+waits for (a slow network), and the README gives the figures.
+
 Rank 0 alone writes the run folder; evaluation is split across the ranks and summed. Waiting for a
 peer, a rank checks that the peers on its machine are alive and gives up after PEER_TIMEOUT
 seconds (--peer-timeout), so that a rank that dies or hangs stops the others with one line naming it.
@@ -22,8 +28,10 @@ when mpirun is faster. A rank that hangs (stopped, deadlocked, cut off) is notic
 
 import hashlib
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -36,7 +44,7 @@ PEER_TIMEOUT = 120.0  # seconds; longer than rank 0 takes to write a checkpoint,
 _REDUCE, _GATHER, _DIGEST = 1, 2, 3  # message tags: the two halves of the all-reduce, the parameter check
 
 
-def start(peer_timeout=PEER_TIMEOUT):
+def start(peer_timeout=PEER_TIMEOUT, overlap=False):
     """The DataParallel of this process, or SettingError (exit status 2) when it cannot be one."""
     if not peer_timeout > 0:
         raise SettingError("peer_timeout", f"{{setting}} must be a positive number of seconds, got {peer_timeout}: "
@@ -50,7 +58,7 @@ def start(peer_timeout=PEER_TIMEOUT):
         raise SettingError("distributed", f"{{setting}} needs mpi4py ({exc}): pip install 'fastnet[mpi]', with an "
                                           f"MPI library such as Debian's openmpi-bin") from None
     global running
-    running = DataParallel(MPI.COMM_WORLD, peer_timeout)
+    running = DataParallel(MPI.COMM_WORLD, peer_timeout, overlap)
     return running
 
 
@@ -94,7 +102,7 @@ class DataParallel:
     """One rank of a data-parallel run: its share of each batch, the all-reduce of its gradients, the
     split evaluation, and what only rank 0 does."""
 
-    def __init__(self, comm, peer_timeout=PEER_TIMEOUT):
+    def __init__(self, comm, peer_timeout=PEER_TIMEOUT, overlap=False):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
         self.peer_timeout = peer_timeout
         from mpi4py import MPI
@@ -107,8 +115,15 @@ class DataParallel:
         self.writes = self.rank == 0
         self.stop_requested = lambda: False
         self.stopping = False
-        self.reduce_seconds = 0.0  # wall time in reduce_in_rank_order, for the cost model's measured side
-        self._shares, self._buffer, self._received = {}, None, {}
+        self.reduce_seconds = 0.0  # the steps' wall time spent waiting for the sums, for the cost model
+        self._shares, self._layouts, self._received = {}, {}, {}
+        self._reducer = None
+        if overlap and self.size > 1:
+            if MPI.Query_thread() < MPI.THREAD_SERIALIZED:  # the thread calls MPI while the main one computes
+                raise SettingError("overlap", "{setting} sums from a thread of each rank, but MPI started without "
+                                              "thread support: unset MPI4PY_RC_THREAD_LEVEL, or drop {setting}")
+            self._reducer = _Reducer(self)
+        self.layer_done = None if self._reducer is None else self._start_layer  # the backward hook
 
     def default_threads(self):
         """Cores per rank on this machine: the cores this process may use, shared by its node's ranks
@@ -119,7 +134,7 @@ class DataParallel:
         return max(1, cores)
 
     def describe(self):
-        return {"ranks": self.size, "ranks_per_node": self.local_ranks}
+        return {"ranks": self.size, "ranks_per_node": self.local_ranks, "overlap": self.layer_done is not None}
 
     # --- A step --------------------------------------------------------------------------------------
 
@@ -133,40 +148,62 @@ class DataParallel:
         self._rows = len(batch)
         return batch[start:stop], shared
 
+    def _start_layer(self, net, ws, layer):
+        """The backward pass's layer_done hook: `layer`'s gradients are final, so they set off to be
+        summed (on the reducing thread) while the layers below are computed."""
+        layout = self._layout(net, ws)
+        self._scale_into(layout, layer, len(ws.labels))
+        if layer in layout.sends:
+            self._reducer.submit(layout.sends[layer])
+
     def after_backward(self, net, ws, loss, correct):
         """Sum the gradients of the global batch across ranks in ws.grads; returns the global batch's
         mean loss and correct count, which every rank then reports."""
         rows, mine = self._rows, len(ws.labels)
-        buffer = self._flat_buffer(ws.grads)
-        offset = 0
-        for grad in ws.grads:
-            view = buffer[offset:offset + grad.size].reshape(grad.shape)
-            np.multiply(grad, grad.dtype.type(mine / rows), out=view)
-            offset += grad.size
-        buffer[offset:] = (loss * mine if mine else 0.0, correct, float(self.stop_requested()))
-        self.reduce_in_rank_order(buffer)
-        offset = 0
-        for grad in ws.grads:
-            grad[...] = buffer[offset:offset + grad.size].reshape(grad.shape)
-            offset += grad.size
-        self.stopping = bool(buffer[offset + 2] > 0)
-        return float(buffer[offset]) / rows, int(round(float(buffer[offset + 1])))
+        layout = self._layout(net, ws)
+        layout.scalars[:] = (loss * mine if mine else 0.0, correct, float(self.stop_requested()))
+        if self.layer_done is None:
+            for layer in range(net.num_layers):
+                self._scale_into(layout, layer, mine)
+            started = time.perf_counter()
+            self.reduce_in_rank_order(layout.buffer)
+        else:  # the other buckets are on their way already; nothing is left to overlap the last one
+            started = time.perf_counter()
+            self._reducer.wait()
+            self.reduce_in_rank_order(layout.last_bucket)
+        self.reduce_seconds += time.perf_counter() - started
+        for grad, view in layout.pairs:
+            grad[...] = view
+        loss_sum, correct, stop = layout.scalars
+        self.stopping = bool(stop > 0)
+        return float(loss_sum) / rows, int(round(float(correct)))
 
-    def _flat_buffer(self, grads):
-        size = sum(g.size for g in grads) + 3
-        if self._buffer is None or self._buffer.size != size:
-            self._buffer = np.empty(size, grads[0].dtype)
-        return self._buffer
+    def _scale_into(self, layout, layer, mine):
+        # A rank's gradients are means over its rows: weighted by its share, they sum to the batch's mean.
+        for grad, view in layout.layer_pairs[layer]:
+            np.multiply(grad, grad.dtype.type(mine / self._rows), out=view)
+
+    def _layout(self, net, ws):
+        """Where ws's gradients go in the one flat buffer that the ranks sum: the last layer's first,
+        as backward writes them, then the step's loss, correct count and stop request."""
+        layout = self._layouts.get(id(ws))
+        if layout is None or layout.ws is not ws:
+            if len(self._layouts) >= 4:  # as many as the model keeps workspaces, give or take
+                self._layouts.pop(next(iter(self._layouts)))
+            layout = self._layouts[id(ws)] = _Layout(net, ws)
+        return layout
 
     # --- The all-reduce -----------------------------------------------------------------------------
 
-    def reduce_in_rank_order(self, buffer):
+    def reduce_in_rank_order(self, buffer, comm=None, poll=0.0):
         """buffer = the sum of every rank's buffer, in place, the same bits on every rank and on every
         rerun: rank j receives segment j of every rank's buffer and sums them in rank order, then every
-        rank gathers every segment. Each rank sends and receives 2 (N - 1) / N of the buffer."""
+        rank gathers every segment. Each rank sends and receives 2 (N - 1) / N of the buffer.
+        comm: the communicator (default: the run's); poll: seconds to sleep between tests of the
+        messages (0: spin)."""
         if self.size == 1:
             return
-        started = time.perf_counter()
+        comm = comm or self.comm
         bounds = [share_bounds(buffer.size, self.size, r) for r in range(self.size)]
         start, stop = bounds[self.rank]
         received = self._received.get((buffer.size, buffer.dtype))
@@ -175,12 +212,12 @@ class DataParallel:
             received = self._received[(buffer.size, buffer.dtype)] = np.empty((self.size, width), buffer.dtype)
         requests, senders = [], []
         for peer in self._others():
-            requests.append(self.comm.Irecv(received[peer, :stop - start], source=peer, tag=_REDUCE))
+            requests.append(comm.Irecv(received[peer, :stop - start], source=peer, tag=_REDUCE))
             senders.append(peer)
             lo, hi = bounds[peer]
-            requests.append(self.comm.Isend(buffer[lo:hi], dest=peer, tag=_REDUCE))
+            requests.append(comm.Isend(buffer[lo:hi], dest=peer, tag=_REDUCE))
             senders.append(peer)
-        self._wait(requests, senders, "gradients")
+        self._wait(requests, senders, "gradients", poll)
         # ((b0 + b1) + b2) + ...: on rank 0 into its own segment; elsewhere into row 0, which holds rank
         # 0's, then back. (IEEE addition commutes, so b0 + b1 is the same bits whichever holds b0.)
         segment, width = buffer[start:stop], stop - start
@@ -192,24 +229,25 @@ class DataParallel:
         requests, senders = [], []
         for peer in self._others():
             lo, hi = bounds[peer]
-            requests.append(self.comm.Irecv(buffer[lo:hi], source=peer, tag=_GATHER))
+            requests.append(comm.Irecv(buffer[lo:hi], source=peer, tag=_GATHER))
             senders.append(peer)
-            requests.append(self.comm.Isend(segment, dest=peer, tag=_GATHER))
+            requests.append(comm.Isend(segment, dest=peer, tag=_GATHER))
             senders.append(peer)
-        self._wait(requests, senders, "summed gradients")
-        self.reduce_seconds += time.perf_counter() - started
+        self._wait(requests, senders, "summed gradients", poll)
 
     def _others(self):
         # Starting after this rank spreads the first messages over all the peers.
         return [(self.rank + i) % self.size for i in range(1, self.size)]
 
-    def _wait(self, requests, senders, what):
-        """Wait for every request (senders[i]: the peer of requests[i]); PeerLost naming the peers whose
-        messages are still pending when one of them is dead (a peer on this machine), or after
-        peer_timeout seconds."""
+    def _wait(self, requests, senders, what, poll=0.0):
+        """Wait for every request (senders[i]: the peer of requests[i]), sleeping `poll` seconds between
+        tests; PeerLost naming the peers whose messages are still pending when one of them is dead (a
+        peer on this machine), or after peer_timeout seconds."""
         deadline = time.monotonic() + self.peer_timeout
         next_check = time.monotonic() + 0.005
         while not self.MPI.Request.Testall(requests):
+            if poll:
+                time.sleep(poll)
             now = time.monotonic()
             if now < next_check:  # spin, as MPI_Wait does: a large message moves only while MPI is called
                 continue
@@ -274,3 +312,67 @@ class DataParallel:
         loss_sum, correct = self.sum_in_rank_order(
             [mine.loss * count if count else 0.0, mine.accuracy * count if count else 0.0])
         return loss_sum / len(labels), float(round(correct)) / len(labels)
+
+
+class _Layout:
+    """One workspace's gradients in the flat buffer that the ranks sum, the last layer's first (the
+    order backward finishes them in), then the step's loss, correct count and stop request.
+    Overlapping, the buffer travels in buckets: consecutive layers until one holds BUCKET_BYTES, each
+    sent when backward finishes its lowest layer, and the last one (the step's three numbers with it)
+    after backward. A bucket costs a round trip of messages, so small layers ride with the next."""
+
+    BUCKET_BYTES = 1 << 18
+
+    def __init__(self, net, ws):
+        self.ws = ws
+        self.buffer = np.empty(sum(g.size for g in ws.grads) + 3, ws.grads[0].dtype)
+        self.layer_pairs = [None] * net.num_layers
+        self.sends = {}  # layer -> the bucket to send once backward has finished it
+        offset = start = 0
+        for layer in reversed(range(net.num_layers)):
+            pairs = []
+            for grad in net.layer_grads(ws, layer):
+                pairs.append((grad, self.buffer[offset:offset + grad.size].reshape(grad.shape)))
+                offset += grad.size
+            self.layer_pairs[layer] = pairs
+            if layer > 0 and (offset - start) * self.buffer.itemsize >= self.BUCKET_BYTES:
+                self.sends[layer], start = self.buffer[start:offset], offset
+        self.last_bucket, self.scalars = self.buffer[start:], self.buffer[offset:]
+        self.pairs = [pair for pairs in self.layer_pairs for pair in pairs]
+
+
+class _Reducer:
+    """A thread that sums buffers across ranks (reduce_in_rank_order), one after another in the order
+    they are submitted, on a communicator of its own. The main thread computes meanwhile: the kernels
+    release the GIL, and the thread sleeps between tests of its messages rather than spin against them."""
+
+    POLL = 50e-6  # seconds between tests: about Linux's shortest sleep
+
+    def __init__(self, parallel):
+        self.parallel, self.comm = parallel, parallel.comm.Dup()
+        self._todo, self._done = queue.SimpleQueue(), queue.SimpleQueue()
+        self._pending, self._failed = 0, None
+        threading.Thread(target=self._run, name="fastnet-allreduce", daemon=True).start()
+
+    def submit(self, buffer):
+        self._pending += 1
+        self._todo.put(buffer)
+
+    def wait(self):
+        """Return once every submitted buffer holds its sum; raise the thread's error (PeerLost) if any."""
+        error = None
+        while self._pending:
+            error = error or self._done.get()
+            self._pending -= 1
+        if error is not None:
+            raise error
+
+    def _run(self):
+        while True:
+            buffer = self._todo.get()
+            if self._failed is None:  # after a failure the rest of the step's buckets fail at once
+                try:
+                    self.parallel.reduce_in_rank_order(buffer, self.comm, self.POLL)
+                except Exception as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                    self._failed = exc
+            self._done.put(self._failed)

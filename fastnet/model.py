@@ -267,9 +267,11 @@ class MLP:
         k.dense_forward(inputs[last], weights[last], self._biases[last], ws.activations[last + 1])
         return ws.logits
 
-    def run_backward(self, ws, label_smoothing=0.0):
+    def run_backward(self, ws, label_smoothing=0.0, layer_done=None):
         """Loss of ws.logits against ws.labels, and every parameter's gradient into ws.grads.
         label_smoothing in [0, 1) mixes that much of the uniform distribution into the targets.
+        layer_done(net, ws, layer), when given, is called as soon as a layer's gradients are final,
+        the last layer first: a data-parallel driver sends them while the layers below are computed.
         Returns the mean loss as a Python float."""
         k, act = self.kernels, self._activation
         if label_smoothing:
@@ -286,6 +288,8 @@ class MLP:
             delta16 = ws.deltas16[i + 1] if bf16 else None
             if i == last:
                 k.dense_backward(delta, x, W, dW, db, dx, delta16)
+                if layer_done is not None:
+                    layer_done(self, ws, i)
                 continue
             if ws.dropout_applied:
                 k.dropout(delta, ws.uniform[i], self.dropout, delta)
@@ -299,7 +303,13 @@ class MLP:
                 dgain, dbias = ws.grads[positions[2]], ws.grads[positions[3]]
                 k.layernorm_backward(delta, ws.xhat[i], ws.inv_std[i], self.norm_gains[i], dgain, dbias, delta)
                 k.dense_backward(delta, x, W, dW, db, dx, delta16)
+            if layer_done is not None:
+                layer_done(self, ws, i)
         return loss
+
+    def layer_grads(self, ws, layer):
+        """The arrays of ws.grads that hold `layer`'s gradients: its W and b (and gain and bias)."""
+        return [ws.grads[position] for position in self._grad_positions[layer]]
 
     def clip_grad_norm(self, grads, max_norm):
         """Scale `grads` (e.g. ws.grads) in place so that their global L2 norm is at most max_norm, as

@@ -235,6 +235,9 @@ class StepOptions:
     # called as after_backward(net, ws, loss, correct) between backward and clipping; may return the
     # step's (loss, correct) instead (a data-parallel driver returns the global batch's)
     after_backward: object = None
+    # called as layer_done(net, ws, layer) by the backward pass as soon as a layer's gradients are
+    # final, the last layer first (a data-parallel driver starts summing them across ranks)
+    layer_done: object = None
     # called as share(batch, rng) -> (the rows of batch this process trains on, the generator its
     # draws come from): a data-parallel driver's share of each global batch
     share: object = None
@@ -249,7 +252,8 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
                                   copies=scratch.param_copies)
     # Not the run's generator, nor its after_backward hook: the scratch steps are no part of the run.
-    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None, share=None)
+    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None, share=None,
+                                          layer_done=None)
     ws = scratch.workspace(2)
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
@@ -433,7 +437,8 @@ class TrainingRun:
         if config.flip or config.translate or config.cutout:
             augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
         self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, self.after_backward,
-                                   self.parallel and self.parallel.share)
+                                   share=self.parallel and self.parallel.share,
+                                   layer_done=self.parallel and self.parallel.layer_done)
         self.optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
                                    weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
         steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
@@ -790,7 +795,7 @@ def training_step(net, optimizer, images, labels, shift, scale, batch, lr, optio
     np.take(labels, batch, out=ws.labels)
     net.run_forward(ws, rng, rounded_inputs=True)
     correct = k.count_correct(ws.logits, ws.labels)
-    loss = net.run_backward(ws, options.label_smoothing)
+    loss = net.run_backward(ws, options.label_smoothing, options.layer_done)
     if options.after_backward is not None:
         loss, correct = options.after_backward(net, ws, loss, correct) or (loss, correct)
     if options.clip is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fastnet import checkpoint
-from fastnet.distributed import RowShare, share_bounds
+from fastnet.distributed import RowShare, _Layout, share_bounds
 from fastnet.model import MLP
 from helpers import assert_one_line_error, fastnet, save_brightness_classes, unavailable
 
@@ -113,8 +113,23 @@ def test_reruns_on_two_ranks_are_bit_identical_and_rank_0_alone_writes(tmp_path,
         assert p.tobytes() == q.tobytes()
     assert sorted(os.listdir(first)) == ["checkpoint.npz", "config.json", "metrics.jsonl", "model.npz"]
     config = json.loads((first / "config.json").read_text())
-    assert config["distributed"] == {"ranks": 2, "ranks_per_node": 2}
+    assert config["distributed"] == {"ranks": 2, "ranks_per_node": 2, "overlap": False}
     assert config["parallelism"]["threads"] == 1  # two ranks on two cores: one thread each
+
+
+def test_overlapping_the_sums_with_backward_gives_the_same_bits(tmp_path, images):
+    """--overlap sends the upper layers' bucket from a thread while backward computes the first layer
+    (300 x 300 floats are more than a bucket's worth); each number is still summed in rank order."""
+    args = ["train", "--data", images, "--distributed", "--backend", "numba", "--epochs", 2, "--hidden", "300,300",
+            "--batch-size", 50, "--norm", "layernorm", "--dropout", 0.1]
+    plain, overlapped = tmp_path / "plain", tmp_path / "overlapped"
+    for out, extra in ((plain, []), (overlapped, ["--overlap"])):
+        result = mpirun(2, *args, *extra, "--out", out)
+        assert result.returncode == 0, result.stderr
+    assert json.loads((overlapped / "config.json").read_text())["distributed"]["overlap"] is True
+    for p, q in zip(parameters(plain), parameters(overlapped), strict=True):
+        assert p.tobytes() == q.tobytes()
+    assert (plain / "metrics.jsonl").read_text().count("test_acc") == 2
 
 
 def run_until_epoch(out, epochs, *args):
@@ -129,6 +144,9 @@ def run_until_epoch(out, epochs, *args):
 
 
 TRAIN_FOR_A_WHILE = ["--distributed", "--backend", "numpy", "--epochs", 40, "--hidden", "6", "--batch-size", 10]
+# mpirun takes about a second to pass a Ctrl-C on to the ranks, and 40 epochs take about that long
+# on a fast machine: about 5 s, then.
+TRAIN_UNTIL_STOPPED = [*TRAIN_FOR_A_WHILE[:4], 200, *TRAIN_FOR_A_WHILE[5:]]
 
 
 def test_a_killed_rank_stops_the_run_naming_it_and_the_resumed_run_is_bit_identical(tmp_path, images):
@@ -155,7 +173,7 @@ def test_ctrl_c_on_mpirun_stops_every_rank_at_one_step_and_says_how_to_resume(tm
     """mpirun passes Ctrl-C on to the ranks as SIGTERM; the stop request travels in the step's buffer, so
     both ranks stop after the same step, rank 0 saves the checkpoint, and the resumed run ends where
     a run that never stopped ends."""
-    args = ["train", "--data", images, *TRAIN_FOR_A_WHILE]
+    args = ["train", "--data", images, *TRAIN_UNTIL_STOPPED]
     stopped = tmp_path / "stopped"
     process = run_until_epoch(stopped, 2, *args)
     process.send_signal(signal.SIGINT)
@@ -172,9 +190,11 @@ def test_ctrl_c_on_mpirun_stops_every_rank_at_one_step_and_says_how_to_resume(tm
         assert p.tobytes() == q.tobytes()
 
 
-def test_a_rank_that_hangs_stops_the_other_after_the_peer_timeout_with_one_line(tmp_path, images):
+@pytest.mark.parametrize("overlap", [[], ["--overlap", "--hidden", "6,300,300"]], ids=["", "overlap"])
+def test_a_rank_that_hangs_stops_the_other_after_the_peer_timeout_with_one_line(tmp_path, images, overlap):
     broken = tmp_path / "hung"
-    process = run_until_epoch(broken, 2, "train", "--data", images, *TRAIN_FOR_A_WHILE, "--peer-timeout", 2)
+    process = run_until_epoch(broken, 2, "train", "--data", images, *TRAIN_FOR_A_WHILE, "--peer-timeout", 2,
+                              *overlap)
     hung = rank_process(1, broken)
     os.kill(hung, signal.SIGSTOP)
     try:
@@ -217,6 +237,12 @@ def test_distributed_outside_mpirun_says_how_to_launch(tmp_path, images):
     assert not (tmp_path / "run").exists()
 
 
+def test_overlap_without_distributed_says_what_to_add(tmp_path, images):
+    result = fastnet("train", "--overlap", "--data", images, "--out", tmp_path / "run")
+    assert_one_line_error(result, "--overlap", "--distributed")
+    assert not (tmp_path / "run").exists()
+
+
 def test_distributed_without_mpi4py_says_what_to_install(tmp_path, images):
     stub = tmp_path / "no-mpi4py" / "mpi4py"
     stub.mkdir(parents=True)
@@ -251,6 +277,30 @@ def test_a_rank_draws_its_rows_of_what_one_process_draws():
         for m, w in zip(mine, whole):
             assert m.dtype == w.dtype and np.array_equal(m, w[start:stop])
         assert rng.bit_generator.state == alone.bit_generator.state
+
+
+@pytest.mark.parametrize("bucket_bytes, sent", [(1, [2, 1]), (300 * 4, [1]), (10 ** 9, [])])
+def test_the_flat_buffer_holds_the_layers_last_first_in_buckets(monkeypatch, bucket_bytes, sent):
+    """Layer 1 of 16-30-20-5 has W, b, gain and bias; the buckets that go during backward (`sends`)
+    end at the layers given, and the last one is the rest of the buffer, the step's numbers with it."""
+    monkeypatch.setattr(_Layout, "BUCKET_BYTES", bucket_bytes)
+    net = MLP([16, 30, 20, 5], norm="layernorm")
+    ws = net.workspace(4)
+    layout = _Layout(net, ws)
+    for i, grad in enumerate(ws.grads):
+        grad[...] = i + 1
+    for grad, view in layout.pairs:
+        view[...] = grad
+    sizes = [sum(g.size for g in net.layer_grads(ws, layer)) for layer in range(3)]
+    expected = np.concatenate([np.concatenate([g.ravel() for g in net.layer_grads(ws, layer)]) for layer in (2, 1, 0)])
+    assert layout.buffer.dtype == np.float32 and layout.buffer.size == sum(sizes) + 3
+    assert np.array_equal(layout.buffer[:-3], expected) and layout.scalars.size == 3
+    assert sorted(layout.sends, reverse=True) == sent
+    buckets = [layout.sends[layer] for layer in sent] + [layout.last_bucket]
+    assert sum(b.size for b in buckets) == layout.buffer.size
+    ends = np.cumsum([b.size for b in buckets])
+    assert all(np.shares_memory(b, layout.buffer) for b in buckets)
+    assert list(ends[:-1]) == [sum(sizes[layer:]) for layer in sent]
 
 
 def test_the_all_reduce_sums_in_rank_order_bit_for_bit(tmp_path):

@@ -358,3 +358,33 @@ def test_a_network_with_its_input_projection_folded_in_computes_the_same_on_raw_
     target = fastnet.MLP([12, 4, 3], dtype="float64", seed=9, **spec)
     assert net.with_input_projection(projection, into=target) is target
     assert all(np.array_equal(p, q) for p, q in zip(target.params, folded.params))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("norm", [None, "layernorm"])
+def test_backward_hands_each_layer_over_last_first_once_its_gradients_are_final(backend, norm):
+    """The layer_done hook of run_backward (a data-parallel rank sends a layer's gradients from it):
+    called once per layer, from the last down, and what the layer's gradients hold then is what they
+    hold at the end, while the layers below are still stale."""
+    net = fastnet.MLP([6, 9, 7, 3], backend=backend, seed=2, norm=norm, dropout=0.2)
+    ws = net.workspace(5)
+    ws.inputs[...] = np.random.default_rng(0).standard_normal((5, 6))
+    ws.labels[...] = [0, 2, 1, 1, 0]
+    net.run_forward(ws, np.random.default_rng(1))
+    for grad in ws.grads:
+        grad[...] = np.nan
+    seen = []
+
+    def layer_done(hooked, hooked_ws, layer):
+        assert hooked is net and hooked_ws is ws
+        below = [g for lower in range(layer) for g in net.layer_grads(ws, lower)]
+        assert all(np.isnan(g).all() for g in below)
+        seen.append((layer, [g.copy() for g in net.layer_grads(ws, layer)]))
+
+    net.run_backward(ws, layer_done=layer_done)
+    assert [layer for layer, _ in seen] == [2, 1, 0]
+    assert [len(grads) for _, grads in seen] == ([2, 4, 4] if norm else [2, 2, 2])
+    for layer, grads in seen:
+        for then, now in zip(grads, net.layer_grads(ws, layer), strict=True):
+            assert np.array_equal(then, now) and np.isfinite(now).all()
+    assert sum(len(grads) for _, grads in seen) == len(ws.grads)

@@ -14,7 +14,8 @@ backend NAME on N cores (`fastnet train --threads N`); a plain name uses them al
 where fastnet refuses it), torch.autocast's bfloat16 for torch; e.g. --sides numba,numba@bf16,torch@bf16.
 A side `NAME:TxR` trains data-parallel on R ranks of T threads each (`mpirun -n R fastnet train
 --distributed --threads T`, fastnet.distributed), e.g. numba:1x2 against numba on a 2-core machine; its
-worker is started under mpirun, and rank 0's epoch is the one reported.
+worker is started under mpirun, and rank 0's epoch is the one reported; `NAME:TxR+overlap` adds
+`--overlap`. --mpirun-args passes options to mpirun, e.g. "--mca btl tcp,self" to send over TCP.
 
 Every measurement runs in its own fresh process (`--worker SIDE WORKLOAD`, one JSON line out):
 after a NumPy call OpenBLAS's threads keep spinning for a while and slow whatever runs next in the
@@ -54,7 +55,8 @@ GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
          "R2": {("numba", "torch"): 1.5}}
 PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of the sgemm peak
 PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"), ("numba@bf16", "numba"),
-         ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"), ("numba:1x2", "numba"), ("numpy:1x2", "numpy"))
+         ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"), ("numba:1x2", "numba"), ("numpy:1x2", "numpy"),
+         ("numba:1x2+overlap", "numba:1x2"))
 # Open MPI refuses to start ranks as root unless told so twice.
 MPI_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 LR, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 20, 0, 50_000
@@ -80,6 +82,9 @@ def split_side(side):
     """(backend or 'torch', threads or None, precision) of a side such as 'numba:1@bf16'; None for a
     malformed side."""
     side, at, precision = side.partition("@")
+    side, plus, overlap = side.partition("+")
+    if plus and (overlap != "overlap" or ranks_of(side) == 1):
+        return None
     name, colon, threads = side.partition(":")
     threads, x, ranks = threads.partition("x")
     if name not in ("numpy", "numba", "torch") or colon and not (threads.isdigit() and int(threads) > 0):
@@ -91,7 +96,7 @@ def split_side(side):
 
 def ranks_of(side):
     """R of a data-parallel side NAME:TxR; 1 for the others."""
-    return int(side.partition("@")[0].partition(":")[2].partition("x")[2] or 1)
+    return int(side.partition("@")[0].partition("+")[0].partition(":")[2].partition("x")[2] or 1)
 
 
 def worker_train(side, workload, source):
@@ -106,8 +111,9 @@ def worker_train(side, workload, source):
     options, parallel = train.StepOptions(), None
     if ranks_of(side) > 1:  # under mpirun: this process is one rank
         from fastnet import distributed
-        parallel = distributed.start()
-        options = train.StepOptions(share=parallel.share, after_backward=parallel.after_backward)
+        parallel = distributed.start(overlap=side.partition("@")[0].endswith("+overlap"))
+        options = train.StepOptions(share=parallel.share, after_backward=parallel.after_backward,
+                                    layer_done=parallel.layer_done)
     warm_order = rng.permutation(len(images2d))[:WARMUP_STEPS * batch]
     order = rng.permutation(len(images2d))  # the timed epoch's fresh permutation
     steps = math.ceil(len(order) / batch)
@@ -226,12 +232,12 @@ def worker_peak(lib):
 
 # --- Parent: plan, run the workers interleaved, report ---------------------------------------------
 
-def run_worker(*args, quiet_wait=0.0):
+def run_worker(*args, quiet_wait=0.0, mpirun_args=()):
     """Run one worker; also measure how many cores OTHER processes kept busy meanwhile."""
     if quiet_wait:
         wait_until_quiet(quiet_wait)
     ranks = ranks_of(args[0]) if args[0] != "peak" else 1
-    launch = ["mpirun", "-n", str(ranks)] if ranks > 1 else []
+    launch = ["mpirun", *mpirun_args, "-n", str(ranks)] if ranks > 1 else []
     env = os.environ | (MPI_ROOT if ranks > 1 and os.geteuid() == 0 else {})
     proc, others = run_child([*launch, sys.executable, str(Path(__file__).resolve()), "--worker", *args], cwd=ROOT,
                              capture_output=True, text=True, env=env)
@@ -361,6 +367,8 @@ def main():
     parser.add_argument("--json", help="write every raw measurement to this file")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="S",
                         help="before each worker, wait up to S seconds for the machine to be idle (0: don't)")
+    parser.add_argument("--mpirun-args", default="", metavar="ARGS",
+                        help="options for mpirun before -n, for the data-parallel sides (e.g. \"--mca btl tcp,self\")")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -405,7 +413,8 @@ def main():
     for r in range(args.repeats):
         for workload in workloads:
             for side in run_sides:
-                res = run_worker(side, workload, "--data", source, quiet_wait=args.quiet_wait)
+                res = run_worker(side, workload, "--data", source, quiet_wait=args.quiet_wait,
+                                 mpirun_args=args.mpirun_args.split())
                 res |= {"repeat": r + 1} | ({"key": (side, workload)} if "error" in res else {})
                 results.append(res)
                 shown = f"{res['epoch_seconds']:.2f} s" if "epoch_seconds" in res else res["error"]

@@ -19,6 +19,8 @@ never depend on thread timing. The losses and count_correct stay serial: a 128 x
 work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
 starts warm. Every kernel is compiled for C-contiguous arrays alone (numba_gemm.on_contiguous), which
 is what the model and optimizer pass: an array of another layout is copied on the way in, and out.
+Every kernel releases the GIL (`nogil=True`): a data-parallel rank's reducing thread
+(distributed.py, --overlap) sends gradients while the main thread computes.
 
 Every kernel keeps numpy_backend's return convention (arrays into the caller's outputs, None
 returned; a number only where the result is one). The private helpers have one naming pattern. A
@@ -87,7 +89,7 @@ NAME = "numba"
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def gather_normalize(images, indices, shift, scale, out, out16=None):
     """out[i] = (images[indices[i]] - shift) * scale, converting each row as it is copied (and
     rounding it into out16 in the same pass)."""
@@ -102,7 +104,7 @@ def gather_normalize(images, indices, shift, scale, out, out16=None):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
     """out[i] = inputs[indices[i]], times signs where flips[i] is set: a mirrored image, for images
     stored as mirror-symmetric and antisymmetric components."""
@@ -120,7 +122,7 @@ def gather_flip_components(inputs, indices, flips, signs, out, out16=None):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cutout_size, shift, scale, out,
                              out16=None):
     """gather_normalize of (N, H, W, C) images with each sample's flip, translation and cutout: every
@@ -163,7 +165,7 @@ def augment_gather_normalize(images, indices, flips, offsets, cutout_centres, cu
 
 
 @on_contiguous("out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def round_to_bf16(x, out16):
     """out16 = x rounded to bfloat16, ties to even (numba_bf16.to_bf16), rows split across threads."""
     for i in prange(x.shape[0]):
@@ -172,7 +174,7 @@ def round_to_bf16(x, out16):
 
 
 @on_contiguous("out")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def bf16_to_float32(x16, out):
     """out = the exact float32 values of the bfloat16 bits in x16."""
     for i in prange(x16.shape[0]):
@@ -189,7 +191,7 @@ def bf16_to_float32(x16, out):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dense_forward(x, W, b, out, out16=None):
     """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
     parts = thread_count()
@@ -205,7 +207,7 @@ def dense_forward(x, W, b, out, out16=None):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dense_relu_forward(x, W, b, out, out16=None):
     """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
     zero = out.dtype.type(0)
@@ -222,7 +224,7 @@ def dense_relu_forward(x, W, b, out, out16=None):
 
 
 @on_contiguous("dW", "db", "dx", "dout16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dense_backward(dout, x, W, dW, db, dx, dout16=None):
     """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None; with
     dout16, dout's bf16 copy is written in the column-sum pass and the products read it."""
@@ -230,7 +232,7 @@ def dense_backward(dout, x, W, dW, db, dx, dout16=None):
     _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _dense_backward_columns(dout, db, dout16):
     """dense_backward's pass over column tiles of dout, before its products."""
     parts = thread_count()
@@ -245,7 +247,7 @@ def _dense_backward_columns(dout, db, dout16):
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
     in the same pass (writing dout16 there too), then the two GEMMs."""
@@ -253,7 +255,7 @@ def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
     _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _dense_relu_backward_columns(dout, out, db, dout16):
     """dense_relu_backward's pass over column tiles of dout, before its products."""
     zero = dout.dtype.type(0)
@@ -271,7 +273,7 @@ def _dense_relu_backward_columns(dout, out, db, dout16):
                     dout16[i, j] = to_bf16(dout[i, j])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
     """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T. The products read dout16 instead of
     dout when it is given."""
@@ -281,7 +283,7 @@ def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
         _weight_and_input_grads_tiles(dout16, x, W, dW, dx)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
     """dW by its rows and dx by its rows (the batch): each thread computes one tile of each."""
     parts = thread_count()
@@ -294,7 +296,7 @@ def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
 
 
 @on_contiguous("dx")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def relu_backward(dout, out, dx):
     """dx = dout where out > 0, else 0; dx may be dout itself."""
     zero = dout.dtype.type(0)
@@ -310,7 +312,7 @@ def relu_backward(dout, out, dx):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def relu_forward(x, out, out16=None):
     """out = max(x, 0); out may be x."""
     zero = out.dtype.type(0)
@@ -323,7 +325,7 @@ def relu_forward(x, out, out16=None):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def leaky_relu_forward(x, negative_slope, out, out16=None):
     """out = x where x > 0, else negative_slope * x; out may be x."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
@@ -337,7 +339,7 @@ def leaky_relu_forward(x, negative_slope, out, out16=None):
 
 
 @on_contiguous("dx")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def leaky_relu_backward(dout, out, negative_slope, dx):
     """dx = dout where out > 0, else negative_slope * dout; dx may be dout."""
     slope, zero = dx.dtype.type(negative_slope), dx.dtype.type(0)
@@ -348,7 +350,7 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
@@ -366,14 +368,14 @@ def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
     """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
     _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16)
     _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16):
     """dense_leaky_relu_backward's pass over column tiles of dout, before its products."""
     slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
@@ -397,14 +399,14 @@ def _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16):
 # (z + 0.044715 z^3), whose slope s + 2 z u' s (1 - s) needs no cancelling 1 - s either: 1 - s = e s
 # with e = exp(-2u). The exponent is capped so that e stays finite and e * s stays a number.
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _tanh_via_exp(z):
     """tanh of a float64 z from one exp."""
     return 1.0 - 2.0 / (np.exp(2.0 * z) + 1.0)
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def tanh_forward(x, out, out16=None):
     """out = tanh(x); out may be x."""
     real = out.dtype.type
@@ -418,7 +420,7 @@ def tanh_forward(x, out, out16=None):
 
 
 @on_contiguous("dx")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def tanh_backward(dout, out, dx):
     """dx = dout * (1 - out**2); dx may be dout."""
     one = dx.dtype.type(1)
@@ -428,7 +430,7 @@ def tanh_backward(dout, out, dx):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
     real = out.dtype.type
@@ -447,14 +449,14 @@ def dense_tanh_forward(x, W, b, out, out16=None):
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
     _dense_tanh_backward_columns(dout, out, db, dout16)
     _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _dense_tanh_backward_columns(dout, out, db, dout16):
     """dense_tanh_backward's pass over column tiles of dout, before its products."""
     one = dout.dtype.type(1)
@@ -474,14 +476,14 @@ def _dense_tanh_backward_columns(dout, out, db, dout16):
 _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overflows harmlessly to inf
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _gelu(z, one, two_root, cubic, cap):
     """gelu(z) = z * sigmoid(2u), in the dtype of the constants, which the caller converted."""
     e = np.exp(min(-two_root * (z + cubic * (z * z * z)), cap))
     return z / (one + e)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
     """gelu'(z) = s + 2 z u' s (1 - s), with s = sigmoid(2u) and 1 - s = e * s."""
     e = np.exp(min(-two_root * (z + cubic * (z * z * z)), cap))
@@ -490,7 +492,7 @@ def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def gelu_forward(x, out, out16=None):
     """out = gelu(x), tanh approximation."""
     real = out.dtype.type
@@ -504,7 +506,7 @@ def gelu_forward(x, out, out16=None):
 
 
 @on_contiguous("dx")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def gelu_backward(dout, x, dx):
     """dx = dout * gelu'(x); dx may be dout."""
     real = dx.dtype.type
@@ -516,7 +518,7 @@ def gelu_backward(dout, x, dx):
 
 
 @on_contiguous("pre", "out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
     real = out.dtype.type
@@ -536,14 +538,14 @@ def dense_gelu_forward(x, W, b, pre, out, out16=None):
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
     """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
     _dense_gelu_backward_columns(dout, pre, db, dout16)
     _weight_and_input_grads(dout, dout16, x, W, dW, dx)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _dense_gelu_backward_columns(dout, pre, db, dout16):
     """dense_gelu_backward's pass over column tiles of dout, before its products."""
     real = dout.dtype.type
@@ -565,14 +567,14 @@ def _dense_gelu_backward_columns(dout, pre, db, dout16):
 
 
 @on_contiguous("xhat", "inv_std", "out")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
     """Layer norm one row at a time, the rows split across the threads."""
     for i in prange(x.shape[0]):
         _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i):
     """Row i: the mean, then the variance from the centred values (two passes, so no cancellation),
     then xhat and out in a third. The row sums are float64 scalars. (A function of its own: in a
@@ -596,7 +598,7 @@ def _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i):
 
 
 @on_contiguous("dgain", "dbias", "dx")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
     """Layer norm's gradients: dgain and dbias by column tiles, each column summed in batch order;
     then one row at a time, a pass that sums the two row means and a pass that writes dx (after
@@ -615,7 +617,7 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
         _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i):
     """Row i of layer norm's dx: a pass that sums the two row means in float64, then one that writes
     dx (after reading dout, so dx may be dout)."""
@@ -637,7 +639,7 @@ def _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i):
 
 
 @on_contiguous("out", "out16")
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dropout(x, uniform, rate, out, out16=None):
     """Inverted dropout with the caller's uniform numbers; its own backward. out may be x."""
     # rate is compared in uniform's dtype, as NumPy compares an array with a Python float.
@@ -655,7 +657,7 @@ def dropout(x, uniform, rate, out, out16=None):
 # --- Loss ------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _row_max(logits, i):
     """The largest logit of row i, which the losses subtract before exponentiating so none overflows."""
     top = logits[i, 0]
@@ -665,7 +667,7 @@ def _row_max(logits, i):
 
 
 @on_contiguous("dlogits")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_cross_entropy(logits, labels, dlogits):
     """Mean softmax cross-entropy and its gradient, one row at a time: the row's maximum, then its
     exponentials and their sum, then the normalised gradient. The mean loss is summed in float64,
@@ -690,7 +692,7 @@ def softmax_cross_entropy(logits, labels, dlogits):
 
 
 @on_contiguous("dlogits")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
     """softmax_cross_entropy against label-smoothed targets, one row at a time as there; the row's
     mean logit joins the loss, and smoothing / K comes off every gradient element."""
@@ -720,7 +722,7 @@ def softmax_cross_entropy_smoothed(logits, labels, smoothing, dlogits):
 
 
 @on_contiguous()
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def count_correct(logits, labels):
     """Rows whose first largest logit is at the label, as np.argmax breaks ties."""
     correct = 0
@@ -737,7 +739,7 @@ def count_correct(logits, labels):
 
 
 @on_contiguous()
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def sum_of_squares(x):
     """The sum of x's squared elements as a float: BLAS's dot of x with itself, as in the reference,
     which reads the array once at memory speed."""
@@ -753,7 +755,7 @@ def sum_of_squares(x):
 
 
 @on_contiguous("param", "param16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def sgd_step(param, grad, lr, weight_decay, param16=None):
     """param -= lr * (grad + weight_decay * param)."""
     real = param.dtype.type
@@ -765,7 +767,7 @@ def sgd_step(param, grad, lr, weight_decay, param16=None):
         _sgd_step_elements(param.reshape(-1), np.ravel(grad), shrink, rate, param16.reshape(-1))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _sgd_step_elements(p, g, shrink, lr, p16):
     for i in prange(p.size):
         p[i] = p[i] * shrink - lr * g[i]
@@ -774,7 +776,7 @@ def _sgd_step_elements(p, g, shrink, lr, p16):
 
 
 @on_contiguous("param", "velocity", "param16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """v = momentum * v + grad + weight_decay * param; param -= lr * v."""
     real = param.dtype.type
@@ -785,7 +787,7 @@ def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
         _momentum_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _momentum_step_elements(p, g, v, lr, momentum, decay, p16):
     for i in prange(p.size):
         v[i] = v[i] * momentum + g[i] + decay * p[i]
@@ -795,7 +797,7 @@ def _momentum_step_elements(p, g, v, lr, momentum, decay, p16):
 
 
 @on_contiguous("param", "velocity", "param16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=None):
     """g' = grad + weight_decay * param; v = momentum * v + g'; param -= lr * (g' + momentum * v)."""
     real = param.dtype.type
@@ -806,7 +808,7 @@ def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
         _nesterov_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _nesterov_step_elements(p, g, v, lr, momentum, decay, p16):
     for i in prange(p.size):
         gi = g[i] + decay * p[i]
@@ -817,20 +819,20 @@ def _nesterov_step_elements(p, g, v, lr, momentum, decay, p16):
 
 
 @on_contiguous("param", "m", "v", "param16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """Adam with bias correction and L2 weight decay added to the gradient."""
     _adam(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, 0.0, step, param16)
 
 
 @on_contiguous("param", "m", "v", "param16")
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, param16=None):
     """AdamW: the weight decay shrinks the parameter instead of entering the moments."""
     _adam(param, grad, m, v, lr, beta1, beta2, eps, 0.0, weight_decay, step, param16)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, step, param16):
     """The update of adam_step and adamw_step, as numpy_backend's _adam: l2_decay * param joins the
     gradient, decoupled_decay shrinks the parameter (each step passes 0 for the other)."""
@@ -845,7 +847,7 @@ def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, s
         _adam_elements(*flat, *factors, param16.reshape(-1))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _adam_elements(p, g, m, v, b1, b2, tiny, l2, keep1, keep2, shrink, step_size, correction2, p16):
     for i in prange(p.size):
         gi = g[i] + l2 * p[i]

@@ -335,7 +335,7 @@ def matmul(a, b, out):
         out[...] = work
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _matmul_tiles(a, b, out):
     parts = thread_count()
     for part in numba.prange(parts):
