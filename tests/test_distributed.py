@@ -39,9 +39,9 @@ def environment():
     return {k: v for k, v in os.environ.items() if not k.startswith(("FASTNET_", *LAUNCHER_PREFIXES))} | MPI_ENV
 
 
-def mpirun(ranks, *args):
-    return subprocess.run(mpirun_command(ranks, *args), env=environment(), capture_output=True, text=True,
-                          timeout=300)
+def mpirun(ranks, *args, env=None):
+    return subprocess.run(mpirun_command(ranks, *args), env=environment() | (env or {}), capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +55,15 @@ def parameters(run):
     return checkpoint.load(os.path.join(run, "checkpoint.npz")).trained_net.params
 
 
-def train_both_ways(tmp_path, images, ranks, *settings):
-    """The same run on `ranks` ranks (one thread each) and in one process; returns both run folders."""
+def train_both_ways(tmp_path, images, ranks, *settings, env=None):
+    """The same run on `ranks` ranks (one thread each, unless settings say) and in one process; returns
+    both run folders."""
     common = ["train", "--data", images, *settings]
     together = tmp_path / f"ranks{ranks}"
-    result = mpirun(ranks, *common, "--distributed", "--out", together)
+    result = mpirun(ranks, *common, "--distributed", "--out", together, env=env)
     assert result.returncode == 0, result.stderr
     alone = tmp_path / "alone"
-    result = fastnet(*common, "--out", alone)
+    result = fastnet(*common, "--out", alone, env=env)
     assert result.returncode == 0, result.stderr
     return together, alone
 
@@ -88,6 +89,17 @@ def test_one_step_on_n_ranks_is_the_one_process_step_to_float32_rounding(tmp_pat
     assert split["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
     assert split["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
     assert split["train_acc"] == whole["train_acc"]
+
+def test_more_threads_per_rank_than_a_product_has_tiles_train_what_one_process_trains(tmp_path, images):
+    """Open MPI binds each of two ranks to a core, and Numba starts one thread per core it may use:
+    NUMBA_NUM_THREADS=3 with --threads 3 puts three on that core, and the weight gradients of 7 x 5
+    and 5 x 3 leave one of them without rows (numba_gemm.product_tile)."""
+    together, alone = train_both_ways(tmp_path, images, 2, "--backend", "numba", "--epochs", 1, "--hidden", "7,5",
+                                      "--batch-size", 300, "--threads", 3, env={"NUMBA_NUM_THREADS": "3"})
+    for p, q in zip(parameters(together), parameters(alone), strict=True):
+        assert np.max(np.abs(p - q)) <= 1e-5 * np.max(np.abs(q))
+    assert json.loads((together / "config.json").read_text())["parallelism"]["threads"] == 3
+
 
 def test_batch_one_over_two_ranks_trains_what_one_process_trains(tmp_path, images):
     """Every batch of one image leaves a rank with no rows: it sends zero gradients, and still draws the
