@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from fastnet.cpu import DISTURBED, cpu_model, run_child
+from fastnet.distributed import AS_ROOT
 from fastnet.precision import bf16_instructions
 from fastnet.workloads import MOMENTUM, flops_per_sample, named
 
@@ -166,8 +167,8 @@ def measure_in_own_process(side, sizes, batch, steps, threads=None, precision="f
     launch, env = [], None
     if ranks > 1:
         launch = ["mpirun", "-n", str(ranks)]
-        if os.geteuid() == 0:  # Open MPI starts no rank as root unless told so twice
-            env = os.environ | {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+        if os.geteuid() == 0:
+            env = os.environ | AS_ROOT
     done, others = run_child([*launch, sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True,
                              text=True, env=env)
     if done.returncode != 0:

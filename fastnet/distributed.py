@@ -40,6 +40,8 @@ from fastnet.errors import FastnetError, PeerLost, SettingError
 
 # What mpirun (Open MPI, MPICH's hydra, PMIx launchers such as srun) sets in every process it starts.
 LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+# What Open MPI's mpirun needs to start ranks as root (containers, CI), which it refuses unless told twice.
+AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 PEER_TIMEOUT = 120.0  # seconds; longer than rank 0 takes to write a checkpoint, shorter than a user waits
 _REDUCE, _GATHER, _DIGEST = 1, 2, 3  # message tags: the two halves of the all-reduce, the parameter check
 

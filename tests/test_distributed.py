@@ -17,15 +17,13 @@ import numpy as np
 import pytest
 
 from fastnet import checkpoint
-from fastnet.distributed import RowShare, _Layout, share_bounds
+from fastnet.distributed import AS_ROOT, RowShare, _Layout, share_bounds
 from fastnet.model import MLP
 from helpers import assert_one_line_error, fastnet, save_brightness_classes, unavailable
 
-# Open MPI refuses root unless told twice (CI runs as root); oversubscribe: more ranks than cores; its
-# own connections on loopback.
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_oob_tcp_if_include": "lo",
-           "OMPI_MCA_btl_tcp_if_include": "lo"}
+# CI runs as root; oversubscribe: more ranks than cores; Open MPI's own connections on loopback.
+MPI_ENV = AS_ROOT | {"OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_oob_tcp_if_include": "lo",
+                     "OMPI_MCA_btl_tcp_if_include": "lo"}
 LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_")
 
 
@@ -246,6 +244,16 @@ def test_distributed_outside_mpirun_says_how_to_launch(tmp_path, images):
                              "--out", str(tmp_path / "run")], env=environment() | env, capture_output=True,
                             text=True, timeout=120)
     assert_one_line_error(result, "--distributed", "mpirun -n 2 fastnet train --distributed")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_setting_under_mpirun_q_is_one_line(tmp_path):
+    """Every rank meets it; rank 0 says it, and `mpirun -q` (the README's advice) keeps Open MPI's
+    banner about the ranks' exit status out."""
+    command = mpirun_command(2, "train", "--distributed", "--data", tmp_path / "missing", "--out", tmp_path / "run")
+    result = subprocess.run([command[0], "-q", *command[1:]], env=environment(), capture_output=True, text=True,
+                            timeout=120)
+    assert_one_line_error(result, "does not exist", "--data")
     assert not (tmp_path / "run").exists()
 
 

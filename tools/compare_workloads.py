@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
 from fastnet.cpu import cpu_model, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.distributed import AS_ROOT  # noqa: E402
 from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
 GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
@@ -57,8 +58,6 @@ PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of
 PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"), ("numba@bf16", "numba"),
          ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"), ("numba:1x2", "numba"), ("numpy:1x2", "numpy"),
          ("numba:1x2+overlap", "numba:1x2"))
-# Open MPI refuses to start ranks as root unless told so twice.
-MPI_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 LR, WARMUP_STEPS, SEED, SYNTHETIC_N = 0.01, 20, 0, 50_000
 PEAK_SIZES, THREADS = (1024, 2048, 3072, 4096), 2
 
@@ -238,7 +237,7 @@ def run_worker(*args, quiet_wait=0.0, mpirun_args=()):
         wait_until_quiet(quiet_wait)
     ranks = ranks_of(args[0]) if args[0] != "peak" else 1
     launch = ["mpirun", *mpirun_args, "-n", str(ranks)] if ranks > 1 else []
-    env = os.environ | (MPI_ROOT if ranks > 1 and os.geteuid() == 0 else {})
+    env = os.environ | (AS_ROOT if ranks > 1 and os.geteuid() == 0 else {})
     proc, others = run_child([*launch, sys.executable, str(Path(__file__).resolve()), "--worker", *args], cwd=ROOT,
                              capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not proc.stdout.strip():
