@@ -48,9 +48,7 @@ def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32", p
     from fastnet.optim import Optimizer, Schedule
     from fastnet.train import StepOptions, train_epoch, warm_up
 
-    options = StepOptions() if parallel is None else StepOptions(share=parallel.share,
-                                                                 after_backward=parallel.after_backward,
-                                                                 layer_done=parallel.layer_done)
+    options = StepOptions() if parallel is None else StepOptions(**parallel.step_hooks())
 
     images, labels, order = synthetic_batches(sizes, batch, steps)
     shift, scale = np.full(sizes[0], 127.5, np.float32), np.full(sizes[0], 1 / 64, np.float32)

@@ -135,6 +135,10 @@ class DataParallel:
             cores //= self.local_ranks
         return max(1, cores)
 
+    def step_hooks(self):
+        """The StepOptions fields that make a training step this rank's: StepOptions(**parallel.step_hooks())."""
+        return {"share": self.share, "after_backward": self.after_backward, "layer_done": self.layer_done}
+
     def describe(self):
         return {"ranks": self.size, "ranks_per_node": self.local_ranks, "overlap": self.layer_done is not None}
 

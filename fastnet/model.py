@@ -288,21 +288,19 @@ class MLP:
             delta16 = ws.deltas16[i + 1] if bf16 else None
             if i == last:
                 k.dense_backward(delta, x, W, dW, db, dx, delta16)
-                if layer_done is not None:
-                    layer_done(self, ws, i)
-                continue
-            if ws.dropout_applied:
-                k.dropout(delta, ws.uniform[i], self.dropout, delta)
-            # The activation's backward reads its input (GELU) or its output (the others), which is
-            # where dropout (if any) was applied to make the layer's output.
-            saved = ws.pre[i] if act.reads_input else ws.hidden[i] if ws.dropout_applied else ws.activations[i + 1]
-            if self.norm is None:
-                getattr(k, act.dense_backward)(delta, saved, x, W, *act.scalars, dW, db, dx, delta16)
             else:
-                getattr(k, act.backward)(delta, saved, *act.scalars, delta)
-                dgain, dbias = ws.grads[positions[2]], ws.grads[positions[3]]
-                k.layernorm_backward(delta, ws.xhat[i], ws.inv_std[i], self.norm_gains[i], dgain, dbias, delta)
-                k.dense_backward(delta, x, W, dW, db, dx, delta16)
+                if ws.dropout_applied:
+                    k.dropout(delta, ws.uniform[i], self.dropout, delta)
+                # The activation's backward reads its input (GELU) or its output (the others), which
+                # is where dropout (if any) was applied to make the layer's output.
+                saved = ws.pre[i] if act.reads_input else ws.hidden[i] if ws.dropout_applied else ws.activations[i + 1]
+                if self.norm is None:
+                    getattr(k, act.dense_backward)(delta, saved, x, W, *act.scalars, dW, db, dx, delta16)
+                else:
+                    getattr(k, act.backward)(delta, saved, *act.scalars, delta)
+                    dgain, dbias = ws.grads[positions[2]], ws.grads[positions[3]]
+                    k.layernorm_backward(delta, ws.xhat[i], ws.inv_std[i], self.norm_gains[i], dgain, dbias, delta)
+                    k.dense_backward(delta, x, W, dW, db, dx, delta16)
             if layer_done is not None:
                 layer_done(self, ws, i)
         return loss

@@ -436,9 +436,8 @@ class TrainingRun:
                                    f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
         if config.flip or config.translate or config.cutout:
             augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
-        self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, self.after_backward,
-                                   share=self.parallel and self.parallel.share,
-                                   layer_done=self.parallel and self.parallel.layer_done)
+        hooks = self.parallel.step_hooks() if self.parallel else {"after_backward": self.after_backward}
+        self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip, **hooks)
         self.optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
                                    weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
         steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)

@@ -111,8 +111,7 @@ def worker_train(side, workload, source):
     if ranks_of(side) > 1:  # under mpirun: this process is one rank
         from fastnet import distributed
         parallel = distributed.start(overlap=side.partition("@")[0].endswith("+overlap"))
-        options = train.StepOptions(share=parallel.share, after_backward=parallel.after_backward,
-                                    layer_done=parallel.layer_done)
+        options = train.StepOptions(**parallel.step_hooks())
     warm_order = rng.permutation(len(images2d))[:WARMUP_STEPS * batch]
     order = rng.permutation(len(images2d))  # the timed epoch's fresh permutation
     steps = math.ceil(len(order) / batch)
