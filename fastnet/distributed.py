@@ -84,11 +84,17 @@ def share_bounds(rows, size, rank):
 
 class RowShare:
     """The run's generator as one rank's step sees it: every `random(out=...)` call draws for the whole
-    batch (first axis `rows`) from the shared generator and keeps this rank's rows [start, stop)."""
+    batch (first axis `rows`) from the shared generator and keeps this rank's rows [start, stop);
+    `integers` draws as the shared generator does (dropout's keys), and `first_row` tells the
+    kernels' draw_uniform where this rank's rows of a key's numbers begin."""
 
     def __init__(self, rng, start, stop, rows):
         self.rng, self.start, self.stop, self.rows = rng, start, stop, rows
+        self.first_row = start
         self._scratch = {}
+
+    def integers(self, *args, **kwargs):
+        return self.rng.integers(*args, **kwargs)
 
     def random(self, size=None, dtype=np.float64, out=None):
         whole = (self.rows, *out.shape[1:])

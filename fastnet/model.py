@@ -59,7 +59,8 @@ class Workspace:
     xhat[i], inv_std[i]   layer norm's normalised input and 1/std per row;
     hidden[i]   the activation's output before dropout, in training; without dropout the activation
                 writes straight into activations[i + 1];
-    uniform[i]  the numbers in [0, 1) that decide which units dropout drops.
+    uniform[i]  the numbers in [0, 1) that decide which units dropout drops: the stream (draw_uniform)
+                of one key that the step's generator draws per layer.
 
     With precision "bf16" (else None): activations16[i] the bfloat16 copy of activations[i] that
     layer i's products read (not of the logits), and deltas16[i] that of deltas[i].
@@ -262,7 +263,9 @@ class MLP:
                                     ws.xhat[i], ws.inv_std[i], ws.pre[i])
                 getattr(k, act.forward)(ws.pre[i], *act.scalars, h, h16)
             if training:
-                rng.random(out=ws.uniform[i], dtype=self.dtype)
+                # One key per layer; a data-parallel rank's rows of its numbers start where its share does.
+                key = rng.integers(0, 2**64, dtype=np.uint64)
+                k.draw_uniform(key, getattr(rng, "first_row", 0), ws.uniform[i])
                 k.dropout(h, ws.uniform[i], self.dropout, ws.activations[i + 1], out16)
         k.dense_forward(inputs[last], weights[last], self._biases[last], ws.activations[last + 1])
         return ws.logits

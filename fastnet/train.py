@@ -2,7 +2,8 @@
 
 A run draws every random number from one np.random.Generator seeded by `config.seed`: first the
 validation split (when asked for), then the initial weights, then the images the --pca components
-are fitted to, then one permutation per epoch, and within it each step's augmentations and dropout.
+are fitted to, then one permutation per epoch, and within it each step's augmentations and one
+dropout key per hidden layer (the kernels' draw_uniform turns a key into the layer's numbers).
 
 A run's folder holds config.json, metrics.jsonl (one JSON object per epoch), model.npz (the model
 after the last finished epoch) and checkpoint.npz (everything needed to resume: written after every

@@ -714,6 +714,7 @@ def test_mirror_images_flips_each_flattened_image_left_to_right(shape):
     mirrored = data.mirror_images(images.reshape(3, -1), shape)
     assert mirrored.shape == (3, images[0].size) and mirrored.dtype == np.uint8
     assert np.array_equal(mirrored, images[:, :, ::-1].reshape(3, -1))
+    assert mirrored.flags.c_contiguous  # else every kernel that reads it copies all of it first
 
 
 def test_mirror_signs_refuse_components_that_a_flip_mixes():

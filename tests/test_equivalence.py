@@ -476,6 +476,25 @@ def test_activation_forward(other, kernel, layout, dtype, shape, seed, in_place,
                  magnitudes=magnitudes)
 
 
+def test_the_float32_exp_of_gelu_is_within_an_ulp_of_exp(other):
+    """numba_backend._exp, which the GELU kernels call: in float32 a polynomial of the backend's own,
+    within one float32 spacing (2^-23 relative) of exp over [-87, 88], held to exp(-87) below it and
+    exp(88) above, NaN kept; in float64 NumPy's exp, bit for bit."""
+    from numba import njit
+    from fastnet.backends.numba_backend import _exp
+
+    exp = njit(lambda x: _exp(x))
+    x = np.linspace(-87, 88, 350_001, dtype=np.float32)
+    got = np.array([exp(v) for v in x[::50]] + [exp(v) for v in x[-1000:]], np.float32)
+    want = np.exp(np.concatenate([x[::50], x[-1000:]]).astype(np.float64))
+    assert got.dtype == np.float32 and np.max(np.abs(got - want) / want) < 2.0 ** -23
+    edges = [exp(np.float32(v)) for v in (-1000, -88, np.inf, 1000, np.nan)]
+    assert edges[:2] == [exp(np.float32(-87))] * 2 and edges[2] == edges[3] == exp(np.float32(88))
+    assert np.isnan(edges[4])
+    doubles = np.linspace(-700, 700, 1001)
+    assert np.array_equal([exp(v) for v in doubles], np.exp(doubles))
+
+
 @covers(*ELEMENTWISE_BACKWARD)
 @pytest.mark.parametrize("kernel", list(ELEMENTWISE_BACKWARD))
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -873,6 +892,20 @@ def test_layernorm_backward(other, layout, dtype, shape, seed, in_place):
         reductions["dout"] = width
     check_kernel(other, "layernorm_backward", make_args, reductions, f" {layout} {shape} in_place={in_place}",
                  magnitudes=magnitudes)
+
+
+@covers("draw_uniform")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.tuples(dims, dims), key=st.integers(0, 2**64 - 1), first_row=st.integers(0, 300))
+@example(shape=(1, 1), key=2**64 - 1, first_row=0)  # key + n * gamma wraps around at once
+def test_draw_uniform(other, layout, dtype, shape, key, first_row):
+    def make_args():
+        return np.uint64(key), first_row, laid_out(garbage(shape, dtype), layout, axis=0)
+
+    # Integer arithmetic, then one exact conversion and scaling: the same bits.
+    check_kernel(other, "draw_uniform", make_args, {}, f" {layout} {shape} key={key} first_row={first_row}")
 
 
 @covers("dropout")
@@ -1419,11 +1452,11 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
             _nrt_python.memsys_disable_stats()
     used = {"default": {"dense_relu_backward", "momentum_step"},
             "bf16": {"round_to_bf16", "dense_relu_forward", "dense_relu_backward", "momentum_step"},
-            "regularised bf16": {"round_to_bf16", "layernorm_forward", "gelu_forward", "dropout", "dense_backward",
-                                 "momentum_step"},
+            "regularised bf16": {"round_to_bf16", "layernorm_forward", "gelu_forward", "draw_uniform", "dropout",
+                                 "dense_backward", "momentum_step"},
             "regularised": {"augment_gather_normalize", "layernorm_forward", "layernorm_backward", "gelu_forward",
-                            "gelu_backward", "dropout", "softmax_cross_entropy_smoothed", "sum_of_squares",
-                            "momentum_step"},
+                            "gelu_backward", "draw_uniform", "dropout", "softmax_cross_entropy_smoothed",
+                            "sum_of_squares", "momentum_step"},
             "components": {"gather_flip_components", "dense_relu_backward", "momentum_step"},
             "projected": {"augment_gather_normalize", "dense_forward", "dense_relu_backward", "momentum_step"}}[variant]
     assert recorder.calls >= 20 * 12 and set(recorder.extra) >= used

@@ -346,6 +346,47 @@ def test_dropout_drops_below_the_rate_and_scales_the_rest(rng):
     assert relative_error(dropped(g), numeric) < GRAD_TOL
 
 
+def splitmix64(seed, count):
+    """The first `count` outputs of SplitMix64 from `seed`, written out from Vigna's splitmix64.c
+    on Python integers."""
+    outputs, state = [], seed
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) % 2**64
+        z = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+        outputs.append(z ^ (z >> 31))
+    return outputs
+
+
+def test_splitmix64_written_out_gives_the_published_outputs():
+    assert splitmix64(1234567, 5) == [6457827717110365317, 3203168211198807973, 9817491932198370423,
+                                      4593380528125082431, 16408922859458223821]
+
+
+@pytest.mark.parametrize("key", [0, 1234567, 2**64 - 1])
+@pytest.mark.parametrize("dtype, bits", [(np.float32, 24), (np.float64, 53)])
+def test_draw_uniform_is_the_top_bits_of_splitmix64_in_c_order(key, dtype, bits):
+    out = np.full((3, 5), np.nan, dtype)
+    ref.draw_uniform(np.uint64(key), 0, out)
+    assert out.dtype == dtype
+    assert out.ravel().tolist() == [(z >> (64 - bits)) * 2.0 ** -bits for z in splitmix64(key, 15)]
+    share = np.full((2, 5), np.nan, dtype)  # rows 1 and 2 alone, as a data-parallel rank draws them
+    ref.draw_uniform(np.uint64(key), 1, share)
+    assert np.array_equal(share, out[1:])
+
+
+def test_draw_uniform_is_uniform_and_each_key_draws_its_own_numbers():
+    first, second = np.empty((400, 1000), np.float32), np.empty((400, 1000), np.float32)
+    ref.draw_uniform(np.uint64(7), 0, first)
+    ref.draw_uniform(np.uint64(8), 0, second)
+    assert first.min() >= 0 and first.max() < 1
+    counts = np.histogram(first, bins=20, range=(0, 1))[0] / first.size
+    assert np.all(np.abs(counts - 0.05) < 0.002)  # 400,000 draws: a bin's standard error is 0.00034
+    for a, b in [(first, second), (first[:, 1:], first[:, :-1]), (first[1:], first[:-1])]:  # keys, neighbours
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    assert np.mean(first == second) < 1e-4
+
+
 def test_dropout_keeps_the_expected_value(rng):
     x = np.ones((200, 500), np.float32)
     out = np.empty_like(x)

@@ -5,6 +5,7 @@ import pytest
 
 import fastnet
 from fastnet import backends
+from fastnet.backends import numpy_backend
 from fastnet.errors import FastnetError
 from helpers import Float64Detector, assert_close, numerical_gradient, relative_error
 
@@ -185,9 +186,10 @@ def test_a_training_pass_drops_units_drawn_from_the_generator(activation):
     rng = np.random.default_rng(5)
     logits = net.run_forward(ws, rng).copy()
     assert ws.dropout_applied
-    # One rng.random per hidden layer, in order, into arrays of the layer's shape.
-    replay = np.random.default_rng(5)
-    masks = [replay.random((8, 50)), replay.random((8, 40))]
+    # One key per hidden layer, in order; a layer's numbers are draw_uniform's of its key.
+    replay, masks = np.random.default_rng(5), [np.empty((8, 50)), np.empty((8, 40))]
+    for mask in masks:
+        numpy_backend.draw_uniform(replay.integers(0, 2**64, dtype=np.uint64), 0, mask)
     assert_close(logits, textbook_forward(net, x, masks), rtol=1e-12, atol=1e-12)
     assert np.mean(ws.activations[1] == 0) > 0.3  # dropped, on top of the ReLU's zeros
     # The same seed gives the same pass; another seed another one; no generator, no dropout.

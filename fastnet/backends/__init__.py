@@ -49,6 +49,7 @@ KERNELS = (
     "dense_gelu_backward",
     "layernorm_forward",
     "layernorm_backward",
+    "draw_uniform",
     "dropout",
     "softmax_cross_entropy",
     "softmax_cross_entropy_smoothed",

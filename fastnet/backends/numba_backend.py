@@ -29,13 +29,14 @@ parallel loop over a product's tiles; `_columns`, a backward kernel's parallel p
 `_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
 work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
 `_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
-(`_adam`). The constants that define a result, GELU's and bfloat16's bit patterns, are imported from
-numpy_backend. Numba compiles a global in as a constant, and its disk cache checks only the source
+(`_adam`). The constants that define a result (GELU's, SplitMix64's, bfloat16's bit patterns) are
+imported from numpy_backend. Numba compiles a global in as a constant, and its disk cache checks only the source
 file of the function it caches, so after changing one of them there, delete the cached .nbi and
 .nbc files.
 """
 
 import contextlib
+import math
 import os
 
 if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
@@ -44,13 +45,15 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import overload  # noqa: E402
 
 from fastnet.backends import numba_gemm  # noqa: E402
-from fastnet.backends.numba_bf16 import from_bf16, to_bf16  # noqa: E402
+from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16  # noqa: E402
 from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, gemm, on_contiguous, product_tile, span,  # noqa: E402
                                          thread_count)
-from fastnet.backends.numpy_backend import GELU_CUBIC, GELU_SQRT_2_OVER_PI  # noqa: E402
+from fastnet.backends.numpy_backend import (GELU_CUBIC, GELU_SQRT_2_OVER_PI, SPLITMIX_GAMMA,  # noqa: E402
+                                            SPLITMIX_MULTIPLIERS, SPLITMIX_SHIFTS)
 
 from fastnet.errors import FastnetError  # noqa: E402
 
@@ -188,6 +191,9 @@ def bf16_to_float32(x16, out):
 # computed a tile adds its bias and applies its activation. Backward (<kernel>_columns): a first pass
 # over column tiles of dout applies the activation's derivative in place and sums each column for db,
 # in batch order, then _weight_and_input_grads_tiles splits dW by its rows and dx by its rows (the batch).
+# Both index a tile's rows through views that start at its first column (row = out[i, c0:c1]), from 0:
+# indexed from c0 itself, LLVM left the loops scalar (we did not find out why), and on the Zen 3
+# machine db's column sums over 128 x 2048 took 100 us instead of 18.
 
 
 @on_contiguous("out", "out16")
@@ -198,12 +204,14 @@ def dense_forward(x, W, b, out, out16=None):
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
         gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        bias = b[c0:c1]
         for i in range(r0, r1):
-            for j in range(c0, c1):
-                z = out[i, j] + b[j]
-                out[i, j] = z
+            row = out[i, c0:c1]
+            for j in range(c1 - c0):
+                z = row[j] + bias[j]
+                row[j] = z
                 if out16 is not None:
-                    out16[i, j] = to_bf16(z)
+                    out16[i, c0 + j] = to_bf16(z)
 
 
 @on_contiguous("out", "out16")
@@ -215,12 +223,14 @@ def dense_relu_forward(x, W, b, out, out16=None):
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
         gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        bias = b[c0:c1]
         for i in range(r0, r1):
-            for j in range(c0, c1):
-                z = max(out[i, j] + b[j], zero)
-                out[i, j] = z
+            row = out[i, c0:c1]
+            for j in range(c1 - c0):
+                z = max(row[j] + bias[j], zero)
+                row[j] = z
                 if out16 is not None:
-                    out16[i, j] = to_bf16(z)
+                    out16[i, c0 + j] = to_bf16(z)
 
 
 @on_contiguous("dW", "db", "dx", "dout16")
@@ -238,12 +248,14 @@ def _dense_backward_columns(dout, db, dout16):
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        db[c0:c1] = 0
+        sums = db[c0:c1]
+        sums[:] = 0
         for i in range(dout.shape[0]):
-            for j in range(c0, c1):
-                db[j] += dout[i, j]
+            g = dout[i, c0:c1]
+            for j in range(c1 - c0):
+                sums[j] += g[j]
                 if dout16 is not None:
-                    dout16[i, j] = to_bf16(dout[i, j])
+                    dout16[i, c0 + j] = to_bf16(g[j])
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -262,15 +274,16 @@ def _dense_relu_backward_columns(dout, out, db, dout16):
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        db[c0:c1] = 0
+        sums = db[c0:c1]
+        sums[:] = 0
         for i in range(dout.shape[0]):
-            for j in range(c0, c1):
-                if out[i, j] > zero:
-                    db[j] += dout[i, j]
-                else:
-                    dout[i, j] = zero
+            g, h = dout[i, c0:c1], out[i, c0:c1]
+            for j in range(c1 - c0):
+                kept = g[j] if h[j] > zero else zero
+                g[j] = kept
+                sums[j] += kept
                 if dout16 is not None:
-                    dout16[i, j] = to_bf16(dout[i, j])
+                    dout16[i, c0 + j] = to_bf16(g[j])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -358,13 +371,15 @@ def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
         gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        bias = b[c0:c1]
         for i in range(r0, r1):
-            for j in range(c0, c1):
-                z = out[i, j] + b[j]
+            row = out[i, c0:c1]
+            for j in range(c1 - c0):
+                z = row[j] + bias[j]
                 y = z if z > zero else z * slope
-                out[i, j] = y
+                row[j] = y
                 if out16 is not None:
-                    out16[i, j] = to_bf16(y)
+                    out16[i, c0 + j] = to_bf16(y)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -382,19 +397,21 @@ def _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16):
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        db[c0:c1] = 0
+        sums = db[c0:c1]
+        sums[:] = 0
         for i in range(dout.shape[0]):
-            for j in range(c0, c1):
-                if out[i, j] <= zero:
-                    dout[i, j] = dout[i, j] * slope
-                db[j] += dout[i, j]
+            g, h = dout[i, c0:c1], out[i, c0:c1]
+            for j in range(c1 - c0):
+                scaled = g[j] * slope if h[j] <= zero else g[j]
+                g[j] = scaled
+                sums[j] += scaled
                 if dout16 is not None:
-                    dout16[i, j] = to_bf16(dout[i, j])
+                    dout16[i, c0 + j] = to_bf16(g[j])
 
 
-# tanh and GELU go through exp, which LLVM vectorises, instead of the C library's tanh, which it
-# does not: 13 ns an element against 2 to 3. For tanh in float32 the exp form is evaluated in float64,
-# where 1 - 2 / (exp(2z) + 1) has no cancellation that float32 could see; a float64 model (gradient
+# tanh and GELU go through exp instead of the C library's tanh: 13 ns an element against 2 to 3.
+# For tanh in float32 the exp form is evaluated in float64 (np.exp, the C library's), where
+# 1 - 2 / (exp(2z) + 1) has no cancellation that float32 could see; a float64 model (gradient
 # checks) keeps np.tanh. GELU's tanh form is rewritten exactly as z * sigmoid(2u), u = sqrt(2/pi) *
 # (z + 0.044715 z^3), whose slope s + 2 z u' s (1 - s) needs no cancelling 1 - s either: 1 - s = e s
 # with e = exp(-2u). The exponent is capped so that e stays finite and e * s stays a number.
@@ -439,13 +456,15 @@ def dense_tanh_forward(x, W, b, out, out16=None):
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
         gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+        bias = b[c0:c1]
         for i in range(r0, r1):
-            for j in range(c0, c1):
-                z = out[i, j] + b[j]
+            row = out[i, c0:c1]
+            for j in range(c1 - c0):
+                z = row[j] + bias[j]
                 y = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
-                out[i, j] = y
+                row[j] = y
                 if out16 is not None:
-                    out16[i, j] = to_bf16(y)
+                    out16[i, c0 + j] = to_bf16(y)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -463,30 +482,65 @@ def _dense_tanh_backward_columns(dout, out, db, dout16):
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        db[c0:c1] = 0
+        sums = db[c0:c1]
+        sums[:] = 0
         for i in range(dout.shape[0]):
-            for j in range(c0, c1):
-                g = dout[i, j] * (one - out[i, j] * out[i, j])
-                dout[i, j] = g
-                db[j] += g
+            row, h = dout[i, c0:c1], out[i, c0:c1]
+            for j in range(c1 - c0):
+                g = row[j] * (one - h[j] * h[j])
+                row[j] = g
+                sums[j] += g
                 if dout16 is not None:
-                    dout16[i, j] = to_bf16(g)
+                    dout16[i, c0 + j] = to_bf16(g)
 
 
 _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overflows harmlessly to inf
+
+# GELU's exp in float32 is a polynomial of our own, because LLVM has no vector exp to call here (Numba's
+# SVML needs an llvmlite built for it, which PyPI's is not), so np.exp stays one libm call an element.
+# x = n ln2 + f with |f| <= ln2 / 2 (ln2 split in two, so that n ln2 is exact), e^f by its Taylor
+# series to f^7 (error under f^8 / 8! = 2e-9 there), times 2^n built from its bits. Measured against
+# exp in float64 over [-87, 88]: within 0.65 of a float32 spacing (2^-23 relative). LLVM vectorises
+# it: on the Zen 3 machine gelu_forward of 128 x 2048 took 0.19 ms on two threads, against 0.47 ms
+# with np.exp. Below -87 it returns exp(-87) (1.6e-38), not a subnormal: GELU adds it to 1.
+_LOG2_E, _LN2_HIGH, _LN2_LOW = 1.4426950408889634, 0.693359375, -2.12194440e-4
+_EXP_LOWEST, _EXP_HIGHEST = -87.0, 88.0
+_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(7, -1, -1))  # f^7 / 7! first
+
+
+def _exp(x):
+    """e**x; in compiled code, the polynomial above for a float32 x and np.exp for a float64."""
+    return np.exp(x)
+
+
+@overload(_exp, jit_options={"cache": True, "nogil": True, "error_model": "numpy"})
+def _exp_compiled(x):
+    if x != types.float32:
+        return lambda x: np.exp(x)
+    log2_e, ln2_high, ln2_low = np.float32(_LOG2_E), np.float32(_LN2_HIGH), np.float32(_LN2_LOW)
+    lowest, highest = np.float32(_EXP_LOWEST), np.float32(_EXP_HIGHEST)
+    c7, c6, c5, c4, c3, c2, c1, c0 = (np.float32(c) for c in _EXP_TAYLOR)
+
+    def exp_float32(x):
+        x = min(max(x, lowest), highest)
+        n = np.floor(x * log2_e + np.float32(0.5))
+        f = (x - n * ln2_high) - n * ln2_low
+        p = ((((((c7 * f + c6) * f + c5) * f + c4) * f + c3) * f + c2) * f + c1) * f + c0
+        return p * bits_float32(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    return exp_float32
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _gelu(z, one, two_root, cubic, cap):
     """gelu(z) = z * sigmoid(2u), in the dtype of the constants, which the caller converted."""
-    e = np.exp(min(-two_root * (z + cubic * (z * z * z)), cap))
+    e = _exp(min(-two_root * (z + cubic * (z * z * z)), cap))
     return z / (one + e)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _gelu_slope(z, one, two_root, cubic, three_cubic, cap):
     """gelu'(z) = s + 2 z u' s (1 - s), with s = sigmoid(2u) and 1 - s = e * s."""
-    e = np.exp(min(-two_root * (z + cubic * (z * z * z)), cap))
+    e = _exp(min(-two_root * (z + cubic * (z * z * z)), cap))
     s = one / (one + e)
     return s + z * (two_root * (one + three_cubic * (z * z))) * s * (e * s)
 
@@ -527,14 +581,16 @@ def dense_gelu_forward(x, W, b, pre, out, out16=None):
     for part in prange(parts):
         r0, r1, c0, c1 = product_tile(pre.shape[0], pre.shape[1], parts, part)
         gemm(x[r0:r1], W[:, c0:c1], pre[r0:r1, c0:c1])
+        bias = b[c0:c1]
         for i in range(r0, r1):
-            for j in range(c0, c1):
-                z = pre[i, j] + b[j]
-                pre[i, j] = z
+            row, activated = pre[i, c0:c1], out[i, c0:c1]
+            for j in range(c1 - c0):
+                z = row[j] + bias[j]
+                row[j] = z
                 y = _gelu(z, one, two_root, cubic, cap)
-                out[i, j] = y
+                activated[j] = y
                 if out16 is not None:
-                    out16[i, j] = to_bf16(y)
+                    out16[i, c0 + j] = to_bf16(y)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -554,14 +610,16 @@ def _dense_gelu_backward_columns(dout, pre, db, dout16):
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        db[c0:c1] = 0
+        sums = db[c0:c1]
+        sums[:] = 0
         for i in range(dout.shape[0]):
-            for j in range(c0, c1):
-                g = dout[i, j] * _gelu_slope(pre[i, j], one, two_root, cubic, three_cubic, cap)
-                dout[i, j] = g
-                db[j] += g
+            row, z = dout[i, c0:c1], pre[i, c0:c1]
+            for j in range(c1 - c0):
+                g = row[j] * _gelu_slope(z[j], one, two_root, cubic, three_cubic, cap)
+                row[j] = g
+                sums[j] += g
                 if dout16 is not None:
-                    dout16[i, j] = to_bf16(g)
+                    dout16[i, c0 + j] = to_bf16(g)
 
 # --- Layer normalisation ---------------------------------------------------------------------------
 
@@ -574,7 +632,7 @@ def layernorm_forward(x, gain, bias, eps, xhat, inv_std, out):
         _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _layernorm_forward_row(x, gain, bias, eps, xhat, inv_std, out, i):
     """Row i: the mean, then the variance from the centred values (two passes, so no cancellation),
     then xhat and out in a third. The row sums are float64 scalars. (A function of its own: in a
@@ -607,17 +665,19 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
     parts = thread_count()
     for part in prange(parts):
         c0, c1 = span(width, parts, part, ALIGN_COLUMNS)
-        dgain[c0:c1] = 0
-        dbias[c0:c1] = 0
+        gains, biases = dgain[c0:c1], dbias[c0:c1]
+        gains[:] = 0
+        biases[:] = 0
         for i in range(dout.shape[0]):
-            for j in range(c0, c1):
-                dgain[j] += dout[i, j] * xhat[i, j]
-                dbias[j] += dout[i, j]
+            g, h = dout[i, c0:c1], xhat[i, c0:c1]
+            for j in range(c1 - c0):
+                gains[j] += g[j] * h[j]
+                biases[j] += g[j]
     for i in prange(dout.shape[0]):
         _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i):
     """Row i of layer norm's dx: a pass that sums the two row means in float64, then one that writes
     dx (after reading dout, so dx may be dout)."""
@@ -636,6 +696,28 @@ def _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i):
 
 
 # --- Dropout ---------------------------------------------------------------------------------------
+
+
+@on_contiguous("out")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def draw_uniform(key, first_row, out):
+    """out = rows first_row, ... of SplitMix64 stream `key`, as numpy_backend.draw_uniform draws them."""
+    real = out.dtype.type
+    bits = 24 if out.itemsize == 4 else 53
+    drop, scale = np.uint64(64 - bits), real(2.0 ** -bits)
+    key, gamma = np.uint64(key), np.uint64(SPLITMIX_GAMMA)
+    m1, m2 = np.uint64(SPLITMIX_MULTIPLIERS[0]), np.uint64(SPLITMIX_MULTIPLIERS[1])
+    s1, s2, s3 = np.uint64(SPLITMIX_SHIFTS[0]), np.uint64(SPLITMIX_SHIFTS[1]), np.uint64(SPLITMIX_SHIFTS[2])
+    width = out.shape[1]
+    for i in prange(out.shape[0]):
+        row = out[i]
+        first = (np.uint64(first_row) + np.uint64(i)) * np.uint64(width) + np.uint64(1)
+        for j in range(width):
+            z = key + (first + np.uint64(j)) * gamma
+            z = (z ^ (z >> s1)) * m1
+            z = (z ^ (z >> s2)) * m2
+            z = z ^ (z >> s3)
+            row[j] = real(np.int64(z >> drop)) * scale  # below 2^53: a signed conversion, which vectorises
 
 
 @on_contiguous("out", "out16")

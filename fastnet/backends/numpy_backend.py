@@ -295,12 +295,36 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
 
 # --- Dropout ---------------------------------------------------------------------------------------
 
+# Dropout's uniform numbers come from SplitMix64 (Steele, Lea and Flood 2014, as in Vigna's
+# splitmix64.c): element n of stream `key` is mix(key + (n + 1) * gamma). Each number depends only
+# on the key and its position, so every backend and every split of the rows across threads draws
+# the same ones, and the step's generator gives one key per layer instead of a number per unit.
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+SPLITMIX_SHIFTS = (30, 27, 31)
+
+
+def draw_uniform(key, first_row, out):
+    """out = numbers in [0, 1) of stream `key` (a uint64): rows first_row, first_row + 1, ... of the
+    stream laid out as rows of out's width, so a share of a batch's rows draws what the whole batch
+    does there. Element n of the stream, in C order, is SplitMix64's n-th output: its top 24 bits for
+    float32, its top 53 for float64."""
+    (m1, m2), (s1, s2, s3) = (np.uint64(m) for m in SPLITMIX_MULTIPLIERS), (np.uint64(s) for s in SPLITMIX_SHIFTS)
+    first = first_row * (out.size // len(out) if len(out) else 0)  # rows before out's, times its row's size
+    z = np.uint64(key) + (np.arange(first + 1, first + out.size + 1, dtype=np.uint64) * np.uint64(SPLITMIX_GAMMA))
+    z = (z ^ (z >> s1)) * m1
+    z = (z ^ (z >> s2)) * m2
+    z ^= z >> s3
+    bits = np.finfo(out.dtype).nmant + 1  # 24 or 53: every such number in [0, 1) is exact
+    out[...] = ((z >> np.uint64(64 - bits)).astype(out.dtype) * out.dtype.type(2.0 ** -bits)).reshape(out.shape)
+
+
 def dropout(x, uniform, rate, out, out16=None):
     """Inverted dropout: out = x / (1 - rate) where uniform >= rate, else 0.
 
-    `uniform` (same shape as x) holds numbers drawn from [0, 1) by the caller's generator, so every
-    backend drops the same units. The backward pass is the same call on the gradient, with the same
-    uniform numbers. out may be x.
+    `uniform` (same shape as x) holds numbers in [0, 1), which the caller draws (the model with
+    draw_uniform), so every backend drops the same units. The backward pass is the same call on the
+    gradient, with the same uniform numbers. out may be x.
     """
     np.multiply(x, uniform >= rate, out=out)  # rate is compared as uniform's dtype (NumPy 2's rule)
     out *= 1 / (1 - rate)

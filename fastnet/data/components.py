@@ -95,8 +95,9 @@ def mirror_permutation(image_shape: tuple[int, ...]) -> np.ndarray:
 
 def mirror_images(images: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
     """A new (N, features) array of ``images`` (N rows of flattened (H, W, C) or (H, W) images) flipped
-    left to right."""
-    return images.reshape(len(images), -1)[:, mirror_permutation(image_shape)]
+    left to right, C-contiguous as the kernels read it (indexing the columns with an array would lay
+    it out column by column, and each kernel call would copy all of it)."""
+    return np.take(images.reshape(len(images), -1), mirror_permutation(image_shape), axis=1)
 
 
 def _mirror_bases(mirror: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from fastnet import backends
 from fastnet.backends import numpy_backend as ref
 from fastnet.model import MLP
 from fastnet.optim import OPTIMIZERS, Optimizer
-from fastnet.train import warm_up
+from fastnet.train import recipe_config, warm_up
 from fastnet.workloads import WORKLOADS
 from helpers import assert_close
 
@@ -156,6 +156,40 @@ def test_count_correct(benchmark, backend, workload):
     correct, want = run_checked(benchmark, backend, "count_correct", (workload.logits, workload.labels),
                                 f"count_correct {workload.name}")
     assert correct == want
+
+
+@pytest.fixture(scope="module")
+def best_layer():
+    """Float32 arrays of one hidden layer of --recipe best (its width, the default batch), for the
+    passes over every unit that its layer norm, GELU and dropout add to a step."""
+    config = recipe_config("best")
+    rng = np.random.default_rng(0)
+    batch, width = config.batch_size, config.hidden[0]
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    return SimpleNamespace(batch=batch, width=width, x=normal(batch, width), dout=normal(batch, width),
+                           xhat=normal(batch, width), inv_std=np.abs(normal(batch)) + 0.5, gain=normal(width),
+                           bias=normal(width), uniform=rng.random((batch, width), dtype=np.float32),
+                           rate=config.dropout, out=np.zeros((batch, width), np.float32))
+
+
+PER_UNIT = {  # kernel: its arguments, from best_layer's arrays (outputs fresh, so that no call feeds the next)
+    "layernorm_forward": lambda L: (L.x, L.gain, L.bias, 1e-5, np.zeros_like(L.x), np.zeros_like(L.inv_std), L.out),
+    "layernorm_backward": lambda L: (L.dout, L.xhat, L.inv_std, L.gain, np.zeros_like(L.gain),
+                                     np.zeros_like(L.bias), L.out),
+    "gelu_forward": lambda L: (L.x, L.out),
+    "gelu_backward": lambda L: (L.dout, L.x, L.out),
+    "draw_uniform": lambda L: (np.uint64(2026), 0, L.out),
+    "dropout": lambda L: (L.x, L.uniform, L.rate, L.out),
+}
+
+
+@pytest.mark.parametrize("kernel", PER_UNIT)
+def test_per_unit_pass_of_the_best_recipe(benchmark, backend, best_layer, kernel):
+    L = best_layer
+    run_checked(benchmark, backend, kernel, PER_UNIT[kernel](L), f"{kernel} best {L.batch}x{L.width}")
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)
