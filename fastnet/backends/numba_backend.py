@@ -30,9 +30,9 @@ parallel loop over a product's tiles; `_columns`, a backward kernel's parallel p
 work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
 `_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
 (`_adam`). The constants that define a result (GELU's, SplitMix64's, bfloat16's bit patterns) are
-imported from numpy_backend. Numba compiles a global in as a constant, and its disk cache checks only the source
-file of the function it caches, so after changing one of them there, delete the cached .nbi and
-.nbc files.
+imported from numpy_backend. Numba compiles a global in as a constant, and its disk cache checks
+only the source file of the function it caches, so after changing one of them there, delete the
+cached .nbi and .nbc files.
 """
 
 import contextlib

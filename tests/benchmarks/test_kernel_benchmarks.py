@@ -20,7 +20,7 @@ import pytest
 
 from fastnet import backends
 from fastnet.backends import numpy_backend as ref
-from fastnet.model import MLP
+from fastnet.model import LAYERNORM_EPS, MLP
 from fastnet.optim import OPTIMIZERS, Optimizer
 from fastnet.train import recipe_config, warm_up
 from fastnet.workloads import WORKLOADS
@@ -176,7 +176,8 @@ def best_layer():
 
 
 PER_UNIT = {  # kernel: its arguments, from best_layer's arrays (outputs fresh, so that no call feeds the next)
-    "layernorm_forward": lambda L: (L.x, L.gain, L.bias, 1e-5, np.zeros_like(L.x), np.zeros_like(L.inv_std), L.out),
+    "layernorm_forward": lambda L: (L.x, L.gain, L.bias, LAYERNORM_EPS, np.zeros_like(L.x), np.zeros_like(L.inv_std),
+                                    L.out),
     "layernorm_backward": lambda L: (L.dout, L.xhat, L.inv_std, L.gain, np.zeros_like(L.gain),
                                      np.zeros_like(L.bias), L.out),
     "gelu_forward": lambda L: (L.x, L.out),
