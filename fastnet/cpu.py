@@ -5,9 +5,11 @@ whether the CPU multiplies bfloat16 itself, and how busy other processes keep it
 measured.
 """
 
+import contextlib
 import os
 import resource
 import subprocess
+import sys
 import time
 
 VECTOR_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
@@ -83,3 +85,31 @@ def run_child(command, **options):
         return done, 0.0
     own = (own_after.ru_utime - own_before.ru_utime) + (own_after.ru_stime - own_before.ru_stime)
     return done, max(busy_seconds() - before - own, 0.0) / wall
+
+
+@contextlib.contextmanager
+def busy_neighbours(count):
+    """`count` processes that each keep one core busy (a Python loop that never sleeps) while the
+    context lasts: the neighbour a user's browser, data loader or other job would be, made the same
+    for every side of a comparison. They run at normal priority and are killed on the way out.
+    Yields their Popen objects; `process_seconds(p.pid)` tells how much CPU one of them got."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+                for _ in range(count)]
+    try:
+        time.sleep(0.2 if spinners else 0)  # started and spinning before the measurement begins
+        yield spinners
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait()
+
+
+def process_seconds(pid):
+    """CPU seconds process `pid` has used so far (/proc/PID/stat), or 0.0 where that is not readable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime

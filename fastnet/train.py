@@ -495,7 +495,9 @@ class TrainingRun:
             run_config["started"] = saved.config.get("started", run_config["started"])
             run_config["resumed_at_step"] = saved.config.get("resumed_at_step", []) + [progress.step]
             before = (saved.config.get("backend"), saved.config.get("parallelism", {}).get("threads"))
-            if before != (net.backend, run_config["parallelism"]["threads"]) and None not in before:
+            now = (net.backend, run_config["parallelism"]["threads"])
+            any_threads = run_config["parallelism"].get("same_bits_on_any_thread_count", False)
+            if before != now and None not in before and not (any_threads and before[0] == now[0]):
                 self.log(f"note: the run trained on the {before[0]} backend with {before[1]} threads and resumes on "
                          f"{net.backend} with {run_config['parallelism']['threads']}: it will match a run that never "
                          f"stopped to float32 rounding, not bit for bit (products are split per thread)")

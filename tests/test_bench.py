@@ -122,3 +122,18 @@ def test_a_run_that_other_load_disturbs_says_so(tmp_path):
     assert "disturbed: other processes kept more than 0.1 cores busy during 2 of 2 numpy runs" in result.stdout
     numpy_row = next(line for line in result.stdout.splitlines() if line.startswith("numpy "))
     assert float(numpy_row.split()[-1]) > 0.1  # the "others" column: the most cores others kept busy in a run
+
+
+def test_busy_neighbours_take_cpu_while_the_context_lasts_and_are_gone_after():
+    """tools/compare_workloads.py --neighbours: each neighbour is a process that keeps a core busy."""
+    import time
+
+    from fastnet.cpu import busy_neighbours, process_seconds
+    with busy_neighbours(2) as spinners:
+        assert len(spinners) == 2 and all(p.poll() is None for p in spinners)
+        before = [process_seconds(p.pid) for p in spinners]
+        time.sleep(0.5)
+        used = [process_seconds(p.pid) - b for p, b in zip(spinners, before)]
+    assert sum(used) > 0.3, used  # two spinning processes on (at least) one free core
+    assert all(p.poll() is not None for p in spinners)
+    assert process_seconds(spinners[0].pid) == 0.0  # reaped: nothing left to read

@@ -2,6 +2,7 @@
 
     python tools/compare_workloads.py [--workloads R1,R2] [--sides numpy,numba,numba:1,torch]
                                       [--repeats 3] [--data PATH] [--json FILE] [--quiet-wait 60]
+                                      [--neighbours 0,1]
 
 R1 (an MLP 3072-512-512-10 with batch 128) and R2 (3072-128-10, batch 64) are defined in
 fastnet/workloads.py; each trains one epoch of the 50,000 CIFAR-10 training images in float32 with SGD, momentum 0.9, constant lr 0.01,
@@ -28,6 +29,9 @@ slow down many times over when a third process takes a core), so before each wor
 waits for an idle second (--quiet-wait), and it reports how many cores others kept busy meanwhile
 ("others" column), flagging disturbed runs.
 Without CIFAR-10 (--data, or data/) the workers train on random uint8 images, and say so.
+--neighbours 0,1 runs every side quiet and beside one busy one-core process (fastnet.cpu.busy_neighbours),
+interleaved, and compares each side beside it with the quiet one-core numba: what a user with other
+work on the machine gets.
 """
 
 import argparse
@@ -46,14 +50,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
-from fastnet.cpu import cpu_model, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.cpu import busy_neighbours, cpu_model, process_seconds, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
 from fastnet.distributed import AS_ROOT  # noqa: E402
 from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
-GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.8,
+GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.85,
                 # on a CPU with AMX (the mixed-precision issue); on AVX512-BF16 alone, reported only
                 ("numba@bf16", "numba"): 2.0, ("numba@bf16", "torch@bf16"): 1.5},
          "R2": {("numba", "torch"): 1.5}}
+# Beside a busy neighbour (--neighbours 0,1): never slower than one quiet core, and far ahead of PyTorch.
+NEIGHBOUR_GOALS = {("numba", "numba:1 (quiet)"): 1.0, ("numba", "torch"): 2.5, ("numba", "numba (quiet)"): None,
+                   ("numba:1", "numba:1 (quiet)"): None, ("torch", "torch (quiet)"): None}
 PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of the sgemm peak
 PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"), ("numba@bf16", "numba"),
          ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"), ("numba:1x2", "numba"), ("numpy:1x2", "numpy"),
@@ -230,19 +237,25 @@ def worker_peak(lib):
 
 # --- Parent: plan, run the workers interleaved, report ---------------------------------------------
 
-def run_worker(*args, quiet_wait=0.0, mpirun_args=()):
-    """Run one worker; also measure how many cores OTHER processes kept busy meanwhile."""
+def run_worker(*args, quiet_wait=0.0, mpirun_args=(), neighbours=0):
+    """Run one worker beside `neighbours` busy processes; also measure how many cores OTHER processes
+    (the neighbours among them) kept busy meanwhile."""
     if quiet_wait:
         wait_until_quiet(quiet_wait)
     ranks = ranks_of(args[0]) if args[0] != "peak" else 1
     launch = ["mpirun", *mpirun_args, "-n", str(ranks)] if ranks > 1 else []
     env = os.environ | (AS_ROOT if ranks > 1 and os.geteuid() == 0 else {})
-    proc, others = run_child([*launch, sys.executable, str(Path(__file__).resolve()), "--worker", *args], cwd=ROOT,
-                             capture_output=True, text=True, env=env)
+    with busy_neighbours(neighbours) as spinners:
+        before, started = [process_seconds(p.pid) for p in spinners], time.perf_counter()
+        proc, others = run_child([*launch, sys.executable, str(Path(__file__).resolve()), "--worker", *args],
+                                 cwd=ROOT, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+        neighbour_load = sum(process_seconds(p.pid) - b for p, b in zip(spinners, before)) / wall
+    others = {"other_load": max(others - neighbour_load, 0.0), "neighbour_load": neighbour_load}
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker {' '.join(args)} exited {proc.returncode}: {tail}", "other_load": others}
-    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"other_load": others}
+        return {"error": f"worker {' '.join(args)} exited {proc.returncode}: {tail}"} | others
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | others
 
 
 def version(package):
@@ -307,20 +320,22 @@ def print_env(sides, results, peaks):
             print(f"  {key}: {pools}; {r['os_threads']} OS threads at the end{extra}")
 
 
-def report(workload, sides, results, skipped, peak, repeats):
+def report(workload, sides, results, skipped, peak, repeats, neighbours=0):
+    """Print one workload's table under one neighbour count; return its samples/s by side."""
     sizes, batch = WORKLOADS[workload].sizes, WORKLOADS[workload].batch_size
     fps = WORKLOADS[workload].flops_per_sample
-    print(f"\n{workload}  MLP {'-'.join(map(str, sizes))}, batch {batch}, one epoch "
+    beside = f", beside {neighbours} busy process{'es' if neighbours > 1 else ''}" if neighbours else ", quiet"
+    print(f"\n{workload}  MLP {'-'.join(map(str, sizes))}, batch {batch}, one epoch{beside} "
           f"(median of {repeats} runs, each in its own process); {fps / 1e6:.3f} MFLOP per sample")
     print(f"{'side':<12}{'samples/s':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'epoch s (min-max)':>24}"
-          f"{'warm-up s':>11}{'final loss':>12}{'cpu/wall':>9}{'others':>8}")
+          f"{'warm-up s':>11}{'final loss':>12}{'cpu/wall':>9}{'others':>8}{'neighbours':>11}")
     speed = {}
     for side in sides:
         if side in skipped:
             print(f"{side:<12}skipped: {skipped[side]}")
             continue
         runs = [r for r in results if r.get("side") == side and r.get("workload") == workload]
-        errors = [r["error"] for r in results if r.get("key") == (side, workload) and "error" in r]
+        errors = [r["error"] for r in results if r.get("key") == (side, workload, neighbours) and "error" in r]
         if errors:
             print(f"{side:<12}FAILED {len(errors)} of {repeats}: {errors[0]}")
         if not runs:
@@ -335,7 +350,8 @@ def report(workload, sides, results, skipped, peak, repeats):
               f"{(f'{100 * gflops / peak:.1f}' if peak else 'n/a'):>8}"
               f"{f'{median:.2f} ({min(secs):.2f}-{max(secs):.2f})':>24}"
               f"{statistics.median(r['warmup_seconds'] for r in runs):>11.2f}{losses:>12.3f}{cpu:>9.2f}"
-              f"{statistics.median(r['other_load'] for r in runs):>8.2f}")
+              f"{statistics.median(r['other_load'] for r in runs):>8.2f}"
+              f"{statistics.median(r['neighbour_load'] for r in runs):>11.2f}")
         if not all(math.isfinite(r["final_loss"]) for r in runs):
             print(f"       WARNING: {side} ended an epoch with a non-finite loss")
         if noisy := sum(r["other_load"] > BUSY for r in runs):
@@ -354,6 +370,22 @@ def report(workload, sides, results, skipped, peak, repeats):
         side, goal = PEAK_GOAL[workload]
         percent = 100 * fps * speed[side] / 1e9 / peak
         print(f"{side} at {percent:.1f} % of the sgemm peak (goal >= {goal:.0f} %: {'met' if percent >= goal else 'NOT met'})")
+    return speed
+
+
+def report_neighbours(workload, speeds, counts):
+    """Each side beside its neighbours against quiet sides: what a user with other work loses."""
+    quiet, parts = speeds[workload, 0] if 0 in counts else {}, []
+    for n in (n for n in counts if n):
+        busy = speeds[workload, n]
+        for (a, b), goal in NEIGHBOUR_GOALS.items():
+            pair = (busy, a), (quiet if b.endswith("(quiet)") else busy, b.removesuffix(" (quiet)"))
+            if all(side in table for table, side in pair):
+                ratio = pair[0][0][a] / pair[1][0][pair[1][1]]
+                verdict = f" (goal >= {goal:.1f}x: {'met' if ratio >= goal else 'NOT met'})" if goal else ""
+                parts.append(f"{a} beside {n} / {b if b.endswith('(quiet)') else f'{b} beside {n}'} "
+                             f"{ratio:.2f}{verdict}")
+    print(f"{workload} beside neighbours: " + ("   ".join(parts) or "no pair measured"))
 
 
 def main():
@@ -365,6 +397,9 @@ def main():
     parser.add_argument("--json", help="write every raw measurement to this file")
     parser.add_argument("--quiet-wait", type=float, default=60.0, metavar="S",
                         help="before each worker, wait up to S seconds for the machine to be idle (0: don't)")
+    parser.add_argument("--neighbours", default="0", metavar="N[,N...]",
+                        help="run every side beside N busy one-core processes, for each N listed, interleaved "
+                             "(e.g. 0,1: quiet and beside one; the sgemm peak is measured without them)")
     parser.add_argument("--mpirun-args", default="", metavar="ARGS",
                         help="options for mpirun before -n, for the data-parallel sides (e.g. \"--mca btl tcp,self\")")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -379,8 +414,12 @@ def main():
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS] + [s for s in sides if split_side(s) is None]
-    if unknown or args.repeats < 1:
-        parser.error(f"unknown workloads/sides {unknown} or --repeats < 1")
+    try:
+        neighbour_counts = [int(n) for n in args.neighbours.split(",")]
+    except ValueError:
+        neighbour_counts = [-1]
+    if unknown or args.repeats < 1 or min(neighbour_counts) < 0:
+        parser.error(f"unknown workloads/sides {unknown}, --repeats < 1 or --neighbours not a list of counts >= 0")
     try:
         source = resolve_data(args.data)
     except Exception as exc:  # noqa: BLE001 -- fastnet's DataError says what is wrong with the path
@@ -391,6 +430,9 @@ def main():
     print(f"data: {synthetic if source == 'synthetic' else source}")
     print(f"recipe: float32, SGD momentum {MOMENTUM}, constant lr {LR}, no weight decay, "
           f"{WARMUP_STEPS} untimed warm-up steps, then one timed epoch")
+    if any(neighbour_counts):
+        print(f"neighbours: each side runs beside {' and '.join(map(str, neighbour_counts))} busy one-core "
+              f"process(es) (`while True: pass`), started after the quiet wait; 'neighbours' gives the cores they got")
 
     peaks = {lib: run_worker("peak", lib, quiet_wait=args.quiet_wait) for lib in ("numpy", "torch") if not reasons.get(lib)}
     for lib, p in peaks.items():
@@ -410,22 +452,31 @@ def main():
     run_sides = [s for s in sides if s not in skipped]
     for r in range(args.repeats):
         for workload in workloads:
-            for side in run_sides:
-                res = run_worker(side, workload, "--data", source, quiet_wait=args.quiet_wait,
-                                 mpirun_args=args.mpirun_args.split())
-                res |= {"repeat": r + 1} | ({"key": (side, workload)} if "error" in res else {})
-                results.append(res)
-                shown = f"{res['epoch_seconds']:.2f} s" if "epoch_seconds" in res else res["error"]
-                print(f"  run {r + 1}/{args.repeats} {workload} {side:<8} {shown}  (other processes kept "
-                      f"{res['other_load']:.2f} cores busy)", flush=True)
+            for neighbours in neighbour_counts:
+                for side in run_sides:
+                    res = run_worker(side, workload, "--data", source, quiet_wait=args.quiet_wait,
+                                     mpirun_args=args.mpirun_args.split(), neighbours=neighbours)
+                    res |= {"repeat": r + 1, "neighbours": neighbours}
+                    res |= {"key": (side, workload, neighbours)} if "error" in res else {}
+                    results.append(res)
+                    shown = f"{res['epoch_seconds']:.2f} s" if "epoch_seconds" in res else res["error"]
+                    beside = f", beside {neighbours} busy" if neighbours else ""
+                    print(f"  run {r + 1}/{args.repeats} {workload} {side:<8} {shown}  (other processes kept "
+                          f"{res['other_load']:.2f} cores busy{beside})", flush=True)
     if any("data" in r for r in results):
         print(f"workers trained on: {next(r['data'] for r in results if 'data' in r)}")
     print()
     print_env(sides, results, peaks)
+    speeds = {}
     for workload in workloads:
-        report(workload, sides, results, skipped, good.get(ref), args.repeats)
+        for neighbours in neighbour_counts:
+            speeds[workload, neighbours] = report(workload, sides, [r for r in results if r["neighbours"] == neighbours],
+                                                  skipped, good.get(ref), args.repeats, neighbours)
+        if len(neighbour_counts) > 1:
+            report_neighbours(workload, speeds, neighbour_counts)
     print("cpu/wall: CPU seconds of the worker per second of its epoch (2.0 = both cores); others: cores that "
-          "OTHER processes on the machine kept busy during the worker (should be ~0 for clean numbers)")
+          "OTHER processes on the machine kept busy during the worker (should be ~0 for clean numbers); "
+          "neighbours: cores that --neighbours' processes got")
     print(f"\ntotal wall time of the workers: {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -50,8 +50,9 @@ from numba.extending import overload  # noqa: E402
 
 from fastnet.backends import numba_gemm  # noqa: E402
 from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16  # noqa: E402
-from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, gemm, on_contiguous, product_tile, span,  # noqa: E402
-                                         thread_count)
+from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, column_tiles, gemm, next_tile, on_contiguous,  # noqa: E402
+                                         product_tile, product_tiles, span, thread_count, tile_counter,
+                                         weight_gradient_tiles)
 from fastnet.backends.numpy_backend import (GELU_CUBIC, GELU_SQRT_2_OVER_PI, SPLITMIX_GAMMA,  # noqa: E402
                                             SPLITMIX_MULTIPLIERS, SPLITMIX_SHIFTS)
 
@@ -200,18 +201,22 @@ def bf16_to_float32(x16, out):
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def dense_forward(x, W, b, out, out16=None):
     """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
-    parts = thread_count()
-    for part in prange(parts):
-        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
-        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-        bias = b[c0:c1]
-        for i in range(r0, r1):
-            row = out[i, c0:c1]
-            for j in range(c1 - c0):
-                z = row[j] + bias[j]
-                row[j] = z
-                if out16 is not None:
-                    out16[i, c0 + j] = to_bf16(z)
+    rows, columns = out.shape
+    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
+            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+            bias = b[c0:c1]
+            for i in range(r0, r1):
+                row = out[i, c0:c1]
+                for j in range(c1 - c0):
+                    z = row[j] + bias[j]
+                    row[j] = z
+                    if out16 is not None:
+                        out16[i, c0 + j] = to_bf16(z)
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("out", "out16")
@@ -219,18 +224,22 @@ def dense_forward(x, W, b, out, out16=None):
 def dense_relu_forward(x, W, b, out, out16=None):
     """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
     zero = out.dtype.type(0)
-    parts = thread_count()
-    for part in prange(parts):
-        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
-        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-        bias = b[c0:c1]
-        for i in range(r0, r1):
-            row = out[i, c0:c1]
-            for j in range(c1 - c0):
-                z = max(row[j] + bias[j], zero)
-                row[j] = z
-                if out16 is not None:
-                    out16[i, c0 + j] = to_bf16(z)
+    rows, columns = out.shape
+    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
+            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+            bias = b[c0:c1]
+            for i in range(r0, r1):
+                row = out[i, c0:c1]
+                for j in range(c1 - c0):
+                    z = max(row[j] + bias[j], zero)
+                    row[j] = z
+                    if out16 is not None:
+                        out16[i, c0 + j] = to_bf16(z)
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("dW", "db", "dx", "dout16")
@@ -245,17 +254,20 @@ def dense_backward(dout, x, W, dW, db, dx, dout16=None):
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _dense_backward_columns(dout, db, dout16):
     """dense_backward's pass over column tiles of dout, before its products."""
-    parts = thread_count()
-    for part in prange(parts):
-        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        sums = db[c0:c1]
-        sums[:] = 0
-        for i in range(dout.shape[0]):
-            g = dout[i, c0:c1]
-            for j in range(c1 - c0):
-                sums[j] += g[j]
-                if dout16 is not None:
-                    dout16[i, c0 + j] = to_bf16(g[j])
+    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
+            sums = db[c0:c1]
+            sums[:] = 0
+            for i in range(dout.shape[0]):
+                g = dout[i, c0:c1]
+                for j in range(c1 - c0):
+                    sums[j] += g[j]
+                    if dout16 is not None:
+                        dout16[i, c0 + j] = to_bf16(g[j])
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -271,19 +283,22 @@ def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
 def _dense_relu_backward_columns(dout, out, db, dout16):
     """dense_relu_backward's pass over column tiles of dout, before its products."""
     zero = dout.dtype.type(0)
-    parts = thread_count()
-    for part in prange(parts):
-        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        sums = db[c0:c1]
-        sums[:] = 0
-        for i in range(dout.shape[0]):
-            g, h = dout[i, c0:c1], out[i, c0:c1]
-            for j in range(c1 - c0):
-                kept = g[j] if h[j] > zero else zero
-                g[j] = kept
-                sums[j] += kept
-                if dout16 is not None:
-                    dout16[i, c0 + j] = to_bf16(g[j])
+    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
+            sums = db[c0:c1]
+            sums[:] = 0
+            for i in range(dout.shape[0]):
+                g, h = dout[i, c0:c1], out[i, c0:c1]
+                for j in range(c1 - c0):
+                    kept = g[j] if h[j] > zero else zero
+                    g[j] = kept
+                    sums[j] += kept
+                    if dout16 is not None:
+                        dout16[i, c0 + j] = to_bf16(g[j])
+            tile = next_tile(counter, tiles)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -298,14 +313,22 @@ def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
-    """dW by its rows and dx by its rows (the batch): each thread computes one tile of each."""
-    parts = thread_count()
-    for part in prange(parts):
-        r0, r1 = span(dW.shape[0], parts, part, ALIGN_COLUMNS)
-        gemm(x[:, r0:r1].T, dout, dW[r0:r1])
-        if dx is not None:
-            b0, b1 = span(dx.shape[0], parts, part, 1)
-            gemm(dout[b0:b1], W.T, dx[b0:b1])
+    """dW's row tiles, then dx's tiles (numba_gemm.product_tile: by columns but for narrow layers),
+    claimed from one counter: a thread that finds dW's tiles taken goes on to dx."""
+    (fan_in, fan_out), batch = dW.shape, dout.shape[0]
+    weight_tiles = weight_gradient_tiles(fan_in, fan_out, batch)
+    tiles = weight_tiles + (product_tiles(batch, fan_in, fan_out) if dx is not None else 0)
+    counter = tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            if tile < weight_tiles:
+                r0, r1 = span(fan_in, weight_tiles, tile, ALIGN_COLUMNS)
+                gemm(x[:, r0:r1].T, dout, dW[r0:r1])
+            elif dx is not None:
+                r0, r1, c0, c1 = product_tile(batch, fan_in, tiles - weight_tiles, tile - weight_tiles)
+                gemm(dout[r0:r1], W[c0:c1].T, dx[r0:r1, c0:c1])
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("dx")
@@ -367,19 +390,23 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
 def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
     """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
     slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
-    parts = thread_count()
-    for part in prange(parts):
-        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
-        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-        bias = b[c0:c1]
-        for i in range(r0, r1):
-            row = out[i, c0:c1]
-            for j in range(c1 - c0):
-                z = row[j] + bias[j]
-                y = z if z > zero else z * slope
-                row[j] = y
-                if out16 is not None:
-                    out16[i, c0 + j] = to_bf16(y)
+    rows, columns = out.shape
+    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
+            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+            bias = b[c0:c1]
+            for i in range(r0, r1):
+                row = out[i, c0:c1]
+                for j in range(c1 - c0):
+                    z = row[j] + bias[j]
+                    y = z if z > zero else z * slope
+                    row[j] = y
+                    if out16 is not None:
+                        out16[i, c0 + j] = to_bf16(y)
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -394,19 +421,22 @@ def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout1
 def _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16):
     """dense_leaky_relu_backward's pass over column tiles of dout, before its products."""
     slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
-    parts = thread_count()
-    for part in prange(parts):
-        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        sums = db[c0:c1]
-        sums[:] = 0
-        for i in range(dout.shape[0]):
-            g, h = dout[i, c0:c1], out[i, c0:c1]
-            for j in range(c1 - c0):
-                scaled = g[j] * slope if h[j] <= zero else g[j]
-                g[j] = scaled
-                sums[j] += scaled
-                if dout16 is not None:
-                    dout16[i, c0 + j] = to_bf16(g[j])
+    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
+            sums = db[c0:c1]
+            sums[:] = 0
+            for i in range(dout.shape[0]):
+                g, h = dout[i, c0:c1], out[i, c0:c1]
+                for j in range(c1 - c0):
+                    scaled = g[j] * slope if h[j] <= zero else g[j]
+                    g[j] = scaled
+                    sums[j] += scaled
+                    if dout16 is not None:
+                        dout16[i, c0 + j] = to_bf16(g[j])
+            tile = next_tile(counter, tiles)
 
 
 # tanh and GELU go through exp instead of the C library's tanh: 13 ns an element against 2 to 3.
@@ -452,19 +482,23 @@ def dense_tanh_forward(x, W, b, out, out16=None):
     """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
     real = out.dtype.type
     fast = out.itemsize == 4
-    parts = thread_count()
-    for part in prange(parts):
-        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
-        gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-        bias = b[c0:c1]
-        for i in range(r0, r1):
-            row = out[i, c0:c1]
-            for j in range(c1 - c0):
-                z = row[j] + bias[j]
-                y = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
-                row[j] = y
-                if out16 is not None:
-                    out16[i, c0 + j] = to_bf16(y)
+    rows, columns = out.shape
+    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
+            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
+            bias = b[c0:c1]
+            for i in range(r0, r1):
+                row = out[i, c0:c1]
+                for j in range(c1 - c0):
+                    z = row[j] + bias[j]
+                    y = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
+                    row[j] = y
+                    if out16 is not None:
+                        out16[i, c0 + j] = to_bf16(y)
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -479,19 +513,22 @@ def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
 def _dense_tanh_backward_columns(dout, out, db, dout16):
     """dense_tanh_backward's pass over column tiles of dout, before its products."""
     one = dout.dtype.type(1)
-    parts = thread_count()
-    for part in prange(parts):
-        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        sums = db[c0:c1]
-        sums[:] = 0
-        for i in range(dout.shape[0]):
-            row, h = dout[i, c0:c1], out[i, c0:c1]
-            for j in range(c1 - c0):
-                g = row[j] * (one - h[j] * h[j])
-                row[j] = g
-                sums[j] += g
-                if dout16 is not None:
-                    dout16[i, c0 + j] = to_bf16(g)
+    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
+            sums = db[c0:c1]
+            sums[:] = 0
+            for i in range(dout.shape[0]):
+                row, h = dout[i, c0:c1], out[i, c0:c1]
+                for j in range(c1 - c0):
+                    g = row[j] * (one - h[j] * h[j])
+                    row[j] = g
+                    sums[j] += g
+                    if dout16 is not None:
+                        dout16[i, c0 + j] = to_bf16(g)
+            tile = next_tile(counter, tiles)
 
 
 _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overflows harmlessly to inf
@@ -577,20 +614,24 @@ def dense_gelu_forward(x, W, b, pre, out, out16=None):
     """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
     real = out.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
-    parts = thread_count()
-    for part in prange(parts):
-        r0, r1, c0, c1 = product_tile(pre.shape[0], pre.shape[1], parts, part)
-        gemm(x[r0:r1], W[:, c0:c1], pre[r0:r1, c0:c1])
-        bias = b[c0:c1]
-        for i in range(r0, r1):
-            row, activated = pre[i, c0:c1], out[i, c0:c1]
-            for j in range(c1 - c0):
-                z = row[j] + bias[j]
-                row[j] = z
-                y = _gelu(z, one, two_root, cubic, cap)
-                activated[j] = y
-                if out16 is not None:
-                    out16[i, c0 + j] = to_bf16(y)
+    rows, columns = pre.shape
+    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
+            gemm(x[r0:r1], W[:, c0:c1], pre[r0:r1, c0:c1])
+            bias = b[c0:c1]
+            for i in range(r0, r1):
+                row, activated = pre[i, c0:c1], out[i, c0:c1]
+                for j in range(c1 - c0):
+                    z = row[j] + bias[j]
+                    row[j] = z
+                    y = _gelu(z, one, two_root, cubic, cap)
+                    activated[j] = y
+                    if out16 is not None:
+                        out16[i, c0 + j] = to_bf16(y)
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("dout", "dW", "db", "dx", "dout16")
@@ -607,19 +648,22 @@ def _dense_gelu_backward_columns(dout, pre, db, dout16):
     real = dout.dtype.type
     one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
     three_cubic = real(3 * GELU_CUBIC)
-    parts = thread_count()
-    for part in prange(parts):
-        c0, c1 = span(dout.shape[1], parts, part, ALIGN_COLUMNS)
-        sums = db[c0:c1]
-        sums[:] = 0
-        for i in range(dout.shape[0]):
-            row, z = dout[i, c0:c1], pre[i, c0:c1]
-            for j in range(c1 - c0):
-                g = row[j] * _gelu_slope(z[j], one, two_root, cubic, three_cubic, cap)
-                row[j] = g
-                sums[j] += g
-                if dout16 is not None:
-                    dout16[i, c0 + j] = to_bf16(g)
+    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
+            sums = db[c0:c1]
+            sums[:] = 0
+            for i in range(dout.shape[0]):
+                row, z = dout[i, c0:c1], pre[i, c0:c1]
+                for j in range(c1 - c0):
+                    g = row[j] * _gelu_slope(z[j], one, two_root, cubic, three_cubic, cap)
+                    row[j] = g
+                    sums[j] += g
+                    if dout16 is not None:
+                        dout16[i, c0 + j] = to_bf16(g)
+            tile = next_tile(counter, tiles)
 
 # --- Layer normalisation ---------------------------------------------------------------------------
 
@@ -662,17 +706,20 @@ def layernorm_backward(dout, xhat, inv_std, gain, dgain, dbias, dx):
     then one row at a time, a pass that sums the two row means and a pass that writes dx (after
     reading dout, so dx may be dout)."""
     width = dout.shape[1]
-    parts = thread_count()
-    for part in prange(parts):
-        c0, c1 = span(width, parts, part, ALIGN_COLUMNS)
-        gains, biases = dgain[c0:c1], dbias[c0:c1]
-        gains[:] = 0
-        biases[:] = 0
-        for i in range(dout.shape[0]):
-            g, h = dout[i, c0:c1], xhat[i, c0:c1]
-            for j in range(c1 - c0):
-                gains[j] += g[j] * h[j]
-                biases[j] += g[j]
+    tiles, counter = column_tiles(dout.shape[0], width), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            c0, c1 = span(width, tiles, tile, ALIGN_COLUMNS)
+            gains, biases = dgain[c0:c1], dbias[c0:c1]
+            gains[:] = 0
+            biases[:] = 0
+            for i in range(dout.shape[0]):
+                g, h = dout[i, c0:c1], xhat[i, c0:c1]
+                for j in range(c1 - c0):
+                    gains[j] += g[j] * h[j]
+                    biases[j] += g[j]
+            tile = next_tile(counter, tiles)
     for i in prange(dout.shape[0]):
         _layernorm_backward_row(dout, xhat, inv_std, gain, dx, i)
 

@@ -1,21 +1,26 @@
-"""The Numba backend's GEMM driver: every matrix product of a step, split into one tile per thread,
-each tile one single-threaded BLAS call on a core of its own.
+"""The Numba backend's GEMM driver: every matrix product of a step, cut into tiles by its shape, each
+tile one single-threaded BLAS call, claimed by whichever thread is free.
 
 Why not BLAS's own threads: a training step's products have 64 to 128 rows, and BLAS's own split of
 such a product wastes part of the second core. On an Intel Xeon (Sapphire Rapids), OpenBLAS ran
 128x3072 @ 3072x512 at 191 GFLOP/s on two threads and at 239 as two one-thread halves; on an AMD
-EPYC (Zen 3), at 125 and 131. So BLAS is held to one thread, and each kernel runs a
-`prange(thread_count())` loop whose body is one tile's BLAS call plus its epilogue (bias,
-activation, mask, bias-gradient sums), done by the same thread while the tile is still in cache.
+EPYC (Zen 3), at 125 and 131. So BLAS is held to one thread, and each kernel runs
+`prange(thread_count())` workers that take tiles from a counter (`next_tile`) until none is left;
+a tile is its BLAS call plus its epilogue (bias, activation, mask, bias-gradient sums), done by the
+thread that computed it while it is still in cache.
 
-Determinism: a tile's bounds depend only on the shape and the number of tiles, thread_count() at
-the call; a tile's result does not depend on which thread runs it or when. Only one pool ever
-runs: BLAS has one thread.
+Why more tiles than threads, claimed as threads come free: on a machine shared with other work,
+one core is often slower than the other, and a fixed one-tile-per-thread split waits for it at the
+end of every product. How finely each product is cut is the plan's (`plan()`), by the shape's work.
+
+Determinism: a tile's bounds depend only on the shape and the plan, never on the thread count; a
+tile's result does not depend on which thread runs it or when; nothing is summed across tiles. So
+--threads 1, 2 or 3 give the same bits. Only one pool ever runs: BLAS has one thread.
 
 BLAS is called through its 64-bit-integer (ILP64) CBLAS interface, found at import (see `find_blas`)
 and bound to a symbol name of our own, so that compiled kernels name the symbol, not an address, and
 Numba's disk cache stays valid from one process to the next. Every process binds the same
-signature, whichever library it finds.
+signature, whichever library it finds. The plan is reached the same way.
 """
 
 import ctypes
@@ -27,9 +32,12 @@ import os
 import sys
 
 import llvmlite.binding
+import llvmlite.ir
 import numba
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from fastnet import cpu
@@ -161,10 +169,23 @@ _dgemm = types.ExternalFunction("fastnet_cblas_dgemm", types.void(
     _enum, _enum, _enum, _int, _int, _int, types.float64, _ptr, _int, _ptr, _int, types.float64, _ptr, _int))
 _gemm_bf16 = types.ExternalFunction("fastnet_cblas_gemm_bf16", types.void(
     _enum, _enum, _enum, _int, _int, _int, types.float32, _ptr, _int, _ptr, _int, types.float32, _ptr, _int))
+# How long a thread with no tile left spins before it sleeps. GNU OpenMP's default (300,000 turns)
+# keeps both cores busy between kernels, which costs nothing on a quiet machine, but beside a busy
+# process the spinning thread takes the core the other process needs, and each loop's end then waits
+# for a thread the kernel's scheduler has put aside: R1 on two threads beside one busy process ran at
+# 8,000 samples/s, against 18,000 with 1,000 turns, and at least as fast quiet (Emerald Rapids, MKL).
+# Read once, when OpenMP starts (Numba's first parallel loop, just below); a user's setting stands.
+SPIN_TURNS = "1000"
+_USERS_WAIT = {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in os.environ}
+if not _USERS_WAIT:
+    os.environ["GOMP_SPINCOUNT"] = SPIN_TURNS
+
 # numba.get_num_threads() in a kernel reaches the threading layer through a ctypes pointer, which
 # keeps the kernel out of the disk cache; the layer's own C symbol, registered once it has started,
 # does not.
 numba.get_num_threads()
+if not _USERS_WAIT:
+    del os.environ["GOMP_SPINCOUNT"]  # read by now; other programs this process starts keep their own default
 _get_num_threads = types.ExternalFunction("get_num_threads", types.int32())
 
 
@@ -196,10 +217,20 @@ def threads():
 
 def describe():
     """What config.json records of the driver: its BLAS, the threads and how each product is split."""
-    return {"threads": threads(), "split": "numba_gemm: one tile per thread, BLAS on one thread per tile",
+    return {"threads": threads(), "split": "numba_gemm: tiles by shape, claimed by whichever thread is free, "
+                                           "BLAS on one thread per tile",
             "blas": BLAS.describe(), "blas_path": BLAS.path, "bf16_gemm": BF16_GEMM.describe(),
-            "threading_layer": _threading_layer(),
+            "threading_layer": _threading_layer(), "plan": plan(), "wait": wait_policy(),
+            "same_bits_on_any_thread_count": True,
             "partition": PARTITION}
+
+
+def wait_policy():
+    """How idle threads wait, as OpenMP was told at start: the user's OMP_WAIT_POLICY and GOMP_SPINCOUNT,
+    or fastnet's spin count."""
+    if not _USERS_WAIT:
+        return f"GOMP_SPINCOUNT={SPIN_TURNS} (fastnet's default)"
+    return ", ".join(f"{name}={value} (set by the user)" for name, value in _USERS_WAIT.items())
 
 
 def _threading_layer():
@@ -210,12 +241,88 @@ def _threading_layer():
 
 
 PARTITION = {
-    "forward x @ W": "columns of the output, in multiples of 16 (rows when it has fewer than 16 per thread)",
-    "weight gradient x.T @ dout": "rows of dW",
-    "input gradient dout @ W.T": "rows of dx (the batch)",
-    "bias gradient": "columns, each summed over the batch in order",
-    "elementwise passes and optimizer updates": "rows, or equal runs of the flat array",
+    "forward x @ W": "tiles of output columns, in multiples of 16 (rows for an output narrower than 32 columns "
+                     "and than the batch), one per plan's tile_flops, a multiple of tile_multiple",
+    "weight gradient x.T @ dout": "tiles of dW's rows, as many as tile_flops and tile_multiple make",
+    "input gradient dout @ W.T": "tiles as the forward's, claimed after dW's from the same counter",
+    "bias gradient": "column tiles, one per plan's pass_elements, each column summed over the batch in order",
+    "elementwise passes and optimizer updates": "rows, or equal runs of the flat array, one run per thread",
 }
+
+
+# --- Tiles claimed by whichever thread is free ---------------------------------------------------------
+# A kernel cuts its work into tiles by the shape alone, then runs `prange(thread_count())` workers that
+# each take the next unclaimed tile from a counter until none is left: a thread whose core another
+# process is using takes fewer tiles instead of holding the others up at the end of the loop. Which
+# thread runs a tile never changes its result, so the bits depend on the shapes alone.
+
+@intrinsic
+def tile_counter(typingctx):
+    """A counter of claimed tiles, starting at 0, on the calling kernel's stack: nothing is allocated,
+    and each call of a kernel (from any Python thread) has its own."""
+    def codegen(context, builder, signature, args):
+        counter = cgutils.alloca_once(builder, context.get_value_type(types.int64))
+        builder.store(context.get_constant(types.int64, 0), counter)
+        return counter
+    return types.CPointer(types.int64)(), codegen
+
+
+@intrinsic
+def _claim(typingctx, counter):
+    """The counter's value before adding 1 to it, atomically: no two threads get the same number."""
+    def codegen(context, builder, signature, args):
+        return builder.atomic_rmw("add", args[0], context.get_constant(types.int64, 1), "monotonic")
+    return types.int64(counter), codegen
+
+
+@njit(cache=True, nogil=True)
+def next_tile(counter, tiles):
+    """The next tile for the calling thread to compute, or -1 when all `tiles` are taken."""
+    tile = _claim(counter)
+    return tile if tile < tiles else -1
+
+
+# --- The plan: how finely work is cut, read by compiled kernels at every call ---------------------------
+# The values live in a C array that compiled code reaches by a symbol name of our own, as it reaches
+# BLAS: the disk cache stays valid, and a plan measured on this machine takes effect without compiling.
+
+PLAN_ENTRIES = ("tile_flops", "tile_multiple", "pass_elements")
+# On the Emerald Rapids machine (2 cores, MKL), R1 ran fastest at 32 MFLOP tiles (12 for its first layer's
+# products, 2 for the others), quiet and beside a busy process, among 16, 32, 64 and 1024.
+DEFAULT_PLAN = {"tile_flops": 1 << 25, "tile_multiple": os.cpu_count() or 1, "pass_elements": 1 << 15}
+_plan = (ctypes.c_int64 * len(PLAN_ENTRIES))(*(DEFAULT_PLAN[name] for name in PLAN_ENTRIES))
+llvmlite.binding.add_symbol("fastnet_tile_plan", ctypes.addressof(_plan))
+TILE_FLOPS, TILE_MULTIPLE, PASS_ELEMENTS = range(len(PLAN_ENTRIES))
+
+
+def set_plan(**values):
+    """Set plan entries (positive integers) for every later kernel call of this process."""
+    for name, value in values.items():
+        if name not in PLAN_ENTRIES or int(value) < 1:
+            raise ValueError(f"{name}={value!r} is not a plan entry: entries are {', '.join(PLAN_ENTRIES)}, each >= 1")
+        _plan[PLAN_ENTRIES.index(name)] = int(value)
+
+
+def plan():
+    return {name: _plan[i] for i, name in enumerate(PLAN_ENTRIES)}
+
+
+if os.environ.get("FASTNET_PLAN"):  # e.g. tile_flops=33554432,pass_elements=65536
+    set_plan(**dict(item.split("=", 1) for item in os.environ["FASTNET_PLAN"].split(",")))
+
+
+@intrinsic
+def plan_entry(typingctx, index):
+    """Entry `index` of the plan, as it is when the kernel runs."""
+    def codegen(context, builder, signature, args):
+        table = builder.module.globals.get("fastnet_tile_plan")
+        if table is None:
+            table = llvmlite.ir.GlobalVariable(builder.module, llvmlite.ir.ArrayType(llvmlite.ir.IntType(64),
+                                                                                      len(PLAN_ENTRIES)),
+                                               "fastnet_tile_plan")
+            table.linkage = "external"
+        return builder.load(builder.gep(table, [context.get_constant(types.int64, 0), args[0]]))
+    return types.int64(index), codegen
 
 
 # --- The partition -----------------------------------------------------------------------------------
@@ -231,9 +338,43 @@ def span(length, parts, part, align):
 
 
 @njit(cache=True, nogil=True)
-def split_columns(rows, columns, parts):
-    """Whether a product with an output of rows x columns is split by columns (else by rows)."""
-    return columns >= ALIGN_COLUMNS * parts or columns >= rows
+def split_columns(rows, columns):
+    """Whether a product with an output of rows x columns is split by columns (else by rows): by the
+    wider side, so each tile packs the operand it shares with the others (x, or dout) once more."""
+    return columns >= rows or columns >= 2 * ALIGN_COLUMNS
+
+
+@njit(cache=True, nogil=True)
+def tiles_along(work, grain, length, align):
+    """How many tiles `work` is cut into along an axis of `length`: a multiple of the plan's
+    tile_multiple (the machine's cores: equal tiles then share out evenly) of about `grain` each, and
+    no more than the axis has blocks of `align`."""
+    multiple = plan_entry(TILE_MULTIPLE)
+    tiles = max(1, (work + grain * multiple - 1) // (grain * multiple)) * multiple
+    return max(1, min(tiles, (length + align - 1) // align))
+
+
+@njit(cache=True, nogil=True)
+def product_tiles(rows, columns, depth):
+    """How many tiles (product_tile) a product with a rows x columns output, summed over `depth`, is
+    cut into: about one per plan's tile_flops."""
+    work = 2 * rows * columns * depth
+    if split_columns(rows, columns):
+        return tiles_along(work, plan_entry(TILE_FLOPS), columns, ALIGN_COLUMNS)
+    return tiles_along(work, plan_entry(TILE_FLOPS), rows, ALIGN_ROWS)
+
+
+@njit(cache=True, nogil=True)
+def weight_gradient_tiles(fan_in, fan_out, batch):
+    """How many row tiles dW = x.T @ dout (fan_in x fan_out) is cut into."""
+    return tiles_along(2 * fan_in * fan_out * batch, plan_entry(TILE_FLOPS), fan_in, ALIGN_COLUMNS)
+
+
+@njit(cache=True, nogil=True)
+def column_tiles(rows, columns):
+    """How many column tiles a pass over a rows x columns array is cut into: about one per plan's
+    pass_elements."""
+    return tiles_along(rows * columns, plan_entry(PASS_ELEMENTS), columns, ALIGN_COLUMNS)
 
 
 # --- One tile: one BLAS call ---------------------------------------------------------------------------
@@ -316,8 +457,9 @@ def on_contiguous(*written):
 
 @njit(cache=True, nogil=True)
 def product_tile(rows, columns, parts, part):
-    """(row start, row stop, column start, column stop) of tile `part` of a rows x columns output."""
-    if split_columns(rows, columns, parts):
+    """(row start, row stop, column start, column stop) of tile `part` of `parts` of a rows x columns
+    output."""
+    if split_columns(rows, columns):
         start, stop = span(columns, parts, part, ALIGN_COLUMNS)
         return 0, rows, start, stop
     start, stop = span(rows, parts, part, ALIGN_ROWS)
@@ -337,7 +479,11 @@ def matmul(a, b, out):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _matmul_tiles(a, b, out):
-    parts = thread_count()
-    for part in numba.prange(parts):
-        r0, r1, c0, c1 = product_tile(out.shape[0], out.shape[1], parts, part)
-        gemm(a[r0:r1], b[:, c0:c1], out[r0:r1, c0:c1])
+    rows, columns = out.shape
+    tiles, counter = product_tiles(rows, columns, a.shape[1]), tile_counter()
+    for _ in numba.prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
+            gemm(a[r0:r1], b[:, c0:c1], out[r0:r1, c0:c1])
+            tile = next_tile(counter, tiles)
