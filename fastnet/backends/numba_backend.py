@@ -11,11 +11,13 @@ What it does that NumPy cannot:
   checks every division for zero, and that branch kept the Adam loop from vectorising: 7x slower.
 
 The products go through the GEMM driver of numba_gemm.py: BLAS held to one thread, each product
-split into one tile per thread, each tile's bias, activation, mask or bias-gradient sums done by
-the thread that computed the tile. The memory-bound loops (gathering the batch, the elementwise
+cut into tiles by its shape and the plan, claimed by whichever thread is free, each tile's bias,
+activation, mask or bias-gradient sums done by the thread that computed the tile. Every dense kernel
+is one of two tile loops (_dense_forward_tiles, _dense_backward_columns) with its activation chosen
+at compile time. The memory-bound loops (gathering the batch, the elementwise
 passes, the optimizer updates) split their rows or elements across the same threads with `prange`.
-Nothing is summed across threads: every sum is done by one thread in a fixed order, so results
-never depend on thread timing. The losses and count_correct stay serial: a 128 x 10 batch is less
+Nothing is summed across tiles: every sum is done by one thread in a fixed order, so results
+depend on neither thread timing nor the thread count. The losses and count_correct stay serial: a 128 x 10 batch is less
 work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
 starts warm. Every kernel is compiled for C-contiguous arrays alone (numba_gemm.on_contiguous), which
 is what the model and optimizer pass: an array of another layout is copied on the way in, and out.
@@ -25,8 +27,8 @@ Every kernel releases the GIL (`nogil=True`): a data-parallel rank's reducing th
 Every kernel keeps numpy_backend's return convention (arrays into the caller's outputs, None
 returned; a number only where the result is one). The private helpers have one naming pattern. A
 part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, a
-parallel loop over a product's tiles; `_columns`, a backward kernel's parallel pass over column tiles of dout before its products;
-`_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
+parallel loop over a product's tiles; `_columns`, a backward kernel's parallel pass over column
+tiles of dout before its products; `_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
 work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
 `_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
 (`_adam`). The constants that define a result (GELU's, SplitMix64's, bfloat16's bit patterns) are
@@ -45,7 +47,7 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
+from numba import literally, njit, prange, types  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
 from fastnet.backends import numba_gemm  # noqa: E402
@@ -186,149 +188,7 @@ def bf16_to_float32(x16, out):
             out[i, j] = from_bf16(x16[i, j])
 
 
-# --- Dense layer -----------------------------------------------------------------------------------
-
-# Forward: one prange iteration per tile of the output (numba_gemm.product_tile); the thread that
-# computed a tile adds its bias and applies its activation. Backward (<kernel>_columns): a first pass
-# over column tiles of dout applies the activation's derivative in place and sums each column for db,
-# in batch order, then _weight_and_input_grads_tiles splits dW by its rows and dx by its rows (the batch).
-# Both index a tile's rows through views that start at its first column (row = out[i, c0:c1]), from 0:
-# indexed from c0 itself, LLVM left the loops scalar (we did not find out why), and on the Zen 3
-# machine db's column sums over 128 x 2048 took 100 us instead of 18.
-
-
-@on_contiguous("out", "out16")
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def dense_forward(x, W, b, out, out16=None):
-    """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
-    rows, columns = out.shape
-    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
-            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-            bias = b[c0:c1]
-            for i in range(r0, r1):
-                row = out[i, c0:c1]
-                for j in range(c1 - c0):
-                    z = row[j] + bias[j]
-                    row[j] = z
-                    if out16 is not None:
-                        out16[i, c0 + j] = to_bf16(z)
-            tile = next_tile(counter, tiles)
-
-
-@on_contiguous("out", "out16")
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def dense_relu_forward(x, W, b, out, out16=None):
-    """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
-    zero = out.dtype.type(0)
-    rows, columns = out.shape
-    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
-            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-            bias = b[c0:c1]
-            for i in range(r0, r1):
-                row = out[i, c0:c1]
-                for j in range(c1 - c0):
-                    z = max(row[j] + bias[j], zero)
-                    row[j] = z
-                    if out16 is not None:
-                        out16[i, c0 + j] = to_bf16(z)
-            tile = next_tile(counter, tiles)
-
-
-@on_contiguous("dW", "db", "dx", "dout16")
-@njit(cache=True, nogil=True, error_model="numpy")
-def dense_backward(dout, x, W, dW, db, dx, dout16=None):
-    """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None; with
-    dout16, dout's bf16 copy is written in the column-sum pass and the products read it."""
-    _dense_backward_columns(dout, db, dout16)
-    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _dense_backward_columns(dout, db, dout16):
-    """dense_backward's pass over column tiles of dout, before its products."""
-    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
-            sums = db[c0:c1]
-            sums[:] = 0
-            for i in range(dout.shape[0]):
-                g = dout[i, c0:c1]
-                for j in range(c1 - c0):
-                    sums[j] += g[j]
-                    if dout16 is not None:
-                        dout16[i, c0 + j] = to_bf16(g[j])
-            tile = next_tile(counter, tiles)
-
-
-@on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, nogil=True, error_model="numpy")
-def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
-    """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
-    in the same pass (writing dout16 there too), then the two GEMMs."""
-    _dense_relu_backward_columns(dout, out, db, dout16)
-    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _dense_relu_backward_columns(dout, out, db, dout16):
-    """dense_relu_backward's pass over column tiles of dout, before its products."""
-    zero = dout.dtype.type(0)
-    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
-            sums = db[c0:c1]
-            sums[:] = 0
-            for i in range(dout.shape[0]):
-                g, h = dout[i, c0:c1], out[i, c0:c1]
-                for j in range(c1 - c0):
-                    kept = g[j] if h[j] > zero else zero
-                    g[j] = kept
-                    sums[j] += kept
-                    if dout16 is not None:
-                        dout16[i, c0 + j] = to_bf16(g[j])
-            tile = next_tile(counter, tiles)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
-    """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T. The products read dout16 instead of
-    dout when it is given."""
-    if dout16 is None:
-        _weight_and_input_grads_tiles(dout, x, W, dW, dx)
-    else:
-        _weight_and_input_grads_tiles(dout16, x, W, dW, dx)
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
-    """dW's row tiles, then dx's tiles (numba_gemm.product_tile: by columns but for narrow layers),
-    claimed from one counter: a thread that finds dW's tiles taken goes on to dx."""
-    (fan_in, fan_out), batch = dW.shape, dout.shape[0]
-    weight_tiles = weight_gradient_tiles(fan_in, fan_out, batch)
-    tiles = weight_tiles + (product_tiles(batch, fan_in, fan_out) if dx is not None else 0)
-    counter = tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            if tile < weight_tiles:
-                r0, r1 = span(fan_in, weight_tiles, tile, ALIGN_COLUMNS)
-                gemm(x[:, r0:r1].T, dout, dW[r0:r1])
-            elif dx is not None:
-                r0, r1, c0, c1 = product_tile(batch, fan_in, tiles - weight_tiles, tile - weight_tiles)
-                gemm(dout[r0:r1], W[c0:c1].T, dx[r0:r1, c0:c1])
-            tile = next_tile(counter, tiles)
+# --- Activations -----------------------------------------------------------------------------------
 
 
 @on_contiguous("dx")
@@ -341,10 +201,7 @@ def relu_backward(dout, out, dx):
             dx[i, j] = dout[i, j] if out[i, j] > zero else zero
 
 
-# --- Other activations -----------------------------------------------------------------------------
-# The dense forms fuse the bias and the activation into one pass after the GEMM, and in backward the
-# activation's derivative and the bias-gradient column sums into one pass before the GEMMs, as the
-# ReLU's do. Constants are converted to the arrays' dtype once, so float32 stays float32.
+# Constants are converted to the arrays' dtype once, so float32 stays float32.
 
 
 @on_contiguous("out", "out16")
@@ -385,60 +242,6 @@ def leaky_relu_backward(dout, out, negative_slope, dx):
             dx[i, j] = g if out[i, j] > zero else g * slope
 
 
-@on_contiguous("out", "out16")
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
-    """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
-    slope, zero = out.dtype.type(negative_slope), out.dtype.type(0)
-    rows, columns = out.shape
-    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
-            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-            bias = b[c0:c1]
-            for i in range(r0, r1):
-                row = out[i, c0:c1]
-                for j in range(c1 - c0):
-                    z = row[j] + bias[j]
-                    y = z if z > zero else z * slope
-                    row[j] = y
-                    if out16 is not None:
-                        out16[i, c0 + j] = to_bf16(y)
-            tile = next_tile(counter, tiles)
-
-
-@on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, nogil=True, error_model="numpy")
-def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
-    """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
-    _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16)
-    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _dense_leaky_relu_backward_columns(dout, out, negative_slope, db, dout16):
-    """dense_leaky_relu_backward's pass over column tiles of dout, before its products."""
-    slope, zero = dout.dtype.type(negative_slope), dout.dtype.type(0)
-    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
-            sums = db[c0:c1]
-            sums[:] = 0
-            for i in range(dout.shape[0]):
-                g, h = dout[i, c0:c1], out[i, c0:c1]
-                for j in range(c1 - c0):
-                    scaled = g[j] * slope if h[j] <= zero else g[j]
-                    g[j] = scaled
-                    sums[j] += scaled
-                    if dout16 is not None:
-                        dout16[i, c0 + j] = to_bf16(g[j])
-            tile = next_tile(counter, tiles)
-
-
 # tanh and GELU go through exp instead of the C library's tanh: 13 ns an element against 2 to 3.
 # For tanh in float32 the exp form is evaluated in float64 (np.exp, the C library's), where
 # 1 - 2 / (exp(2z) + 1) has no cancellation that float32 could see; a float64 model (gradient
@@ -474,61 +277,6 @@ def tanh_backward(dout, out, dx):
     for i in prange(dout.shape[0]):
         for j in range(dout.shape[1]):
             dx[i, j] = dout[i, j] * (one - out[i, j] * out[i, j])
-
-
-@on_contiguous("out", "out16")
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def dense_tanh_forward(x, W, b, out, out16=None):
-    """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
-    real = out.dtype.type
-    fast = out.itemsize == 4
-    rows, columns = out.shape
-    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            r0, r1, c0, c1 = product_tile(rows, columns, tiles, tile)
-            gemm(x[r0:r1], W[:, c0:c1], out[r0:r1, c0:c1])
-            bias = b[c0:c1]
-            for i in range(r0, r1):
-                row = out[i, c0:c1]
-                for j in range(c1 - c0):
-                    z = row[j] + bias[j]
-                    y = real(_tanh_via_exp(float(z))) if fast else np.tanh(z)
-                    row[j] = y
-                    if out16 is not None:
-                        out16[i, c0 + j] = to_bf16(y)
-            tile = next_tile(counter, tiles)
-
-
-@on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, nogil=True, error_model="numpy")
-def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
-    """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
-    _dense_tanh_backward_columns(dout, out, db, dout16)
-    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _dense_tanh_backward_columns(dout, out, db, dout16):
-    """dense_tanh_backward's pass over column tiles of dout, before its products."""
-    one = dout.dtype.type(1)
-    tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
-    for _ in prange(thread_count()):
-        tile = next_tile(counter, tiles)
-        while tile >= 0:
-            c0, c1 = span(dout.shape[1], tiles, tile, ALIGN_COLUMNS)
-            sums = db[c0:c1]
-            sums[:] = 0
-            for i in range(dout.shape[0]):
-                row, h = dout[i, c0:c1], out[i, c0:c1]
-                for j in range(c1 - c0):
-                    g = row[j] * (one - h[j] * h[j])
-                    row[j] = g
-                    sums[j] += g
-                    if dout16 is not None:
-                        dout16[i, c0 + j] = to_bf16(g)
-            tile = next_tile(counter, tiles)
 
 
 _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overflows harmlessly to inf
@@ -608,13 +356,76 @@ def gelu_backward(dout, x, dx):
             dx[i, j] = dout[i, j] * _gelu_slope(x[i, j], one, two_root, cubic, three_cubic, cap)
 
 
-@on_contiguous("pre", "out", "out16")
+# --- Dense layer -----------------------------------------------------------------------------------
+# Every dense kernel is one of two loops over tiles, with its activation chosen at compile time: `kind`
+# is a literal (numba.literally), so each activation compiles a loop of its own, the other branches
+# pruned, and Numba's disk cache keys it by that value. Forward (_dense_forward_tiles): each tile's
+# product (numba_gemm.product_tile), then its bias and activation by the thread that computed it.
+# Backward (_dense_backward_columns): a pass over column tiles of dout that applies the activation's
+# derivative in place and sums each column for db, in batch order; then _weight_and_input_grads_tiles.
+# Both index a tile's rows through views that start at its first column (row = out[i, c0:c1]), from 0:
+# indexed from c0 itself, LLVM left the loops scalar (we did not find out why), and on the Zen 3
+# machine db's column sums over 128 x 2048 took 100 us instead of 18.
+
+IDENTITY, RELU, LEAKY_RELU, TANH, GELU = range(5)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _activation_constants(a, negative_slope):
+    """The constants of every activation in a's dtype: (0, 1, the leaky slope, GELU's 2 sqrt(2/pi),
+    its cubic coefficient and three times it, the exponent's cap, whether tanh takes the exp form)."""
+    real = a.dtype.type
+    return (real(0), real(1), real(negative_slope), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC),
+            real(3 * GELU_CUBIC), real(_EXP_CAP), a.itemsize == 4)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _activate(z, kind, constants):
+    """Activation `kind` of z."""
+    zero, one, slope, two_root, cubic, _, cap, fast = constants
+    if kind == RELU:
+        return max(z, zero)
+    if kind == LEAKY_RELU:
+        return z if z > zero else z * slope
+    if kind == TANH:
+        return np.float32(_tanh_via_exp(float(z))) if fast else np.tanh(z)
+    if kind == GELU:
+        return _gelu(z, one, two_root, cubic, cap)
+    return z
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _through_activation(g, saved, kind, constants):
+    """The gradient g behind activation `kind`, from what its forward saved: its output (ReLU, leaky
+    ReLU, tanh) or its input (GELU)."""
+    zero, one, slope, two_root, cubic, three_cubic, cap, _ = constants
+    if kind == RELU:
+        return g if saved > zero else zero
+    if kind == LEAKY_RELU:
+        return g * slope if saved <= zero else g
+    if kind == TANH:
+        return g * (one - saved * saved)
+    if kind == GELU:
+        return g * _gelu_slope(saved, one, two_root, cubic, three_cubic, cap)
+    return g
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _round_row(row, row16):
+    """row16 = row rounded to bfloat16. A loop of its own after the row's pass, which LLVM vectorises:
+    written inside that pass, the rounding left it scalar (dense_relu_forward with out16 on 128 x 2048,
+    one thread, Emerald Rapids: 110 us against 300)."""
+    for j in range(row.shape[0]):
+        row16[j] = to_bf16(row[j])
+
+
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def dense_gelu_forward(x, W, b, pre, out, out16=None):
-    """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
-    real = out.dtype.type
-    one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
-    rows, columns = pre.shape
+def _dense_forward_tiles(x, W, b, pre, out, out16, kind, negative_slope):
+    """pre = x @ W + b and out = its activation, tile by tile; pre is out itself but for GELU, whose
+    backward needs its input."""
+    kind = literally(kind)
+    constants = _activation_constants(out, negative_slope)
+    rows, columns = out.shape
     tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
     for _ in prange(thread_count()):
         tile = next_tile(counter, tiles)
@@ -623,31 +434,27 @@ def dense_gelu_forward(x, W, b, pre, out, out16=None):
             gemm(x[r0:r1], W[:, c0:c1], pre[r0:r1, c0:c1])
             bias = b[c0:c1]
             for i in range(r0, r1):
-                row, activated = pre[i, c0:c1], out[i, c0:c1]
-                for j in range(c1 - c0):
-                    z = row[j] + bias[j]
-                    row[j] = z
-                    y = _gelu(z, one, two_root, cubic, cap)
-                    activated[j] = y
-                    if out16 is not None:
-                        out16[i, c0 + j] = to_bf16(y)
+                row = out[i, c0:c1]
+                if kind == GELU:
+                    kept = pre[i, c0:c1]
+                    for j in range(c1 - c0):
+                        z = kept[j] + bias[j]
+                        kept[j] = z
+                        row[j] = _activate(z, kind, constants)
+                else:  # one view of out: two views of the same row made LLVM's overlap check fail (scalar loop)
+                    for j in range(c1 - c0):
+                        row[j] = _activate(row[j] + bias[j], kind, constants)
+                if out16 is not None:
+                    _round_row(row, out16[i, c0:c1])
             tile = next_tile(counter, tiles)
 
 
-@on_contiguous("dout", "dW", "db", "dx", "dout16")
-@njit(cache=True, nogil=True, error_model="numpy")
-def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
-    """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
-    _dense_gelu_backward_columns(dout, pre, db, dout16)
-    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
-
-
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _dense_gelu_backward_columns(dout, pre, db, dout16):
-    """dense_gelu_backward's pass over column tiles of dout, before its products."""
-    real = dout.dtype.type
-    one, two_root, cubic, cap = real(1), real(2 * GELU_SQRT_2_OVER_PI), real(GELU_CUBIC), real(_EXP_CAP)
-    three_cubic = real(3 * GELU_CUBIC)
+def _dense_backward_columns(dout, saved, db, dout16, kind, negative_slope):
+    """dout behind activation `kind`, in place, with db its column sums (and dout16 its bf16 copy),
+    column tile by column tile, before the products."""
+    kind = literally(kind)
+    constants = _activation_constants(dout, negative_slope)
     tiles, counter = column_tiles(dout.shape[0], dout.shape[1]), tile_counter()
     for _ in prange(thread_count()):
         tile = next_tile(counter, tiles)
@@ -656,14 +463,124 @@ def _dense_gelu_backward_columns(dout, pre, db, dout16):
             sums = db[c0:c1]
             sums[:] = 0
             for i in range(dout.shape[0]):
-                row, z = dout[i, c0:c1], pre[i, c0:c1]
+                row, h = dout[i, c0:c1], saved[i, c0:c1]
                 for j in range(c1 - c0):
-                    g = row[j] * _gelu_slope(z[j], one, two_root, cubic, three_cubic, cap)
+                    g = _through_activation(row[j], h[j], kind, constants)
                     row[j] = g
                     sums[j] += g
-                    if dout16 is not None:
-                        dout16[i, c0 + j] = to_bf16(g)
+                if dout16 is not None:
+                    _round_row(row, dout16[i, c0:c1])
             tile = next_tile(counter, tiles)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _weight_and_input_grads(dout, dout16, x, W, dW, dx):
+    """dW = x.T @ dout and, unless dx is None, dx = dout @ W.T. The products read dout16 instead of
+    dout when it is given."""
+    if dout16 is None:
+        _weight_and_input_grads_tiles(dout, x, W, dW, dx)
+    else:
+        _weight_and_input_grads_tiles(dout16, x, W, dW, dx)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
+    """dW's row tiles, then dx's tiles (numba_gemm.product_tile: by columns but for narrow layers),
+    claimed from one counter: a thread that finds dW's tiles taken goes on to dx."""
+    (fan_in, fan_out), batch = dW.shape, dout.shape[0]
+    weight_tiles = weight_gradient_tiles(fan_in, fan_out, batch)
+    tiles = weight_tiles + (product_tiles(batch, fan_in, fan_out) if dx is not None else 0)
+    counter = tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            if tile < weight_tiles:
+                r0, r1 = span(fan_in, weight_tiles, tile, ALIGN_COLUMNS)
+                gemm(x[:, r0:r1].T, dout, dW[r0:r1])
+            elif dx is not None:
+                r0, r1, c0, c1 = product_tile(batch, fan_in, tiles - weight_tiles, tile - weight_tiles)
+                gemm(dout[r0:r1], W[c0:c1].T, dx[r0:r1, c0:c1])
+            tile = next_tile(counter, tiles)
+
+
+
+
+@on_contiguous("out", "out16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_forward(x, W, b, out, out16=None):
+    """out = x @ W + b: each tile's product, then its bias (and its bf16 copy into out16)."""
+    _dense_forward_tiles(x, W, b, out, out, out16, IDENTITY, 0.0)
+
+
+@on_contiguous("out", "out16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_relu_forward(x, W, b, out, out16=None):
+    """out = max(x @ W + b, 0), the bias and ReLU applied to each tile after its product."""
+    _dense_forward_tiles(x, W, b, out, out, out16, RELU, 0.0)
+
+
+@on_contiguous("out", "out16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_leaky_relu_forward(x, W, b, negative_slope, out, out16=None):
+    """out = leaky_relu(x @ W + b), the bias and activation applied to each tile after its product."""
+    _dense_forward_tiles(x, W, b, out, out, out16, LEAKY_RELU, negative_slope)
+
+
+@on_contiguous("out", "out16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_tanh_forward(x, W, b, out, out16=None):
+    """out = tanh(x @ W + b), the bias and tanh applied to each tile after its product."""
+    _dense_forward_tiles(x, W, b, out, out, out16, TANH, 0.0)
+
+
+@on_contiguous("pre", "out", "out16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_gelu_forward(x, W, b, pre, out, out16=None):
+    """pre = x @ W + b and out = gelu(pre), each tile's in one pass after its product."""
+    _dense_forward_tiles(x, W, b, pre, out, out16, GELU, 0.0)
+
+
+@on_contiguous("dW", "db", "dx", "dout16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_backward(dout, x, W, dW, db, dx, dout16=None):
+    """dW = x.T @ dout, db = column sums of dout, and dx = dout @ W.T unless dx is None; with
+    dout16, dout's bf16 copy is written in the column-sum pass and the products read it."""
+    _dense_backward_columns(dout, dout, db, dout16, IDENTITY, 0.0)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
+
+
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_relu_backward(dout, out, x, W, dW, db, dx, dout16=None):
+    """dense_backward behind a ReLU: masks dout in place where out is 0 and sums the columns for db
+    in the same pass (writing dout16 there too), then the two GEMMs."""
+    _dense_backward_columns(dout, out, db, dout16, RELU, 0.0)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
+
+
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_leaky_relu_backward(dout, out, x, W, negative_slope, dW, db, dx, dout16=None):
+    """dense_backward behind a leaky ReLU: scales dout in place and sums db in one pass, then the GEMMs."""
+    _dense_backward_columns(dout, out, db, dout16, LEAKY_RELU, negative_slope)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
+
+
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_tanh_backward(dout, out, x, W, dW, db, dx, dout16=None):
+    """dense_backward behind a tanh: scales dout in place and sums db in one pass, then the GEMMs."""
+    _dense_backward_columns(dout, out, db, dout16, TANH, 0.0)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
+
+
+@on_contiguous("dout", "dW", "db", "dx", "dout16")
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_gelu_backward(dout, pre, x, W, dW, db, dx, dout16=None):
+    """dense_backward behind a GELU: scales dout in place and sums db in one pass, then the GEMMs."""
+    _dense_backward_columns(dout, pre, db, dout16, GELU, 0.0)
+    _weight_and_input_grads(dout, dout16, x, W, dW, dx)
+
 
 # --- Layer normalisation ---------------------------------------------------------------------------
 
