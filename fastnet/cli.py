@@ -227,6 +227,12 @@ def build_parser():
                         "them (fastnet train --distributed; needs mpi4py and an MPI)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
+    pn = commands.add_parser("plan", help="show, or measure again, the numba backend's plan for this machine: "
+                             "the BLAS its tiles call and how finely products are cut")
+    pn.add_argument("--measure", action="store_true", help="time every BLAS and tile size here, quiet and beside a "
+                    "busy process (1.5 minutes on 2 cores), and keep the fastest for every later run")
+    pn.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     sw = commands.add_parser("sweep", help="search fastnet train settings with Optuna, trials on Dask workers")
     sw.add_argument("--data", metavar="PATH", help="the dataset, at a path every worker can read "
                     "(default: $FASTNET_DATA or data/)")
@@ -374,6 +380,18 @@ def run_bench(args):
     print(json.dumps(timings) if args.json else bench.format_report(timings))
 
 
+def run_plan(args):
+    backends.resolve("numba")  # the plan is the numba backend's: without Numba, one line says so
+    from fastnet.backends import numba_plan
+    if args.measure:
+        numba_plan.measure(log=lambda line: print(line, file=sys.stderr))
+    saved = numba_plan.load()
+    if args.json:
+        print(json.dumps({"status": numba_plan.status(), "plan": saved}))
+    else:
+        print(numba_plan.format_plan(saved))
+
+
 def run_data(args):
     if args.data_command != "download":
         raise UsageError("fastnet data needs an action: fastnet data download [--to DIR]")
@@ -451,7 +469,7 @@ def main(argv=None):
             parser.print_help()
             return USAGE_ERROR
         {"train": run_train, "evaluate": run_evaluate, "bench": run_bench, "sweep": run_sweep, "data": run_data,
-         "predict": run_predict, "plot": run_plot, "runs": run_runs}[args.command](args)
+         "predict": run_predict, "plot": run_plot, "runs": run_runs, "plan": run_plan}[args.command](args)
     except FastnetError as exc:
         message = exc.on_command_line() if isinstance(exc, SettingError) else exc
         # Every rank of a data-parallel run meets the same bad setting: rank 0 says it once.

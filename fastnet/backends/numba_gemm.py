@@ -41,6 +41,7 @@ from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from fastnet import cpu
+from fastnet.backends import numba_plan
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values
 MKL_THREADING_SEQUENTIAL = 1
@@ -91,8 +92,9 @@ def _symbol(dll, names):
 
 
 def find_blas(choice=None):
-    """The BLAS to call: $FASTNET_BLAS ('mkl' or 'openblas') when set; else MKL on Intel CPUs where
-    the mkl package is installed, and OpenBLAS otherwise. On an AMD EPYC (Zen 3) MKL's one-thread
+    """The BLAS to call: `choice` or $FASTNET_BLAS ('mkl' or 'openblas') when set (the module passes the
+    measured plan's, numba_plan); else MKL on Intel CPUs where the mkl package is installed, and
+    OpenBLAS otherwise. On an AMD EPYC (Zen 3) MKL's one-thread
     sgemm was 8 % faster on the forward shapes and 15 % slower on the weight gradient's, so there
     OpenBLAS, which NumPy and SciPy bring anyway, stays."""
     choice = choice or os.environ.get("FASTNET_BLAS")
@@ -157,7 +159,8 @@ def find_bf16_gemm():
     return Bf16Gemm("none", None, reference_gemm.address)
 
 
-BLAS = find_blas()
+MEASURED = numba_plan.load()  # this machine's plan (fastnet plan --measure), or None
+BLAS = find_blas(os.environ.get("FASTNET_BLAS") or (MEASURED and MEASURED["blas"]))
 BF16_GEMM = find_bf16_gemm()
 llvmlite.binding.add_symbol("fastnet_cblas_sgemm", BLAS.sgemm)
 llvmlite.binding.add_symbol("fastnet_cblas_dgemm", BLAS.dgemm)
@@ -220,9 +223,16 @@ def describe():
     return {"threads": threads(), "split": "numba_gemm: tiles by shape, claimed by whichever thread is free, "
                                            "BLAS on one thread per tile",
             "blas": BLAS.describe(), "blas_path": BLAS.path, "bf16_gemm": BF16_GEMM.describe(),
-            "threading_layer": _threading_layer(), "plan": plan(), "wait": wait_policy(),
+            "threading_layer": _threading_layer(), "plan": plan(), "plan_source": plan_source(), "wait": wait_policy(),
             "same_bits_on_any_thread_count": True,
             "partition": PARTITION}
+
+
+def plan_source():
+    """Where the plan in force comes from: measured on this machine, the defaults, or $FASTNET_PLAN and
+    $FASTNET_BLAS over either."""
+    overrides = [f"{name}={os.environ[name]}" for name in ("FASTNET_BLAS", "FASTNET_PLAN") if os.environ.get(name)]
+    return numba_plan.status() + (f", overridden by {' and '.join(overrides)}" if overrides else "")
 
 
 def wait_policy():
@@ -290,7 +300,8 @@ PLAN_ENTRIES = ("tile_flops", "tile_multiple", "pass_elements")
 # On the Emerald Rapids machine (2 cores, MKL), R1 ran fastest at 32 MFLOP tiles (12 for its first layer's
 # products, 2 for the others), quiet and beside a busy process, among 16, 32, 64 and 1024.
 DEFAULT_PLAN = {"tile_flops": 1 << 25, "tile_multiple": os.cpu_count() or 1, "pass_elements": 1 << 15}
-_plan = (ctypes.c_int64 * len(PLAN_ENTRIES))(*(DEFAULT_PLAN[name] for name in PLAN_ENTRIES))
+_first = DEFAULT_PLAN | (MEASURED["entries"] if MEASURED else {})
+_plan = (ctypes.c_int64 * len(PLAN_ENTRIES))(*(_first[name] for name in PLAN_ENTRIES))
 llvmlite.binding.add_symbol("fastnet_tile_plan", ctypes.addressof(_plan))
 TILE_FLOPS, TILE_MULTIPLE, PASS_ELEMENTS = range(len(PLAN_ENTRIES))
 

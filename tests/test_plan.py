@@ -1,0 +1,87 @@
+"""The numba backend's plan for this machine (fastnet/backends/numba_plan.py): measured, kept for
+this machine alone, used by every later process, shown by `fastnet plan`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import fastnet
+
+numba_plan = pytest.importorskip("fastnet.backends.numba_plan", reason="the plan is the numba backend's")
+numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the plan is the numba backend's")
+
+QUICK = {"R1": 2, "R2": 2}
+
+
+def in_new_process(code, plan_file, **env):
+    """What `code` prints, run in a fresh process that keeps its plan in plan_file."""
+    import os
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=environment | {"FASTNET_PLAN_FILE": str(plan_file)} | env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A plan measured here, with two steps of each workload: the machinery, not a speed."""
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    code = (f"from fastnet.backends import numba_plan; import json; "
+            f"print(json.dumps(numba_plan.measure(log=lambda line: None, steps={QUICK!r}, repeats=1)))")
+    return path, json.loads(in_new_process(code, path))
+
+
+def test_a_measured_plan_is_the_fastest_candidate_and_is_kept_for_this_machine(measured):
+    path, plan = measured
+    assert json.loads(path.read_text()) == plan and plan["fingerprint"] == numba_plan.fingerprint()
+    timed = {(row["blas"], row["tile_flops"]) for row in plan["timings"]}
+    assert {t for _, t in timed} == set(numba_plan.TILE_FLOPS) and "openblas" in {b for b, _ in timed}
+    assert {row["workload"] for row in plan["timings"]} == set(QUICK)
+    lowest = min(row["cost"] for row in plan["timings"])
+    kept = [row for row in plan["timings"] if (row["blas"], row["tile_flops"]) ==
+            (plan["blas"], plan["entries"]["tile_flops"])]
+    assert kept and all(row["cost"] == lowest for row in kept)
+
+
+def test_a_new_process_uses_the_plan_and_the_environment_overrides_it(measured):
+    path, plan = measured
+    code = ("from fastnet.backends import numba_gemm; import json; d = numba_gemm.describe(); "
+            "print(json.dumps([d['blas'], d['plan'], d['plan_source']]))")
+    blas, entries, source = json.loads(in_new_process(code, path))
+    assert blas.startswith(plan["blas"]) and source.startswith("measured on ")
+    assert {k: entries[k] for k in plan["entries"]} == plan["entries"]
+    other = "mkl" if plan["blas"] == "openblas" else "openblas"
+    if other == "mkl" and numba_plan._version("mkl") is None:
+        return
+    blas, entries, source = json.loads(in_new_process(code, path, FASTNET_BLAS=other, FASTNET_PLAN="tile_flops=7"))
+    assert blas.startswith(other) and entries["tile_flops"] == 7
+    assert f"overridden by FASTNET_BLAS={other} and FASTNET_PLAN=tile_flops=7" in source
+
+
+def test_another_machines_plan_or_a_broken_file_is_ignored(measured, tmp_path):
+    _, plan = measured
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(plan | {"fingerprint": plan["fingerprint"] | {"cpu": "another CPU"},
+                                            "entries": {"tile_flops": 7, "tile_multiple": 1}}))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"fingerprint": ')
+    code = "from fastnet.backends import numba_gemm; print(numba_gemm.plan()['tile_flops'])"
+    for path in (elsewhere, broken):
+        assert int(in_new_process(code, path)) == numba_gemm.DEFAULT_PLAN["tile_flops"]
+        shown = fastnet("plan", env={"FASTNET_PLAN_FILE": str(path)})
+        assert shown.returncode == 0 and "is another machine's plan or unreadable, so it is ignored" in shown.stdout
+
+
+def test_fastnet_plan_shows_the_plan_in_force(measured, tmp_path):
+    path, plan = measured
+    shown = fastnet("plan", env={"FASTNET_PLAN_FILE": str(path)})
+    assert shown.returncode == 0, shown.stderr
+    assert f"BLAS: {plan['blas']}; entries: {plan['entries']}" in shown.stdout
+    assert len([line for line in shown.stdout.splitlines() if " R1 " in line]) == len(numba_plan.TILE_FLOPS) * (
+        len({row["blas"] for row in plan["timings"]}))
+    nothing = fastnet("plan", "--json", env={"FASTNET_PLAN_FILE": str(tmp_path / "none.json")})
+    assert json.loads(nothing.stdout) == {"status": "defaults: not measured on this machine (fastnet plan --measure)",
+                                          "plan": None}
