@@ -238,7 +238,8 @@ def format_report(report):
             blas = f"; BLAS {p['blas']}" if "blas" in p else ""
             bf16 = f"; bf16 GEMM {p['bf16_gemm']}" if "bf16_gemm" in p and report["precision"] == "bf16" else ""
             ranks = f" in each of {r['distributed']['ranks']} ranks (mpirun)" if "distributed" in r else ""
-            lines.append(f"{side}: {p['threads']} threads{ranks}, {p['split']}{blas}{bf16}")
+            plan = f"; plan {p['plan']}, {p['plan_source']}; idle threads: {p['wait']}" if "plan" in p else ""
+            lines.append(f"{side}: {p['threads']} threads{ranks}, {p['split']}{blas}{bf16}{plan}")
     disturbed = {side: r["disturbed_runs"] for side, r in report["results"].items() if r["disturbed_runs"]}
     if disturbed:
         lines.append(f"disturbed: other processes kept more than {DISTURBED} cores busy during "
