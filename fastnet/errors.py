@@ -27,6 +27,10 @@ class SettingError(FastnetError, ValueError):
         return self.message.replace("{setting}", "--" + self.setting.replace("_", "-"))
 
 
+class VariableError(FastnetError, ValueError):
+    """An environment variable fastnet reads (FASTNET_BLAS, FASTNET_PLAN ...) holds a value it cannot use."""
+
+
 class SpaceError(FastnetError):
     """A sweep's search space that cannot be searched: unreadable, an unknown or fixed setting, an
     empty range, a value fastnet train would refuse (fastnet.sweep.space)."""

@@ -85,3 +85,15 @@ def test_fastnet_plan_shows_the_plan_in_force(measured, tmp_path):
     nothing = fastnet("plan", "--json", env={"FASTNET_PLAN_FILE": str(tmp_path / "none.json")})
     assert json.loads(nothing.stdout) == {"status": "defaults: not measured on this machine (fastnet plan --measure)",
                                           "plan": None}
+
+
+@pytest.mark.parametrize("variable, value, phrase", [
+    ("FASTNET_PLAN", "foo", "FASTNET_PLAN='foo': foo='' is not a plan entry"),
+    ("FASTNET_PLAN", "tile_flops=0", "tile_flops='0' is not a plan entry"),
+    ("FASTNET_PLAN", "tile_flops=2x", "each a whole number >= 1"),
+    ("FASTNET_BLAS", "atlas", "FASTNET_BLAS='atlas' is not a BLAS fastnet can drive: set it to mkl or openblas"),
+])
+def test_a_bad_plan_or_blas_in_the_environment_is_one_line(variable, value, phrase, tmp_path):
+    from helpers import assert_one_line_error
+    result = fastnet("plan", env={variable: value, "FASTNET_PLAN_FILE": str(tmp_path / "plan.json")})
+    assert_one_line_error(result, phrase)

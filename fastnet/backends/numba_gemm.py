@@ -42,6 +42,7 @@ from threadpoolctl import ThreadpoolController, threadpool_info
 
 from fastnet import cpu
 from fastnet.backends import numba_plan
+from fastnet.errors import VariableError
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS's enum values
 MKL_THREADING_SEQUENTIAL = 1
@@ -99,17 +100,17 @@ def find_blas(choice=None):
     OpenBLAS, which NumPy and SciPy bring anyway, stays."""
     choice = choice or os.environ.get("FASTNET_BLAS")
     if choice not in (None, "mkl", "openblas"):
-        raise ValueError(f"FASTNET_BLAS={choice!r} is not a BLAS fastnet can drive: set it to mkl or openblas")
+        raise VariableError(f"FASTNET_BLAS={choice!r} is not a BLAS fastnet can drive: set it to mkl or openblas")
     mkl = _mkl_path() if choice in (None, "mkl") else None
     if choice == "mkl" and mkl is None:
-        raise ValueError("FASTNET_BLAS=mkl but MKL is not installed: pip install mkl, or unset FASTNET_BLAS")
+        raise VariableError("FASTNET_BLAS=mkl but MKL is not installed: pip install mkl, or unset FASTNET_BLAS")
     if mkl and (choice == "mkl" or cpu.vendor() == "GenuineIntel"):
         dll, version = _open_mkl(mkl)
         sgemm, dgemm = _symbol(dll, ["cblas_sgemm_64"]), _symbol(dll, ["cblas_dgemm_64"])
         if sgemm and dgemm:
             return Blas("mkl", mkl, sgemm, dgemm, version=version)
         if choice == "mkl":
-            raise ValueError(f"FASTNET_BLAS=mkl but {mkl} has no ILP64 interface (cblas_sgemm_64): pip install -U mkl")
+            raise VariableError(f"FASTNET_BLAS=mkl but {mkl} has no ILP64 interface (cblas_sgemm_64): pip install -U mkl")
     for lib in _openblas_candidates():
         dll = ctypes.CDLL(lib["filepath"])
         sgemm = _symbol(dll, ["scipy_cblas_sgemm64_", "cblas_sgemm64_"])
@@ -309,8 +310,9 @@ TILE_FLOPS, TILE_MULTIPLE, PASS_ELEMENTS = range(len(PLAN_ENTRIES))
 def set_plan(**values):
     """Set plan entries (positive integers) for every later kernel call of this process."""
     for name, value in values.items():
-        if name not in PLAN_ENTRIES or int(value) < 1:
-            raise ValueError(f"{name}={value!r} is not a plan entry: entries are {', '.join(PLAN_ENTRIES)}, each >= 1")
+        if name not in PLAN_ENTRIES or not str(value).isdigit() or int(value) < 1:
+            raise ValueError(f"{name}={value!r} is not a plan entry: entries are {', '.join(PLAN_ENTRIES)}, each a "
+                             f"whole number >= 1")
         _plan[PLAN_ENTRIES.index(name)] = int(value)
 
 
@@ -319,7 +321,11 @@ def plan():
 
 
 if os.environ.get("FASTNET_PLAN"):  # e.g. tile_flops=33554432,pass_elements=65536
-    set_plan(**dict(item.split("=", 1) for item in os.environ["FASTNET_PLAN"].split(",")))
+    try:
+        set_plan(**dict(item.partition("=")[::2] for item in os.environ["FASTNET_PLAN"].split(",")))
+    except ValueError as exc:
+        raise VariableError(f"FASTNET_PLAN={os.environ['FASTNET_PLAN']!r}: {exc}; write it as "
+                            f"tile_flops=N,tile_multiple=N,pass_elements=N, or unset it") from None
 
 
 @intrinsic
