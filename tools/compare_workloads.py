@@ -374,17 +374,18 @@ def report(workload, sides, results, skipped, peak, repeats, neighbours=0):
 
 
 def report_neighbours(workload, speeds, counts):
-    """Each side beside its neighbours against quiet sides: what a user with other work loses."""
-    quiet, parts = speeds[workload, 0] if 0 in counts else {}, []
+    """Each side beside its neighbours against a quiet side or a side beside the same: what a user
+    with other work on the machine gets."""
+    quiet, parts = speeds.get((workload, 0), {}), []
     for n in (n for n in counts if n):
         busy = speeds[workload, n]
         for (a, b), goal in NEIGHBOUR_GOALS.items():
-            pair = (busy, a), (quiet if b.endswith("(quiet)") else busy, b.removesuffix(" (quiet)"))
-            if all(side in table for table, side in pair):
-                ratio = pair[0][0][a] / pair[1][0][pair[1][1]]
+            name, against_quiet = b.removesuffix(" (quiet)"), b.endswith(" (quiet)")
+            reference = quiet if against_quiet else busy
+            if a in busy and name in reference:
+                ratio = busy[a] / reference[name]
                 verdict = f" (goal >= {goal:.1f}x: {'met' if ratio >= goal else 'NOT met'})" if goal else ""
-                parts.append(f"{a} beside {n} / {b if b.endswith('(quiet)') else f'{b} beside {n}'} "
-                             f"{ratio:.2f}{verdict}")
+                parts.append(f"{a} beside {n} / {b if against_quiet else f'{b} beside {n}'} {ratio:.2f}{verdict}")
     print(f"{workload} beside neighbours: " + ("   ".join(parts) or "no pair measured"))
 
 

@@ -66,9 +66,9 @@ def load():
 
 def status():
     """One line on where the plan in force comes from."""
-    path = plan_file()
-    if load() is not None:
-        return f"measured on {load()['measured']} ({path})"
+    path, saved = plan_file(), load()
+    if saved is not None:
+        return f"measured on {saved['measured']} ({path})"
     if path.exists():
         return f"defaults: {path} is another machine's plan or unreadable, so it is ignored (fastnet plan --measure)"
     return "defaults: not measured on this machine (fastnet plan --measure)"
