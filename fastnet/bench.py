@@ -66,10 +66,39 @@ def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32", p
         train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[batch * WARMUP_STEPS:], batch, 1,
                     WARMUP_STEPS, options=options)
         seconds = time.perf_counter() - started
+        products_seconds = time_products(net, batch, steps) if parallel is None else None
         parallelism = backends.parallelism(backend)
     result = {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism,
-              "precision": net.precision}
+              "precision": net.precision, "products_seconds": products_seconds}
     return result if parallel is None else result | {"distributed": parallel.describe()}
+
+
+def time_products(net, batch, steps):
+    """Seconds that `steps` repetitions of the products alone of `net`'s training step take at
+    `batch` rows: per layer x @ W, x.T @ dout and, but for the first, dout @ W.T (the backend's
+    `products`, cut into its kernels' tiles), on arrays of the step's shapes. The rest of a step's
+    time is its elementwise passes, its update and their waits. None for a backend without
+    `products`, or in bf16 precision, whose products are another GEMM's."""
+    from fastnet import backends
+
+    kernels = backends.get(net.backend)
+    if not hasattr(kernels, "products") or net.precision != "fp32":
+        return None
+    rng = np.random.default_rng(0)
+    layers = []
+    for layer, W in enumerate(net.weights):
+        fan_in, fan_out = W.shape
+        x = rng.standard_normal((batch, fan_in)).astype(W.dtype)
+        dout = rng.standard_normal((batch, fan_out)).astype(W.dtype)
+        dx = np.empty_like(x) if layer > 0 else None
+        layers.append((x, W, dout, np.empty_like(dout), np.empty_like(W), dx))
+    for arrays in layers:  # untimed: compiles and settles the thread pool
+        kernels.products(*arrays)
+    started = time.perf_counter()
+    for _ in range(steps):
+        for arrays in layers:
+            kernels.products(*arrays)
+    return time.perf_counter() - started
 
 
 def time_torch(sizes, batch, steps, threads=None, precision="fp32"):
@@ -201,6 +230,9 @@ def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", r
                          "samples_per_second_runs": each, "other_load": max(t["other_load"] for t in timings),
                          "disturbed_runs": sum(t["other_load"] > DISTURBED for t in timings),
                          "precision": timings[0]["precision"]}
+        if timings[0].get("products_seconds"):
+            results[side]["step_over_products"] = statistics.median(t["seconds"] / t["products_seconds"]
+                                                                    for t in timings)
         if "parallelism" in timings[0]:
             results[side]["parallelism"] = timings[0]["parallelism"]
         if "distributed" in timings[0]:
@@ -239,7 +271,11 @@ def format_report(report):
             bf16 = f"; bf16 GEMM {p['bf16_gemm']}" if "bf16_gemm" in p and report["precision"] == "bf16" else ""
             ranks = f" in each of {r['distributed']['ranks']} ranks (mpirun)" if "distributed" in r else ""
             plan = f"; plan {p['plan']}, {p['plan_source']}; idle threads: {p['wait']}" if "plan" in p else ""
-            lines.append(f"{side}: {p['threads']} threads{ranks}, {p['split']}{blas}{bf16}{plan}")
+            threads = p.get("while_training", f"{p['threads']} threads")
+            lines.append(f"{side}: {threads}{ranks}, {p['split']}{blas}{bf16}{plan}")
+        if "step_over_products" in r:
+            lines.append(f"{side}: a step takes {r['step_over_products']:.2f}x the time of its products alone "
+                         "(same shapes and tiles, same process; median of the runs)")
     disturbed = {side: r["disturbed_runs"] for side, r in report["results"].items() if r["disturbed_runs"]}
     if disturbed:
         lines.append(f"disturbed: other processes kept more than {DISTURBED} cores busy during "

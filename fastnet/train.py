@@ -766,11 +766,12 @@ def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, b
     """
     loss_sum, correct, seen = 0.0, 0, 0
     with tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
-              disable=not sys.stderr.isatty()) as bar:
+              disable=not sys.stderr.isatty()) as bar, backends.follow_free_cores(net.backend) as follow:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             loss, batch_correct = training_step(net, optimizer, images, labels, shift, scale, batch,
                                                 schedule(step), options)
+            follow()
             if not math.isfinite(loss):
                 raise diverged(epoch, step, f"the loss is {loss}", schedule.lr)
             loss_sum += loss * len(batch)

@@ -48,6 +48,9 @@ def test_bench_reports_every_side_consistently():
         # The median of two runs' seconds is their mean: its rate lies between the two runs' rates.
         assert runs[0] <= r["samples_per_second"] * (1 + 1e-12) and r["samples_per_second"] <= runs[-1] * (1 + 1e-12)
         assert r["other_load"] >= 0 and 0 <= r["disturbed_runs"] <= 2
+        # fastnet's sides are held against their products alone; PyTorch has no such yardstick.
+        assert ("step_over_products" in r) == (side != "torch")
+        assert r.get("step_over_products", 1) > 0
 
 
 def test_bench_with_ranks_times_each_backend_data_parallel_too():

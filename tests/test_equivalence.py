@@ -378,6 +378,24 @@ def test_dense_backward(other, kernel, layout, dtype, shape, seed, with_dx):
                  linear=True)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*AWKWARD, (128, 3072, 512), (128, 512, 10)])
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_products_alone_are_the_dense_kernels_products(other, layout, dtype, shape, with_dx):
+    """`products`, the yardstick fastnet bench holds a step against, computes what the dense kernels'
+    products do, through the same tiles (the default network's layers among the shapes)."""
+    batch, fan_in, fan_out = shape
+
+    def make_args():
+        x, W, _, dout = dense_inputs(np.random.default_rng(sum(shape)), shape, dtype, layout)
+        return (x, W, dout, garbage((batch, fan_out), dtype), garbage((fan_in, fan_out), dtype),
+                garbage((batch, fan_in), dtype) if with_dx else None)
+
+    reductions = {"out": fan_in, "dW": batch, "dx": fan_out}
+    check_kernel(other, "products", make_args, reductions, f" {layout} {shape}", linear=True)
+
+
 @covers("dense_forward", "dense_relu_forward", "dense_backward", "dense_relu_backward")
 @pytest.mark.parametrize("shape", [(128, 3072, 512), (128, 512, 10)])
 def test_dense_kernels_at_the_default_networks_shapes(other, shape):

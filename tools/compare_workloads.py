@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
 from fastnet.cpu import busy_neighbours, cpu_model, process_seconds, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+from fastnet.bench import time_products  # noqa: E402
 from fastnet.distributed import AS_ROOT  # noqa: E402
 from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
@@ -62,6 +63,8 @@ GOALS = {"R1": {("numba", "torch"): 1.5, ("numba", "numba:1"): 1.85,
 NEIGHBOUR_GOALS = {("numba", "numba:1 (quiet)"): 1.0, ("numba", "torch"): 2.5, ("numba", "numba (quiet)"): None,
                    ("numba:1", "numba:1 (quiet)"): None, ("torch", "torch (quiet)"): None}
 PEAK_GOAL = {"R1": ("numba", 70.0)}  # numba's useful GFLOP/s as a percentage of the sgemm peak
+# A quiet epoch's steps against the same steps' products alone (same tiles): what the rest costs.
+PRODUCTS_GOAL = {"R1": ("numba", 1.1)}
 PAIRS = (("numba", "torch"), ("numba", "numpy"), ("numpy", "torch"), ("numba", "numba:1"), ("numba@bf16", "numba"),
          ("numba@bf16", "torch@bf16"), ("torch@bf16", "torch"), ("numba:1x2", "numba"), ("numpy:1x2", "numpy"),
          ("numba:1x2+overlap", "numba:1x2"))
@@ -145,6 +148,8 @@ def worker_train(side, workload, source):
             t2, c2 = time.perf_counter(), time.process_time()
             result |= {"warmup_seconds": t1 - t0, "epoch_seconds": t2 - t1, "cpu_seconds": c2 - c1,
                        "final_loss": loss_sum / len(order), "parallelism": backends.parallelism(backend)}
+            if parallel is None:  # the epoch's products alone, same tiles, right after it
+                result["products_seconds"] = time_products(net, batch, steps)
         if parallel is not None:
             # cpu/wall over the whole job: every rank's CPU seconds, summed
             reduce_seconds = parallel.reduce_seconds
@@ -352,6 +357,12 @@ def report(workload, sides, results, skipped, peak, repeats, neighbours=0):
               f"{statistics.median(r['warmup_seconds'] for r in runs):>11.2f}{losses:>12.3f}{cpu:>9.2f}"
               f"{statistics.median(r['other_load'] for r in runs):>8.2f}"
               f"{statistics.median(r['neighbour_load'] for r in runs):>11.2f}")
+        if all(r.get("products_seconds") for r in runs):
+            over = statistics.median(r["epoch_seconds"] / r["products_seconds"] for r in runs)
+            goal = PRODUCTS_GOAL.get(workload, (None, None))
+            verdict = (f" (goal <= {goal[1]:.1f}x: {'met' if over <= goal[1] else 'NOT met'})"
+                       if goal[0] == side and not neighbours else "")
+            print(f"       {side}: the epoch took {over:.2f}x its products alone (same shapes and tiles){verdict}")
         if not all(math.isfinite(r["final_loss"]) for r in runs):
             print(f"       WARNING: {side} ended an epoch with a non-finite loss")
         if noisy := sum(r["other_load"] > BUSY for r in runs):

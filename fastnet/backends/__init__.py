@@ -8,12 +8,16 @@ Besides its kernels, a backend may provide `use_threads(n)`, a context in which 
 cores, and `parallelism()`, what config.json records of how they share the cores; `use_threads`
 and `parallelism` below fall back to BLAS's threads for a backend that has neither. `bf16_gemm()`
 names the library that multiplies its bfloat16 operands, or returns None when it has none; a backend
-without it computes them as NumPy's reference does, in float32.
+without it computes them as NumPy's reference does, in float32. `products(x, W, dout, out, dW, dx)`
+runs a dense layer's three products alone, split as its kernels split them: what `fastnet bench`
+compares a whole step with. A backend whose `parallelism()` says `same_bits_on_any_thread_count`
+follows the cores that other processes leave free during training (follow_free_cores).
 
 The Numba backend is registered lazily: importing numba and loading its compiled kernels takes
 a noticeable fraction of a second, which a NumPy run should not pay.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -21,6 +25,7 @@ import os
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from fastnet.backends import numpy_backend
+from fastnet.cpu import FreeCores
 from fastnet.errors import FastnetError
 
 KERNELS = (
@@ -63,7 +68,7 @@ KERNELS = (
 )
 
 # What a backend may provide besides its kernels (see use_threads and parallelism below).
-HOOKS = ("use_threads", "parallelism", "bf16_gemm")
+HOOKS = ("use_threads", "parallelism", "bf16_gemm", "products")
 
 DEFAULT = "numpy"
 _backends = {}
@@ -131,10 +136,25 @@ def parallelism(name):
     """How backend `name`'s kernels use the cores, as config.json and fastnet bench record it."""
     backend = get(name)
     if hasattr(backend, "parallelism"):
-        return backend.parallelism()
+        described = backend.parallelism()
+        if described.get("same_bits_on_any_thread_count"):
+            described["while_training"] = (f"at most {described['threads']} threads, fewer while other processes "
+                                           "keep cores busy (re-measured every "
+                                           f"{FreeCores.WINDOW:g} s)")
+        return described
     blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
     return {"threads": max((lib["num_threads"] for lib in blas), default=1),
             "split": "BLAS's own threads, inside each product; every other pass on one thread"}
+
+
+def follow_free_cores(name):
+    """A context giving a callable to call after every training step: it keeps backend `name` on the
+    cores other processes leave free (fastnet.cpu.FreeCores), at most those it has now. Only for a
+    backend whose results do not depend on its thread count; for another the callable does nothing."""
+    described = parallelism(name)
+    if "while_training" not in described:
+        return contextlib.nullcontext(lambda: None)
+    return FreeCores(lambda threads: use_threads(name, threads), described["threads"])
 
 
 def bf16_gemm(name):

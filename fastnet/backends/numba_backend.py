@@ -52,9 +52,9 @@ from numba.extending import overload  # noqa: E402
 
 from fastnet.backends import numba_gemm  # noqa: E402
 from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16  # noqa: E402
-from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, column_tiles, gemm, next_tile, on_contiguous,  # noqa: E402
-                                         product_tile, product_tiles, span, thread_count, tile_counter,
-                                         weight_gradient_tiles)
+from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, column_tiles, gemm, matmul_tiles, next_tile,  # noqa: E402
+                                         on_contiguous, product_tile, product_tiles, span, thread_count,
+                                         tile_counter, weight_gradient_tiles)
 from fastnet.backends.numpy_backend import (GELU_CUBIC, GELU_SQRT_2_OVER_PI, SPLITMIX_GAMMA,  # noqa: E402
                                             SPLITMIX_MULTIPLIERS, SPLITMIX_SHIFTS)
 
@@ -503,6 +503,15 @@ def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
             tile = next_tile(counter, tiles)
 
 
+
+
+@on_contiguous("out", "dW", "dx")
+@njit(cache=True, nogil=True, error_model="numpy")
+def products(x, W, dout, out, dW, dx):
+    """A dense layer's three products alone, cut into the tiles the dense kernels use (see
+    numpy_backend.products)."""
+    matmul_tiles(x, W, out)
+    _weight_and_input_grads(dout, None, x, W, dW, dx)
 
 
 @on_contiguous("out", "out16")

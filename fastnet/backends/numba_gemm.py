@@ -489,13 +489,13 @@ def matmul(a, b, out):
     layout is copied first. out is written in place whatever its layout."""
     a, b = (m if m.flags.c_contiguous or m.flags.f_contiguous else np.ascontiguousarray(m) for m in (a, b))
     work = np.ascontiguousarray(out)
-    _matmul_tiles(a, b, work)
+    matmul_tiles(a, b, work)
     if work is not out:
         out[...] = work
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _matmul_tiles(a, b, out):
+def matmul_tiles(a, b, out):
     rows, columns = out.shape
     tiles, counter = product_tiles(rows, columns, a.shape[1]), tile_counter()
     for _ in numba.prange(thread_count()):
