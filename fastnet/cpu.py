@@ -119,26 +119,28 @@ def process_seconds(pid):
 class FreeCores:
     """Runs kernels on as many threads as other processes leave cores free, at most `limit`: call the
     object after every step. Every `window` seconds it reads how busy the machine was (/proc/stat)
-    less this process's own CPU time, and enters use_threads(n) for the cores left, rounded.
+    less this process's own CPU time, and enters use_threads(n) for the cores left, rounded. Leaving
+    the context gives the caller's threads back; entering it again (the next epoch) starts from the
+    threads it last chose.
 
     Why: beside a busy process, Linux gives a process whose threads wait for each other at every
     kernel's end about one core's worth of time, however many threads it has, and two threads
-    sharing that core run slower than one (R1 on a 2-core Emerald Rapids: 12,971 against 15,397
-    samples/s). Only for kernels whose results do not depend on the thread count: the choice
+    sharing that core run slower than one (benchmarks/RESULTS.md). Only for kernels whose results do not depend on the thread count: the choice
     depends on timing, the numbers must not.
     """
 
-    WINDOW = 0.5  # seconds: /proc/stat counts in 10 ms ticks, so a window's reading is good to 2 %
+    WINDOW = 0.25  # seconds: /proc/stat counts in 10 ms ticks, so a window's reading is good to 0.1 core
 
     def __init__(self, use_threads, limit, window=None):
-        self.use_threads, self.limit = use_threads, limit
-        self.window = self.WINDOW if window is None else window
+        self.use_threads, self.limit, self.window = use_threads, limit, window
         self.threads = limit
         self.windows = {}  # threads -> how many windows ran on that many
         self._stack = contextlib.ExitStack()
         self._since = None
 
     def __enter__(self):
+        if self.threads != self.limit:  # where the last epoch left off
+            self._stack.enter_context(self.use_threads(self.threads))
         return self
 
     def __exit__(self, *exc_info):
@@ -146,7 +148,8 @@ class FreeCores:
 
     def __call__(self):
         now = time.perf_counter()
-        if self._since is not None and now - self._since[0] < self.window:
+        window = self.WINDOW if self.window is None else self.window
+        if self._since is not None and now - self._since[0] < window:
             return
         busy, own = busy_seconds(), time.process_time()
         if busy is None:

@@ -57,6 +57,9 @@ def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
         machine.second(3.0)
         follow()
     assert entered[-2:] == [1, -1]  # leaving gives the caller's threads back
+    with follow:  # the next epoch starts where this one ended
+        assert entered[-1] == 1 and follow.threads == 1
+    assert entered[-1] == -1
 
 
 def test_without_proc_stat_the_threads_stay(monkeypatch):
@@ -116,6 +119,7 @@ def test_a_numba_epoch_that_changes_threads_every_step_ends_on_the_same_bits(mon
         unavailable("one core: there is no thread to take away")
     with backends.use_threads("numba", 2):
         steady = epoch()
+        assert backends.follow_free_cores("numba") is backends.follow_free_cores("numba")  # kept between epochs
         # Every step a window, in which the machine is alternately full (100 busy seconds) and idle.
         calls = itertools.count()
         monkeypatch.setattr(FreeCores, "WINDOW", 0.0)

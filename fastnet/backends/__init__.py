@@ -75,6 +75,7 @@ _backends = {}
 # name -> (module to import on first use, the package it needs)
 _lazy = {"numba": ("fastnet.backends.numba_backend", "numba")}
 _unavailable = {}  # name -> why it cannot be used
+_followers = {}  # (name, threads) -> the FreeCores that training on them uses
 
 
 def register(name, backend):
@@ -149,12 +150,16 @@ def parallelism(name):
 
 def follow_free_cores(name):
     """A context giving a callable to call after every training step: it keeps backend `name` on the
-    cores other processes leave free (fastnet.cpu.FreeCores), at most those it has now. Only for a
-    backend whose results do not depend on its thread count; for another the callable does nothing."""
+    cores other processes leave free (fastnet.cpu.FreeCores), at most those it has now, carried from
+    one epoch to the next. Only for a backend whose results do not depend on its thread count; for
+    another the callable does nothing."""
     described = parallelism(name)
     if "while_training" not in described:
         return contextlib.nullcontext(lambda: None)
-    return FreeCores(lambda threads: use_threads(name, threads), described["threads"])
+    key = name, described["threads"]
+    if key not in _followers:  # one per backend and limit, so that each epoch starts where the last ended
+        _followers[key] = FreeCores(lambda threads: use_threads(name, threads), described["threads"])
+    return _followers[key]
 
 
 def bf16_gemm(name):
