@@ -11,12 +11,12 @@ import threading
 
 import numpy as np
 
-from fastnet import __version__, backends, bench, data, distributed, precision, report
+from fastnet import __version__, backends, bench, data, distributed, precision, report, settings
 from fastnet.errors import FastnetError, Interrupted, PeerLost, SettingError
 from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
-from fastnet.train import RECIPES, TTA, TrainConfig, recipe_config, resumed_config, saved_tta, train
+from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, saved_tta, train
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
 from fastnet.workloads import WORKLOADS
@@ -57,23 +57,18 @@ class Parser(argparse.ArgumentParser):
         return self
 
 
-def whole_number(text, minimum):
+def whole_number(text, minimum=None):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise argparse.ArgumentTypeError(f"{text} is {'not positive' if minimum > 0 else 'negative'}")
     return value
 
 
 def positive_int(text):
     return whole_number(text, 1)
-
-
-def count(text):
-    """A whole number, 0 or more."""
-    return whole_number(text, 0)
 
 
 def widths(text):
@@ -93,16 +88,17 @@ def norm_name(text):
     return None if text == "none" else text
 
 
-def tta_name(text):
-    """--tta: a test-time augmentation of TTA, or none."""
-    if text != "none" and text not in TTA:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a test-time augmentation: choose flip or none")
+def none_word(text):
+    """The command line's none as Python's None; any other word as it is, for the setting's rule
+    (fastnet.settings) to judge, so that its message is the one the Python API gives."""
     return None if text == "none" else text
 
 
 def tta_flag(args):
     """evaluate's and predict's --tta as report and predict take it: "run" when not given."""
-    return {None: "run", "none": None}.get(args.tta, args.tta)
+    if args.tta is None:
+        return "run"
+    return settings.test_time_augmentation("tta", none_word(args.tta))
 
 
 def names(text):
@@ -152,11 +148,11 @@ def add_run_settings(run, defaults, leave_out=()):
     setting("--clip", type=float, metavar="NORM", help="clip gradients to this global norm")
     setting("--precision", choices=PRECISIONS, help="bf16: mixed precision, the GEMMs on bfloat16 operands, "
             "on CPUs with AMX-BF16 or AVX512-BF16")
-    setting("--pca", type=count, metavar="K", help="train on the images' top K principal components instead "
+    setting("--pca", type=whole_number, metavar="K", help="train on the images' top K principal components instead "
             "of their pixels, fitted to 5,000 training images; 0: pixels")
     setting("--whiten", action=argparse.BooleanOptionalAction, help="with --pca: scale every component to unit "
             "variance (PCA whitening)")
-    setting("--tta", type=tta_name, metavar="flip|none", help="test-time augmentation of every evaluation: flip "
+    setting("--tta", type=none_word, metavar="flip|none", help="test-time augmentation of every evaluation: flip "
             "averages the logits of each image and its mirror image")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (fast: about a minute; best: at "
             "most 15 minutes); other flags override its settings")
@@ -202,7 +198,7 @@ def build_parser():
     e.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
     add_data_and_backend(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    e.add_argument("--tta", choices=("flip", "none"), help="test-time augmentation (default: the one the run "
+    e.add_argument("--tta", metavar="flip|none", help="test-time augmentation (default: the one the run "
                    "was evaluated with)")
     e.add_argument("--out", metavar="DIR", help="also write DIR/report.json: accuracy, per-class precision, "
                    "recall and F1, confusion matrix")
@@ -270,7 +266,7 @@ def build_parser():
     p.add_argument("--top", type=positive_int, default=3, metavar="K",
                    help="how many classes to show per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    p.add_argument("--tta", choices=("flip", "none"), help="test-time augmentation (default: the one the run "
+    p.add_argument("--tta", metavar="flip|none", help="test-time augmentation (default: the one the run "
                    "was evaluated with)")
     p.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                    "(default: $FASTNET_BACKEND or numpy)")
