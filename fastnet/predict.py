@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from fastnet import checkpoint, data
+from fastnet import checkpoint, data, settings
 from fastnet.errors import FastnetError
-from fastnet.train import EVAL_BATCH, TTA, normalizer, saved_tta
+from fastnet.train import EVAL_BATCH, normalizer, saved_tta
 
 # What a folder given to `fastnet predict` is searched for. A file named on the command line is
 # tried whatever its name: Pillow recognises formats by content.
@@ -91,9 +91,7 @@ class Model:
     def __init__(self, saved, tta="run"):
         self.net = saved.net  # on raw inputs, with a --pca projection folded in
         self._trained_net, self._projection = saved.trained_net, saved.projection
-        self.tta = saved_tta(saved.config, tta)
-        if self.tta not in TTA:
-            raise FastnetError(f"unknown test-time augmentation {self.tta!r}: choose flip or none")
+        self.tta = settings.test_time_augmentation("tta", saved_tta(saved.config, tta))
         if self.tta == "flip" and len(saved.sample_shape) not in (2, 3):
             raise FastnetError(f"--tta flip mirrors images, but this model takes samples of shape "
                                f"{tuple(saved.sample_shape)}: pass --tta none")

@@ -64,3 +64,31 @@ def widths(setting, values, example, at_least=1):
         what = "a comma list of positive widths" if at_least == 1 else f"at least {at_least} positive widths"
         raise SettingError(setting, f"{{setting}} must be {what}, got {values}: pass one such as {example}")
     return tuple(int(v) for v in values)
+
+
+# Test-time augmentations (--tta): None evaluates each image as it is; "flip" on the mean of the logits
+# of the image and of its mirror image, which a network trained with --flip has learnt to classify alike.
+TEST_TIME_AUGMENTATIONS = (None, "flip")
+
+
+def components(setting, value):
+    """A number of principal components to train on (--pca); 0 trains on the pixels."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise SettingError(setting, f"{{setting}} must be a number of components, got {value}: pass one such as 256, "
+                                    f"or 0 for none")
+    return int(value)
+
+
+def whitening(setting, whiten, pca):
+    """--whiten scales the principal components of --pca `pca`: without them it has nothing to scale."""
+    if whiten and not pca:
+        raise SettingError(setting, "{setting} scales principal components, and this run has none: add --pca K "
+                                    "(for example --pca 256) or drop {setting}")
+    return bool(whiten)
+
+
+def test_time_augmentation(setting, value):
+    """One of TEST_TIME_AUGMENTATIONS; the command line spells None as none."""
+    if value not in TEST_TIME_AUGMENTATIONS:
+        raise SettingError(setting, f"{{setting}} {value!r} is not a test-time augmentation: choose flip or none")
+    return value

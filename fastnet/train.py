@@ -28,15 +28,13 @@ from tqdm import tqdm
 
 from fastnet import backends, checkpoint, data, precision, settings
 from fastnet.data import downloading
-from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted, SettingError
+from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
 from fastnet.model import MLP
 from fastnet.model import check_settings as check_model_settings
 from fastnet.optim import Optimizer, Schedule, check_optimizer, check_schedule
 
 EVAL_BATCH = 1000
-# Test-time augmentations (--tta): None evaluates each image as it is; "flip" on the mean of the logits of
-# the image and of its mirror image, which a network trained with --flip has learnt to classify alike.
-TTA = (None, "flip")
+TTA = settings.TEST_TIME_AUGMENTATIONS  # --tta: None, or "flip" (fastnet.settings)
 
 
 def saved_tta(config, tta="run"):
@@ -100,15 +98,9 @@ class TrainConfig:
         settings.pixels("cutout", self.cutout)
         if self.clip is not None:
             settings.positive_number("clip", self.clip, 5, what="gradient norm")
-        if isinstance(self.pca, bool) or not isinstance(self.pca, int) or self.pca < 0:
-            raise SettingError("pca", f"{{setting}} must be a number of components, got {self.pca}: pass one such "
-                                      f"as 256, or 0 for none")
-        if self.whiten and not self.pca:
-            raise SettingError("whiten", "{setting} scales principal components, and this run has none: add --pca K "
-                                         "(for example --pca 256) or drop {setting}")
-        if self.tta not in TTA:
-            raise SettingError("tta", f"{{setting}} {self.tta} is not a test-time augmentation: choose "
-                                      f"{' or '.join(str(t).lower() for t in TTA)}")
+        settings.components("pca", self.pca)
+        settings.whitening("whiten", self.whiten, self.pca)
+        settings.test_time_augmentation("tta", self.tta)
         backends.get(self.backend)
         return precision.check(self.precision, self.backend)
 

@@ -187,13 +187,17 @@ CASES = {
         run, root, name="model.npz")], ["no training progress"]),
     "resume on other data": (lambda root, tiny, run: ["train", "--resume", run, "--data", other_data(root)],
                              ["data differs", "--data"]),
-    "negative pca": (lambda root, tiny, run: ["train", "--pca", "-2"], ["--pca", "negative"]),
+    "negative pca": (lambda root, tiny, run: ["train", "--pca", "-2"],
+                     ["--pca must be a number of components, got -2", "pass one such as 256"]),
     "more pca components than inputs": (lambda root, tiny, run: ["train", "--pca", "49"],
                                         ["--pca 49", "48 inputs", "pass at most 48"]),
     "whiten without pca": (lambda root, tiny, run: ["train", "--whiten"], ["--whiten", "add --pca K"]),
-    "unknown tta": (lambda root, tiny, run: ["train", "--tta", "crop"], ["--tta", "'crop'", "flip or none"]),
+    "unknown tta": (lambda root, tiny, run: ["train", "--tta", "crop"],
+                    ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
     "evaluate with an unknown tta": (lambda root, tiny, run: ["evaluate", run, "--tta", "crop"],
-                                     ["--tta", "invalid choice", "'crop'"]),
+                                     ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+    "predict with an unknown tta": (lambda root, tiny, run: ["predict", run, root / "image.png", "--tta", "crop"],
+                                    ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
 }
 
 

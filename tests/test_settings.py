@@ -2,14 +2,23 @@
 the class that takes the setting apply the same rule with the same message, and every broken rule is a
 SettingError that names the setting as its reader spells it."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from fastnet.data import Augmentation
 from fastnet.errors import FastnetError, SettingError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer, Schedule
+from fastnet.predict import Model
 from fastnet.train import TrainConfig
 from helpers import assert_one_line_error, fastnet
+
+def model_evaluated_with(tta):
+    """fastnet.load's Model of a run, asked for test-time augmentation `tta`: it judges `tta` before it
+    uses the network, so a stand-in for the saved run is enough."""
+    return Model(SimpleNamespace(net=None, trained_net=None, projection=None, config={}), tta)
+
 
 # setting, a value no run can use, the start of the message, and the same setting given straight to
 # the class that owns it (None: only a run has it).
@@ -32,7 +41,9 @@ RULES = [
     ("translate", -1, "is a size in pixels, got -1", lambda v: Augmentation((4, 4, 3), translate=v)),
     ("cutout", -2, "is a size in pixels, got -2", lambda v: Augmentation((4, 4, 3), cutout=v)),
     ("clip", 0.0, "must be a positive gradient norm, got 0.0", None),
-    ("pca", -1, "must be a number of components, got -1", None),
+    ("pca", -1, "must be a number of components, got -1: pass one such as 256, or 0 for none", None),
+    ("whiten", True, "scales principal components, and this run has none: add --pca K", None),
+    ("tta", "crop", "'crop' is not a test-time augmentation: choose flip or none", model_evaluated_with),
     ("val", -5, "must be 0 or more, got -5", None),
     ("checkpoint_every", 0, "must be a positive integer, got 0", None),
 ]
@@ -82,3 +93,27 @@ def test_the_command_line_names_the_flag(tmp_path):
     assert_one_line_error(fastnet("train", "--data", tmp_path / "missing", "--label-smoothing", "1", cwd=tmp_path),
                           "--label-smoothing must be in [0, 1), got 1.0: pass one such as 0.1")
     assert not list(tmp_path.iterdir())  # refused before the data was looked for or a run folder made
+
+
+# The rules of --pca, --whiten and --tta were the command line's own once (argparse types, with their
+# own words). Now a flag reaches the rule of fastnet.settings that TrainConfig applies, and says what
+# the Python API says, in the command line's spelling.
+SAME_FROM_BOTH = {
+    "pca": (["train", "--pca", "-2"], {"pca": -2}),
+    "whiten": (["train", "--whiten"], {"whiten": True}),
+    "tta": (["train", "--tta", "crop"], {"tta": "crop"}),
+    "evaluate tta": (["evaluate", "run", "--tta", "crop"], {"tta": "crop"}),
+    "predict tta": (["predict", "run", "image.png", "--tta", "crop"], {"tta": "crop"}),
+}
+
+
+@pytest.mark.parametrize("name", SAME_FROM_BOTH)
+def test_pca_whiten_and_tta_say_the_same_from_python_and_from_the_command_line(name, tmp_path):
+    args, chosen = SAME_FROM_BOTH[name]
+    with pytest.raises(SettingError) as from_python:
+        TrainConfig(**chosen).check()
+    data = ["--data", tmp_path / "missing"] if args[0] == "train" else []
+    result = fastnet(*args, *data, cwd=tmp_path)
+    assert_one_line_error(result)
+    assert result.stderr == f"fastnet: error: {from_python.value.on_command_line()}\n"
+    assert not list(tmp_path.iterdir())  # refused before any data, model or run folder was looked for

@@ -94,7 +94,7 @@ def test_normalizer_standardises_each_channel():
     ({"pca": -1}, "pca must be a number of components"),
     ({"pca": 49}, "--pca 49 asks for more components than 300 images of 48 inputs"),
     ({"whiten": True}, "whiten scales principal components, and this run has none: add --pca K"),
-    ({"tta": "crop"}, "tta crop is not a test-time augmentation: choose none or flip"),
+    ({"tta": "crop"}, "tta 'crop' is not a test-time augmentation: choose flip or none"),
 ])
 def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):
     with pytest.raises(FastnetError, match=message):
