@@ -30,7 +30,7 @@ def _workloads_of_this_suite():
 
 workloads = _workloads_of_this_suite()
 BACKENDS = ["numpy", "numba"]
-WORKLOADS = workloads.WORKLOADS  # R1 and R2, the README's Speed section's
+WORKLOADS = workloads.WORKLOADS  # R1 and R2, docs/speed.md's
 DTYPE = workloads.DTYPE
 MOMENTUM = workloads.MOMENTUM
 NUM_IMAGES = 2048  # synthetic training images built in setup: 6 MB of uint8, no dataset needed

@@ -44,7 +44,7 @@ class TrainingStep:
 
 
 class Throughput:
-    """R1 training throughput, as the README's Speed table reports it, in float32 and in bf16 mixed
+    """R1 training throughput, as docs/speed.md describes it, in float32 and in bf16 mixed
     precision (measured only on CPUs with AMX-BF16 or AVX512-BF16)."""
 
     params = [BACKENDS, ["fp32", "bf16"]]

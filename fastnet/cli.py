@@ -742,7 +742,8 @@ def blas_threads(args, backend=None):
     return backends.use_threads(backend or args.backend, args.threads)
 
 
-def run_train(args):
+def train_config(args):
+    """The TrainConfig that `fastnet train` with these parsed arguments runs."""
     # --data, --backend and --checkpoint-every are None when not typed; a run setting is there only when
     # typed, and then None is what the user asked for (--norm none), even over a recipe's value.
     given = {k: v for k, v in vars(args).items()
@@ -752,9 +753,12 @@ def run_train(args):
         if changed:
             raise UsageError(f"--resume continues a run with the settings it started with: drop "
                              f"{', '.join('--' + name.replace('_', '-') for name in changed)}")
-        config = resumed_config(args.resume, **given)
-    else:
-        config = recipe_config(**given)
+        return resumed_config(args.resume, **given)
+    return recipe_config(**given)
+
+
+def run_train(args):
+    config = train_config(args)
     if args.overlap and not args.distributed:
         raise UsageError("--overlap overlaps the sums of a data-parallel run: add --distributed, under mpirun")
     parallel = distributed.start(args.peer_timeout, args.overlap) if args.distributed else None

@@ -16,7 +16,7 @@ With --overlap, the buffer travels in buckets (_Layout): the upper layers' gradi
 thread of each rank while backward computes the first layer's, and the last bucket after backward.
 Each number is still summed in rank order, so the bits are those of the one-buffer sum. The thread
 takes its CPU from the computing threads: it pays only where the wire, not the CPU, is what the sum
-waits for (a slow network), and the README gives the figures.
+waits for (a slow network), and benchmarks/RESULTS.md gives the figures.
 
 Rank 0 alone writes the run folder; evaluation is split across the ranks and summed. Waiting for a
 peer, a rank checks that the peers on its machine are alive and gives up after PEER_TIMEOUT

@@ -145,9 +145,10 @@ class MLP:
     followed for a hidden layer with norm by its gain and bias: [W1, b1, (g1, beta1,) W2, b2, ...].
     weights and biases are the dense layers' W and b only. All 1-D params are exempt from weight decay.
 
-    Training mode: run_forward(ws, rng) with a np.random.Generator applies dropout, drawing its
-    masks from rng (one rng.random call per hidden layer, in layer order; nothing is drawn when
-    dropout is 0); run_forward(ws) without one is evaluation and deterministic. run_backward follows
+    Training mode: run_forward(ws, rng) with a np.random.Generator applies dropout: rng draws one
+    64-bit key per hidden layer, in layer order, and the backend's draw_uniform turns each key into
+    that layer's numbers (nothing is drawn when dropout is 0); run_forward(ws) without one is
+    evaluation and deterministic. run_backward follows
     whichever the last run_forward did. forward, predict and loss_and_grads evaluate (no dropout)
     unless loss_and_grads is given an rng.
 

@@ -106,7 +106,7 @@ class TrainConfig:
 
 
 # Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
-# How they were found is in the README's Accuracy section.
+# docs/recipes.md says how they were found.
 RECIPES = {
     "fast": dict(backend="numba", pca=256, whiten=True, epochs=30, lr=0.05, flip=True, tta="flip"),
     "best": dict(backend="numba", pca=512, whiten=True, hidden=(2048, 2048), activation="gelu", norm="layernorm",
@@ -442,7 +442,8 @@ class TrainingRun:
 
     def prepare_inputs(self):
         """What the steps read (the images, or their principal components with --pca), what
-        evaluation uses (the network on raw images, the projection folded in), and the warm-up."""
+        evaluation uses (the test and validation images, projected once onto the components with
+        --pca, on which the unfolded network runs every epoch), and the warm-up."""
         config, net, options = self.config, self.net, self.options
         self.flat_train = self.train_images.reshape(len(self.train_images), -1)
         self.train_shift, self.train_scale, self.projection, self.preprocess_seconds = self.shift, self.scale, None, 0.0

@@ -57,9 +57,9 @@ def real_data_path():
     except DataError:
         if given:
             unavailable(f"FASTNET_TEST_DATA={given} holds no CIFAR-10: point it at the folder that "
-                        f"tools/build_test_data.sh wrote (see README, Development)")
+                        f"tools/build_test_data.sh wrote (see docs/testing.md)")
         unavailable(f"no CIFAR-10 in {path} and FASTNET_TEST_DATA is not set: put the dataset in {path} "
-                    f"(fastnet data download) or set FASTNET_TEST_DATA (see README, Tests)")
+                    f"(fastnet data download) or set FASTNET_TEST_DATA (see docs/testing.md)")
     return path
 
 

@@ -1,4 +1,4 @@
-"""The asv dashboard as a user builds it (README, Benchmarks), looked at in headless chromium.
+"""The asv dashboard as a user builds it (docs/speed.md), looked at in headless chromium.
 
 asv runs against this environment (--python=same) and records two commits. The one benchmark run,
 Threads.track_pinned_threads, reports the suite's own thread setting, which is the same at every
@@ -50,7 +50,7 @@ def test_the_dashboard_script_refuses_to_publish_nothing(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"asv_dashboard: no benchmark results in {tmp_path / 'results'} to publish: run asv first, e.g. the "
-        "README's asv run --steps 20 ... (asv run --quick saves none)"]
+        "docs/speed.md's asv run --steps 20 ... (asv run --quick saves none)"]
     assert not (tmp_path / "html").exists()
 
 

@@ -248,7 +248,7 @@ def test_distributed_outside_mpirun_says_how_to_launch(tmp_path, images):
 
 
 def test_a_bad_setting_under_mpirun_q_is_one_line(tmp_path):
-    """Every rank meets it; rank 0 says it, and `mpirun -q` (the README's advice) keeps Open MPI's
+    """Every rank meets it; rank 0 says it, and `mpirun -q` (docs/data-parallel.md's advice) keeps Open MPI's
     banner about the ranks' exit status out."""
     command = mpirun_command(2, "train", "--distributed", "--data", tmp_path / "missing", "--out", tmp_path / "run")
     result = subprocess.run([command[0], "-q", *command[1:]], env=environment(), capture_output=True, text=True,

@@ -1026,7 +1026,7 @@ def test_count_correct(other, dtype, ties, shape, seed):
     def make_args():
         rng = np.random.default_rng(seed)
         # Random floats have no ties; small integers have many, which argmax breaks towards the
-        # first largest, and the README promises the backends agree.
+        # first largest, and docs/architecture.md promises the backends agree.
         logits = rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)
         labels = rng.integers(0, classes, batch, dtype=np.int64)
         hits = rng.random(batch) < 0.5  # about half the rows predicted right

@@ -1,40 +1,90 @@
-"""What the README tells a user holds: it points at nothing only this repository's developers have,
-and the facts it repeats are the code's."""
+"""What the README and the guides in docs/ tell a user holds: the facts they repeat are the code's,
+every page they point at exists, and dated measurements live in the results log alone."""
 
+import pathlib
 import re
-from pathlib import Path
 
 from fastnet.data import downloading
+from fastnet.train import RECIPES
+from fastnet.workloads import WORKLOADS
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+GUIDES = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
-def sections():
-    """{title: text} of the README's ## sections."""
-    parts = re.split(r"^## (.+)$", README, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2]))
+def section(text, title):
+    """The text of the `## title` section of a page."""
+    return re.split(r"^## ", text.split(f"\n## {title}\n", 1)[1], flags=re.MULTILINE)[0]
 
 
-def test_only_the_development_section_mentions_the_development_data():
-    found = sections()
-    assert "Development" in found and "../shared" in found["Development"]
-    for title, text in found.items():
-        if title != "Development":
-            assert "../shared" not in text and "build.py" not in text, title
+def test_the_readme_is_a_front_page_that_links_every_guide_and_the_log():
+    assert len(README.splitlines()) <= 250
+    links = set(re.findall(r"\]\(([^)#]+)", README))
+    local = {link for link in links if not link.startswith("http")}
+    assert all((ROOT / link).is_file() for link in local), [link for link in local if not (ROOT / link).is_file()]
+    assert {f"docs/{name}" for name in GUIDES} <= local, "a guide the README does not point at"
+    assert "benchmarks/RESULTS.md" in local
+
+
+def test_links_between_guides_resolve():
+    for name, text in GUIDES.items():
+        for link in re.findall(r"\]\(([^)#]+)", text):
+            if not link.startswith("http"):
+                assert (ROOT / "docs" / link).resolve().is_file(), f"docs/{name} links to {link}, which does not exist"
+
+
+def test_the_fixed_workloads_are_the_readmes():
+    described = section(README, "How fast")
+    for workload in WORKLOADS.values():
+        network = "-".join(map(str, workload.sizes))
+        said = rf"{workload.name}\s+(is\s+)?an?\s+{network}\s+MLP\s+with\s+batch\s+{workload.batch_size}\b"
+        assert re.search(said, described), workload
+
+
+def test_the_recipes_table_says_what_each_recipe_sets():
+    rows = {line.split("|")[1].strip(): line for line in section(README, "Recipes").splitlines()
+            if line.startswith("| `--recipe")}
+    assert set(rows) == {f"`--recipe {name}`" for name in RECIPES}
+    for name, settings in RECIPES.items():
+        row = rows[f"`--recipe {name}`"]
+        assert f"{settings['pca']} whitened" in row and f"{settings['epochs']} epochs" in row
+        assert "-".join(map(str, settings.get("hidden", ()))) in row
 
 
 def test_the_offline_instructions_give_the_url_and_md5_that_download_uses():
-    offline = sections()["Data"].split("**Offline.**")[1].split("\n\n**")[0]
+    offline = section(GUIDES["data.md"], "Offline")
     assert downloading.CIFAR10_URL in offline and downloading.CIFAR10_MD5 in offline
     assert "--data" in offline and "FASTNET_DATA" in offline
 
 
-def test_the_first_screen_names_the_cpu_its_figures_come_from():
-    first_screen = README.split("## Quick start")[0]
-    assert re.search(r"AMD EPYC \(Zen 3, family 25 model 1; AVX2 and FMA, no\s+AVX-512; NumPy's OpenBLAS [\d.]+ with "
-                     r"its Haswell kernels\)", first_screen)
-    speed = sections()["Speed"]
-    # One row per machine for the default run, each naming its CPU and BLAS kernel.
-    rows = [line for line in speed.split("**The default run**")[1].split("\n\n")[1].splitlines()[2:]]
-    named = [row.split("|")[1].strip() for row in rows if row.split("|")[1].strip()]
-    assert len(named) >= 3 and all(("AMD EPYC" in cpu or "Intel Xeon" in cpu) and "OpenBLAS" in cpu for cpu in named)
+def test_only_the_development_section_mentions_the_development_data():
+    pages = {"README.md": README, **{f"docs/{name}": text for name, text in GUIDES.items()}}
+    development = section(GUIDES["testing.md"], "Development")
+    assert "../shared" in development
+    for name, text in pages.items():
+        outside = text.replace(development, "") if name == "docs/testing.md" else text
+        assert "../shared" not in outside and "build.py" not in outside, name
+
+
+def test_the_module_map_lists_every_module():
+    mapped = re.search(r"```text\nfastnet/\n(.*?)```", GUIDES["architecture.md"], re.DOTALL).group(1)
+    listed = set(re.findall(r"^  (\S+\.py)", mapped, re.MULTILINE))
+    modules = {str(p.relative_to(ROOT / "fastnet")) for p in (ROOT / "fastnet").rglob("*.py")}
+    assert listed == modules
+
+
+MEASURED = re.compile(r"(?<![\w.])\d[\d,.]*\s*(samples/s|images a second|GFLOP/s|% of (the )?(sgemm )?peak|ms a step|"
+                      r"ms per step|min \d+ s)")
+
+
+def test_dated_measurements_live_in_the_results_log_alone():
+    """The guides and the code cite the log; only the README's front-page tables carry figures."""
+    for name, text in GUIDES.items():
+        assert not MEASURED.search(text), f"docs/{name}: {MEASURED.search(text).group(0)!r}: move it to the log"
+    for path in (ROOT / "fastnet").rglob("*.py"):
+        found = MEASURED.search(path.read_text())
+        assert not found, f"{path.relative_to(ROOT)}: {found.group(0)!r}: a timing in code goes stale"
+    log = RESULTS.read_text()
+    assert MEASURED.search(log) and "commit" in log

@@ -245,7 +245,7 @@ def test_bad_input_is_one_line_with_status_2_and_writes_nothing(name, finished_r
 
 
 def test_the_table_covers_what_the_issue_lists():
-    assert len(CASES) > 50  # the README promises more than 50 bad inputs
+    assert len(CASES) > 50  # docs/testing.md promises more than 50 bad inputs
 
 
 def test_a_class_without_examples_is_reported_not_refused(tmp_path):

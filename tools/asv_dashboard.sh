@@ -18,13 +18,13 @@ PY
 commits=$( { find "$results" -mindepth 2 -maxdepth 2 -name '*.json' ! -name machine.json -exec basename {} \; \
              2>/dev/null || true; } | cut -d- -f1 | sort -u | wc -l)
 if [ "$commits" -eq 0 ]; then
-    echo "asv_dashboard: no benchmark results in $results to publish: run asv first, e.g. the README's" \
+    echo "asv_dashboard: no benchmark results in $results to publish: run asv first, e.g. docs/speed.md's" \
          "asv run --steps 20 ... (asv run --quick saves none)" >&2
     exit 2
 fi
 asv publish --config "$config"
 [ "$commits" -gt 1 ] || echo "asv_dashboard: only one commit has results, so every graph is a single point:" \
-                            "benchmark more commits (see README, Benchmarks)" >&2
+                            "benchmark more commits (see docs/speed.md)" >&2
 cache=.asv/vendor-cache
 vendor=$html/vendor
 mkdir -p "$cache" "$vendor"

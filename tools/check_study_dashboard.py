@@ -3,7 +3,7 @@
 
     python tools/check_study_dashboard.py STORAGE_URL [--study fastnet] [--shot study.png]
 
-It starts `optuna-dashboard STORAGE_URL` on a free loopback port, as the README shows, opens the
+It starts `optuna-dashboard STORAGE_URL` on a free loopback port, as docs/sweeps.md shows, opens the
 study's page in Debian's chromium after its scripts ran, and compares what the page says with the
 study in the database: the study's name, its best trial's number and validation accuracy, and the
 name of every setting the sweep varied. Prints one line per finding; exit status 0 when all agree,

@@ -21,7 +21,7 @@ With overlap (`--overlap`), the upper layers' gradients are summed while backwar
 layer's weight gradient, the last product of a step: at best, their share u of the bytes travels
 within that product's share w of the step's FLOPs, and the visible time is T - min(u T, w b / S).
 The columns "with overlap" are that bound, for a CPU that the sending costs nothing; on one 2-core
-machine the thread that sends took more from the computing cores than it hid (README).
+machine the thread that sends took more from the computing cores than it hid (docs/data-parallel.md, benchmarks/RESULTS.md).
 """
 
 import argparse

@@ -286,8 +286,7 @@ _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overfl
 # x = n ln2 + f with |f| <= ln2 / 2 (ln2 split in two, so that n ln2 is exact), e^f by its Taylor
 # series to f^7 (error under f^8 / 8! = 2e-9 there), times 2^n built from its bits. Measured against
 # exp in float64 over [-87, 88]: within 0.65 of a float32 spacing (2^-23 relative). LLVM vectorises
-# it: on the Zen 3 machine gelu_forward of 128 x 2048 took 0.19 ms on two threads, against 0.47 ms
-# with np.exp. Below -87 it returns exp(-87) (1.6e-38), not a subnormal: GELU adds it to 1.
+# it, which np.exp's libm call stops (the per-unit micro benchmarks measure both). Below -87 it returns exp(-87) (1.6e-38), not a subnormal: GELU adds it to 1.
 _LOG2_E, _LN2_HIGH, _LN2_LOW = 1.4426950408889634, 0.693359375, -2.12194440e-4
 _EXP_LOWEST, _EXP_HIGHEST = -87.0, 88.0
 _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(7, -1, -1))  # f^7 / 7! first
@@ -364,8 +363,7 @@ def gelu_backward(dout, x, dx):
 # Backward (_dense_backward_columns): a pass over column tiles of dout that applies the activation's
 # derivative in place and sums each column for db, in batch order; then _weight_and_input_grads_tiles.
 # Both index a tile's rows through views that start at its first column (row = out[i, c0:c1]), from 0:
-# indexed from c0 itself, LLVM left the loops scalar (we did not find out why), and on the Zen 3
-# machine db's column sums over 128 x 2048 took 100 us instead of 18.
+# indexed from c0 itself, LLVM left the loops scalar (we did not find out why), several times slower.
 
 IDENTITY, RELU, LEAKY_RELU, TANH, GELU = range(5)
 
@@ -413,8 +411,7 @@ def _through_activation(g, saved, kind, constants):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _round_row(row, row16):
     """row16 = row rounded to bfloat16. A loop of its own after the row's pass, which LLVM vectorises:
-    written inside that pass, the rounding left it scalar (dense_relu_forward with out16 on 128 x 2048,
-    one thread, Emerald Rapids: 110 us against 300)."""
+    written inside that pass, the rounding left it scalar, about three times slower."""
     for j in range(row.shape[0]):
         row16[j] = to_bf16(row[j])
 

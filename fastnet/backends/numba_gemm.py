@@ -2,12 +2,13 @@
 tile one single-threaded BLAS call, claimed by whichever thread is free.
 
 Why not BLAS's own threads: a training step's products have 64 to 128 rows, and BLAS's own split of
-such a product wastes part of the second core. On an Intel Xeon (Sapphire Rapids), OpenBLAS ran
-128x3072 @ 3072x512 at 191 GFLOP/s on two threads and at 239 as two one-thread halves; on an AMD
-EPYC (Zen 3), at 125 and 131. So BLAS is held to one thread, and each kernel runs
+such a product wastes part of the second core: two one-thread halves of 128x3072 @ 3072x512 ran
+faster than OpenBLAS's two threads on every CPU measured (benchmarks/RESULTS.md). So BLAS is held
+to one thread, and each kernel runs
 `prange(thread_count())` workers that take tiles from a counter (`next_tile`) until none is left;
-a tile is its BLAS call plus its epilogue (bias, activation, mask, bias-gradient sums), done by the
-thread that computed it while it is still in cache.
+a forward tile is its BLAS call plus its epilogue (bias, activation), done by the thread that
+computed it while it is still in cache. The backward's mask and bias-gradient sums are a pass of
+their own over column tiles of dout, ahead of the products.
 
 Why more tiles than threads, claimed as threads come free: on a machine shared with other work,
 one core is often slower than the other, and a fixed one-tile-per-thread split waits for it at the
@@ -74,8 +75,8 @@ def _mkl_path():
 
 def _openblas_candidates():
     """OpenBLAS libraries loaded in this process, NumPy's first. NumPy's wheels bring an ILP64 build
-    (0.3.31 as of NumPy 2.4), whose one-thread sgemm ran R1's products 17-23 % faster on an AMD EPYC
-    than SciPy's LP64 0.3.30, which Numba's own np.dot calls."""
+    (0.3.31 as of NumPy 2.4), whose one-thread sgemm ran R1's products faster than SciPy's LP64
+    0.3.30, which Numba's own np.dot calls (benchmarks/RESULTS.md)."""
     import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS, so that it is held too)
     numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
     libraries = [lib for lib in threadpool_info() if lib["internal_api"] == "openblas"]
@@ -95,9 +96,9 @@ def _symbol(dll, names):
 def find_blas(choice=None):
     """The BLAS to call: `choice` or $FASTNET_BLAS ('mkl' or 'openblas') when set (the module passes the
     measured plan's, numba_plan); else MKL on Intel CPUs where the mkl package is installed, and
-    OpenBLAS otherwise. On an AMD EPYC (Zen 3) MKL's one-thread
-    sgemm was 8 % faster on the forward shapes and 15 % slower on the weight gradient's, so there
-    OpenBLAS, which NumPy and SciPy bring anyway, stays."""
+    OpenBLAS otherwise: on an AMD EPYC (Zen 3) MKL's one-thread sgemm was slower on the weight
+    gradient's shapes, so there OpenBLAS, which NumPy and SciPy bring anyway, stays. A measured plan
+    (fastnet plan --measure) replaces this rule."""
     choice = choice or os.environ.get("FASTNET_BLAS")
     if choice not in (None, "mkl", "openblas"):
         raise VariableError(f"FASTNET_BLAS={choice!r} is not a BLAS fastnet can drive: set it to mkl or openblas")
@@ -176,8 +177,8 @@ _gemm_bf16 = types.ExternalFunction("fastnet_cblas_gemm_bf16", types.void(
 # How long a thread with no tile left spins before it sleeps. GNU OpenMP's default (300,000 turns)
 # keeps both cores busy between kernels, which costs nothing on a quiet machine, but beside a busy
 # process the spinning thread takes the core the other process needs, and each loop's end then waits
-# for a thread the kernel's scheduler has put aside: R1 on two threads beside one busy process ran at
-# 8,000 samples/s, against 18,000 with 1,000 turns, and at least as fast quiet (Emerald Rapids, MKL).
+# for a thread the kernel's scheduler has put aside. 1,000 turns measured more than twice as fast
+# there, and no slower quiet (benchmarks/RESULTS.md).
 # Read once, when OpenMP starts (Numba's first parallel loop, just below); a user's setting stands.
 SPIN_TURNS = "1000"
 _USERS_WAIT = {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in os.environ}

@@ -2,8 +2,8 @@
 are cut, measured on the machine it runs on and kept (as FFTW keeps its wisdom).
 
 What was tuned on one CPU is a guess on the next: on an Intel Xeon (Emerald Rapids) MKL's one-thread
-sgemm ran R1's products 25-40 % faster than OpenBLAS's, and on an AMD EPYC (Zen 3) OpenBLAS's were
-the faster. `fastnet plan --measure` times training steps of the two fixed workloads (R1 and R2, on
+sgemm ran R1's products faster than OpenBLAS's, and on an AMD EPYC (Zen 3) OpenBLAS's were the
+faster (benchmarks/RESULTS.md). `fastnet plan --measure` times training steps of the two fixed workloads (R1 and R2, on
 synthetic data) for every BLAS fastnet can drive here, each in a process of its own, at a few tile
 sizes, interleaved, quiet and beside a busy process (fine tiles cost a little on a quiet machine and
 pay beside other work), and keeps the fastest over both in plan.json under fastnet's cache folder

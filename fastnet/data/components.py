@@ -34,9 +34,9 @@ def principal_components(images: np.ndarray, shift: np.ndarray, scale: np.ndarra
 
     With ``whiten``, each column is divided by the standard deviation along it, so that every component
     of the projected images has unit variance (PCA whitening, which Lin, Memisevic and Konda 2015 train
-    on); the columns stay orthogonal but are no longer of unit length. A component is scaled as if it
-    had at least WHITEN_FLOOR of a standardised pixel's mean variance, so that the faintest ones, mostly
-    noise, are not blown up without limit.
+    on); the columns stay orthogonal but are no longer of unit length. WHITEN_FLOOR times a standardised
+    pixel's mean variance is added to each component's variance before the square root, so that the
+    faintest ones, mostly noise, are not blown up without limit.
     """
     flat = images.reshape(len(images), -1)
     size = flat.shape[1]

@@ -243,7 +243,7 @@ def cluster(config):
         client = Client(config.scheduler, security=config.security(), timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as exc:
         raise FastnetError(f"cannot reach the Dask scheduler at {config.scheduler} ({_reason(exc)}): start it "
-                           f"with 'dask scheduler' (README, Sweeps) or check the address") from None
+                           f"with 'dask scheduler' (docs/sweeps.md) or check the address") from None
     with client:
         if not client.nthreads():
             raise FastnetError(f"the Dask scheduler at {config.scheduler} has no workers: start some with "
