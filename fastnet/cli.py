@@ -16,9 +16,9 @@ from fastnet.errors import FastnetError, Interrupted, PeerLost, SettingError
 from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
-from fastnet.train import RECIPES, TTA, TrainConfig, recipe_config, resumed_config, saved_tta, train
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
+from fastnet.train import RECIPES, TTA, TrainConfig, recipe_config, resumed_config, saved_tta, train
 from fastnet.workloads import WORKLOADS
 
 USAGE_ERROR = 2

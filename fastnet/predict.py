@@ -230,12 +230,12 @@ def read_image(path, sample_shape):
     # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
     try:
         opened = Image.open(path)  # reads the header only
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     with opened:
         try:
             opened.load()
-        except Exception as exc:  # noqa: BLE001  (the header was fine, so it is the file that is broken)
+        except Exception as exc:  # the header was fine, so it is the file that is broken
             raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
                              f"cannot be read; replace it with an intact copy") from exc
         try:
@@ -244,7 +244,7 @@ def read_image(path, sample_shape):
             if picture.size != size:
                 picture = picture.resize(size, Image.Resampling.LANCZOS)
             pixels = np.asarray(picture, dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     return pixels.reshape(shape)
 

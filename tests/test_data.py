@@ -16,8 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastnet import data
-from fastnet.data import statistics
-from fastnet.data import Dataset, channel_stats, default_data_path, find_dataset, load_dataset, split_validation
+from fastnet.data import (
+    Dataset,
+    channel_stats,
+    default_data_path,
+    find_dataset,
+    load_dataset,
+    split_validation,
+    statistics,
+)
 from fastnet.errors import DataError
 from helpers import real_data_path, unavailable
 

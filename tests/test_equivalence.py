@@ -31,10 +31,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastnet import backends
+from fastnet.activations import ACTIVATIONS
 from fastnet.backends import numpy_backend as ref
 from fastnet.data import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.model import MLP
-from fastnet.activations import ACTIVATIONS
 from fastnet.optim import UPDATE_RULES, Optimizer
 from fastnet.train import TIMING_METRICS, TrainConfig, train
 from helpers import assert_close, real_data_path, save_brightness_classes, unavailable
@@ -501,6 +501,7 @@ def test_the_float32_exp_of_gelu_is_within_an_ulp_of_exp(other):
     exp(88) above, NaN kept; in float64 the C library's exp, bit for bit. (Not NumPy's: on a CPU with
     AVX-512, NumPy's float64 exp is a SIMD routine of its own, which differs in the last bit.)"""
     from numba import njit
+
     from fastnet.backends.numba_backend import _exp
 
     exp = njit(lambda x: _exp(x))

@@ -14,7 +14,8 @@ from fastnet import checkpoint
 from fastnet.model import MLP
 from fastnet.predict import image_geometry, percent, softmax, top_k
 from fastnet.train import evaluate, normalizer
-from helpers import assert_one_line_error, fastnet as run_fastnet
+from helpers import assert_one_line_error
+from helpers import fastnet as run_fastnet
 
 NAMES = ["dark", "mid", "bright"]
 

@@ -49,9 +49,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fastnet.bench import time_products  # noqa: E402
 from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
 from fastnet.cpu import busy_neighbours, cpu_model, process_seconds, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
-from fastnet.bench import time_products  # noqa: E402
 from fastnet.distributed import AS_ROOT  # noqa: E402
 from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
@@ -110,6 +110,7 @@ def ranks_of(side):
 
 def worker_train(side, workload, source):
     import numpy as np
+
     from fastnet import backends, data, train
     backend, threads, precision = split_side(side)
     images2d, labels, images, described = load_images(source)

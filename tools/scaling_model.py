@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count  # noqa: E402
+from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count
 
 # --recipe best's network on its 512 components (fastnet.train.RECIPES), with layer norm, batch 128.
 NETWORKS = {name: (w.sizes, False, w.batch_size) for name, w in WORKLOADS.items()} | {

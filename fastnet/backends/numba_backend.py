@@ -46,19 +46,34 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
-import numpy as np  # noqa: E402
-from numba import literally, njit, prange, types  # noqa: E402
-from numba.extending import overload  # noqa: E402
+import numpy as np
+from numba import literally, njit, prange, types
+from numba.extending import overload
 
-from fastnet.backends import numba_gemm  # noqa: E402
-from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16  # noqa: E402
-from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, column_tiles, gemm, matmul_tiles, next_tile,  # noqa: E402
-                                         on_contiguous, product_tile, product_tiles, span, thread_count,
-                                         tile_counter, weight_gradient_tiles)
-from fastnet.backends.numpy_backend import (GELU_CUBIC, GELU_SQRT_2_OVER_PI, SPLITMIX_GAMMA,  # noqa: E402
-                                            SPLITMIX_MULTIPLIERS, SPLITMIX_SHIFTS)
-
-from fastnet.errors import FastnetError  # noqa: E402
+from fastnet.backends import numba_gemm
+from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16
+from fastnet.backends.numba_gemm import (
+    ALIGN_COLUMNS,
+    column_tiles,
+    gemm,
+    matmul_tiles,
+    next_tile,
+    on_contiguous,
+    product_tile,
+    product_tiles,
+    span,
+    thread_count,
+    tile_counter,
+    weight_gradient_tiles,
+)
+from fastnet.backends.numpy_backend import (
+    GELU_CUBIC,
+    GELU_SQRT_2_OVER_PI,
+    SPLITMIX_GAMMA,
+    SPLITMIX_MULTIPLIERS,
+    SPLITMIX_SHIFTS,
+)
+from fastnet.errors import FastnetError
 
 numba_gemm.hold_blas_to_one_thread()
 
