@@ -361,12 +361,12 @@ def print_report(evaluation):
           f"images from {evaluation['source']}{views}")
     width = max(len(n) for n in names)
     print(f"{'class':<{width}}  accuracy")
-    for name, acc in zip(names, evaluation["per_class_accuracy"]):
+    for name, acc in zip(names, evaluation["per_class_accuracy"], strict=True):
         print(f"{name:<{width}}  {acc:7.2%}")
     print("confusion matrix (rows: true class, columns: predicted):")
     cell = max(len(str(max(max(row) for row in confusion))), 4)
     print(" " * width + "  " + " ".join(f"{i:>{cell}}" for i in range(len(names))))
-    for name, row in zip(names, confusion):
+    for name, row in zip(names, confusion, strict=True):
         print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in row))
 
 

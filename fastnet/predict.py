@@ -183,8 +183,8 @@ def load(path, backend=None, tta="run"):
 
 def image_files(paths):
     """The files to classify: each path as given, and each folder replaced by the image files
-    directly inside it (not in its subfolders), sorted by name. A path that does not exist is kept, so that it gets its own
-    error line like any other unreadable file."""
+    directly inside it (not in its subfolders), sorted by name. A path that does not exist is kept,
+    so that it gets its own error line like any other unreadable file."""
     found, empty, subfolders = [], [], []
     for path in map(os.fspath, paths):
         if not os.path.isdir(path):
@@ -289,4 +289,5 @@ def predict_files(model, paths, top=3):
             yield path, None, exc
             continue
         indices, probabilities = top_k(model.predict_proba(pixels), top)
-        yield path, [(int(i), model.class_names[i], float(p)) for i, p in zip(indices[0], probabilities[0])], None
+        yield path, [(int(i), model.class_names[i], float(p))
+                     for i, p in zip(indices[0], probabilities[0], strict=True)], None

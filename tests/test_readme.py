@@ -12,7 +12,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def sections():
     """{title: text} of the README's ## sections."""
     parts = re.split(r"^## (.+)$", README, flags=re.MULTILINE)
-    return dict(zip(parts[1::2], parts[2::2]))
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
 def test_only_the_development_section_mentions_the_development_data():

@@ -28,13 +28,13 @@ Every kernel keeps numpy_backend's return convention (arrays into the caller's o
 returned; a number only where the result is one). The private helpers have one naming pattern. A
 part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, a
 parallel loop over a product's tiles; `_columns`, a backward kernel's parallel pass over column
-tiles of dout before its products; `_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
-work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
-`_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
-(`_adam`). The constants that define a result (GELU's, SplitMix64's, bfloat16's bit patterns) are
-imported from numpy_backend. Numba compiles a global in as a constant, and its disk cache checks
-only the source file of the function it caches, so after changing one of them there, delete the
-cached .nbi and .nbc files.
+tiles of dout before its products; `_elements`, an optimizer update's parallel loop over the
+flattened parameter; `_row`, one row's work. A helper that several kernels share is named for what it
+computes (`_weight_and_input_grads`, `_gelu`, `_row_max`), and one that numpy_backend has too keeps
+the reference's name and arguments (`_adam`). The constants that define a result (GELU's,
+SplitMix64's, bfloat16's bit patterns) are imported from numpy_backend. Numba compiles a global in as
+a constant, and its disk cache checks only the source file of the function it caches, so after
+changing one of them there, delete the cached .nbi and .nbc files.
 """
 
 import contextlib
