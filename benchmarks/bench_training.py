@@ -11,8 +11,7 @@ import time
 
 import numpy as np
 
-from . import (BACKENDS, BLAS_THREADS, LR, MOMENTUM, WEIGHT_DECAY, WORKLOADS, Trainer, get_backend, pin_threads,
-               require)
+from . import BACKENDS, BLAS_THREADS, LR, MOMENTUM, WEIGHT_DECAY, WORKLOADS, Trainer, get_backend, pin_threads, require
 
 EPOCH_SLICE_STEPS = 50
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from fastnet.model import MLP  # noqa: E402
+from fastnet.model import MLP
 
 __all__ = ["MLP", "load", "__version__"]
 

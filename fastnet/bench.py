@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from itertools import pairwise
 
 import numpy as np
 
@@ -113,7 +114,7 @@ def time_torch(sizes, batch, steps, threads=None, precision="fp32"):
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     shift, scale = torch.full((sizes[0],), 127.5), torch.full((sizes[0],), 1 / 64)
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in pairwise(sizes):
         layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1])
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -249,15 +250,15 @@ def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", r
 def format_report(report):
     workload = f"{report['workload']} " if report.get("workload") else ""
     repeats = report["repeats"]
-    lines = [f"fastnet bench: {workload}MLP {'-'.join(map(str, report['sizes']))}, "
-             f"batch {report['batch_size']}, "
-             f"{report['steps']} timed steps on synthetic data, {PRECISION_NAMES[report['precision']]}, SGD with "
-             f"momentum; each side in its own process on {report['threads']} threads, {repeats} interleaved "
-             f"run{'s' if repeats > 1 else ''} (medians; min-max of samples/s)",
+    lines = [(f"fastnet bench: {workload}MLP {'-'.join(map(str, report['sizes']))}, "
+              f"batch {report['batch_size']}, "
+              f"{report['steps']} timed steps on synthetic data, {PRECISION_NAMES[report['precision']]}, SGD with "
+              f"momentum; each side in its own process on {report['threads']} threads, {repeats} interleaved "
+              f"run{'s' if repeats > 1 else ''} (medians; min-max of samples/s)"),
              f"CPU: {report['cpu']}",
              f"sgemm peak {report['sgemm_peak_gflops']:.0f} GFLOP/s (NumPy float32 matmul; {report['blas']})",
-             f"{'side':<10}{'samples/s':>11}{'min-max':>17}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}"
-             f"{'vs torch':>10}{'others':>8}"]
+             (f"{'side':<10}{'samples/s':>11}{'min-max':>17}{'ms/step':>9}{'GFLOP/s':>9}{'% peak':>8}{'warm-up s':>11}"
+              f"{'vs torch':>10}{'others':>8}")]
     for side, r in report["results"].items():
         versus = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
         spread = f"{r['samples_per_second_runs'][0]:,.0f}-{r['samples_per_second_runs'][-1]:,.0f}"

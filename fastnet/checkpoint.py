@@ -149,7 +149,7 @@ def load(path, backend=None):
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} is an incomplete fastnet checkpoint ({_first_line(exc)} is missing "
                               f"or malformed): retrain or pass another file") from exc
-    for i, (p, stored) in enumerate(zip(net.params, stored_params)):
+    for i, (p, stored) in enumerate(zip(net.params, stored_params, strict=True)):
         if stored.shape != p.shape:
             raise CheckpointError(f"{path} is inconsistent: param_{i} has shape {stored.shape}, "
                                   f"expected {p.shape}; retrain or pass another file")

@@ -20,9 +20,9 @@ from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
 from fastnet.predict import IMAGE_SUFFIXES
-from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, saved_tta, train
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
+from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, saved_tta, train
 from fastnet.workloads import WORKLOADS
 
 USAGE_ERROR = 2
@@ -808,12 +808,12 @@ def print_report(evaluation):
           f"images from {evaluation['source']}{views}")
     width = max(len(n) for n in names)
     print(f"{'class':<{width}}  accuracy")
-    for name, acc in zip(names, evaluation["per_class_accuracy"]):
+    for name, acc in zip(names, evaluation["per_class_accuracy"], strict=True):
         print(f"{name:<{width}}  {acc:7.2%}")
     print("confusion matrix (rows: true class, columns: predicted):")
     cell = max(len(str(max(max(row) for row in confusion))), 4)
     print(" " * width + "  " + " ".join(f"{i:>{cell}}" for i in range(len(names))))
-    for name, row in zip(names, confusion):
+    for name, row in zip(names, confusion, strict=True):
         print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in row))
 
 

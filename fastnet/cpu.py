@@ -125,8 +125,8 @@ class FreeCores:
 
     Why: beside a busy process, Linux gives a process whose threads wait for each other at every
     kernel's end about one core's worth of time, however many threads it has, and two threads
-    sharing that core run slower than one (benchmarks/RESULTS.md). Only for kernels whose results do not depend on the thread count: the choice
-    depends on timing, the numbers must not.
+    sharing that core run slower than one (benchmarks/RESULTS.md). Only for kernels whose results do
+    not depend on the thread count: the choice depends on timing, the numbers must not.
     """
 
     WINDOW = 0.25  # seconds: /proc/stat counts in 10 ms ticks, so a window's reading is good to 0.1 core

@@ -264,7 +264,7 @@ class DataParallel:
             if now < next_check:  # spin, as MPI_Wait does: a large message moves only while MPI is called
                 continue
             next_check = now + 0.05
-            pending = sorted({peer for request, peer in zip(requests, senders) if not request.Test()})
+            pending = sorted({peer for request, peer in zip(requests, senders, strict=True) if not request.Test()})
             dead = [peer for peer in pending if not self._alive(peer)]
             if dead or (pending and now > deadline):
                 culprits = dead or pending

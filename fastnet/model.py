@@ -35,6 +35,7 @@ reports is that of the model.npz it saves.
 """
 
 import math
+from itertools import pairwise
 
 import numpy as np
 
@@ -173,7 +174,7 @@ class MLP:
         self.params = []
         self._weights, self._biases, self.norm_gains, self.norm_biases = [], [], [], []
         self._grad_positions = []  # per layer: where its W, b (and gain, bias) are in params
-        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for layer, (fan_in, fan_out) in enumerate(pairwise(sizes)):
             # Drawn in float64 and rounded, so float32 and float64 models of one seed start alike.
             weights = rng.standard_normal((fan_in, fan_out)) * np.sqrt(gain / fan_in)
             arrays = [weights.astype(self.dtype), np.zeros(fan_out, self.dtype)]
@@ -202,7 +203,7 @@ class MLP:
     def refresh_copies(self):
         """Round every weight matrix into its bfloat16 copy (nothing in fp32 precision)."""
         if self.weights16 is not None:
-            for W, W16 in zip(self._weights, self.weights16):
+            for W, W16 in zip(self._weights, self.weights16, strict=True):
                 self.kernels.round_to_bf16(W, W16)
 
     def spec(self):
@@ -333,7 +334,7 @@ class MLP:
         if into is None:
             into = MLP([projection.shape[0], *self.sizes[1:]], backend=self.backend, dtype=self.dtype,
                        precision=self.precision, **self.spec())
-        for target, source in zip(into.params[1:], self.params[1:]):
+        for target, source in zip(into.params[1:], self.params[1:], strict=True):
             target[...] = source
         # In float64 and rounded once, so the folded weights are as exact as float32 can hold them.
         into.params[0][...] = np.dot(projection.astype(np.float64), self.params[0].astype(np.float64))

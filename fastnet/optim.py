@@ -92,7 +92,7 @@ class Optimizer:
         update = getattr(self.kernels, rule.kernel)
         hyperparameters = tuple(getattr(self, name) for name in rule.hyperparameters)
         step = (self.steps_taken,) if rule.counts_steps else ()
-        for i, (param, grad, copy) in enumerate(zip(self.params, grads, self.copies)):
+        for i, (param, grad, copy) in enumerate(zip(self.params, grads, self.copies, strict=True)):
             state = (self.state[name][i] for name in rule.state)
             update(param, grad, *state, float(lr), *hyperparameters, self.decay_for(param), *step, copy)
 

@@ -181,8 +181,8 @@ def load(path, backend=None, tta="run"):
 
 def image_files(paths):
     """The files to classify: each path as given, and each folder replaced by the image files
-    directly inside it (not in its subfolders), sorted by name. A path that does not exist is kept, so that it gets its own
-    error line like any other unreadable file."""
+    directly inside it (not in its subfolders), sorted by name. A path that does not exist is kept,
+    so that it gets its own error line like any other unreadable file."""
     found, empty, subfolders = [], [], []
     for path in map(os.fspath, paths):
         if not os.path.isdir(path):
@@ -228,12 +228,12 @@ def read_image(path, sample_shape):
     # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
     try:
         opened = Image.open(path)  # reads the header only
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     with opened:
         try:
             opened.load()
-        except Exception as exc:  # noqa: BLE001  (the header was fine, so it is the file that is broken)
+        except Exception as exc:  # the header was fine, so it is the file that is broken
             raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
                              f"cannot be read; replace it with an intact copy") from exc
         try:
@@ -242,7 +242,7 @@ def read_image(path, sample_shape):
             if picture.size != size:
                 picture = picture.resize(size, Image.Resampling.LANCZOS)
             pixels = np.asarray(picture, dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     return pixels.reshape(shape)
 
@@ -287,4 +287,5 @@ def predict_files(model, paths, top=3):
             yield path, None, exc
             continue
         indices, probabilities = top_k(model.predict_proba(pixels), top)
-        yield path, [(int(i), model.class_names[i], float(p)) for i, p in zip(indices[0], probabilities[0])], None
+        yield path, [(int(i), model.class_names[i], float(p))
+                     for i, p in zip(indices[0], probabilities[0], strict=True)], None

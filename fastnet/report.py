@@ -85,7 +85,7 @@ def classification_report(confusion, class_names):
         "class_names": list(class_names),
         "per_class": [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
                        "support": int(s)}
-                      for name, p, r, f, s in zip(class_names, precision, recall, f1, support)],
+                      for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)],
         "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
         "confusion": confusion.tolist(),
     }
@@ -165,7 +165,7 @@ def plot_curves(epochs, path, title=""):
             # Markers, so that a run with a single epoch still shows its points.
             axes.plot(x, y, style, color=colour, marker="o", markersize=3.5, linewidth=1.8, label=split)
 
-    tests = [(_number(r.get("test_acc")), e) for r, e in zip(epochs, x)]
+    tests = [(_number(r.get("test_acc")), e) for r, e in zip(epochs, x, strict=True)]
     tests = [(acc, e) for acc, e in tests if acc is not None]
     if tests:
         best, best_epoch = max(tests, key=lambda pair: pair[0])
@@ -359,5 +359,5 @@ def format_runs(rows):
         show(row["date"], str)) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) if title in right else cell.ljust(w)
-                               for cell, w, title in zip(line, widths, header)).rstrip()
+                               for cell, w, title in zip(line, widths, header, strict=True)).rstrip()
                      for line in table)

@@ -236,10 +236,12 @@ class StepOptions:
     share: object = None
 
 
-def warm_up(net, optimizer, images_dtype, options=StepOptions()):
+def warm_up(net, optimizer, images_dtype, options=None):
     """Run every kernel a training step uses once, on tiny arrays of the run's dtypes, and return
     the seconds it took. A JIT backend compiles (or loads from its cache) per argument type, not
-    per shape, so this moves all of that out of the first epoch's timing."""
+    per shape, so this moves all of that out of the first epoch's timing. options: a StepOptions,
+    by default StepOptions()."""
+    options = StepOptions() if options is None else options  # a fresh one: StepOptions is mutable
     started = time.perf_counter()
     scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, precision=net.precision, **net.spec())
     scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
@@ -629,8 +631,8 @@ def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=
     images as they are when not `project`; the projection; the seconds it all took). With `mirrored`,
     the image shape, the components are fitted so that a flip only changes signs
     (data.principal_components); `whiten` scales them to unit variance. A resumed run (`saved`) keeps
-    the components it began with, and its generator was saved past their draw. The seconds are part of training, which time to accuracy
-    counts; a resumed run counts those of its first session."""
+    the components it began with, and its generator was saved past their draw. The seconds are part
+    of training, which time to accuracy counts; a resumed run counts those of its first session."""
     started = time.perf_counter()
     projection = saved.projection if saved is not None else data.principal_components(
         images, shift, scale, count, rng, kernels, mirrored=mirrored, whiten=whiten)
@@ -694,7 +696,7 @@ def restore(saved, net, optimizer, rng, fingerprint, run_dir):
     if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
             (saved.projection is None) == bool(saved.config.get("pca")):
         raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
-    for param, stored in zip(net.params, saved.trained_net.params):
+    for param, stored in zip(net.params, saved.trained_net.params, strict=True):
         param[...] = stored
     net.refresh_copies()
     optimizer.load_state_arrays(saved.arrays)
@@ -751,12 +753,14 @@ class StopRequests:
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is reported below, in one line
 def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, batch_size, epoch, step,
-                pause=None, options=StepOptions()):
-    """Train on images[order] in minibatches, starting at global step `step`.
+                pause=None, options=None):
+    """Train on images[order] in minibatches, starting at global step `step`, each step as options (a
+    StepOptions, by default StepOptions()) says.
 
     After each step, pause(steps taken so far) may return True to stop there. Returns (sum of batch
     losses times batch sizes, number of correct training predictions, number of images trained on).
     """
+    options = StepOptions() if options is None else options  # a fresh one: StepOptions is mutable
     loss_sum, correct, seen = 0.0, 0, 0
     with tqdm(total=len(order), desc=f"epoch {epoch}", unit="img", leave=False,
               disable=not sys.stderr.isatty()) as bar, backends.follow_free_cores(net.backend) as follow:

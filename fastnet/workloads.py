@@ -10,6 +10,7 @@ a benchmark of an older commit, which has no fastnet.workloads, still measures t
 """
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 # Every workload trains in float32 with SGD and heavy-ball momentum 0.9, on whole epochs of CIFAR-10's
 # 50,000 training images (or synthetic images of their shape, where a harness needs no dataset).
@@ -45,14 +46,14 @@ def flops_per_sample(sizes) -> int:
     product, the weight gradient and the input gradient are 2 * fan_in * fan_out each, except the
     first layer's input gradient, which no trainer computes. Bias, activation, loss and update are
     left out: they are memory-bound, and a FLOP rate against the sgemm peak is about the products."""
-    layer_flops = [2 * fan_in * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
+    layer_flops = [2 * fan_in * fan_out for fan_in, fan_out in pairwise(sizes)]
     return 3 * sum(layer_flops) - layer_flops[0]
 
 
 def parameter_count(sizes, layernorm=False) -> int:
     """Weights and biases of layers of these widths, and layer norm's gain and bias on every hidden
     layer: what a data-parallel step sums across processes."""
-    dense = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+    dense = sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(sizes))
     return dense + (2 * sum(sizes[1:-1]) if layernorm else 0)
 
 

@@ -107,9 +107,9 @@ def test_draws_are_deterministic_for_a_seed():
     first, second = (Augmentation((8, 8, 3), flip=True, translate=2, cutout=3) for _ in range(2))
     a = [np.copy(x) for x in first.draw(np.random.default_rng(7), 64)]
     b = second.draw(np.random.default_rng(7), 64)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     c = second.draw(np.random.default_rng(8), 64)
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_switched_off_choices_stay_zero_and_draw_nothing():

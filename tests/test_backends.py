@@ -89,7 +89,7 @@ def test_unknown_backend_from_the_environment_is_refused(monkeypatch):
 # --- Registering --------------------------------------------------------------------------------------
 
 def test_register_refuses_a_backend_that_lacks_a_kernel(registry):
-    with pytest.raises(ValueError, match="'half'.*dense_relu_backward"):
+    with pytest.raises(ValueError, match=r"'half'.*dense_relu_backward"):
         registry.register("half", numpy_namespace(dense_relu_backward=None))
     with pytest.raises(ValueError, match="adamw_step"):
         registry.register("half", numpy_namespace(adamw_step="not callable"))
@@ -115,7 +115,7 @@ def test_a_registered_namespace_trains_exactly_like_numpy(registry):
         results.append((loss, [p.copy() for p in net.params]))
     (loss, params), (expected_loss, expected_params) = results[1], results[0]
     assert loss == expected_loss
-    for p, q in zip(params, expected_params):
+    for p, q in zip(params, expected_params, strict=True):
         assert np.array_equal(p, q)
     assert not np.array_equal(params[0], MLP([10, 8, 3], seed=1).params[0])  # the step changed something
 
@@ -138,7 +138,7 @@ def test_a_lazy_backend_whose_package_is_there_but_whose_module_is_not(registry)
     # numpy is installed, so "ghost" is listed until its module fails to import.
     registry._lazy["ghost"] = ("fastnet.backends.no_such_module", "numpy")
     assert "ghost" in registry.available()
-    with pytest.raises(FastnetError, match="'ghost' is unavailable.*no_such_module") as caught:
+    with pytest.raises(FastnetError, match=r"'ghost' is unavailable.*no_such_module") as caught:
         registry.get("ghost")
     assert "pip install" not in str(caught.value)  # numpy is installed: installing it is no remedy
     assert "ghost" not in registry.available()
@@ -230,6 +230,7 @@ def test_cli_takes_the_backend_from_fastnet_backend(tiny_npy, tmp_path):
     assert "numba backend" in result.stdout
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # The accuracy the run printed is the saved model's, as evaluate on the same backend finds it.
-    evaluated = fastnet_cli("evaluate", run / "model.npz", "--data", tiny_npy, "--json", env={"FASTNET_BACKEND": "numba"})
+    evaluated = fastnet_cli("evaluate", run / "model.npz", "--data", tiny_npy, "--json",
+                            env={"FASTNET_BACKEND": "numba"})
     assert evaluated.returncode == 0, evaluated.stderr
     assert len(metrics) == 1 and metrics[0]["test_acc"] == json.loads(evaluated.stdout)["accuracy"]

@@ -28,8 +28,8 @@ def test_the_fixed_workloads_are_the_readmes():
 
 
 def test_bench_reports_every_side_consistently():
-    result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 4, "--steps", 3, "--repeats", 2,
-                     "--json")
+    result = fastnet("bench", "--backend", "numpy,numba", "--hidden", 8, "--batch-size", 4, "--steps", 3,
+                     "--repeats", 2, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["sizes"] == [3072, 8, 10] and report["flops_per_sample"] == flops_per_sample([3072, 8, 10])
@@ -106,7 +106,8 @@ def test_bench_in_bf16_says_so_and_runs_every_side_in_it():
     assert "bf16 mixed precision (PyTorch: torch.autocast bfloat16)" in result.stdout.splitlines()[0]
     assert "; bf16 GEMM " in result.stdout  # the numba side's line names the library
     report = json.loads(fastnet("bench", "--backend", "numba", "--hidden", 8, "--batch-size", 4, "--steps", 2,
-                                "--repeats", 1, "--precision", "bf16", "--json", env={"FASTNET_BF16_ANY_CPU": "1"}).stdout)
+                                "--repeats", 1, "--precision", "bf16", "--json",
+                                env={"FASTNET_BF16_ANY_CPU": "1"}).stdout)
     assert report["precision"] == "bf16" and isinstance(report["bf16_instructions"], list)
     assert {r["precision"] for r in report["results"].values()} == {"bf16"}
 
@@ -136,7 +137,7 @@ def test_busy_neighbours_take_cpu_while_the_context_lasts_and_are_gone_after():
         assert len(spinners) == 2 and all(p.poll() is None for p in spinners)
         before = [process_seconds(p.pid) for p in spinners]
         time.sleep(0.5)
-        used = [process_seconds(p.pid) - b for p, b in zip(spinners, before)]
+        used = [process_seconds(p.pid) - b for p, b in zip(spinners, before, strict=True)]
     assert sum(used) > 0.3, used  # two spinning processes on (at least) one free core
     assert all(p.poll() is not None for p in spinners)
     assert process_seconds(spinners[0].pid) == 0.0  # reaped: nothing left to read

@@ -147,20 +147,20 @@ def backend(request):
 def test_the_weight_copies_follow_every_update(backend):
     rng = np.random.default_rng(0)
     net = MLP([20, 16, 5], backend=backend, precision="bf16", seed=1)
-    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16))
+    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16, strict=True))
     optimizer = Optimizer(net.params, "nesterov", weight_decay=0.01, backend=backend, copies=net.param_copies)
     x, y = rng.standard_normal((8, 20)), rng.integers(0, 5, 8)
     before = [W16.copy() for W16 in net.weights16]
     for _ in range(3):
         _, grads = net.loss_and_grads(x, y)
         optimizer.step(grads, 0.1)
-    for W, W16, old in zip(net.weights, net.weights16, before):
+    for W, W16, old in zip(net.weights, net.weights16, before, strict=True):
         assert np.array_equal(W16, rounded(W)) and not np.array_equal(W16, old)
     # Written from outside (a checkpoint, a resumed run): refresh_copies catches up.
     for W in net.weights:
         W *= 2
     net.refresh_copies()
-    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16))
+    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16, strict=True))
     folded = net.with_input_projection(rng.standard_normal((30, 20)).astype(np.float32))
     assert np.array_equal(folded.weights16[0], rounded(folded.weights[0]))
 
@@ -176,7 +176,7 @@ def test_training_passes_round_and_evaluation_does_not(backend):
     (loss32, grads32), (loss16, grads16) = fp32.loss_and_grads(x, y), bf16.loss_and_grads(x, y)
     # Each product's operands carry a relative error of up to EPS_BF16 each, which mostly cancel over
     # a sum of random signs; the two layers' errors add, and 8 EPS_BF16 bounds them with room.
-    for got, want in zip(grads16, grads32):
+    for got, want in zip(grads16, grads32, strict=True):
         scale = float(np.abs(want).max())
         difference = float(np.abs(got - want).max())
         assert difference < 8 * EPS_BF16 * scale, "bf16 gradients are further from float32 than rounding explains"

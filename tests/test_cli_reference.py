@@ -28,7 +28,8 @@ def test_docs_cli_md_is_what_the_parsers_print():
     if page != expected:
         # The first line that differs, rather than pytest's diff of two 700-line pages.
         found, wanted = page.splitlines(), expected.splitlines()
-        line = next((i for i, (a, b) in enumerate(zip(found, wanted)) if a != b), min(len(found), len(wanted)))
+        pairs = enumerate(zip(found, wanted, strict=False))
+        line = next((i for i, (a, b) in pairs if a != b), min(len(found), len(wanted)))
         pytest.fail(f"docs/cli.md is not what the help of fastnet/cli.py says (from line {line + 1}: "
                     f"{found[line] if line < len(found) else '<end>'!r} instead of "
                     f"{wanted[line] if line < len(wanted) else '<end>'!r}): run python tools/cli_reference.py "

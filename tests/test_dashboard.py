@@ -49,8 +49,8 @@ def test_the_dashboard_script_refuses_to_publish_nothing(tmp_path):
     done = run("bash", ROOT / "tools" / "asv_dashboard.sh", asv_config(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"asv_dashboard: no benchmark results in {tmp_path / 'results'} to publish: run asv first, e.g. the "
-        "docs/speed.md's asv run --steps 20 ... (asv run --quick saves none)"]
+        (f"asv_dashboard: no benchmark results in {tmp_path / 'results'} to publish: run asv first, e.g. "
+         "docs/speed.md's asv run --steps 20 ... (asv run --quick saves none)")]
     assert not (tmp_path / "html").exists()
 
 

@@ -16,8 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastnet import data
-from fastnet.data import statistics
-from fastnet.data import Dataset, channel_stats, default_data_path, find_dataset, load_dataset, split_validation
+from fastnet.data import (
+    Dataset,
+    channel_stats,
+    default_data_path,
+    find_dataset,
+    load_dataset,
+    split_validation,
+    statistics,
+)
 from fastnet.errors import DataError
 from helpers import real_data_path, unavailable
 
@@ -244,8 +251,8 @@ def test_many_empty_classes_that_are_named_make_one_warning_line(tmp_path, array
     arrays["train_labels"][3] = 99
     ds = load_dataset(write_npy(tmp_path, arrays, names=[f"c{k}" for k in range(100)]))
     assert ds.num_classes == 100
-    assert ds.warnings == ("89 classes have no training examples: 'c10' (10), 'c11' (11), 'c12' (12), 'c13' (13), "
-                           "'c14' (14) and 84 more",)
+    assert ds.warnings == (("89 classes have no training examples: 'c10' (10), 'c11' (11), 'c12' (12), 'c13' (13), "
+                            "'c14' (14) and 84 more"),)
 
 
 def test_a_label_past_the_named_classes_is_one_error(tmp_path, arrays):
@@ -419,7 +426,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("builder, words", BAD_INPUTS,
-                         ids=[b.__name__ if b.__name__ != "builder" else f"npy-{i}" for i, (b, _) in enumerate(BAD_INPUTS)])
+                         ids=[b.__name__ if b.__name__ != "builder" else f"npy-{i}"
+                              for i, (b, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_is_a_one_line_data_error(tmp_path, arrays, builder, words):
     path = builder(tmp_path, arrays)
     with pytest.raises(DataError) as err:

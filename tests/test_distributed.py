@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -74,13 +75,14 @@ def train_both_ways(tmp_path, images, ranks, *settings, env=None):
 def test_one_step_on_n_ranks_is_the_one_process_step_to_float32_rounding(tmp_path, images, ranks, backend, settings):
     together, alone = train_both_ways(tmp_path, images, ranks, "--backend", backend, "--epochs", 1, "--lr", 0.1,
                                       "--weight-decay", 0, *settings)
-    for p, q in zip(parameters(together), parameters(alone)):
+    for p, q in zip(parameters(together), parameters(alone), strict=True):
         assert p.shape == q.shape and p.dtype == q.dtype == np.float32
         assert np.max(np.abs(p - q)) <= 1e-5 * np.max(np.abs(q))
     # The step moved them (equal to rounding is not equal to where the seed put them)...
     sizes = [W.shape[0] for W in parameters(alone)[0::2]] + [parameters(alone)[-2].shape[1]]
     initial = MLP(sizes, seed=np.random.default_rng(0)).params
-    assert all(np.max(np.abs(p - q)) > 1e-3 * np.max(np.abs(q)) for p, q in zip(parameters(alone), initial))
+    assert all(np.max(np.abs(p - q)) > 1e-3 * np.max(np.abs(q))
+               for p, q in zip(parameters(alone), initial, strict=True))
     # ...and the ranks' split evaluation found the whole test set's figures.
     split, whole = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (together, alone))
     assert split["test_acc"] == whole["test_acc"]
@@ -104,7 +106,7 @@ def test_batch_one_over_two_ranks_trains_what_one_process_trains(tmp_path, image
     batch's random numbers, so the ranks stay in step."""
     together, alone = train_both_ways(tmp_path, images, 2, "--backend", "numba", "--epochs", 1, "--hidden", "5",
                                       "--batch-size", 1, "--dropout", 0.3, "--lr", 0.01)
-    for p, q in zip(parameters(together), parameters(alone)):
+    for p, q in zip(parameters(together), parameters(alone), strict=True):
         assert np.max(np.abs(p - q)) <= 1e-4 * np.max(np.abs(q))
     lines = [line for line in open(together / "metrics.jsonl")]
     assert len(lines) == 1 and '"test_acc"' in lines[0]
@@ -119,7 +121,7 @@ def test_reruns_on_two_ranks_are_bit_identical_and_rank_0_alone_writes(tmp_path,
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("done: test accuracy") == 1  # rank 0 reports; the others are silent
         assert result.stdout.count("epoch 3/3") == 1
-    for p, q in zip(parameters(first), parameters(second)):
+    for p, q in zip(parameters(first), parameters(second), strict=True):
         assert p.tobytes() == q.tobytes()
     assert sorted(os.listdir(first)) == ["checkpoint.npz", "config.json", "metrics.jsonl", "model.npz"]
     config = json.loads((first / "config.json").read_text())
@@ -175,7 +177,7 @@ def test_a_killed_rank_stops_the_run_naming_it_and_the_resumed_run_is_bit_identi
     assert "process rank 1" in err or ours, err
     result = mpirun(2, "train", "--distributed", "--resume", broken)
     assert result.returncode == 0, result.stderr
-    for p, q in zip(parameters(broken), parameters(whole)):
+    for p, q in zip(parameters(broken), parameters(whole), strict=True):
         assert p.tobytes() == q.tobytes()
 
 
@@ -196,7 +198,7 @@ def test_ctrl_c_on_mpirun_stops_every_rank_at_one_step_and_says_how_to_resume(tm
     assert result.returncode == 0, result.stderr
     whole = tmp_path / "whole"
     assert mpirun(2, *args, "--out", whole).returncode == 0
-    for p, q in zip(parameters(stopped), parameters(whole)):
+    for p, q in zip(parameters(stopped), parameters(whole), strict=True):
         assert p.tobytes() == q.tobytes()
 
 
@@ -280,7 +282,7 @@ def test_distributed_without_mpi4py_says_what_to_install(tmp_path, images):
 def test_shares_cover_the_batch_in_rank_order(rows, size):
     bounds = [share_bounds(rows, size, r) for r in range(size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == rows
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in pairwise(bounds))
     assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
@@ -294,7 +296,7 @@ def test_a_rank_draws_its_rows_of_what_one_process_draws():
         share = RowShare(rng, start, stop, 5)
         mine = [share.random(dtype=np.float32, out=np.empty((stop - start, 3), np.float32)),
                 share.random(out=np.empty(stop - start))]
-        for m, w in zip(mine, whole):
+        for m, w in zip(mine, whole, strict=True):
             assert m.dtype == w.dtype and np.array_equal(m, w[start:stop])
         assert rng.bit_generator.state == alone.bit_generator.state
 

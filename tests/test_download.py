@@ -148,8 +148,8 @@ def test_existing_wrong_file_is_replaced(server, tmp_path):
     assert fetch(server, tmp_path, log=said.append).read_bytes() == PAYLOAD
     assert len(server.requests) == 1
     wrong = hashlib.md5(b"not the archive").hexdigest()
-    assert said == [f"{tmp_path / NAME} is here but its md5 is {wrong}, not the official {PAYLOAD_MD5}: "
-                    "downloading it again"]
+    assert said == [(f"{tmp_path / NAME} is here but its md5 is {wrong}, not the official {PAYLOAD_MD5}: "
+                     "downloading it again")]
 
 
 def test_an_intact_archive_already_there_is_kept_and_says_so(server, tmp_path):

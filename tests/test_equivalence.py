@@ -31,10 +31,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastnet import backends
+from fastnet.activations import ACTIVATIONS
 from fastnet.backends import numpy_backend as ref
 from fastnet.data import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.model import MLP
-from fastnet.activations import ACTIVATIONS
 from fastnet.optim import UPDATE_RULES, Optimizer
 from fastnet.train import TIMING_METRICS, TrainConfig, train
 from helpers import assert_close, real_data_path, save_brightness_classes, unavailable
@@ -145,7 +145,8 @@ def term_magnitudes(kernel, make_args):
     relative to. (The ReLU's mask is unchanged: |out| > 0 where out > 0.)"""
     args = [np.abs(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in make_args()]
     getattr(ref, kernel)(*args)
-    return dict(zip(inspect.signature(getattr(ref, kernel)).parameters, args))
+    # strict=False: a call may leave trailing parameters at their defaults (out16=None ...)
+    return dict(zip(inspect.signature(getattr(ref, kernel)).parameters, args, strict=False))
 
 
 def check_kernel(backend, kernel, make_args, reductions, what="", linear=False, magnitudes=None):
@@ -166,7 +167,8 @@ def check_kernel(backend, kernel, make_args, reductions, what="", linear=False, 
     if magnitudes is None:
         magnitudes = term_magnitudes(kernel, make_args) if linear else {}
 
-    for name, got, want in zip(names, actual_args, expected_args):
+    # strict=False: names has those of parameters left at their defaults too
+    for name, got, want in zip(names, actual_args, expected_args, strict=False):
         if isinstance(want, np.ndarray):
             magnitude = magnitudes.get(name) if name in reductions else None
             assert_matches(got, want, reductions.get(name), f"{label}: argument {name}", magnitude)
@@ -313,7 +315,8 @@ def test_gather_flip_components(other, dtype, count, batch, width, seed, with16)
         indices = rng.integers(0, count, batch, dtype=np.int64)
         flips = rng.integers(0, 2, batch, dtype=np.uint8)
         signs = np.where(rng.random(width) < 0.5, -1.0, 1.0).astype(dtype)
-        return inputs, indices, flips, signs, garbage((batch, width), dtype), *bf16_output((batch, width), dtype, with16)
+        return (inputs, indices, flips, signs, garbage((batch, width), dtype),
+                *bf16_output((batch, width), dtype, with16))
 
     check_kernel(other, "gather_flip_components", make_args, {"out": 1, "out16": 1})
     assert_bf16_output_is_rounded(other, "gather_flip_components", make_args)
@@ -501,6 +504,7 @@ def test_the_float32_exp_of_gelu_is_within_an_ulp_of_exp(other):
     exp(88) above, NaN kept; in float64 the C library's exp, bit for bit. (Not NumPy's: on a CPU with
     AVX-512, NumPy's float64 exp is a SIMD routine of its own, which differs in the last bit.)"""
     from numba import njit
+
     from fastnet.backends.numba_backend import _exp
 
     exp = njit(lambda x: _exp(x))
@@ -713,7 +717,7 @@ def test_the_dense_kernels_give_the_same_bits_every_time(other):
             getattr(backends.get(other), kernel)(*args)
             runs.append([a for a in args if isinstance(a, np.ndarray)])
         for run in runs[1:]:
-            for got, first in zip(run, runs[0]):
+            for got, first in zip(run, runs[0], strict=True):
                 assert np.array_equal(got, first, equal_nan=True), f"{other}.{kernel} differs between calls"
 
 
@@ -790,7 +794,7 @@ def bf16_dense_cases(shape, seed=0):
 def assert_bf16_copies_are_roundings(kernel, args):
     """Within one backend's call: out16 (dout16) is exactly the rounding of out (dout)."""
     names = list(inspect.signature(getattr(ref, kernel)).parameters)
-    given = dict(zip(names, args))
+    given = dict(zip(names, args, strict=True))
     for copy, original in (("out16", "out"), ("dout16", "dout")):
         if copy in given:
             assert np.array_equal(given[copy], to_bf16(given[original])), f"{kernel}: {copy} is not {original} rounded"
@@ -820,8 +824,8 @@ def test_dense_kernels_with_bf16_operands(other, threads, shape):
             if not kernel.endswith("backward"):
                 check_kernel(other, kernel, make_args, reductions, what, magnitudes=magnitudes)
                 continue
-            got = dict(zip(inspect.signature(getattr(ref, kernel)).parameters, actual))
-            want = dict(zip(inspect.signature(getattr(ref, kernel)).parameters, expected))
+            got = dict(zip(inspect.signature(getattr(ref, kernel)).parameters, actual, strict=True))
+            want = dict(zip(inspect.signature(getattr(ref, kernel)).parameters, expected, strict=True))
             for name in ("dout", "db", "dout16"):
                 assert_matches(got[name], want[name], reductions[name], f"{other}.{kernel}{what}: {name}",
                                magnitudes[name])
@@ -1058,7 +1062,8 @@ def test_sum_of_squares(other, layout, dtype, shape, seed):
 
 # kernel: (its state arrays, its hyperparameters after lr at the Optimizer's defaults), from the
 # update rules' descriptions
-OPTIMIZER_KERNELS = {rule.kernel: (rule.state, tuple(getattr(Optimizer([], kind), name) for name in rule.hyperparameters))
+OPTIMIZER_KERNELS = {rule.kernel: (rule.state,
+                                   tuple(getattr(Optimizer([], kind), name) for name in rule.hyperparameters))
                      for kind, rule in UPDATE_RULES.items()}
 STEPS = 5
 
@@ -1096,7 +1101,7 @@ def test_optimizer_steps(other, kernel, grad_layout, dtype, shape, seed, weight_
             assert_returns(f"{backend}.{kernel}", kernel, result)
             assert np.array_equal(laid_out_grad, grad), f"{backend}.{kernel} changed its grad"
         # Each step rounds a few times per element and the errors of successive steps add up.
-        for name, got, want in zip(("param", *state_names), mine, theirs):
+        for name, got, want in zip(("param", *state_names), mine, theirs, strict=True):
             assert_matches(got, want, 4 * step, f"{other}.{kernel} {name} after step {step} "
                            f"(grad {grad_layout}, weight_decay {weight_decay})")
 
@@ -1120,10 +1125,10 @@ def test_optimizer_steps_write_the_bf16_copy_of_the_updated_parameter(other, ker
             results[backend, with_copy] = arrays, copy
     for backend in ("numpy", other):
         (plain, _), (copied, (copy,)) = results[backend, False], results[backend, True]
-        for got, want in zip(copied, plain):
+        for got, want in zip(copied, plain, strict=True):
             assert np.array_equal(got, want), f"{backend}.{kernel}: param16 changed the update"
         assert np.array_equal(copy, to_bf16(copied[0])), f"{backend}.{kernel}: param16 is not the new param rounded"
-    for got, want in zip(results[other, True][0], results["numpy", True][0]):
+    for got, want in zip(results[other, True][0], results["numpy", True][0], strict=True):
         assert_matches(got, want, 4, f"{other}.{kernel} with param16")
 
 
@@ -1148,7 +1153,7 @@ def test_loss_and_grads_match_numpy(other, dtype, sizes, batch):
     loss, grads = MLP(sizes, backend=other, dtype=dtype, seed=4).loss_and_grads(x, y)
     assert_loss_matches(loss, expected_loss, dtype, f"{other} MLP{sizes} loss")
     rtol = model_tolerance(dtype, sizes, batch)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         scale = float(np.abs(want).max())
         assert_close(got, want, rtol=rtol, atol=rtol * scale)
 
@@ -1178,7 +1183,7 @@ def test_regularised_loss_and_grads_match_numpy(other, dtype, spec, smoothing, s
     (expected_loss, expected), (loss, grads) = results
     assert_loss_matches(loss, expected_loss, dtype, f"{other} MLP{sizes} {spec} loss")
     rtol = 2 * model_tolerance(dtype, sizes, batch)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         scale = float(np.abs(want).max())
         assert_close(got, want, rtol=rtol, atol=rtol * scale)
 
@@ -1230,7 +1235,7 @@ def test_200_training_steps_match_numpy(other, synthetic, numpy_run, tmp_path):
         assert_close(arrays[name], want, rtol=1e-4, atol=1e-4 * scale)
 
     assert len(metrics) == len(expected_metrics) == SYNTHETIC_RUN["epochs"]
-    for got, want in zip(metrics, expected_metrics):
+    for got, want in zip(metrics, expected_metrics, strict=True):
         assert got["epoch"] == want["epoch"] and got["lr"] == want["lr"]
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
         assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-4)
@@ -1247,7 +1252,7 @@ def test_same_seed_and_backend_give_bit_identical_runs(other, synthetic, tmp_pat
     assert sorted(first) == sorted(second)
     for name in first:
         assert np.array_equal(first[name], second[name]), f"{name} differs between two runs of {other}"
-    for a, b in zip(first_metrics, second_metrics):
+    for a, b in zip(first_metrics, second_metrics, strict=True):
         assert ({k: v for k, v in a.items() if k not in TIMING_METRICS}
                 == {k: v for k, v in b.items() if k not in TIMING_METRICS})
 
@@ -1261,13 +1266,14 @@ def test_one_two_and_three_threads_give_the_same_bits(other, synthetic, tmp_path
         out = tmp_path / f"threads{threads}"
         result = fastnet_cli("train", "--data", synthetic, "--backend", other, "--threads", threads, "--epochs", 2,
                              "--hidden", "100,37", "--batch-size", 50, "--dropout", 0.2, "--flip", "--seed", 4,
-                             "--out", out, env={"NUMBA_NUM_THREADS": "3", "FASTNET_PLAN": "tile_flops=1000,pass_elements=100"})
+                             "--out", out,
+                             env={"NUMBA_NUM_THREADS": "3", "FASTNET_PLAN": "tile_flops=1000,pass_elements=100"})
         assert result.returncode == 0, result.stderr
         assert json.loads((out / "config.json").read_text())["parallelism"]["threads"] == threads
         with np.load(out / "model.npz") as saved:
             runs[threads] = {name: saved[name] for name in saved.files if name.startswith("param_")}
-        runs[threads]["metrics"] = np.array([[m["train_loss"], m["test_loss"]]
-                                             for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())])
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        runs[threads]["metrics"] = np.array([[m["train_loss"], m["test_loss"]] for m in map(json.loads, lines)])
     for threads in (2, 3):
         for name, value in runs[1].items():
             assert np.array_equal(runs[threads][name], value), f"{name} differs between 1 and {threads} threads"
@@ -1322,7 +1328,7 @@ def test_bf16_loss_and_grads_match_numpy(other, spec, smoothing, sizes, batch):
     (expected_loss, expected), (loss, grads) = results
     assert_loss_matches(loss, expected_loss, "float32", f"{other} bf16 MLP{sizes} {spec} loss")
     rtol = 2 * model_tolerance("float32", sizes, batch)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         scale = float(np.abs(want).max())
         assert_close(got, want, rtol=rtol, atol=rtol * scale)
 
@@ -1444,7 +1450,7 @@ def test_a_training_step_allocates_nothing_after_warm_up(other, variant):
     # The same arrays, at the same addresses: nothing was replaced or reallocated.
     after = buffers(net, optimizer)
     assert len(after) == len(before)
-    for (array, address), now in zip(before, after):
+    for (array, address), now in zip(before, after, strict=True):
         assert now is array and now.ctypes.data == address
     assert len(net._workspaces) == 1
 

@@ -8,7 +8,6 @@ import os
 import time
 
 import numpy as np
-import pytest
 
 from fastnet import backends, cpu
 from fastnet.cpu import FreeCores, busy_neighbours

@@ -264,7 +264,8 @@ def dense_backward(act, dout, pre, out, x, W, dW, db, dx):
     getattr(ref, act.dense_backward)(dout, pre if act.reads_input else out, x, W, *act.scalars, dW, db, dx)
 
 
-@pytest.mark.parametrize("name", ["leaky_relu", "tanh", "gelu"])  # ReLU: test_dense_relu_backward_matches_finite_differences
+# ReLU: test_dense_relu_backward_matches_finite_differences
+@pytest.mark.parametrize("name", ["leaky_relu", "tanh", "gelu"])
 @pytest.mark.parametrize("batch, fan_in, fan_out", [(1, 1, 1), (5, 4, 6)])
 def test_dense_activation_backward_matches_finite_differences(rng, name, batch, fan_in, fan_out):
     act = ACTIVATIONS[name]

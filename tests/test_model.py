@@ -44,7 +44,7 @@ def test_forward_in_chunks_equals_forward_at_once():
 
 def test_he_initialisation_and_seed():
     a, b, c = (fastnet.MLP([2000, 300, 10], seed=s) for s in (7, 7, 8))
-    assert all(np.array_equal(p, q) for p, q in zip(a.params, b.params))
+    assert all(np.array_equal(p, q) for p, q in zip(a.params, b.params, strict=True))
     assert not np.array_equal(a.params[0], c.params[0])
     assert a.params[0].std() == pytest.approx(np.sqrt(2 / 2000), rel=0.02)
     assert not a.params[1].any()
@@ -58,7 +58,7 @@ def test_loss_and_grads_match_finite_differences(sizes, batch):
     loss, grads = net.loss_and_grads(x, y)
     assert isinstance(loss, float)
     assert [g.shape for g in grads] == [p.shape for p in net.params]
-    for param, grad in zip(net.params, grads):
+    for param, grad in zip(net.params, grads, strict=True):
         numeric = numerical_gradient(lambda: net.loss_and_grads(x, y)[0], param)
         assert relative_error(grad, numeric) < 1e-6
 
@@ -77,7 +77,7 @@ def test_gradients_returned_are_not_overwritten_by_the_next_call():
     _, first = net.loss_and_grads(*small_batch(rng, [5, 4, 3], 6))
     kept = [g.copy() for g in first]
     net.loss_and_grads(*small_batch(rng, [5, 4, 3], 6))
-    assert all(np.array_equal(a, b) for a, b in zip(first, kept))
+    assert all(np.array_equal(a, b) for a, b in zip(first, kept, strict=True))
 
 
 def test_bad_arguments_are_rejected():
@@ -143,7 +143,7 @@ def test_every_layer_kind_matches_finite_differences(spec, smoothing):
 
     loss, grads = loss_and_grads()
     assert [g.shape for g in grads] == [p.shape for p in net.params]
-    for param, grad in zip(net.params, grads):
+    for param, grad in zip(net.params, grads, strict=True):
         numeric = numerical_gradient(lambda: loss_and_grads()[0], param)
         assert relative_error(grad, numeric) < 1e-6
 
@@ -154,7 +154,7 @@ def textbook_forward(net, x, masks=None):
                   "tanh": np.tanh,
                   "gelu": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))}
     a = x
-    for i, (W, b) in enumerate(zip(net.weights, net.biases)):
+    for i, (W, b) in enumerate(zip(net.weights, net.biases, strict=True)):
         z = a @ W + b
         if i == net.num_layers - 1:
             return z
@@ -169,7 +169,7 @@ def textbook_forward(net, x, masks=None):
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_forward_is_the_textbook_one_and_has_no_dropout(spec):
     net = fastnet.MLP([6, 5, 4, 3], dtype="float64", seed=3, **spec)
-    for gain, bias in zip(net.norm_gains, net.norm_biases):  # not the initial 1 and 0, to see them used
+    for gain, bias in zip(net.norm_gains, net.norm_biases, strict=True):  # not the initial 1 and 0, to see them used
         gain[...] = np.linspace(0.5, 1.5, len(gain))
         bias[...] = np.linspace(-0.2, 0.3, len(bias))
     x = np.random.default_rng(1).standard_normal((8, 6))
@@ -214,7 +214,7 @@ def test_loss_and_grads_is_deterministic_without_a_generator():
     without = fastnet.MLP([6, 5, 3], dtype="float64", seed=1)
     loss, grads = with_dropout.loss_and_grads(x, y)
     expected_loss, expected = without.loss_and_grads(x, y)
-    assert loss == expected_loss and all(np.array_equal(g, e) for g, e in zip(grads, expected))
+    assert loss == expected_loss and all(np.array_equal(g, e) for g, e in zip(grads, expected, strict=True))
 
 
 def test_label_smoothing_changes_the_loss_as_defined():
@@ -252,7 +252,7 @@ def test_the_default_network_runs_the_relu_kernels_as_before():
             k.dense_relu_backward(d[i + 1], a[i + 1], a[i], W[i], expected[2 * i], expected[2 * i + 1],
                                   d[i] if i else None)
     assert loss == expected_loss
-    assert all(np.array_equal(g, e) for g, e in zip(grads, expected))
+    assert all(np.array_equal(g, e) for g, e in zip(grads, expected, strict=True))
 
 
 # --- Spec, parameters, clipping -----------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_spec_rebuilds_the_same_architecture(spec):
     twin = fastnet.MLP(net.sizes, **stored, backend="numpy", dtype="float64", seed=7)
     assert twin.spec() == net.spec()
     assert [p.shape for p in twin.params] == [p.shape for p in net.params]
-    for p, q in zip(net.params, twin.params):  # the same seed draws the same weights in either dtype
+    for p, q in zip(net.params, twin.params, strict=True):  # the same seed draws the same weights in either dtype
         assert_close(q.astype(np.float32), p, rtol=0)
 
 
@@ -276,7 +276,7 @@ def test_layernorm_parameters_follow_their_layer_and_are_not_weights():
     assert [p.shape for p in net.params] == [(12, 7), (7,), (7,), (7,), (7, 5), (5,), (5,), (5,), (5, 3), (3,)]
     assert [w.shape for w in net.weights] == [(12, 7), (7, 5), (5, 3)]
     assert [b.shape for b in net.biases] == [(7,), (5,), (3,)]
-    assert all(np.shares_memory(w, p) for w, p in zip(net.weights, net.params[0::4]))
+    assert all(np.shares_memory(w, p) for w, p in zip(net.weights, net.params[0::4], strict=True))
     assert all((g == 1).all() for g in net.norm_gains) and not any(b.any() for b in net.norm_biases)
     assert net.params[2] is net.norm_gains[0] and net.params[3] is net.norm_biases[0]
 
@@ -293,7 +293,7 @@ def test_clip_grad_norm_scales_the_gradients_to_the_limit():
     original = [g.copy() for g in grads]
     net = fastnet.MLP([4, 3])
     assert net.clip_grad_norm(grads, 10 * norm) == pytest.approx(norm, rel=1e-6)
-    assert all(np.array_equal(g, o) for g, o in zip(grads, original))  # under the limit: untouched
+    assert all(np.array_equal(g, o) for g, o in zip(grads, original, strict=True))  # under the limit: untouched
     assert net.clip_grad_norm(grads, 0.5) == pytest.approx(norm, rel=1e-6)
     clipped = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
     assert clipped == pytest.approx(0.5, rel=1e-5)
@@ -359,7 +359,7 @@ def test_a_network_with_its_input_projection_folded_in_computes_the_same_on_raw_
     # Folding into an existing network overwrites all of it and returns it.
     target = fastnet.MLP([12, 4, 3], dtype="float64", seed=9, **spec)
     assert net.with_input_projection(projection, into=target) is target
-    assert all(np.array_equal(p, q) for p, q in zip(target.params, folded.params))
+    assert all(np.array_equal(p, q) for p, q in zip(target.params, folded.params, strict=True))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

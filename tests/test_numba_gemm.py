@@ -3,6 +3,7 @@ against float64 NumPy on any number of threads, and the BLAS it drives."""
 
 import ctypes
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 def test_spans_cover_the_range_in_order_with_aligned_inner_edges(length, parts, align):
     spans = [numba_gemm.span(length, parts, part, align) for part in range(parts)]
     assert spans[0][0] == 0 and spans[-1][1] == length
-    for (_, stop), (start, _) in zip(spans, spans[1:]):
+    for (_, stop), (start, _) in pairwise(spans):
         assert stop == start
     for start, stop in spans:
         assert start <= stop
@@ -147,7 +148,8 @@ def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
 
     m, k, n, pad = 7, 33, 5, 3
     rng = np.random.default_rng(1)
-    (a, a64), (b, b64) = bf16_operand(rng, (k, m) if trans_a else (m, k)), bf16_operand(rng, (n, k) if trans_b else (k, n))
+    a, a64 = bf16_operand(rng, (k, m) if trans_a else (m, k))
+    b, b64 = bf16_operand(rng, (n, k) if trans_b else (k, n))
     a_store = np.zeros((a.shape[0], a.shape[1] + pad), np.uint16)
     a_store[:, :a.shape[1]] = a
     b_store = np.zeros((b.shape[0], b.shape[1] + pad), np.uint16)

@@ -72,7 +72,7 @@ def test_weight_decay_shrinks_weight_matrices_and_spares_every_1d_parameter(kind
                 "nesterov": lambda w: w - lr * (1 + momentum) * decay * w,
                 # Adam's first step, bias-corrected: lr * g / (|g| + eps), almost lr towards 0
                 "adam": lambda w: w - lr * (decay * w) / (np.abs(decay * w) + 1e-8)}
-    for p, old in zip(net.params, before):
+    for p, old in zip(net.params, before, strict=True):
         if p.ndim == 1:
             assert np.array_equal(p, old), f"{kind} moved a 1-D parameter"
         elif kind in ("sgd", "adamw"):
@@ -93,5 +93,5 @@ def test_state_round_trips(kind):
     restored.load_state_arrays(saved)
     assert restored.steps_taken == 3
     for name, group in optimizer.state.items():
-        assert all(np.array_equal(a, b) for a, b in zip(group, restored.state[name]))
+        assert all(np.array_equal(a, b) for a, b in zip(group, restored.state[name], strict=True))
         assert any(a.any() for a in group)

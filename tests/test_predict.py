@@ -14,7 +14,8 @@ from fastnet import checkpoint
 from fastnet.model import MLP
 from fastnet.predict import image_geometry, percent, softmax, top_k
 from fastnet.train import evaluate, normalizer
-from helpers import assert_one_line_error, fastnet as run_fastnet
+from helpers import assert_one_line_error
+from helpers import fastnet as run_fastnet
 
 NAMES = ["dark", "mid", "bright"]
 
@@ -80,7 +81,7 @@ def test_predict_agrees_with_the_api_and_with_evaluate(tiny_model, tmp_path):
     assert model.class_names == NAMES
     expected = model.predict_proba(pixels)
     predictions, logits = evaluate_path(tiny_model, pixels)
-    for entry, row, label, row_logits in zip(report["predictions"], expected, predictions, logits):
+    for entry, row, label, row_logits in zip(report["predictions"], expected, predictions, logits, strict=True):
         got = probabilities_by_name(entry)
         assert len(got) == 3
         np.testing.assert_allclose([got[name] for name in NAMES], row, rtol=1e-5, atol=1e-6)
@@ -123,7 +124,7 @@ def test_a_broken_file_gets_one_line_and_the_others_still_run(tiny_model, tmp_pa
     assert "Traceback" not in result.stderr
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 4, result.stderr
-    for line, path in zip(errors, (garbage, truncated, damaged, missing)):
+    for line, path in zip(errors, (garbage, truncated, damaged, missing), strict=True):
         assert line.startswith(f"fastnet: error: {path}: "), line
         assert "; " in line  # the problem, then what to do
     assert "not an image" in errors[0] and "no such file" in errors[3]
@@ -309,7 +310,7 @@ def test_predict_on_real_cifar_pngs_agrees_with_evaluate(cifar, cifar_subset, tm
     assert [entry["top"][0]["index"] for entry in entries] == predictions.tolist()
     expected = softmax(logits)
     names = fastnet.load(run / "model.npz").class_names
-    for entry, row in zip(entries, expected):
+    for entry, row in zip(entries, expected, strict=True):
         assert entry["top"][0]["class"] == names[int(np.argmax(row))]
         for item in entry["top"]:
             assert item["probability"] == pytest.approx(float(row[item["index"]]), rel=1e-5, abs=1e-7)

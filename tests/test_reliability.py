@@ -121,7 +121,8 @@ CASES = {
     "dropout of 1": (lambda root, tiny, run: ["train", "--dropout", "1"], ["--dropout is a rate in [0, 1)"]),
     "negative label smoothing": (lambda root, tiny, run: ["train", "--label-smoothing", "-0.1"],
                                  ["--label-smoothing must be in [0, 1)"]),
-    "negative translate": (lambda root, tiny, run: ["train", "--translate", "-2"], ["--translate is a size in pixels, got -2"]),
+    "negative translate": (lambda root, tiny, run: ["train", "--translate", "-2"],
+                           ["--translate is a size in pixels, got -2"]),
     "zero clip": (lambda root, tiny, run: ["train", "--clip", "0"], ["--clip must be a positive gradient norm"]),
     "unknown recipe": (lambda root, tiny, run: ["train", "--recipe", "slow"], ["--recipe", "'slow'"]),
     "flip on samples that are not images": (npy_with(["--flip", "--batch-size", "5"],
@@ -157,17 +158,19 @@ CASES = {
     "fractional labels": (npy_with(test_labels=lambda x: x + 0.5), ["must be integers"]),
     "label beyond the classes": (npy_with(test_labels=with_one(12)), ["label 12", "past the 10 classes"]),
     # One mistyped label among 10 classes, and no class_names.txt: not 90 classes.
-    "a label far past the others": (lambda root, tiny, run: ["train", "--data", write_npy(root / "typo", make_arrays() | {
-        "train_labels": with_one(99, at=5)(make_arrays()["train_labels"])})],
+    "a label far past the others": (lambda root, tiny, run: ["train", "--data", write_npy(
+        root / "typo", make_arrays() | {"train_labels": with_one(99, at=5)(make_arrays()["train_labels"])})],
         ["train_labels.npy: label 99 at index 5", "89 classes (10 to 98)", "class_names.txt"]),
-    "empty test split": (npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]), ["test split", "no images"]),
+    "empty test split": (npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]),
+                         ["test split", "no images"]),
     # Checkpoints
     "checkpoint missing": (lambda root, tiny, run: ["evaluate", root / "none.npz", "--data", tiny],
                            ["none.npz does not exist"]),
     "not a fastnet checkpoint": (lambda root, tiny, run: ["evaluate", foreign_npz(root), "--data", tiny],
                                  ["not a fastnet checkpoint"]),
     "not even a zip": (lambda root, tiny, run: ["evaluate", (root / "m.npz").write_text("hello") and root / "m.npz",
-                                                "--data", tiny], ["m.npz is not a fastnet checkpoint", "not even an .npz"]),
+                                                "--data", tiny],
+                       ["m.npz is not a fastnet checkpoint", "not even an .npz"]),
     "checkpoint truncated": (lambda root, tiny, run: ["evaluate", copy_of(run, "model.npz", root,
                                                                            lambda raw: raw[: len(raw) // 2]),
                                                       "--data", tiny], ["unreadable", "truncated"]),

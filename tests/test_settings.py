@@ -14,6 +14,7 @@ from fastnet.predict import Model
 from fastnet.train import TrainConfig
 from helpers import assert_one_line_error, fastnet
 
+
 def model_evaluated_with(tta):
     """fastnet.load's Model of a run, asked for test-time augmentation `tta`: it judges `tta` before it
     uses the network, so a stand-in for the saved run is enough."""

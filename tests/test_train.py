@@ -55,7 +55,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny_npy, tmp_path):
         params = checkpoint.load(str(tmp_path / name / "model.npz")).net.params
         losses = [m["train_loss"] for m in read_metrics(tmp_path / name)]
         runs[name] = (params, losses)
-    assert all(np.array_equal(p, q) for p, q in zip(runs["a"][0], runs["b"][0]))
+    assert all(np.array_equal(p, q) for p, q in zip(runs["a"][0], runs["b"][0], strict=True))
     assert runs["a"][1] == runs["b"][1]
     assert not np.array_equal(runs["a"][0][0], runs["c"][0][0])
 
@@ -122,7 +122,7 @@ def test_a_regularised_run_is_deterministic_and_its_model_reloads(backend, tiny_
         quiet_train(data=str(tiny_npy), backend=backend, epochs=2, hidden=(16, 8), batch_size=32, seed=1,
                     out=str(tmp_path / name), **REGULARISED)
     a, b = (checkpoint.load(str(tmp_path / name / "model.npz"), backend=backend) for name in "ab")
-    assert all(np.array_equal(p, q) for p, q in zip(a.net.params, b.net.params))
+    assert all(np.array_equal(p, q) for p, q in zip(a.net.params, b.net.params, strict=True))
     assert a.net.spec() == {"activation": "gelu", "norm": "layernorm", "dropout": 0.2}
     # The reloaded model (layer norm gains included) gives the accuracy the run reported.
     dataset = data.load_dataset(tiny_npy)
@@ -153,8 +153,10 @@ def test_model_npz_keeps_the_epoch_with_the_best_validation_accuracy(tiny_npy, t
 def test_time_to_accuracy_reports_the_first_epoch_past_each_threshold():
     from fastnet.train import time_to_accuracy
 
-    history = [{"epoch": 1, "test_acc": 0.48, "train_seconds": 2.0}, {"epoch": 2, "test_acc": 0.56, "train_seconds": 4.0},
-               {"epoch": 3, "test_acc": 0.55, "train_seconds": 6.0}, {"epoch": 4, "test_acc": 0.61, "train_seconds": 8.0}]
+    history = [{"epoch": 1, "test_acc": 0.48, "train_seconds": 2.0},
+               {"epoch": 2, "test_acc": 0.56, "train_seconds": 4.0},
+               {"epoch": 3, "test_acc": 0.55, "train_seconds": 6.0},
+               {"epoch": 4, "test_acc": 0.61, "train_seconds": 8.0}]
     assert time_to_accuracy(history, (0.5, 0.55, 0.6, 0.65)) == [
         "time to test accuracy: 50% after 4.0 s (epoch 2), 55% after 4.0 s (epoch 2), 60% after 8.0 s (epoch 4)"]
     assert time_to_accuracy(history[:1], (0.5,)) == []
@@ -210,7 +212,7 @@ def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend,
     assert folded.loss == pytest.approx(evaluated.loss, rel=1e-4)
     other = checkpoint.load(str(tmp_path / "b" / "model.npz"), backend=backend)
     assert np.array_equal(saved.projection, other.projection)
-    assert all(np.array_equal(p, q) for p, q in zip(saved.net.params, other.net.params))
+    assert all(np.array_equal(p, q) for p, q in zip(saved.net.params, other.net.params, strict=True))
     if augmentation == {"flip": True}:  # flips by sign, so the components are mirror-symmetric or not
         assert set(data.mirror_signs(saved.projection, dataset.sample_shape)) == {-1.0, 1.0}
     if augmentation:  # and augmenting changed the training
@@ -274,7 +276,7 @@ def test_after_backward_sees_every_steps_gradients_before_the_update(tiny_npy, t
 
     initial = MLP([48, 4, 3], seed=np.random.default_rng(0))  # as the run draws it: seed 0, no --val
     frozen = checkpoint.load(tmp_path / "frozen" / "model.npz")
-    for p, q in zip(frozen.net.params, initial.params):
+    for p, q in zip(frozen.net.params, initial.params, strict=True):
         assert np.array_equal(p, q)
 
 

@@ -5,18 +5,19 @@
                                       [--neighbours 0,1]
 
 R1 (an MLP 3072-512-512-10 with batch 128) and R2 (3072-128-10, batch 64) are defined in
-fastnet/workloads.py; each trains one epoch of the 50,000 CIFAR-10 training images in float32 with SGD, momentum 0.9, constant lr 0.01,
-no weight decay: shuffle, gather uint8 rows, normalise, forward, softmax cross-entropy, backward,
-update. The numpy and numba sides run `fastnet.train.train_epoch`, the code path of `fastnet train`;
-the torch side (when torch imports; it is a peer to measure against, not a dependency) runs the
-same model with nn.Linear, F.cross_entropy and torch.optim.SGD on 2 threads. A side `NAME:N` runs
-backend NAME on N cores (`fastnet train --threads N`); a plain name uses them all. A side ending in
-`@bf16` trains in mixed precision: `fastnet train --precision bf16` for fastnet's backends (skipped
-where fastnet refuses it), torch.autocast's bfloat16 for torch; e.g. --sides numba,numba@bf16,torch@bf16.
-A side `NAME:TxR` trains data-parallel on R ranks of T threads each (`mpirun -n R fastnet train
---distributed --threads T`, fastnet.distributed), e.g. numba:1x2 against numba on a 2-core machine; its
-worker is started under mpirun, and rank 0's epoch is the one reported; `NAME:TxR+overlap` adds
-`--overlap`. --mpirun-args passes options to mpirun, e.g. "--mca btl tcp,self" to send over TCP.
+fastnet/workloads.py; each trains one epoch of the 50,000 CIFAR-10 training images in float32 with
+SGD, momentum 0.9, constant lr 0.01, no weight decay: shuffle, gather uint8 rows, normalise, forward,
+softmax cross-entropy, backward, update. The numpy and numba sides run `fastnet.train.train_epoch`,
+the code path of `fastnet train`; the torch side (when torch imports; it is a peer to measure
+against, not a dependency) runs the same model with nn.Linear, F.cross_entropy and torch.optim.SGD on
+2 threads. A side `NAME:N` runs backend NAME on N cores (`fastnet train --threads N`); a plain name
+uses them all. A side ending in `@bf16` trains in mixed precision: `fastnet train --precision bf16`
+for fastnet's backends (skipped where fastnet refuses it), torch.autocast's bfloat16 for torch; e.g.
+--sides numba,numba@bf16,torch@bf16. A side `NAME:TxR` trains data-parallel on R ranks of T threads
+each (`mpirun -n R fastnet train --distributed --threads T`, fastnet.distributed), e.g. numba:1x2
+against numba on a 2-core machine; its worker is started under mpirun, and rank 0's epoch is the one
+reported; `NAME:TxR+overlap` adds `--overlap`. --mpirun-args passes options to mpirun, e.g.
+"--mca btl tcp,self" to send over TCP.
 
 Every measurement runs in its own fresh process (`--worker SIDE WORKLOAD`, one JSON line out):
 after a NumPy call OpenBLAS's threads keep spinning for a while and slow whatever runs next in the
@@ -35,6 +36,7 @@ work on the machine gets.
 """
 
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -44,14 +46,16 @@ import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
-from fastnet.cpu import busy_neighbours, cpu_model, process_seconds, run_child, wait_until_quiet  # noqa: E402  (after the path is set; fastnet needs no extra setup)
+# After the path is set (fastnet needs no extra setup):
 from fastnet.bench import time_products  # noqa: E402
+from fastnet.cpu import DISTURBED as BUSY  # noqa: E402
+from fastnet.cpu import busy_neighbours, cpu_model, process_seconds, run_child, wait_until_quiet  # noqa: E402
 from fastnet.distributed import AS_ROOT  # noqa: E402
 from fastnet.workloads import MOMENTUM, WORKLOADS  # noqa: E402
 
@@ -110,6 +114,7 @@ def ranks_of(side):
 
 def worker_train(side, workload, source):
     import numpy as np
+
     from fastnet import backends, data, train
     backend, threads, precision = split_side(side)
     images2d, labels, images, described = load_images(source)
@@ -169,7 +174,7 @@ def torch_epoch(sizes, batch, images2d, labels, shift, scale, warm_order, order,
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
     model = torch.nn.Sequential(*layers).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -226,9 +231,9 @@ def worker_peak(lib):
         out = np.empty((n, n), np.float32)
         if lib == "torch":
             a, b, out = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
-            mm = lambda: torch.mm(a, b, out=out)  # noqa: E731
+            mm = functools.partial(torch.mm, a, b, out=out)  # this size's operands, bound now
         else:
-            mm = lambda: np.matmul(a, b, out=out)  # noqa: E731
+            mm = functools.partial(np.matmul, a, b, out=out)
         mm()  # warm-up: thread start, page faults
         times = []
         for _ in range(3 if n >= 4096 else 5):
@@ -255,7 +260,7 @@ def run_worker(*args, quiet_wait=0.0, mpirun_args=(), neighbours=0):
         proc, others = run_child([*launch, sys.executable, str(Path(__file__).resolve()), "--worker", *args],
                                  cwd=ROOT, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - started
-        neighbour_load = sum(process_seconds(p.pid) - b for p, b in zip(spinners, before)) / wall
+        neighbour_load = sum(process_seconds(p.pid) - b for p, b in zip(spinners, before, strict=True)) / wall
     others = {"other_load": max(others - neighbour_load, 0.0), "neighbour_load": neighbour_load}
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -380,7 +385,8 @@ def report(workload, sides, results, skipped, peak, repeats, neighbours=0):
     if workload in PEAK_GOAL and PEAK_GOAL[workload][0] in speed and peak:
         side, goal = PEAK_GOAL[workload]
         percent = 100 * fps * speed[side] / 1e9 / peak
-        print(f"{side} at {percent:.1f} % of the sgemm peak (goal >= {goal:.0f} %: {'met' if percent >= goal else 'NOT met'})")
+        print(f"{side} at {percent:.1f} % of the sgemm peak "
+              f"(goal >= {goal:.0f} %: {'met' if percent >= goal else 'NOT met'})")
     return speed
 
 
@@ -446,13 +452,15 @@ def main():
         print(f"neighbours: each side runs beside {' and '.join(map(str, neighbour_counts))} busy one-core "
               f"process(es) (`while True: pass`), started after the quiet wait; 'neighbours' gives the cores they got")
 
-    peaks = {lib: run_worker("peak", lib, quiet_wait=args.quiet_wait) for lib in ("numpy", "torch") if not reasons.get(lib)}
+    peaks = {lib: run_worker("peak", lib, quiet_wait=args.quiet_wait)
+             for lib in ("numpy", "torch") if not reasons.get(lib)}
     for lib, p in peaks.items():
         if "error" in p:
             print(f"sgemm peak {lib}: {p['error']}")
         else:
             sizes = ", ".join(f"{n}: {g:.0f}" for n, g in p["by_size"].items())
-            arch = ", ".join(f"{t['internal_api']} {t['architecture']}" for t in p["threadpools"] if t.get("architecture"))
+            arch = ", ".join(f"{t['internal_api']} {t['architecture']}"
+                             for t in p["threadpools"] if t.get("architecture"))
             print(f"sgemm peak {lib}: {p['gflops']:.1f} GFLOP/s at {p['size']}x{p['size']}  (by size: {sizes}; "
                   f"loaded: {arch or 'no OpenBLAS'}; others kept {p['other_load']:.2f} cores busy)")
     good = {lib: p["gflops"] for lib, p in peaks.items() if "error" not in p}
@@ -482,8 +490,9 @@ def main():
     speeds = {}
     for workload in workloads:
         for neighbours in neighbour_counts:
-            speeds[workload, neighbours] = report(workload, sides, [r for r in results if r["neighbours"] == neighbours],
-                                                  skipped, good.get(ref), args.repeats, neighbours)
+            these = [r for r in results if r["neighbours"] == neighbours]
+            speeds[workload, neighbours] = report(workload, sides, these, skipped, good.get(ref), args.repeats,
+                                                  neighbours)
         if len(neighbour_counts) > 1:
             report_neighbours(workload, speeds, neighbour_counts)
     print("cpu/wall: CPU seconds of the worker per second of its epoch (2.0 = both cores); others: cores that "

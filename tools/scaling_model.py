@@ -21,7 +21,8 @@ With overlap (`--overlap`), the upper layers' gradients are summed while backwar
 layer's weight gradient, the last product of a step: at best, their share u of the bytes travels
 within that product's share w of the step's FLOPs, and the visible time is T - min(u T, w b / S).
 The columns "with overlap" are that bound, for a CPU that the sending costs nothing; on one 2-core
-machine the thread that sends took more from the computing cores than it hid (docs/data-parallel.md, benchmarks/RESULTS.md).
+machine the thread that sends took more from the computing cores than it hid (docs/data-parallel.md,
+benchmarks/RESULTS.md).
 """
 
 import argparse
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count  # noqa: E402
+from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count
 
 # --recipe best's network on its 512 components (fastnet.train.RECIPES), with layer norm, batch 128.
 NETWORKS = {name: (w.sizes, False, w.batch_size) for name, w in WORKLOADS.items()} | {

@@ -72,7 +72,8 @@ def main():
                         "compared with the others (default: %(default)s)")
     parser.add_argument("--trials", type=int, default=4, help="finished trials per sweep (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each layout, interleaved (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each layout, interleaved (default: %(default)s)")
     parser.add_argument("--backend", default="numpy", help="the trials' backend (default: %(default)s, fastnet "
                         "train's)")
     parser.add_argument("--json", help="also write every figure to this file")

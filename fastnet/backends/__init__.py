@@ -1,8 +1,8 @@
 """The backend registry: the only door through which fastnet reaches its kernels.
 
 A backend is a module (or any object) that provides every name in `KERNELS` with the signatures and
-the return convention that `fastnet.backends.numpy_backend`, the reference, defines. The model, optimizers and trainer ask
-`get(name)` for one and never import a backend module themselves.
+the return convention that `fastnet.backends.numpy_backend`, the reference, defines. The model,
+optimizers and trainer ask `get(name)` for one and never import a backend module themselves.
 
 Besides its kernels, a backend may provide `use_threads(n)`, a context in which its kernels run on n
 cores, and `parallelism()`, what config.json records of how they share the cores; `use_threads`

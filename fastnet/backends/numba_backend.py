@@ -28,13 +28,13 @@ Every kernel keeps numpy_backend's return convention (arrays into the caller's o
 returned; a number only where the result is one). The private helpers have one naming pattern. A
 part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, a
 parallel loop over a product's tiles; `_columns`, a backward kernel's parallel pass over column
-tiles of dout before its products; `_elements`, an optimizer update's parallel loop over the flattened parameter; `_row`, one row's
-work. A helper that several kernels share is named for what it computes (`_weight_and_input_grads`,
-`_gelu`, `_row_max`), and one that numpy_backend has too keeps the reference's name and arguments
-(`_adam`). The constants that define a result (GELU's, SplitMix64's, bfloat16's bit patterns) are
-imported from numpy_backend. Numba compiles a global in as a constant, and its disk cache checks
-only the source file of the function it caches, so after changing one of them there, delete the
-cached .nbi and .nbc files.
+tiles of dout before its products; `_elements`, an optimizer update's parallel loop over the
+flattened parameter; `_row`, one row's work. A helper that several kernels share is named for what it
+computes (`_weight_and_input_grads`, `_gelu`, `_row_max`), and one that numpy_backend has too keeps
+the reference's name and arguments (`_adam`). The constants that define a result (GELU's,
+SplitMix64's, bfloat16's bit patterns) are imported from numpy_backend. Numba compiles a global in as
+a constant, and its disk cache checks only the source file of the function it caches, so after
+changing one of them there, delete the cached .nbi and .nbc files.
 """
 
 import contextlib
@@ -46,19 +46,34 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
-import numpy as np  # noqa: E402
-from numba import literally, njit, prange, types  # noqa: E402
-from numba.extending import overload  # noqa: E402
+import numpy as np
+from numba import literally, njit, prange, types
+from numba.extending import overload
 
-from fastnet.backends import numba_gemm  # noqa: E402
-from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16  # noqa: E402
-from fastnet.backends.numba_gemm import (ALIGN_COLUMNS, column_tiles, gemm, matmul_tiles, next_tile,  # noqa: E402
-                                         on_contiguous, product_tile, product_tiles, span, thread_count,
-                                         tile_counter, weight_gradient_tiles)
-from fastnet.backends.numpy_backend import (GELU_CUBIC, GELU_SQRT_2_OVER_PI, SPLITMIX_GAMMA,  # noqa: E402
-                                            SPLITMIX_MULTIPLIERS, SPLITMIX_SHIFTS)
-
-from fastnet.errors import FastnetError  # noqa: E402
+from fastnet.backends import numba_gemm
+from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16
+from fastnet.backends.numba_gemm import (
+    ALIGN_COLUMNS,
+    column_tiles,
+    gemm,
+    matmul_tiles,
+    next_tile,
+    on_contiguous,
+    product_tile,
+    product_tiles,
+    span,
+    thread_count,
+    tile_counter,
+    weight_gradient_tiles,
+)
+from fastnet.backends.numpy_backend import (
+    GELU_CUBIC,
+    GELU_SQRT_2_OVER_PI,
+    SPLITMIX_GAMMA,
+    SPLITMIX_MULTIPLIERS,
+    SPLITMIX_SHIFTS,
+)
+from fastnet.errors import FastnetError
 
 numba_gemm.hold_blas_to_one_thread()
 
@@ -286,7 +301,8 @@ _EXP_CAP = 80.0  # exp(80) = 5.5e34 is finite in float32, and (1 + it)**2 overfl
 # x = n ln2 + f with |f| <= ln2 / 2 (ln2 split in two, so that n ln2 is exact), e^f by its Taylor
 # series to f^7 (error under f^8 / 8! = 2e-9 there), times 2^n built from its bits. Measured against
 # exp in float64 over [-87, 88]: within 0.65 of a float32 spacing (2^-23 relative). LLVM vectorises
-# it, which np.exp's libm call stops (the per-unit micro benchmarks measure both). Below -87 it returns exp(-87) (1.6e-38), not a subnormal: GELU adds it to 1.
+# it, which np.exp's libm call stops (the per-unit micro benchmarks measure both). Below -87 it
+# returns exp(-87) (1.6e-38), not a subnormal: GELU adds it to 1.
 _LOG2_E, _LN2_HIGH, _LN2_LOW = 1.4426950408889634, 0.693359375, -2.12194440e-4
 _EXP_LOWEST, _EXP_HIGHEST = -87.0, 88.0
 _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(7, -1, -1))  # f^7 / 7! first

@@ -111,7 +111,8 @@ def find_blas(choice=None):
         if sgemm and dgemm:
             return Blas("mkl", mkl, sgemm, dgemm, version=version)
         if choice == "mkl":
-            raise VariableError(f"FASTNET_BLAS=mkl but {mkl} has no ILP64 interface (cblas_sgemm_64): pip install -U mkl")
+            raise VariableError(f"FASTNET_BLAS=mkl but {mkl} has no ILP64 interface (cblas_sgemm_64): "
+                                "pip install -U mkl")
     for lib in _openblas_candidates():
         dll = ctypes.CDLL(lib["filepath"])
         sgemm = _symbol(dll, ["scipy_cblas_sgemm64_", "cblas_sgemm64_"])

@@ -75,7 +75,7 @@ def status():
 
 
 def _blases():
-    from fastnet.backends import numba_gemm  # noqa: F401  (in the parent only to list what is installed)
+    from fastnet.backends import numba_gemm  # in the parent only to list what is installed
     return ["openblas"] + (["mkl"] if numba_gemm._mkl_path() else [])
 
 

@@ -61,7 +61,7 @@ def principal_components(images: np.ndarray, shift: np.ndarray, scale: np.ndarra
         # give: half the multiplications of C, and no products with the bases.
         values, vectors, variance = [], [], 0.0
         for basis, coordinates in zip(_mirror_bases(mirror, standardised.dtype),
-                                      _mirror_coordinates(standardised, mirror)):
+                                      _mirror_coordinates(standardised, mirror), strict=True):
             if basis.shape[1]:
                 covariance = np.dot(coordinates.T, coordinates) / len(rows)
                 variance += np.trace(covariance)

@@ -216,7 +216,8 @@ def _from_batches(files, where: pathlib.Path, source: str) -> Dataset:
             try:
                 class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
             except (KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise DataError(f"batches.meta in {where} has no readable b'label_names': replace or delete it") from exc
+                raise DataError(f"batches.meta in {where} has no readable b'label_names': "
+                                "replace or delete it") from exc
             continue
         decoded[name] = _batch_arrays(raw, f"batch {name} in {where}")
         del raw
@@ -249,7 +250,8 @@ def _load_npy(folder: pathlib.Path) -> Dataset:
         try:
             arrays[name] = np.load(folder / name, allow_pickle=False, mmap_mode=None)
         except (OSError, ValueError, EOFError) as exc:
-            raise DataError(f"{folder / name} is truncated or not a plain .npy array ({_reason(exc)}): rewrite it") from exc
+            raise DataError(f"{folder / name} is truncated or not a plain .npy array ({_reason(exc)}): "
+                            "rewrite it") from exc
         if not isinstance(arrays[name], np.ndarray):
             raise DataError(f"{folder / name} is an .npz archive, not an .npy array: save each array with np.save")
     class_names = None
@@ -258,7 +260,8 @@ def _load_npy(folder: pathlib.Path) -> Dataset:
         try:
             class_names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read {names_file} ({_reason(exc)}): make it UTF-8 text, one class name a line") from exc
+            raise DataError(f"cannot read {names_file} ({_reason(exc)}): make it UTF-8 text, "
+                            "one class name a line") from exc
     labels = {name: _as_labels(arrays[name], str(folder / name)) for name in NPY_FILES if "labels" in name}
     return _checked(arrays["train_images.npy"], labels["train_labels.npy"], arrays["test_images.npy"],
                     labels["test_labels.npy"], class_names, f"npy files in {folder}",

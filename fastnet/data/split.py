@@ -14,7 +14,8 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np
     if len(labels) != total:
         raise DataError(f"cannot split {total} images with {len(labels)} labels: pass matching arrays")
     if not isinstance(count, (int, np.integer)) or not 0 < count < total:
-        raise DataError(f"--val {count} must be between 1 and {total - 1}: the training set has {total} samples; pass a smaller one")
+        raise DataError(f"--val {count} must be between 1 and {total - 1}: the training set has {total} samples; "
+                        "pass a smaller one")
     order = rng.permutation(total)
     # Sorting keeps both parts in their original order, so epochs see a stable sequence for a seed.
     val, train = np.sort(order[:count]), np.sort(order[count:])

@@ -150,7 +150,7 @@ def _dimension(path, setting, table):
         raise refuse(f"has {', '.join(sorted(keys)) or 'nothing'}: a range needs low and high (and may have log, "
                      f"and step for integers), a choice needs choices")
     if setting not in FLOATS + INTEGERS:
-        raise refuse(f"is not a number, so it cannot be a range: list its values as choices = [...]")
+        raise refuse("is not a number, so it cannot be a range: list its values as choices = [...]")
     low, high, log, step = table["low"], table["high"], table.get("log", False), table.get("step")
     for end in (low, high):
         if isinstance(end, bool) or not isinstance(end, numbers.Real) or not math.isfinite(end):

@@ -13,6 +13,7 @@ error grows like sqrt(K) * eps32 = 6.6e-6 of the terms' scale (see float32_tol i
 largest |expected|, since an element near 0 is a sum that cancelled and errs like its terms.
 """
 
+from itertools import pairwise
 from types import SimpleNamespace
 
 import numpy as np
@@ -77,7 +78,7 @@ def on_reference(kernel, *args):
 
 
 def check(actual, expected):
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         if isinstance(want, np.ndarray) and want.dtype == np.float64:
             assert_close(got, want, rtol=RTOL, atol=RTOL * float(np.max(np.abs(want))), dtype="float32")
 
@@ -234,10 +235,10 @@ def test_train_step(benchmark, backend, workload):
         optimizer.step(ws.grads, lr)
         return loss, correct
 
-    (loss, correct), (want_loss, want_correct) = [step(n, o, 0.05) for n, o in zip(nets, optimizers)]
+    (loss, correct), (want_loss, want_correct) = [step(n, o, 0.05) for n, o in zip(nets, optimizers, strict=True)]
     assert loss == pytest.approx(want_loss, rel=RTOL) and correct == want_correct
     check(nets[0].params, nets[1].params)
     benchmark.group = f"train_step {w.name}"
     benchmark.extra_info["GFLOP"] = round(sum(gflop(w.batch, d, h) * (3 if i else 2)
-                                              for i, (d, h) in enumerate(zip(w.sizes, w.sizes[1:]))), 4)
+                                              for i, (d, h) in enumerate(pairwise(w.sizes))), 4)
     benchmark(step, nets[0], optimizers[0], 1e-5)
