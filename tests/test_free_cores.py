@@ -119,7 +119,9 @@ def test_a_numba_epoch_that_changes_threads_every_step_ends_on_the_same_bits(mon
     with backends.use_threads("numba", 2):
         steady = epoch()
         assert backends.follow_free_cores("numba") is backends.follow_free_cores("numba")  # kept between epochs
-        # Every step a window, in which the machine is alternately full (100 busy seconds) and idle.
+        # Every step a window, in which the machine is alternately full (100 busy seconds) and idle,
+        # from a fresh start on two threads (the steady epoch's own choices depended on the real load).
+        monkeypatch.setattr(backends, "_followers", {})
         calls = itertools.count()
         monkeypatch.setattr(FreeCores, "WINDOW", 0.0)
         monkeypatch.setattr(cpu, "busy_seconds", lambda: 100.0 * ((next(calls) + 1) // 2))
