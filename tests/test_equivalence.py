@@ -1132,6 +1132,26 @@ def test_optimizer_steps_write_the_bf16_copy_of_the_updated_parameter(other, ker
         assert_matches(got, want, 4, f"{other}.{kernel} with param16")
 
 
+@pytest.mark.parametrize("kernel", list(OPTIMIZER_KERNELS))
+def test_optimizer_steps_give_the_same_bits_on_any_threads_and_plan(other, kernel):
+    """The numba backend's updates run in runs of the flat parameter claimed by whichever thread is
+    free: on 1 and 2 threads, at the default plan and at the finest (a run per 16 elements, the last
+    shorter), the parameter, its state and its bf16 copy come out bit for bit the same."""
+    state_names, hyper = OPTIMIZER_KERNELS[kernel]
+    rng = np.random.default_rng(7)
+    shape = (77, 13)  # 1,001 elements: 63 runs of 16 at the finest plan, the last of 9
+    param, grad = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    state = [np.abs(rng.standard_normal(shape)).astype(np.float32) * 0.1 for _ in state_names]
+    tail = (0.01, *hyper, 0.05) + ((3,) if kernel.startswith("adam") else ())
+    outcomes = []
+    for threads, plan in ((1, "default"), (2, "default"), (1, "finest"), (2, "finest")):
+        arrays, copy = [param.copy(), *(s.copy() for s in state)], np.full(shape, 0x7FC1, np.uint16)
+        with backends.use_threads(other, threads), tile_plan(other, plan):
+            getattr(backends.get(other), kernel)(arrays[0], grad.copy(), *arrays[1:], *tail, copy)
+        outcomes.append([a.tobytes() for a in (*arrays, copy)])
+    assert all(outcome == outcomes[0] for outcome in outcomes[1:]), f"{other}.{kernel} depends on its threads"
+
+
 # --- Whole models -------------------------------------------------------------------------------------
 
 def model_tolerance(dtype, sizes, batch):

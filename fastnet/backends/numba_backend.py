@@ -11,11 +11,11 @@ What it does that NumPy cannot:
   checks every division for zero, and that branch kept the Adam loop from vectorising: 7x slower.
 
 The products go through the GEMM driver of numba_gemm.py: BLAS held to one thread, each product
-cut into tiles by its shape and the plan, claimed by whichever thread is free, each tile's bias,
-activation, mask or bias-gradient sums done by the thread that computed the tile. Every dense kernel
-is one of two tile loops (_dense_forward_tiles, _dense_backward_columns) with its activation chosen
-at compile time. The memory-bound loops (gathering the batch, the elementwise
-passes, the optimizer updates) split their rows or elements across the same threads with `prange`.
+cut into tiles by its shape and the plan, claimed by whichever thread is free, each forward tile's
+bias and activation done by the thread that computed the tile. Every dense kernel is one of two tile
+loops (_dense_forward_tiles, _dense_backward_columns) with its activation chosen at compile time, and
+every optimizer update is one (_update_tiles) with its rule chosen so. The other memory-bound loops
+(gathering the batch, the elementwise passes) split their rows across the same threads with `prange`.
 Nothing is summed across tiles: every sum is done by one thread in a fixed order, so results
 depend on neither thread timing nor the thread count. The losses and count_correct stay serial: a 128 x 10 batch is less
 work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
@@ -28,8 +28,7 @@ Every kernel keeps numpy_backend's return convention (arrays into the caller's o
 returned; a number only where the result is one). The private helpers have one naming pattern. A
 part of one kernel that Numba needs as a function of its own is `_<kernel>_<part>`: `_tiles`, a
 parallel loop over a product's tiles; `_columns`, a backward kernel's parallel pass over column
-tiles of dout before its products; `_elements`, an optimizer update's parallel loop over the
-flattened parameter; `_row`, one row's work. A helper that several kernels share is named for what it
+tiles of dout before its products; `_row`, one row's work. A helper that several kernels share is named for what it
 computes (`_weight_and_input_grads`, `_gelu`, `_row_max`), and one that numpy_backend has too keeps
 the reference's name and arguments (`_adam`). The constants that define a result (GELU's,
 SplitMix64's, bfloat16's bit patterns) are imported from numpy_backend. Numba compiles a global in as
@@ -816,10 +815,70 @@ def sum_of_squares(x):
 
 
 # --- Optimizer updates -----------------------------------------------------------------------------
-# Each kernel is an entry that flattens its arrays and a parallel loop over their elements.
-# Every array arrives C-contiguous, so reshape(-1) and np.ravel are views. The bf16 copy, when given, is written from
-# each updated element in the same loop. (The entry flattens it too: flattened inside the parallel
+# Each kernel is an entry that flattens its arrays and computes its rule's factors, and one tile loop
+# (_update_tiles) whose element update is chosen at compile time: the rule is a literal, as the dense
+# kernels' activation is. Every array arrives C-contiguous, so reshape(-1) and np.ravel are views. A rule
+# without a state gets the parameter in its place, never written. The bf16 copy, when given, is
+# written from each tile once it is updated. (The entry flattens it: flattened inside the parallel
 # function, by a helper, Numba's parfors dropped the writes to it.)
+
+SGD, MOMENTUM, NESTEROV, ADAM = range(4)
+
+
+def _update_run(rule, p, g, s1, s2, f):
+    """One update of `rule` of every element of the run p (with its gradient g and states s1, s2),
+    with its factors f (the entries below say what they are)."""
+
+
+@overload(_update_run, jit_options={"cache": True, "nogil": True, "error_model": "numpy"})
+def _update_run_compiled(rule, p, g, s1, s2, f):
+    # Chosen while typing, by the literal rule: each rule's factors are a tuple of their own length. A
+    # loop over whole arrays (a run's views, passed in) is one LLVM vectorises; indexing views made in
+    # the parallel loop left it a third slower.
+    rule = getattr(rule, "literal_value", None)
+    if rule == SGD:
+        def sgd(rule, p, g, s1, s2, f):
+            for i in range(p.size):
+                p[i] = p[i] * f[0] - f[1] * g[i]
+        return sgd
+    if rule == MOMENTUM:
+        def momentum(rule, p, g, s1, s2, f):
+            for i in range(p.size):
+                s1[i] = s1[i] * f[1] + g[i] + f[2] * p[i]
+                p[i] -= f[0] * s1[i]
+        return momentum
+    if rule == NESTEROV:
+        def nesterov(rule, p, g, s1, s2, f):
+            for i in range(p.size):
+                gi = g[i] + f[2] * p[i]
+                s1[i] = s1[i] * f[1] + gi
+                p[i] -= f[0] * (gi + f[1] * s1[i])
+        return nesterov
+    if rule == ADAM:
+        def adam(rule, p, g, s1, s2, f):
+            for i in range(p.size):
+                gi = g[i] + f[3] * p[i]
+                s1[i] = s1[i] * f[0] + f[4] * gi
+                s2[i] = s2[i] * f[1] + f[5] * gi * gi
+                p[i] = p[i] * f[6] - f[7] * s1[i] / (np.sqrt(s2[i] / f[8]) + f[2])
+        return adam
+    return None
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _update_tiles(rule, p, g, s1, s2, factors, p16):
+    """Every element's update of `rule`, in runs of the flat parameter that the threads claim as they
+    come free (numba_gemm.next_tile); a run's bounds depend on the size alone."""
+    rule = literally(rule)
+    tiles, counter = column_tiles(1, p.size), tile_counter()
+    for _ in prange(thread_count()):
+        tile = next_tile(counter, tiles)
+        while tile >= 0:
+            start, stop = span(p.size, tiles, tile, ALIGN_COLUMNS)
+            _update_run(rule, p[start:stop], g[start:stop], s1[start:stop], s2[start:stop], factors)
+            if p16 is not None:
+                _round_row(p[start:stop], p16[start:stop])
+            tile = next_tile(counter, tiles)
 
 
 @on_contiguous("param", "param16")
@@ -828,19 +887,12 @@ def sgd_step(param, grad, lr, weight_decay, param16=None):
     """param -= lr * (grad + weight_decay * param)."""
     real = param.dtype.type
     # As in the reference, the factor is computed in double and rounded once.
-    shrink, rate = real(1.0 - lr * weight_decay), real(lr)
+    factors = real(1.0 - lr * weight_decay), real(lr)
+    p = param.reshape(-1)
     if param16 is None:
-        _sgd_step_elements(param.reshape(-1), np.ravel(grad), shrink, rate, None)
+        _update_tiles(SGD, p, np.ravel(grad), p, p, factors, None)
     else:
-        _sgd_step_elements(param.reshape(-1), np.ravel(grad), shrink, rate, param16.reshape(-1))
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _sgd_step_elements(p, g, shrink, lr, p16):
-    for i in prange(p.size):
-        p[i] = p[i] * shrink - lr * g[i]
-        if p16 is not None:
-            p16[i] = to_bf16(p[i])
+        _update_tiles(SGD, p, np.ravel(grad), p, p, factors, param16.reshape(-1))
 
 
 @on_contiguous("param", "velocity", "param16")
@@ -849,19 +901,11 @@ def momentum_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
     """v = momentum * v + grad + weight_decay * param; param -= lr * v."""
     real = param.dtype.type
     factors = real(lr), real(momentum), real(weight_decay)
+    p, v = param.reshape(-1), velocity.reshape(-1)
     if param16 is None:
-        _momentum_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
+        _update_tiles(MOMENTUM, p, np.ravel(grad), v, v, factors, None)
     else:
-        _momentum_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _momentum_step_elements(p, g, v, lr, momentum, decay, p16):
-    for i in prange(p.size):
-        v[i] = v[i] * momentum + g[i] + decay * p[i]
-        p[i] -= lr * v[i]
-        if p16 is not None:
-            p16[i] = to_bf16(p[i])
+        _update_tiles(MOMENTUM, p, np.ravel(grad), v, v, factors, param16.reshape(-1))
 
 
 @on_contiguous("param", "velocity", "param16")
@@ -870,20 +914,11 @@ def nesterov_step(param, grad, velocity, lr, momentum, weight_decay, param16=Non
     """g' = grad + weight_decay * param; v = momentum * v + g'; param -= lr * (g' + momentum * v)."""
     real = param.dtype.type
     factors = real(lr), real(momentum), real(weight_decay)
+    p, v = param.reshape(-1), velocity.reshape(-1)
     if param16 is None:
-        _nesterov_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, None)
+        _update_tiles(NESTEROV, p, np.ravel(grad), v, v, factors, None)
     else:
-        _nesterov_step_elements(param.reshape(-1), np.ravel(grad), velocity.reshape(-1), *factors, param16.reshape(-1))
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _nesterov_step_elements(p, g, v, lr, momentum, decay, p16):
-    for i in prange(p.size):
-        gi = g[i] + decay * p[i]
-        v[i] = v[i] * momentum + gi
-        p[i] -= lr * (gi + momentum * v[i])
-        if p16 is not None:
-            p16[i] = to_bf16(p[i])
+        _update_tiles(NESTEROV, p, np.ravel(grad), v, v, factors, param16.reshape(-1))
 
 
 @on_contiguous("param", "m", "v", "param16")
@@ -908,19 +943,8 @@ def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, s
     # Factors are computed in double and rounded once, as the reference's Python floats are.
     factors = (real(beta1), real(beta2), real(eps), real(l2_decay), real(1.0 - beta1), real(1.0 - beta2),
                real(1.0 - lr * decoupled_decay), real(lr / (1 - beta1 ** step)), real(1 - beta2 ** step))
-    flat = param.reshape(-1), np.ravel(grad), m.reshape(-1), v.reshape(-1)
+    p, g, m1, v1 = param.reshape(-1), np.ravel(grad), m.reshape(-1), v.reshape(-1)
     if param16 is None:
-        _adam_elements(*flat, *factors, None)
+        _update_tiles(ADAM, p, g, m1, v1, factors, None)
     else:
-        _adam_elements(*flat, *factors, param16.reshape(-1))
-
-
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _adam_elements(p, g, m, v, b1, b2, tiny, l2, keep1, keep2, shrink, step_size, correction2, p16):
-    for i in prange(p.size):
-        gi = g[i] + l2 * p[i]
-        m[i] = m[i] * b1 + keep1 * gi
-        v[i] = v[i] * b2 + keep2 * gi * gi
-        p[i] = p[i] * shrink - step_size * m[i] / (np.sqrt(v[i] / correction2) + tiny)
-        if p16 is not None:
-            p16[i] = to_bf16(p[i])
+        _update_tiles(ADAM, p, g, m1, v1, factors, param16.reshape(-1))
