@@ -145,6 +145,8 @@ def add_run_settings(run, defaults, leave_out=()):
             "onecycle, else 0")
     setting("--seed", type=int)
     setting("--val", type=int, metavar="N", help="hold out N training images for validation; 0: none")
+    setting("--test-fraction", type=float, metavar="F", help="of an image tree without test/: hold out this share "
+            "of each class of train/ as the test split; 0: none")
     setting("--out", metavar="DIR", help="run folder; none means runs/<timestamp>")
     setting("--activation", choices=ACTIVATIONS)
     setting("--norm", type=norm_name, metavar="layernorm|none", help="normalisation of every hidden layer")
@@ -609,7 +611,8 @@ def build_parser():
         return group.add_parser(name, help=summary, description=description, epilog=epilog)
 
     def add_data_and_backend(sub):
-        sub.add_argument("--data", metavar="PATH", help="CIFAR-10 archive, batches folder or .npy folder "
+        sub.add_argument("--data", metavar="PATH", help="folder of class folders (train/<class>/, test/<class>/), "
+                         "CIFAR-10 archive, batches folder or .npy folder "
                          "(default: $FASTNET_DATA or data/)")
         sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                          "(default: $FASTNET_BACKEND or numpy)")

@@ -41,6 +41,11 @@ def fraction(setting, value, example, what="must be in [0, 1)"):
     return float(value)
 
 
+def test_fraction(setting, value):
+    """The share of an image tree's train/ held out as its test split when it has no test/; 0: none."""
+    return fraction(setting, value, 0.1, what="is the share of train/ held out as the test split, in [0, 1)")
+
+
 def pixels(setting, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise SettingError(setting, f"{{setting}} is a size in pixels, got {value}: pass 0 or more")
