@@ -1,0 +1,295 @@
+"""Image trees (fastnet.data.folders): train/<class>/ and test/<class>/ of image files, as users keep them.
+
+Small odd trees are built with Pillow: mixed modes (RGB, L, P with a transparent index, RGBA), mixed
+case of extensions, junk files; the loaded arrays are compared pixel for pixel with what Pillow
+decodes from each file. The real-data test compares the unzipped CIFAR-10 JPEG tree with the
+batches build.py makes from the same zip.
+"""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastnet import data
+from fastnet.data import folders
+from fastnet.errors import DataError, FastnetError, SettingError
+from helpers import real_data_path, unavailable
+
+SIZE = (5, 6)  # height, width
+# (suffix, Pillow mode) of the files of a class, in turn: every mode a user's folder may hold.
+KINDS = ((".png", "RGB"), (".PNG", "L"), (".Png", "P"), (".png", "RGBA"), (".JPG", "RGB"), (".bmp", "RGB"),
+         (".jpeg", "L"), (".GIF", "P"))
+JUNK = (".DS_Store", "Thumbs.db", "notes.txt")
+
+
+def save_image(path, mode, rng, size=SIZE):
+    pixels = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
+    picture = Image.fromarray(pixels, "RGBA")
+    if mode == "P":
+        picture = picture.convert("RGB").quantize(8)
+        picture.info["transparency"] = 0  # palette index 0 is transparent
+    elif mode != "RGBA":
+        picture = picture.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, **({"transparency": 0} if mode == "P" else {}))
+    return path
+
+
+def make_tree(root, rng, classes=("zebra", "Moth", "ant"), counts=None, splits=("train", "test")):
+    """A tree whose classes are made out of order, with every kind of file; returns root."""
+    counts = counts or {"train": 9, "test": 4}
+    for split in splits:
+        for name in classes:
+            for i in range(counts[split]):
+                suffix, mode = KINDS[i % len(KINDS)]
+                save_image(root / split / name / f"{i:03d}{suffix}", mode, rng)
+    for junk in JUNK:
+        (root / "train" / classes[0] / junk).write_bytes(b"\x00 not an image")
+    return root
+
+
+def pillow_pixels(path):
+    """What the file holds, by Pillow directly: RGB, transparent pixels on white."""
+    with Image.open(path) as picture:
+        if "A" in picture.mode or "transparency" in picture.info:
+            rgba = picture.convert("RGBA")
+            picture = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(picture.convert("RGB"))
+
+
+def expected(root, split):
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / split / name).iterdir()):
+            if path.name not in JUNK:
+                images.append(pillow_pixels(path))
+                labels.append(label)
+    return classes, np.stack(images), np.array(labels)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FASTNET_CACHE", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_tree_loads_to_what_pillow_decodes_with_labels_from_the_sorted_folder_names(tmp_path, cache, workers,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(folders, "CHUNK", 4)  # several chunks, so that 2 workers make a pool
+    root = make_tree(tmp_path / "pets", np.random.default_rng(0))
+    dataset = data.load_image_tree(root, workers=workers)
+    classes, train_images, train_labels = expected(root, "train")
+    _, test_images, test_labels = expected(root, "test")
+    assert dataset.class_names == tuple(classes) == ("Moth", "ant", "zebra")
+    np.testing.assert_array_equal(dataset.train_images, train_images)
+    np.testing.assert_array_equal(dataset.train_labels, train_labels)
+    np.testing.assert_array_equal(dataset.test_images, test_images)
+    np.testing.assert_array_equal(dataset.test_labels, test_labels)
+    assert dataset.train_images.dtype == np.uint8 and dataset.sample_shape == (*SIZE, 3)
+    assert dataset.warnings == (f"skipped 3 files in {root} that are not an image by name or not in a class folder: "
+                                "train/zebra/.DS_Store, train/zebra/Thumbs.db, train/zebra/notes.txt",)
+
+
+def test_load_dataset_and_find_dataset_recognise_a_tree(tmp_path, cache):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(1))
+    assert data.find_dataset(root) == ("images", root.resolve())
+    assert data.load_dataset(root).source == f"image tree {root.resolve()}"
+
+
+DECODE_FILES = folders.decode_files
+
+
+def count_decodes(monkeypatch):
+    calls = []
+
+    def counted(root, files, reference):
+        calls.append(len(files))
+        return DECODE_FILES(root, files, reference)
+    monkeypatch.setattr(folders, "decode_files", counted)
+    return calls
+
+
+def test_the_second_load_reads_the_cache_and_a_changed_file_is_decoded_again(tmp_path, cache, monkeypatch):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(2))
+    first = data.load_image_tree(root, workers=1)
+    assert sorted(p.suffix for p in (cache / "images").iterdir()) == [".npy", ".npy"]  # train and test, no leftovers
+
+    def fail(*args):
+        raise AssertionError("decoded although cached")
+    monkeypatch.setattr(folders, "decode_files", fail)
+    again = data.load_image_tree(root, workers=1)
+    np.testing.assert_array_equal(again.train_images, first.train_images)
+    np.testing.assert_array_equal(again.test_images, first.test_images)
+
+    calls = count_decodes(monkeypatch)
+    touched = root / "train" / "ant" / "000.png"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    data.load_image_tree(root, workers=1)
+    assert calls == [27]  # the training split again, not the unchanged test split
+
+    calls.clear()
+    save_image(touched, "RGB", np.random.default_rng(99))  # new pixels; the size in bytes changes too
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    changed = data.load_image_tree(root, workers=1)
+    assert calls == [27]
+    np.testing.assert_array_equal(changed.train_images[9], pillow_pixels(touched))
+
+    calls.clear()
+    save_image(root / "test" / "ant" / "new.png", "RGB", np.random.default_rng(3))
+    (root / "test" / "zebra" / "000.png").unlink()
+    data.load_image_tree(root, workers=1)
+    assert calls == [12]
+
+
+def test_the_same_listing_in_another_order_of_events_gives_the_same_key():
+    files = [("train/a/1.png", 10, 5), ("train/b/2.png", 11, 6)]
+    assert folders.cache_key(files) == folders.cache_key(list(files))
+    assert folders.cache_key(files) != folders.cache_key([files[0], ("train/b/2.png", 12, 6)])
+    assert folders.cache_key(files) != folders.cache_key([files[0], ("train/b/2.png", 11, 7)])
+    assert folders.cache_key(files) != folders.cache_key(files[:1])
+
+
+def test_the_cache_is_not_inside_the_users_folder_and_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTNET_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert folders.cache_folder() == tmp_path / "xdg" / "fastnet"
+    monkeypatch.setenv("FASTNET_CACHE", str(tmp_path / "mine"))
+    assert folders.cache_folder() == tmp_path / "mine"
+
+
+def test_a_broken_image_stops_the_load_with_its_name_and_leaves_no_cache(tmp_path, cache):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(4))
+    bad = save_image(root / "train" / "ant" / "broken.jpg", "RGB", np.random.default_rng(5), size=(64, 64))
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    with pytest.raises(FastnetError, match="broken.jpg: this JPEG file is damaged or truncated"):
+        data.load_image_tree(root, workers=1)
+    bad.write_bytes(b"")
+    with pytest.raises(FastnetError, match="broken.jpg: not an image file Pillow can read"):
+        data.load_image_tree(root, workers=2)
+    assert not cache.exists() or not any(cache.rglob("*.*"))
+
+
+def test_images_of_different_sizes_are_one_error_naming_two_files_and_their_sizes(tmp_path, cache):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(6))
+    save_image(root / "train" / "zebra" / "wide.png", "RGB", np.random.default_rng(7), size=(5, 9))
+    with pytest.raises(FastnetError) as error:
+        data.load_image_tree(root, workers=1)
+    message = str(error.value)
+    assert f"{root.resolve()}/train/zebra/wide.png is 5x9 and {root.resolve()}/train/Moth/000.png is 5x6" in message
+    assert "resize" in message
+
+
+def test_an_unreadable_file_is_one_error_naming_it(tmp_path, cache, monkeypatch):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(8))
+    locked = root / "train" / "ant" / "003.png"
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root reads any file: make Pillow meet the error it would get
+        opened = Image.open
+
+        def refuse(path, *args, **kwargs):
+            if pathlib.Path(path) == locked.resolve():
+                raise PermissionError(13, "Permission denied", str(path))
+            return opened(path, *args, **kwargs)
+        monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(FastnetError, match="003.png: cannot be read .*check its permissions"):
+        data.load_image_tree(root, workers=1)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda root: [p.unlink() for p in (root / "train" / "ant").iterdir()], ["train/ant has no image files",
+                                                                              "drop the folder"]),
+    (lambda root: save_image(root / "test" / "bee" / "1.png", "RGB", np.random.default_rng(0)),
+     ["test/bee is a class that", "lacks"]),
+    (lambda root: [p.unlink() for p in (root / "test" / "ant").iterdir()], ["test/ant has no image files"]),
+])
+def test_bad_trees_are_one_line_data_errors(tmp_path, cache, damage, words):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(9))
+    damage(root)
+    with pytest.raises(DataError) as error:
+        data.load_dataset(root)
+    assert "\n" not in str(error.value)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_an_empty_tree_says_what_to_make(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="train has no class folders: make one folder per class"):
+        data.load_dataset(tmp_path / "empty")
+
+
+def test_a_class_that_test_lacks_has_no_test_images_and_keeps_its_label(tmp_path, cache):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(10))
+    for path in (root / "test" / "ant").iterdir():
+        path.unlink()
+    (root / "test" / "ant").rmdir()
+    dataset = data.load_dataset(root)
+    assert dataset.class_names == ("Moth", "ant", "zebra")
+    assert sorted(set(dataset.test_labels.tolist())) == [0, 2]
+
+
+def test_without_test_a_fraction_is_held_out_stratified_and_seeded(tmp_path, cache):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(11), counts={"train": 20}, splits=("train",))
+    with pytest.raises(DataError, match="no test/ folder: make .*or pass --test-fraction 0.1"):
+        data.load_dataset(root)
+    dataset = data.load_dataset(root, test_fraction=0.25, rng=np.random.default_rng(3))
+    assert np.bincount(dataset.test_labels).tolist() == [5, 5, 5]
+    assert np.bincount(dataset.train_labels).tolist() == [15, 15, 15]
+    assert dataset.notes == (f"held out 15 of the 60 images of {root.resolve()}/train as the test split "
+                             "(--test-fraction 0.25, stratified by class, drawn with --seed)",)
+    same = data.load_dataset(root, test_fraction=0.25, rng=np.random.default_rng(3))
+    other = data.load_dataset(root, test_fraction=0.25, rng=np.random.default_rng(4))
+    np.testing.assert_array_equal(same.test_images, dataset.test_images)
+    assert not np.array_equal(other.test_images, dataset.test_images)
+    # Together the two splits are the whole of train/, each image once.
+    _, everything, _ = expected(root, "train")
+    both = np.concatenate([dataset.train_images, dataset.test_images]).reshape(60, -1)
+    assert sorted(map(bytes, both)) == sorted(map(bytes, everything.reshape(60, -1)))
+
+
+def test_hold_out_draws_from_the_generator_and_keeps_a_sample_of_every_class():
+    labels = np.array([0] * 10 + [1] * 3 + [2])
+    held = folders.hold_out(labels, 0.5, np.random.default_rng(0))
+    assert [int(held[labels == k].sum()) for k in range(3)] == [5, 2, 0]
+    np.testing.assert_array_equal(held, folders.hold_out(labels, 0.5, np.random.default_rng(0)))
+
+
+def test_a_test_fraction_with_a_test_folder_or_other_data_is_refused(tmp_path, cache, tiny_npy):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(12))
+    with pytest.raises(SettingError, match="has one: drop test_fraction"):
+        data.load_dataset(root, test_fraction=0.1)
+    with pytest.raises(SettingError, match="with its own: drop test_fraction"):
+        data.load_dataset(tiny_npy, test_fraction=0.1)
+    with pytest.raises(SettingError, match=r"test_fraction is the share .* in \[0, 1\), got 1.5"):
+        data.load_dataset(root, test_fraction=1.5)
+
+
+@pytest.mark.cifar
+def test_the_cifar10_jpeg_tree_loads_to_the_images_and_labels_of_the_batches(cifar, tmp_path, monkeypatch):
+    """tools/build_test_data.sh unzips ../shared/cifar10/cifar10-jpeg.zip beside the batches it builds
+    from the same zip; the two must hold the same images with the same labels, in another order."""
+    tree = real_data_path() / "cifar10-jpeg"
+    if not (tree / "train").is_dir():
+        unavailable(f"no {tree}: run tools/build_test_data.sh (see docs/testing.md)")
+    monkeypatch.setenv("FASTNET_CACHE", str(tmp_path / "cache"))
+    loaded = data.load_dataset(tree)
+    # CIFAR-10's own order of classes happens to be alphabetical, so the labels are the same numbers.
+    assert loaded.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                  "truck")
+
+    def canonical(images, labels):
+        rows = np.concatenate([labels[:, None].astype(np.uint8), images.reshape(len(images), -1)], axis=1)
+        return np.unique(rows, axis=0, return_counts=True)
+
+    for split in ("train", "test"):
+        ours = canonical(getattr(loaded, f"{split}_images"), getattr(loaded, f"{split}_labels"))
+        theirs = canonical(getattr(cifar, f"{split}_images"), getattr(cifar, f"{split}_labels"))
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        np.testing.assert_array_equal(ours[1], theirs[1])
