@@ -6,6 +6,7 @@ decodes from each file. The real-data test compares the unzipped CIFAR-10 JPEG t
 batches build.py makes from the same zip.
 """
 
+import json
 import os
 import pathlib
 
@@ -16,7 +17,7 @@ from PIL import Image
 from fastnet import data
 from fastnet.data import folders
 from fastnet.errors import DataError, FastnetError, SettingError
-from helpers import real_data_path, unavailable
+from helpers import fastnet, real_data_path, unavailable
 
 SIZE = (5, 6)  # height, width
 # (suffix, Pillow mode) of the files of a class, in turn: every mode a user's folder may hold.
@@ -293,3 +294,17 @@ def test_the_cifar10_jpeg_tree_loads_to_the_images_and_labels_of_the_batches(cif
         theirs = canonical(getattr(cifar, f"{split}_images"), getattr(cifar, f"{split}_labels"))
         np.testing.assert_array_equal(ours[0], theirs[0])
         np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_fastnet_train_on_a_tree_reports_skipped_files_and_the_held_out_split(tmp_path):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(13), counts={"train": 20}, splits=("train",))
+    result = fastnet("train", "--data", root, "--test-fraction", "0.25", "--epochs", 1, "--hidden", 4,
+                     "--batch-size", 8, "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"warning: skipped 3 files in {root.resolve()} that are not an image by name or not in a class folder: " \
+           "train/zebra/.DS_Store, train/zebra/Thumbs.db, train/zebra/notes.txt" in lines
+    assert any(line.startswith("held out 15 of the 60 images") for line in lines), result.stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["test_fraction"] == 0.25 and config["train_size"] == 45
+    assert config["data_source"] == f"image tree {root.resolve()}"

@@ -142,6 +142,7 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
     skipped = []
     classes = _class_folders(root / "train", skipped, root)
     train = _list_split(root, "train", classes)
+    skipped += train.skipped
     notes = ()
     if (root / "test").is_dir():
         if test_fraction:
@@ -153,6 +154,7 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
             raise DataError(f"{root / 'test' / foreign[0]} is a class that {root / 'train'} lacks: use the same "
                             f"class folders in both, or drop it from test/")
         test = _list_test(root, classes, test_classes)
+        skipped += test.skipped
     elif not test_fraction:
         raise DataError(f"{root} has train/ but no test/ folder: make {root / 'test'}/<class>/ folders of test "
                         f"images, or pass --test-fraction 0.1 to hold out a tenth of train/, stratified by class")
@@ -166,7 +168,6 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
                          [y for y, h in zip(train.labels, held) if not h], [])
         notes = (f"held out {held.sum()} of the {len(held)} images of {root / 'train'} as the test split "
                  f"(--test-fraction {test_fraction:g}, stratified by class, drawn with --seed)",)
-    skipped += train.skipped + test.skipped
     reference = _reference(root, train.files[0][0])
     warnings = list(_skipped_warning(root, skipped))
     arrays = {}
