@@ -226,7 +226,7 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-# The pool that decodes: processes, measured faster than threads (see docs/data.md). Tests swap it.
+# The pool that decodes: processes, which measured faster than threads (benchmarks/RESULTS.md).
 EXECUTOR = concurrent.futures.ProcessPoolExecutor
 
 
