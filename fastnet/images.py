@@ -55,7 +55,8 @@ def decode(path, mode):
             raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
                              f"cannot be read; replace it with an intact copy") from exc
         try:
-            return np.asarray(to_mode(ImageOps.exif_transpose(opened), mode), dtype=np.uint8)
+            ImageOps.exif_transpose(opened, in_place=True)  # in place: most files need no turn, and no copy
+            return np.asarray(to_mode(opened, mode), dtype=np.uint8)
         except Exception as exc:  # noqa: BLE001
             raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
 
@@ -74,7 +75,7 @@ def to_mode(picture, mode):
         rgba = picture.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         picture = Image.alpha_composite(background, rgba)
-    return picture.convert(mode)
+    return picture if picture.mode == mode else picture.convert(mode)
 
 
 def describe(exc):
