@@ -61,6 +61,12 @@ def decode(path, mode):
             raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
 
 
+def resize(pixels, height, width):
+    """uint8 pixels stretched (not cropped) to height x width with Pillow's antialiasing Lanczos filter."""
+    Image, _ = pillow()
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
 def to_mode(picture, mode):
     Image, _ = pillow()
     if picture.mode in ("I", "I;16", "I;16B", "I;16L", "F"):

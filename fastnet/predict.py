@@ -15,7 +15,7 @@ import numpy as np
 
 from fastnet import checkpoint, data, settings
 from fastnet.errors import FastnetError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, is_image_name, pillow
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, is_image_name, resize
 from fastnet.train import EVAL_BATCH, normalizer, saved_tta
 
 # The Pillow mode that gives a picture the channel count a model was trained on.
@@ -212,9 +212,8 @@ def read_image(path, sample_shape):
     mode, size, shape = geometry
     pixels = decode(path, mode)
     if pixels.shape[1::-1] != size:
-        Image, _ = pillow()
         try:
-            pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+            pixels = resize(pixels, size[1], size[0])
         except Exception as exc:  # noqa: BLE001
             raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     return pixels.reshape(shape)

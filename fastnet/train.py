@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     val: int = 0
     test_fraction: float = 0.0       # of an image tree without test/: the share of each class held out to test on
+    image_size: tuple | None = None  # (height, width) every image of an image tree is resized to; None: one size
     out: str | None = None
     dtype: str = "float32"
     precision: str = "fp32"          # "bf16": mixed precision, bfloat16 GEMM operands (fastnet.model)
@@ -94,6 +95,7 @@ class TrainConfig:
             settings.positive_integer("checkpoint_every", self.checkpoint_every, 1000)
         settings.not_negative("val", self.val, "pass 0 for no validation split")
         settings.test_fraction("test_fraction", self.test_fraction)
+        settings.image_size("image_size", self.image_size)
         check_model_settings(self.dtype, self.activation, self.dropout, self.norm, self.precision)
         settings.fraction("label_smoothing", self.label_smoothing, 0.1)
         settings.pixels("translate", self.translate)
@@ -268,9 +270,9 @@ def warm_up(net, optimizer, images_dtype, options=StepOptions()):
     return time.perf_counter() - started
 
 
-def load_data(path, log, test_fraction=0.0, rng=0):
+def load_data(path, log, test_fraction=0.0, rng=0, image_size=None):
     """The dataset at `path`; with no path and nothing in the default folder, download CIFAR-10.
-    `test_fraction` and `rng` are load_dataset's."""
+    `test_fraction`, `rng` and `image_size` are load_dataset's."""
     if path is None:
         default = data.default_data_path()
         try:
@@ -279,7 +281,7 @@ def load_data(path, log, test_fraction=0.0, rng=0):
             log(f"No dataset found in {default}/: downloading CIFAR-10 (170 MB) from {downloading.CIFAR10_URL}")
             data.download(to=default, log=log)
         path = default
-    return data.load_dataset(path, test_fraction, rng)
+    return data.load_dataset(path, test_fraction, rng, image_size)
 
 
 def blas_libraries():
@@ -404,7 +406,8 @@ class TrainingRun:
         run's one generator (which the split draws from first)."""
         config = self.config
         self.rng = np.random.default_rng(config.seed)
-        self.dataset = dataset = load_data(config.data, self.log, config.test_fraction, self.rng)
+        self.dataset = dataset = load_data(config.data, self.log, config.test_fraction, self.rng,
+                                                  config.image_size)
         for warning in dataset.warnings:
             self.log(f"warning: {warning}")
         for note in dataset.notes:

@@ -183,7 +183,35 @@ def test_images_of_different_sizes_are_one_error_naming_two_files_and_their_size
         data.load_image_tree(root, workers=1)
     message = str(error.value)
     assert f"{root.resolve()}/train/zebra/wide.png is 5x9 and {root.resolve()}/train/Moth/000.png is 5x6" in message
-    assert "resize" in message
+    assert "pass --image-size HxW (for example --image-size 5x6) to resize them all to one" in message
+
+
+def test_image_size_stretches_every_image_as_pillow_does_and_has_a_cache_of_its_own(tmp_path, cache, monkeypatch):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(6))
+    save_image(root / "train" / "zebra" / "wide.png", "RGB", np.random.default_rng(7), size=(5, 9))
+    one_size = data.load_dataset(root, image_size="4x3")
+    assert one_size.sample_shape == (4, 3, 3) and one_size.source.endswith(", resized to 4x3")
+    wide = pillow_pixels(root / "train" / "zebra" / "wide.png")
+    stretched = np.asarray(Image.fromarray(wide).resize((3, 4), Image.Resampling.LANCZOS))
+    names = sorted(p.name for p in (root / "train" / "zebra").iterdir() if p.name not in JUNK)
+    index = 18 + names.index("wide.png")  # after Moth's 9 and ant's 9
+    np.testing.assert_array_equal(one_size.train_images[index], stretched)
+    first = np.asarray(Image.fromarray(pillow_pixels(root / "train" / "Moth" / "000.png")).resize(
+        (3, 4), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(one_size.train_images[0], first)
+    calls = count_decodes(monkeypatch)
+    data.load_dataset(root, image_size=(4, 3))
+    assert calls == []  # "4x3" and (4, 3) are one size, and one cache
+    data.load_dataset(root, image_size=(3, 4))
+    assert calls == [28, 12]
+
+
+def test_image_size_is_refused_on_arrays_and_when_malformed(tmp_path, tiny_npy):
+    with pytest.raises(SettingError, match="drop image_size"):
+        data.load_dataset(tiny_npy, image_size=(4, 4))
+    for bad in ("32", "0x4", "ax4", (4,), (4, 2.5)):
+        with pytest.raises(SettingError, match="image_size is a size in pixels, height x width"):
+            data.load_image_tree(tmp_path, image_size=bad)
 
 
 def test_an_unreadable_file_is_one_error_naming_it(tmp_path, cache, monkeypatch):
@@ -308,3 +336,15 @@ def test_fastnet_train_on_a_tree_reports_skipped_files_and_the_held_out_split(tm
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["test_fraction"] == 0.25 and config["train_size"] == 45
     assert config["data_source"] == f"image tree {root.resolve()}"
+
+
+def test_a_run_on_resized_images_records_the_size_and_predict_resizes_alike(tmp_path):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(14))
+    other = save_image(root / "train" / "ant" / "big.png", "RGB", np.random.default_rng(15), size=(12, 10))
+    trained = fastnet("train", "--data", root, "--image-size", "4x4", "--epochs", 1, "--hidden", 4,
+                      "--batch-size", 8, "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["image_size"] == [4, 4]
+    predicted = fastnet("predict", tmp_path / "run", other)
+    assert predicted.returncode == 0, predicted.stderr
+    assert "big.png" in predicted.stdout

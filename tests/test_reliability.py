@@ -200,12 +200,15 @@ CASES = {
                                                                                        "--test-fraction 0.1"]),
     "tree with images of two sizes": (tree_with(lambda tree: save_image(
         tree / "train" / "zebra" / "big.png", "RGB", np.random.default_rng(2), size=(7, 6))),
-        ["train/zebra/big.png is 7x6", "train/Moth/000.png is 5x6"]),
+        ["train/zebra/big.png is 7x6", "train/Moth/000.png is 5x6", "--image-size 5x6"]),
     "test fraction with a test folder": (tree_with(flags=["--test-fraction", "0.2"]),
                                          ["--test-fraction holds out", "drop --test-fraction"]),
     "test fraction of 1": (tree_with(flags=["--test-fraction", "1"]), ["--test-fraction is the share", "got 1.0"]),
     "test fraction on npy data": (lambda root, tiny, run: ["train", "--test-fraction", "0.2"],
                                   ["its own: drop --test-fraction"]),
+    "image size not HxW": (tree_with(flags=["--image-size", "32"]), ["--image-size", "'32' is not a size HxW"]),
+    "image size on npy data": (lambda root, tiny, run: ["train", "--image-size", "4x4"],
+                               ["resizes the images of an image tree", "drop --image-size"]),
     "empty test split": (npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]), ["test split", "no images"]),
     # Checkpoints
     "checkpoint missing": (lambda root, tiny, run: ["evaluate", root / "none.npz", "--data", tiny],

@@ -4,7 +4,8 @@ This is how most people keep labelled pictures (torchvision's ImageFolder and Ke
 image_dataset_from_directory read the same layout). Class names are the folder names of ``train/``,
 sorted, and a class's label is its place in that order. Every image is read by fastnet.images.decode,
 the rules `fastnet predict` uses, and becomes RGB: grey and palette images are converted, and
-transparent pixels are put on white. All images must have one size.
+transparent pixels are put on white. All images must have one size, or be resized to one
+(``image_size``, --image-size HxW: stretched with Pillow's Lanczos filter, as `fastnet predict` does).
 
 Decoding tens of thousands of small files is Python-bound, so it is spread over processes (threads
 would contend for the GIL around each small decode), and the decoded arrays are cached under fastnet's
@@ -26,10 +27,10 @@ import numpy as np
 
 from fastnet import settings
 from fastnet.errors import DataError, SettingError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, is_image_name
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, is_image_name, resize
 
 # How files become pixels, part of the cache key: change it whenever the decoded arrays would change.
-RULE = "RGB; EXIF orientation; 16-bit grey scaled; transparent on white; one size, no resize; v1"
+RULE = "RGB; EXIF orientation; 16-bit grey scaled; transparent on white; v1"
 MODE = "RGB"
 CHUNK = 256  # files per task: enough that a task's overhead is small, few enough that the bar moves
 SKIPPED_SHOWN = 3
@@ -131,14 +132,16 @@ def hold_out(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> n
     return held
 
 
-def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None = None):
+def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None = None, image_size=None):
     """The Dataset of the image tree at `root`. Without ``root/test/``, ``test_fraction`` of each
     class of ``train/`` is held out as the test split, drawn by ``rng`` (a Generator, or a seed).
+    ``image_size`` (height, width), or "HxW", resizes every image; without it all must have one size.
     ``workers`` processes decode the files (default: the cores this process may run on; 1: no pool)."""
     from fastnet.data.layouts import _checked
 
     root = pathlib.Path(root).expanduser().resolve()
     test_fraction = settings.test_fraction("test_fraction", test_fraction)
+    image_size = settings.image_size("image_size", image_size)
     skipped = []
     classes = _class_folders(root / "train", skipped, root)
     train = _list_split(root, "train", classes)
@@ -168,15 +171,16 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
                          [y for y, h in zip(train.labels, held) if not h], [])
         notes = (f"held out {held.sum()} of the {len(held)} images of {root / 'train'} as the test split "
                  f"(--test-fraction {test_fraction:g}, stratified by class, drawn with --seed)",)
-    reference = _reference(root, train.files[0][0])
+    reference = _reference(root, train.files[0][0], image_size)
     warnings = list(_skipped_warning(root, skipped))
     arrays = {}
     for split, listing in (("train", train), ("test", test)):
         images, problem = _cached_or_decoded(root, split, listing.files, reference, workers)
         arrays[split] = images
         warnings += [problem] if problem else []
+    resized = f", resized to {image_size[0]}x{image_size[1]}" if image_size else ""
     dataset = _checked(arrays["train"], np.asarray(train.labels, np.int64), arrays["test"],
-                       np.asarray(test.labels, np.int64), classes, f"image tree {root}")
+                       np.asarray(test.labels, np.int64), classes, f"image tree {root}{resized}")
     return dataclasses.replace(dataset, warnings=(*warnings, *dataset.warnings), notes=notes)
 
 
@@ -193,28 +197,34 @@ def _list_test(root, classes, test_classes):
 
 # --- Decoding, in parallel, and the cache -------------------------------------------------------------
 
-def _reference(root: pathlib.Path, relative: str):
-    """(relative path, shape) of the first training image: every other image must have its shape."""
-    return relative, decode(str(root / relative), MODE).shape
+def _reference(root: pathlib.Path, relative: str, image_size=None):
+    """(relative path, shape, resize) for decode_files: the shape every image must have, which is the
+    first training image's, and whether images are resized to it (image_size given) or refused."""
+    if image_size:
+        return relative, (*image_size, 3), True
+    return relative, decode(str(root / relative), MODE).shape, False
 
 
 def _size_error(root, relative, shape, reference):
     def size(s):
         return f"{s[0]}x{s[1]}"
     return ImageError(f"images of one tree must have one size, but {root / relative} is {size(shape)} and "
-                      f"{root / reference[0]} is {size(reference[1])} (height x width): resize them to one size "
-                      f"first (fastnet does not resize training images yet)")
+                      f"{root / reference[0]} is {size(reference[1])} (height x width): pass --image-size HxW "
+                      f"(for example --image-size {size(reference[1])}) to resize them all to one")
 
 
 def decode_files(root, files, reference):
     """The images at these paths under `root`, stacked: (len(files), *reference shape) uint8. A
     process pool's task, so it takes and returns only what pickles cheaply."""
     root = pathlib.Path(root)
-    images = np.empty((len(files), *reference[1]), np.uint8)
+    _, shape, resizing = reference
+    images = np.empty((len(files), *shape), np.uint8)
     for i, relative in enumerate(files):
         pixels = decode(str(root / relative), MODE)
-        if pixels.shape != reference[1]:
-            raise _size_error(root, relative, pixels.shape, reference)
+        if pixels.shape != shape:
+            if not resizing:
+                raise _size_error(root, relative, pixels.shape, reference)
+            pixels = resize(pixels, *shape[:2])
         images[i] = pixels
     return images
 
@@ -257,8 +267,9 @@ def decode_all(root, files, reference, workers=None, label="decoding"):
     return images
 
 
-def cache_key(files) -> str:
-    listing = json.dumps({"rule": RULE, "files": [list(f) for f in files]}, separators=(",", ":"))
+def cache_key(files, shape=None) -> str:
+    """The cache file's name: a hash of the files (path, size, mtime), the rule and the size resized to."""
+    listing = json.dumps({"rule": RULE, "resized to": shape, "files": [list(f) for f in files]}, separators=(",", ":"))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -266,7 +277,7 @@ def _cached_or_decoded(root, split, files, reference, workers):
     """(images, warning or None): from the cache when the same files were decoded before, else decoded
     and cached. The cache file appears under its name only once complete."""
     folder = cache_folder() / "images"
-    path = folder / f"{cache_key(files)}.npy"
+    path = folder / f"{cache_key(files, reference[1] if reference[2] else None)}.npy"
     try:
         images = np.load(path, allow_pickle=False)
         if images.dtype == np.uint8 and images.shape == (len(files), *reference[1]):

@@ -119,17 +119,22 @@ def find_dataset(path: str | os.PathLike) -> tuple[str, pathlib.Path]:
     )
 
 
-def load_dataset(path: str | os.PathLike | None = None, test_fraction: float = 0.0, rng=0) -> Dataset:
+def load_dataset(path: str | os.PathLike | None = None, test_fraction: float = 0.0, rng=0,
+                 image_size=None) -> Dataset:
     """Find the data at ``path`` (default: :func:`default_data_path`), load and check it.
 
-    ``test_fraction`` holds out that share of each class as the test split of an image tree without
-    ``test/``, drawn by ``rng`` (a np.random.Generator, or a seed); other layouts have their own test split."""
+    For an image tree only: ``test_fraction`` holds out that share of each class as the test split when
+    it has no ``test/``, drawn by ``rng`` (a np.random.Generator, or a seed); ``image_size``,
+    (height, width) or "HxW", resizes every image."""
     kind, found = find_dataset(default_data_path() if path is None else path)
     if kind == "images":
-        return folders.load_image_tree(found, test_fraction, rng)
+        return folders.load_image_tree(found, test_fraction, rng, image_size=image_size)
     if settings.test_fraction("test_fraction", test_fraction):
         raise SettingError("test_fraction", f"{{setting}} holds out a test split from an image tree without a test/ "
                                             f"folder, and {found} is a {kind} dataset with its own: drop {{setting}}")
+    if settings.image_size("image_size", image_size):
+        raise SettingError("image_size", f"{{setting}} resizes the images of an image tree, and {found} is a {kind} "
+                                         f"dataset, whose images are arrays already: drop {{setting}}")
     if kind == "npy":
         return _load_npy(found)
     if kind == "batches":
