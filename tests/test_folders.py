@@ -348,3 +348,17 @@ def test_a_run_on_resized_images_records_the_size_and_predict_resizes_alike(tmp_
     predicted = fastnet("predict", tmp_path / "run", other)
     assert predicted.returncode == 0, predicted.stderr
     assert "big.png" in predicted.stdout
+
+
+def test_evaluate_on_a_tree_uses_the_runs_image_size_and_held_out_split(tmp_path):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(16), counts={"train": 20}, splits=("train",))
+    save_image(root / "train" / "ant" / "big.png", "RGB", np.random.default_rng(17), size=(12, 10))
+    trained = fastnet("train", "--data", root, "--test-fraction", "0.25", "--image-size", "4x4", "--seed", "3",
+                      "--epochs", 2, "--hidden", 8, "--batch-size", 8, "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    evaluated = fastnet("evaluate", tmp_path / "run", "--data", root, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["images"] == 15  # a quarter of 20, 21 and 20 images, rounded
+    assert report["accuracy"] == pytest.approx(last["test_acc"])
