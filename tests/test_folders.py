@@ -176,6 +176,28 @@ def test_a_broken_image_stops_the_load_with_its_name_and_leaves_no_cache(tmp_pat
     assert not cache.exists() or not any(cache.rglob("*.*"))
 
 
+def test_a_load_stopped_while_writing_the_cache_leaves_no_file_behind(tmp_path, cache, monkeypatch):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(18))
+
+    def stopped(out, array, **kwargs):
+        out.write(b"\x93NUMPY half of a header")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_image_tree(root, workers=1)
+    assert list((cache / "images").iterdir()) == []
+
+
+def test_an_unwritable_cache_is_one_warning_and_the_load_goes_on(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("FASTNET_CACHE", str(tmp_path / "a-file"))  # a folder cannot be made under a file
+    root = make_tree(tmp_path / "pets", np.random.default_rng(19))
+    dataset = data.load_image_tree(root, workers=1)
+    assert len(dataset.train_labels) == 27
+    assert any(w.startswith(f"could not cache the decoded images in {tmp_path / 'a-file' / 'images'}")
+               for w in dataset.warnings)
+
+
 def test_images_of_different_sizes_are_one_error_naming_two_files_and_their_sizes(tmp_path, cache):
     root = make_tree(tmp_path / "pets", np.random.default_rng(6))
     save_image(root / "train" / "zebra" / "wide.png", "RGB", np.random.default_rng(7), size=(5, 9))

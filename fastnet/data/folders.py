@@ -292,7 +292,10 @@ def _cached_or_decoded(root, split, files, reference, workers):
             np.save(out, images, allow_pickle=False)
         os.replace(temporary, path)
     except BaseException as exc:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink()
+        except OSError:
+            pass  # never made, or its folder could not be: nothing to remove
         if not isinstance(exc, OSError):
             raise  # Ctrl-C while writing: no half-written file is left, under any name
         return images, (f"could not cache the decoded images in {folder} ({exc.strerror}), so the next run decodes "
