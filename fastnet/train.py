@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fastnet import backends, checkpoint, data, precision, settings
 from fastnet.data import downloading
-from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
+from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted, SettingError
 from fastnet.model import MLP
 from fastnet.model import check_settings as check_model_settings
 from fastnet.optim import Optimizer, Schedule, check_optimizer, check_schedule
@@ -413,7 +413,10 @@ class TrainingRun:
         for note in dataset.notes:
             self.log(note)
         self.train_images, self.train_labels = dataset.train_images, dataset.train_labels
-        self.val_images = self.val_labels = None
+        self.val_images, self.val_labels = dataset.val_images, dataset.val_labels
+        if config.val and self.val_images is not None:
+            raise SettingError("val", f"{{setting}} holds out training images for validation, and {dataset.source} "
+                                      f"has a val/ folder, which is validated on instead: drop {{setting}}")
         if config.val:
             self.train_images, self.train_labels, self.val_images, self.val_labels = data.split_validation(
                 self.train_images, self.train_labels, config.val, self.rng)

@@ -384,3 +384,21 @@ def test_evaluate_on_a_tree_uses_the_runs_image_size_and_held_out_split(tmp_path
     report = json.loads(evaluated.stdout)
     assert report["images"] == 15  # a quarter of 20, 21 and 20 images, rounded
     assert report["accuracy"] == pytest.approx(last["test_acc"])
+
+
+def test_a_val_folder_is_a_validation_split_of_its_own_that_replaces_val(tmp_path, cache):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(20), counts={"train": 9, "test": 4, "val": 3},
+                     splits=("train", "test", "val"))
+    dataset = data.load_image_tree(root, workers=1)
+    _, val_images, val_labels = expected(root, "val")
+    np.testing.assert_array_equal(dataset.val_images, val_images)
+    np.testing.assert_array_equal(dataset.val_labels, val_labels)
+    assert data.load_image_tree(make_tree(tmp_path / "plain", np.random.default_rng(20))).val_images is None
+
+    trained = fastnet("train", "--data", root, "--epochs", 1, "--hidden", 4, "--batch-size", 8,
+                      "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    assert "val_acc" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    refused = fastnet("train", "--data", root, "--val", 5, "--out", tmp_path / "run2")
+    assert refused.returncode == 2 and "has a val/ folder, which is validated on instead: drop --val" in refused.stderr
+    assert not (tmp_path / "run2").exists()

@@ -1,4 +1,5 @@
-"""An image tree as a dataset: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``, one folder per class.
+"""An image tree as a dataset: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``, one folder per class,
+and optionally ``ROOT/val/<class>/*``, a validation split that replaces --val.
 
 This is how most people keep labelled pictures (torchvision's ImageFolder and Keras's
 image_dataset_from_directory read the same layout). Class names are the folder names of ``train/``,
@@ -151,13 +152,7 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
         if test_fraction:
             raise SettingError("test_fraction", f"{{setting}} holds out a test split from train/ when a tree has no "
                                                 f"test/ folder, and {root} has one: drop {{setting}}")
-        test_classes = _class_folders(root / "test", skipped, root)
-        foreign = [name for name in test_classes if name not in classes]
-        if foreign:
-            raise DataError(f"{root / 'test' / foreign[0]} is a class that {root / 'train'} lacks: use the same "
-                            f"class folders in both, or drop it from test/")
-        test = _list_test(root, classes, test_classes)
-        skipped += test.skipped
+        test = _list_other(root, "test", classes, skipped)
     elif not test_fraction:
         raise DataError(f"{root} has train/ but no test/ folder: make {root / 'test'}/<class>/ folders of test "
                         f"images, or pass --test-fraction 0.1 to hold out a tenth of train/, stratified by class")
@@ -171,27 +166,36 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
                          [y for y, h in zip(train.labels, held) if not h], [])
         notes = (f"held out {held.sum()} of the {len(held)} images of {root / 'train'} as the test split "
                  f"(--test-fraction {test_fraction:g}, stratified by class, drawn with --seed)",)
+    listings = {"train": train, "test": test}
+    if (root / "val").is_dir():
+        listings["val"] = _list_other(root, "val", classes, skipped)
     reference = _reference(root, train.files[0][0], image_size)
     warnings = list(_skipped_warning(root, skipped))
     arrays = {}
-    for split, listing in (("train", train), ("test", test)):
+    for split, listing in listings.items():
         images, problem = _cached_or_decoded(root, split, listing.files, reference, workers)
         arrays[split] = images
         warnings += [problem] if problem else []
+    labels = {split: np.asarray(listing.labels, np.int64) for split, listing in listings.items()}
     resized = f", resized to {image_size[0]}x{image_size[1]}" if image_size else ""
-    dataset = _checked(arrays["train"], np.asarray(train.labels, np.int64), arrays["test"],
-                       np.asarray(test.labels, np.int64), classes, f"image tree {root}{resized}")
-    return dataclasses.replace(dataset, warnings=(*warnings, *dataset.warnings), notes=notes)
+    dataset = _checked(arrays["train"], labels["train"], arrays["test"], labels["test"], classes,
+                       f"image tree {root}{resized}")
+    return dataclasses.replace(dataset, warnings=(*warnings, *dataset.warnings), notes=notes,
+                               val_images=arrays.get("val"), val_labels=labels.get("val"))
 
 
-def _list_test(root, classes, test_classes):
-    """test/'s files, labelled by train/'s classes; a class of train/ that test/ lacks simply has no test images."""
+def _list_other(root, split, classes, skipped):
+    """test/'s or val/'s files, labelled by train/'s classes: a class of train/ that the split lacks
+    simply has no images there, but a class that train/ lacks could never be learnt."""
     listing = _Listing([], [], [])
-    for name in test_classes:
-        part = _list_split(root, "test", [name])
+    for name in _class_folders(root / split, skipped, root):
+        if name not in classes:
+            raise DataError(f"{root / split / name} is a class that {root / 'train'} lacks: use the same class "
+                            f"folders in both, or drop it from {split}/")
+        part = _list_split(root, split, [name])
         listing.files += part.files
         listing.labels += [classes.index(name)] * len(part.files)
-        listing.skipped += part.skipped
+        skipped += part.skipped
     return listing
 
 

@@ -46,6 +46,8 @@ class Dataset:
     source: str
     warnings: tuple[str, ...] = ()  # oddities worth telling the user that do not stop training
     notes: tuple[str, ...] = ()  # what was done to the data that the user should know (a held-out test split)
+    val_images: np.ndarray | None = None  # a validation split of its own (an image tree's val/), used in place of --val
+    val_labels: np.ndarray | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
