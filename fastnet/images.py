@@ -46,18 +46,18 @@ def decode(path, mode):
         opened = Image.open(path)  # reads the header only
     except PermissionError as exc:
         raise ImageError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     with opened:
         try:
             opened.load()
-        except Exception as exc:  # noqa: BLE001  (the header was fine, so it is the file that is broken)
+        except Exception as exc:  # the header was fine, so it is the file that is broken
             raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
                              f"cannot be read; replace it with an intact copy") from exc
         try:
             ImageOps.exif_transpose(opened, in_place=True)  # in place: most files need no turn, and no copy
             return np.asarray(to_mode(opened, mode), dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
 
 

@@ -12,12 +12,12 @@ import pathlib
 
 import numpy as np
 import pytest
+from helpers import fastnet, real_data_path, unavailable
 from PIL import Image
 
 from fastnet import data
 from fastnet.data import folders
 from fastnet.errors import DataError, FastnetError, SettingError
-from helpers import fastnet, real_data_path, unavailable
 
 SIZE = (5, 6)  # height, width
 # (suffix, Pillow mode) of the files of a class, in turn: every mode a user's folder may hold.
@@ -93,8 +93,8 @@ def test_a_tree_loads_to_what_pillow_decodes_with_labels_from_the_sorted_folder_
     np.testing.assert_array_equal(dataset.test_images, test_images)
     np.testing.assert_array_equal(dataset.test_labels, test_labels)
     assert dataset.train_images.dtype == np.uint8 and dataset.sample_shape == (*SIZE, 3)
-    assert dataset.warnings == (f"skipped 3 files in {root} that are not an image by name or not in a class folder: "
-                                "train/zebra/.DS_Store, train/zebra/Thumbs.db, train/zebra/notes.txt",)
+    assert dataset.warnings == ((f"skipped 3 files in {root} that are not an image by name or not in a class folder: "
+                                 "train/zebra/.DS_Store, train/zebra/Thumbs.db, train/zebra/notes.txt"),)
 
 
 def test_load_dataset_and_find_dataset_recognise_a_tree(tmp_path, cache):
@@ -293,8 +293,8 @@ def test_without_test_a_fraction_is_held_out_stratified_and_seeded(tmp_path, cac
     dataset = data.load_dataset(root, test_fraction=0.25, rng=np.random.default_rng(3))
     assert np.bincount(dataset.test_labels).tolist() == [5, 5, 5]
     assert np.bincount(dataset.train_labels).tolist() == [15, 15, 15]
-    assert dataset.notes == (f"held out 15 of the 60 images of {root.resolve()}/train as the test split "
-                             "(--test-fraction 0.25, stratified by class, drawn with --seed)",)
+    assert dataset.notes == ((f"held out 15 of the 60 images of {root.resolve()}/train as the test split "
+                              "(--test-fraction 0.25, stratified by class, drawn with --seed)"),)
     same = data.load_dataset(root, test_fraction=0.25, rng=np.random.default_rng(3))
     other = data.load_dataset(root, test_fraction=0.25, rng=np.random.default_rng(4))
     np.testing.assert_array_equal(same.test_images, dataset.test_images)

@@ -118,8 +118,9 @@ def _skipped_warning(root: pathlib.Path, skipped: list) -> tuple[str, ...]:
     shown = ", ".join(skipped[:SKIPPED_SHOWN]) + (f" and {len(skipped) - SKIPPED_SHOWN} more"
                                                   if len(skipped) > SKIPPED_SHOWN else "")
     noun = "file" if len(skipped) == 1 else "files"
-    return (f"skipped {len(skipped)} {noun} in {root} that {'is' if len(skipped) == 1 else 'are'} not an image by "
-            f"name or not in a class folder: {shown}",)
+    verb = "is" if len(skipped) == 1 else "are"
+    return (f"skipped {len(skipped)} {noun} in {root} that {verb} not an image by name or not in a class folder: "
+            f"{shown}"),
 
 
 def hold_out(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -128,7 +129,7 @@ def hold_out(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> n
     held = np.zeros(len(labels), bool)
     for label in range(int(labels.max()) + 1 if len(labels) else 0):
         members = np.flatnonzero(labels == label)
-        count = min(int(round(fraction * len(members))), max(len(members) - 1, 0))
+        count = min(round(fraction * len(members)), max(len(members) - 1, 0))
         held[members[rng.permutation(len(members))[:count]]] = True
     return held
 
@@ -164,8 +165,8 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
         test = _Listing([f for f, h in zip(train.files, held) if h], [y for y, h in zip(train.labels, held) if h], [])
         train = _Listing([f for f, h in zip(train.files, held) if not h],
                          [y for y, h in zip(train.labels, held) if not h], [])
-        notes = (f"held out {held.sum()} of the {len(held)} images of {root / 'train'} as the test split "
-                 f"(--test-fraction {test_fraction:g}, stratified by class, drawn with --seed)",)
+        notes = ((f"held out {held.sum()} of the {len(held)} images of {root / 'train'} as the test split "
+                  f"(--test-fraction {test_fraction:g}, stratified by class, drawn with --seed)"),)
     listings = {"train": train, "test": test}
     if (root / "val").is_dir():
         listings["val"] = _list_other(root, "val", classes, skipped)
