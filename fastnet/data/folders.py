@@ -22,7 +22,9 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -245,6 +247,14 @@ def default_workers() -> int:
 EXECUTOR = concurrent.futures.ProcessPoolExecutor
 
 
+def _leave_interrupts_to_the_parent():
+    """Ctrl-C reaches every process of the terminal's group. A worker interrupted inside the pool's
+    queue can leave it locked and the pool hung, so workers ignore SIGINT: the parent stops, drops the
+    chunks not started, and waits for the few that are (a thread pool has nothing to change)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def decode_all(root, files, reference, workers=None, label="decoding"):
     """decode_files over every file, spread over `workers` processes, with a progress bar on a terminal."""
     from tqdm import tqdm
@@ -253,12 +263,12 @@ def decode_all(root, files, reference, workers=None, label="decoding"):
     images = np.empty((len(files), *reference[1]), np.uint8)
     chunks = [range(start, min(start + CHUNK, len(files))) for start in range(0, len(files), CHUNK)]
     with tqdm(total=len(files), unit="img", desc=label, disable=not sys.stderr.isatty(), leave=False) as bar:
-        if workers == 1 or len(chunks) == 1:
+        if workers == 1 or len(chunks) <= 1:
             for chunk in chunks:
                 images[chunk.start:chunk.stop] = decode_files(root, files[chunk.start:chunk.stop], reference)
                 bar.update(len(chunk))
             return images
-        pool = EXECUTOR(max_workers=min(workers, len(chunks)))
+        pool = EXECUTOR(max_workers=min(workers, len(chunks)), initializer=_leave_interrupts_to_the_parent)
         try:
             pending = {pool.submit(decode_files, str(root), files[chunk.start:chunk.stop], reference): chunk
                        for chunk in chunks}
