@@ -90,6 +90,14 @@ def widths(text):
     return values
 
 
+def image_size(text):
+    """--image-size: HxW, e.g. 32x32."""
+    try:
+        return settings.image_size("image_size", text)
+    except SettingError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size HxW in pixels, e.g. 32x32") from None
+
+
 def norm_name(text):
     if text not in NORMS and text != "none":
         raise argparse.ArgumentTypeError(f"{text!r} is not a normalisation: choose layernorm or none")
@@ -145,6 +153,10 @@ def add_run_settings(run, defaults, leave_out=()):
             "onecycle, else 0")
     setting("--seed", type=int)
     setting("--val", type=int, metavar="N", help="hold out N training images for validation; 0: none")
+    setting("--test-fraction", type=float, metavar="F", help="of an image tree without test/: hold out this share "
+            "of each class of train/ as the test split; 0: none")
+    setting("--image-size", type=image_size, metavar="HxW", help="of an image tree: resize every image to HxW "
+            "(stretched, Lanczos), as predict does; none: all must have one size")
     setting("--out", metavar="DIR", help="run folder; none means runs/<timestamp>")
     setting("--activation", choices=ACTIVATIONS)
     setting("--norm", type=norm_name, metavar="layernorm|none", help="normalisation of every hidden layer")
@@ -609,7 +621,8 @@ def build_parser():
         return group.add_parser(name, help=summary, description=description, epilog=epilog)
 
     def add_data_and_backend(sub):
-        sub.add_argument("--data", metavar="PATH", help="CIFAR-10 archive, batches folder or .npy folder "
+        sub.add_argument("--data", metavar="PATH", help="folder of class folders (train/<class>/, test/<class>/), "
+                         "CIFAR-10 archive, batches folder or .npy folder "
                          "(default: $FASTNET_DATA or data/)")
         sub.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                          "(default: $FASTNET_BACKEND or numpy)")

@@ -15,18 +15,11 @@ import numpy as np
 
 from fastnet import checkpoint, data, settings
 from fastnet.errors import FastnetError
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, is_image_name, resize
 from fastnet.train import EVAL_BATCH, normalizer, saved_tta
-
-# What a folder given to `fastnet predict` is searched for. A file named on the command line is
-# tried whatever its name: Pillow recognises formats by content.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # The Pillow mode that gives a picture the channel count a model was trained on.
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-class ImageError(FastnetError):
-    """An image file that cannot be read or used; the message starts with the file's name."""
 
 
 def softmax(logits):
@@ -193,7 +186,7 @@ def image_files(paths):
         except OSError as exc:
             raise FastnetError(f"cannot list folder {path} ({exc.strerror}): check its permissions") from exc
         inside = [os.path.join(path, name) for name in entries
-                  if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(path, name))]
+                  if is_image_name(name) and os.path.isfile(os.path.join(path, name))]
         found.extend(inside)
         if not inside:
             empty.append(path)
@@ -210,70 +203,20 @@ def image_files(paths):
 
 
 def read_image(path, sample_shape):
-    """The image file at `path` as a uint8 array of `sample_shape`: oriented as its EXIF tag says,
-    converted to the model's channels and resized (stretched, not cropped) to its input size."""
+    """The image file at `path` as a uint8 array of `sample_shape`: read by fastnet.images.decode
+    (EXIF orientation, the model's channels) and resized (stretched, not cropped) to its input size."""
     geometry = image_geometry(sample_shape)
     if geometry is None:
         raise FastnetError(f"the model takes samples of shape {tuple(sample_shape)}, which no image file "
                            "maps onto: call fastnet.load(model).predict on arrays instead")
     mode, size, shape = geometry
-    try:
-        from PIL import Image, ImageOps
-    except ImportError as exc:
-        raise FastnetError("Pillow is not installed, and predict reads images with it: pip install pillow") from exc
-
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: no such file; check the path")
-    # Pillow raises a zoo of types on malformed files (OSError, SyntaxError, ValueError, struct.error,
-    # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
-    try:
-        opened = Image.open(path)  # reads the header only
-    except Exception as exc:
-        raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
-    with opened:
+    pixels = decode(path, mode)
+    if pixels.shape[1::-1] != size:
         try:
-            opened.load()
-        except Exception as exc:  # the header was fine, so it is the file that is broken
-            raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
-                             f"cannot be read; replace it with an intact copy") from exc
-        try:
-            picture = ImageOps.exif_transpose(opened)
-            picture = _to_mode(picture, mode)
-            if picture.size != size:
-                picture = picture.resize(size, Image.Resampling.LANCZOS)
-            pixels = np.asarray(picture, dtype=np.uint8)
-        except Exception as exc:
-            raise ImageError(f"{path}: {_describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+            pixels = resize(pixels, size[1], size[0])
+        except Exception as exc:  # Pillow's resize raises several types, each meaning "cannot be used"
+            raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
     return pixels.reshape(shape)
-
-
-def _to_mode(picture, mode):
-    from PIL import Image
-
-    if picture.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit and float greyscale: convert() would clip to 255 rather than scale.
-        values = np.asarray(picture, dtype=np.float64)
-        top = values.max() if values.size else 0
-        scale = 255.0 / 65535.0 if top > 255 else 1.0
-        picture = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8))
-    if mode != "RGBA" and ("A" in picture.mode or "transparency" in picture.info):
-        # Put transparent pixels on white, as a viewer shows them, instead of on whatever colour the
-        # transparent pixels happen to carry (often black).
-        rgba = picture.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        picture = Image.alpha_composite(background, rgba)
-    return picture.convert(mode)
-
-
-def _describe(exc):
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image file Pillow can read"
-    if isinstance(exc, Image.DecompressionBombError):
-        return "too many pixels to decode safely"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def predict_files(model, paths, top=3):

@@ -106,11 +106,21 @@ def write_classification_report(folder, evaluation, model=None):
     return path
 
 
+def dataset_of_run(config, data_path=None):
+    """The data at `data_path` as the run with this config.json read it: an image tree with the run's
+    --image-size and, when it has no test/, the same --test-fraction split drawn again from --seed."""
+    kind, found = data.find_dataset(data.default_data_path() if data_path is None else data_path)
+    if kind != "images":
+        return data.load_dataset(found)
+    fraction = 0.0 if (found / "test").is_dir() else config.get("test_fraction", 0.0)
+    return data.load_dataset(found, fraction, config.get("seed", 0), config.get("image_size"))
+
+
 def evaluate_saved_model(model_path, data_path=None, backend=None, tta="run"):
     """(the loaded checkpoint, the dataset, its Evaluation on the test split) for a saved model, with
     the test-time augmentation `tta` (one of train.TTA; "run": the one its run was evaluated with)."""
     saved = checkpoint.load(model_path, backend=backend)
-    dataset = data.load_dataset(data_path)
+    dataset = dataset_of_run(saved.config, data_path)
     if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:
         trained_on = saved.config.get("data_source") or saved.config.get("data") or "another dataset"
         raise CheckpointError(

@@ -41,6 +41,29 @@ def fraction(setting, value, example, what="must be in [0, 1)"):
     return float(value)
 
 
+def test_fraction(setting, value):
+    """The share of an image tree's train/ held out as its test split when it has no test/; 0: none."""
+    return fraction(setting, value, 0.1, what="is the share of train/ held out as the test split, in [0, 1)")
+
+
+def image_size(setting, value):
+    """(height, width) that every image of an image tree is resized to, or None: the images must then
+    have one size. Written HxW, "32x32", on the command line; a pair from Python."""
+    if value is None:
+        return None
+    given = value
+    if isinstance(value, str):
+        try:
+            value = tuple(int(part) for part in value.lower().split("x"))
+        except ValueError:
+            value = ()
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise SettingError(setting, f"{{setting}} is a size in pixels, height x width, got {given!r}: pass one such "
+                                    f"as 32x32")
+    return int(value[0]), int(value[1])
+
+
 def pixels(setting, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise SettingError(setting, f"{{setting}} is a size in pixels, got {value}: pass 0 or more")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fastnet import backends, checkpoint, data, precision, settings
 from fastnet.data import downloading
-from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted
+from fastnet.errors import CheckpointError, DivergenceError, FastnetError, Interrupted, SettingError
 from fastnet.model import MLP
 from fastnet.model import check_settings as check_model_settings
 from fastnet.optim import Optimizer, Schedule, check_optimizer, check_schedule
@@ -63,6 +63,8 @@ class TrainConfig:
     warmup: float | None = None
     seed: int = 0
     val: int = 0
+    test_fraction: float = 0.0       # of an image tree without test/: the share of each class held out to test on
+    image_size: tuple | None = None  # (height, width) every image of an image tree is resized to; None: one size
     out: str | None = None
     dtype: str = "float32"
     precision: str = "fp32"          # "bf16": mixed precision, bfloat16 GEMM operands (fastnet.model)
@@ -92,6 +94,8 @@ class TrainConfig:
         if self.checkpoint_every is not None:
             settings.positive_integer("checkpoint_every", self.checkpoint_every, 1000)
         settings.not_negative("val", self.val, "pass 0 for no validation split")
+        settings.test_fraction("test_fraction", self.test_fraction)
+        settings.image_size("image_size", self.image_size)
         check_model_settings(self.dtype, self.activation, self.dropout, self.norm, self.precision)
         settings.fraction("label_smoothing", self.label_smoothing, 0.1)
         settings.pixels("translate", self.translate)
@@ -268,8 +272,9 @@ def warm_up(net, optimizer, images_dtype, options=None):
     return time.perf_counter() - started
 
 
-def load_data(path, log):
-    """The dataset at `path`; with no path and nothing in the default folder, download CIFAR-10."""
+def load_data(path, log, test_fraction=0.0, rng=0, image_size=None):
+    """The dataset at `path`; with no path and nothing in the default folder, download CIFAR-10.
+    `test_fraction`, `rng` and `image_size` are load_dataset's."""
     if path is None:
         default = data.default_data_path()
         try:
@@ -278,7 +283,7 @@ def load_data(path, log):
             log(f"No dataset found in {default}/: downloading CIFAR-10 (170 MB) from {downloading.CIFAR10_URL}")
             data.download(to=default, log=log)
         path = default
-    return data.load_dataset(path)
+    return data.load_dataset(path, test_fraction, rng, image_size)
 
 
 def blas_libraries():
@@ -402,12 +407,18 @@ class TrainingRun:
         """The dataset, the validation split, the normalisation fitted on the training split, and the
         run's one generator (which the split draws from first)."""
         config = self.config
-        self.dataset = dataset = load_data(config.data, self.log)
+        self.rng = np.random.default_rng(config.seed)
+        self.dataset = dataset = load_data(config.data, self.log, config.test_fraction, self.rng,
+                                                  config.image_size)
         for warning in dataset.warnings:
             self.log(f"warning: {warning}")
-        self.rng = np.random.default_rng(config.seed)
+        for note in dataset.notes:
+            self.log(note)
         self.train_images, self.train_labels = dataset.train_images, dataset.train_labels
-        self.val_images = self.val_labels = None
+        self.val_images, self.val_labels = dataset.val_images, dataset.val_labels
+        if config.val and self.val_images is not None:
+            raise SettingError("val", f"{{setting}} holds out training images for validation, and {dataset.source} "
+                                      f"has a val/ folder, which is validated on instead: drop {{setting}}")
         if config.val:
             self.train_images, self.train_labels, self.val_images, self.val_labels = data.split_validation(
                 self.train_images, self.train_labels, config.val, self.rng)

@@ -5,11 +5,21 @@ data/ when a dataset is there. Without either, the tests that need them are skip
 (CI=true), where missing data is a failure.
 """
 
+import os
+
 import numpy as np
 import pytest
 
 from fastnet import data
 from helpers import real_data_path, save_brightness_classes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_cache(tmp_path_factory):
+    """Decoded image trees go to a temporary folder, in this process and in the commands it starts."""
+    folder = tmp_path_factory.mktemp("fastnet-cache")
+    os.environ["FASTNET_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

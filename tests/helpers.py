@@ -135,7 +135,9 @@ def start_fastnet(*args, env=None):
 
 
 def _command(args, env):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
+    # FASTNET_CACHE is kept: conftest points it at a temporary folder so that tests never fill ~/.cache.
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("FASTNET_") or k == "FASTNET_CACHE"} | (env or {})
     return [sys.executable, "-m", "fastnet", *map(str, args)], {"env": environment}
 
 

@@ -22,6 +22,7 @@ from fastnet import backends, checkpoint, precision
 from fastnet.train import TIMING_METRICS, TrainConfig, resumed_config, train
 from helpers import assert_one_line_error, fastnet
 from test_data import make_arrays, write_archive, write_batches, write_npy
+from test_folders import make_tree, save_image
 
 # Words of advice, one of which every error message must contain: it says what to do, not only what is wrong.
 ADVICE = ("pass", "use", "choose", "drop", "see", "run", "replace", "fix", "save", "retrain", "download",
@@ -79,6 +80,30 @@ def other_data(root, shape=(4, 4, 3), classes=3, seed=1):
         np.save(folder / f"{split}_images.npy", rng.integers(0, 256, (count, *shape), dtype=np.uint8))
         np.save(folder / f"{split}_labels.npy", np.arange(count) % classes)
     return folder
+
+
+def tree_with(change=lambda tree: None, flags=()):
+    """`fastnet train` on a small image tree (tests/test_folders.make_tree) after `change` to it."""
+    def build(root, tiny, run):
+        tree = make_tree(root / "pets", np.random.default_rng(0))
+        change(tree)
+        return ["train", "--data", tree, *flags]
+    return build
+
+
+def broken_jpeg(tree, keep=0.5):
+    path = save_image(tree / "train" / "ant" / "broken.jpg", "RGB", np.random.default_rng(1), size=(64, 64))
+    path.write_bytes(path.read_bytes()[:int(len(path.read_bytes()) * keep)])
+
+
+def emptied(folder):
+    for path in folder.iterdir():
+        path.unlink()
+
+
+def without(folder):
+    emptied(folder)
+    folder.rmdir()
 
 
 def foreign_npz(root):
@@ -161,6 +186,30 @@ CASES = {
     "a label far past the others": (lambda root, tiny, run: ["train", "--data", write_npy(
         root / "typo", make_arrays() | {"train_labels": with_one(99, at=5)(make_arrays()["train_labels"])})],
         ["train_labels.npy: label 99 at index 5", "89 classes (10 to 98)", "class_names.txt"]),
+    # Image trees
+    "tree with a truncated JPEG": (tree_with(broken_jpeg), ["train/ant/broken.jpg", "damaged or truncated"]),
+    "tree with a zero-byte image": (tree_with(lambda tree: broken_jpeg(tree, keep=0)),
+                                    ["train/ant/broken.jpg", "not an image file"]),
+    "tree with a class folder without images": (tree_with(lambda tree: emptied(tree / "train" / "ant")),
+                                                ["train/ant has no image files"]),
+    "tree without class folders": (tree_with(lambda tree: [without(f) for f in (tree / "train").iterdir()]),
+                                   ["train has no class folders"]),
+    "tree with a test class that train lacks": (tree_with(lambda tree: (tree / "test" / "ant").rename(
+        tree / "test" / "bee")), ["test/bee is a class that", "lacks"]),
+    "tree without test and --test-fraction": (tree_with(lambda tree: [without(f) for f in (tree / "test").iterdir()]
+                                                        and (tree / "test").rmdir()), ["no test/ folder",
+                                                                                       "--test-fraction 0.1"]),
+    "tree with images of two sizes": (tree_with(lambda tree: save_image(
+        tree / "train" / "zebra" / "big.png", "RGB", np.random.default_rng(2), size=(7, 6))),
+        ["train/zebra/big.png is 7x6", "train/Moth/000.png is 5x6", "--image-size 5x6"]),
+    "test fraction with a test folder": (tree_with(flags=["--test-fraction", "0.2"]),
+                                         ["--test-fraction holds out", "drop --test-fraction"]),
+    "test fraction of 1": (tree_with(flags=["--test-fraction", "1"]), ["--test-fraction is the share", "got 1.0"]),
+    "test fraction on npy data": (lambda root, tiny, run: ["train", "--test-fraction", "0.2"],
+                                  ["its own: drop --test-fraction"]),
+    "image size not HxW": (tree_with(flags=["--image-size", "32"]), ["--image-size", "'32' is not a size HxW"]),
+    "image size on npy data": (lambda root, tiny, run: ["train", "--image-size", "4x4"],
+                               ["resizes the images of an image tree", "drop --image-size"]),
     "empty test split": (npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]),
                          ["test split", "no images"]),
     # Checkpoints

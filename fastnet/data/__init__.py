@@ -1,6 +1,7 @@
 """The data a run trains on, and what the trainer does to it before it reaches the network, one module each:
 
-    layouts.py       Dataset; finding, loading and checking the three on-disk layouts
+    layouts.py       Dataset; finding, loading and checking the on-disk layouts
+    folders.py       an image tree, train/<class>/ and test/<class>/: decoded in parallel, cached
     downloading.py   fetching the CIFAR-10 archive, resumable, md5-checked
     statistics.py    per-channel mean and std, which inputs are standardised with
     split.py         the validation split held out by --val
@@ -15,13 +16,15 @@ not be the value the code reads, so read, set or monkeypatch them on the module 
 from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.data.components import mirror_images, mirror_permutation, mirror_signs, principal_components, project
 from fastnet.data.downloading import download
+from fastnet.data.folders import load_image_tree
 from fastnet.data.layouts import Dataset, default_data_path, find_dataset, load_dataset
 from fastnet.data.split import split_validation
 from fastnet.data.statistics import channel_stats
 
 __all__ = [
     "Augmentation", "ComponentFlip", "Dataset", "ProjectedAugmentation", "channel_stats", "default_data_path",
-    "download", "find_dataset", "load_dataset", "mirror_images", "mirror_permutation", "mirror_signs",
+    "download", "find_dataset", "load_dataset", "load_image_tree", "mirror_images", "mirror_permutation",
+    "mirror_signs",
     "principal_components",
     "project", "split_validation",
 ]

@@ -1,6 +1,7 @@
 """Finding, loading and checking a data set on disk: CIFAR-10, or any small image set in the same layouts.
 
-Three layouts are understood, so people can use whatever they already have on disk: the official
+Four layouts are understood, so people can use whatever they already have on disk: a tree of
+image files, one folder per class (fastnet.data.folders reads it), the official
 ``cifar-10-python.tar.gz`` (read in place, never unpacked), its unpacked ``cifar-10-batches-py/``
 folder, and a folder of four ``.npy`` files. Whatever the layout, the result is a :class:`Dataset`
 checked by one function, so the trainer never sees a malformed array and every problem reaches the
@@ -21,13 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastnet.errors import DataError
+from fastnet import settings
+from fastnet.data import folders
+from fastnet.errors import DataError, SettingError
 
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 BATCHES_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 NPY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
-_HINT = "pass --data with a CIFAR-10 archive, batches folder or .npy folder, or run `fastnet data download`"
+_HINT = ("pass --data with a folder of class folders (train/<class>/, test/<class>/), a CIFAR-10 archive, batches "
+         "folder or .npy folder, or run `fastnet data download`")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class Dataset:
     class_names: tuple[str, ...]
     source: str
     warnings: tuple[str, ...] = ()  # oddities worth telling the user that do not stop training
+    notes: tuple[str, ...] = ()  # what was done to the data that the user should know (a held-out test split)
+    val_images: np.ndarray | None = None  # a validation split of its own (an image tree's val/), used in place of --val
+    val_labels: np.ndarray | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -82,11 +89,14 @@ def _kind_of(path: pathlib.Path) -> str | None:
             return "npy"
         if (path / "data_batch_1").is_file() and (path / "test_batch").is_file():
             return "batches"
+        if folders.is_image_tree(path):
+            return "images"
     return None
 
 
 def find_dataset(path: str | os.PathLike) -> tuple[str, pathlib.Path]:
-    """Return ``(kind, path)`` with kind "archive", "batches" or "npy" for the data at or inside ``path``."""
+    """Return ``(kind, path)`` with kind "images", "archive", "batches" or "npy" for the data at or inside ``path``.
+    An image tree is recognised at ``path`` itself only: a folder with a ``train/`` subfolder."""
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist: {_HINT}")
@@ -106,14 +116,28 @@ def find_dataset(path: str | os.PathLike) -> tuple[str, pathlib.Path]:
         if kind:
             return kind, candidate.resolve()
     raise DataError(
-        f"no dataset found in {path}: looked for {', '.join(NPY_FILES)} (there or one folder down), "
+        f"no dataset found in {path}: looked for train/ of class folders, {', '.join(NPY_FILES)} "
+        f"(there or one folder down), "
         f"{BATCHES_FOLDER}/ with data_batch_1 and test_batch, or {CIFAR10_ARCHIVE}; {_HINT}"
     )
 
 
-def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
-    """Find the data at ``path`` (default: :func:`default_data_path`), load and check it."""
+def load_dataset(path: str | os.PathLike | None = None, test_fraction: float = 0.0, rng=0,
+                 image_size=None) -> Dataset:
+    """Find the data at ``path`` (default: :func:`default_data_path`), load and check it.
+
+    For an image tree only: ``test_fraction`` holds out that share of each class as the test split when
+    it has no ``test/``, drawn by ``rng`` (a np.random.Generator, or a seed); ``image_size``,
+    (height, width) or "HxW", resizes every image."""
     kind, found = find_dataset(default_data_path() if path is None else path)
+    if kind == "images":
+        return folders.load_image_tree(found, test_fraction, rng, image_size=image_size)
+    if settings.test_fraction("test_fraction", test_fraction):
+        raise SettingError("test_fraction", f"{{setting}} holds out a test split from an image tree without a test/ "
+                                            f"folder, and {found} is a {kind} dataset with its own: drop {{setting}}")
+    if settings.image_size("image_size", image_size):
+        raise SettingError("image_size", f"{{setting}} resizes the images of an image tree, and {found} is a {kind} "
+                                         f"dataset, whose images are arrays already: drop {{setting}}")
     if kind == "npy":
         return _load_npy(found)
     if kind == "batches":

@@ -1,0 +1,96 @@
+"""Reading image files: the one set of rules that `fastnet predict` and the image-tree loader share.
+
+A file becomes pixels the same way whoever reads it: oriented as its EXIF tag says, 16-bit grey
+scaled rather than clipped to 8 bits, transparent pixels put on white (as a viewer shows them), and
+then converted to the Pillow mode asked for. Kept apart from fastnet.predict so that the processes
+that decode a training set import Pillow and NumPy, not the trainer.
+"""
+
+import os
+
+import numpy as np
+
+from fastnet.errors import FastnetError
+
+# What counts as an image file in a folder. A file named on the command line is tried whatever its
+# name: Pillow recognises formats by content.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageError(FastnetError):
+    """An image file that cannot be read or used; the message starts with the file's name."""
+
+
+def is_image_name(name):
+    """Whether a file in a folder is taken for an image: by its extension, in any case."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def pillow():
+    try:
+        from PIL import Image, ImageOps
+    except ImportError as exc:
+        raise FastnetError("Pillow is not installed, and fastnet reads image files with it: "
+                           "pip install pillow") from exc
+    return Image, ImageOps
+
+
+def decode(path, mode):
+    """The pixels of the image file at `path` in Pillow `mode` ("L", "RGB" or "RGBA"), as uint8 of
+    shape (height, width) or (height, width, channels), at the file's own size after EXIF rotation."""
+    Image, ImageOps = pillow()
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file; check the path")
+    # Pillow raises a zoo of types on malformed files (OSError, SyntaxError, ValueError, struct.error,
+    # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
+    try:
+        opened = Image.open(path)  # reads the header only
+    except PermissionError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from exc
+    except Exception as exc:
+        raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+    with opened:
+        try:
+            opened.load()
+        except Exception as exc:  # the header was fine, so it is the file that is broken
+            raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
+                             f"cannot be read; replace it with an intact copy") from exc
+        try:
+            ImageOps.exif_transpose(opened, in_place=True)  # in place: most files need no turn, and no copy
+            return np.asarray(to_mode(opened, mode), dtype=np.uint8)
+        except Exception as exc:
+            raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+
+
+def resize(pixels, height, width):
+    """uint8 pixels stretched (not cropped) to height x width with Pillow's antialiasing Lanczos filter."""
+    Image, _ = pillow()
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def to_mode(picture, mode):
+    Image, _ = pillow()
+    if picture.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float greyscale: convert() would clip to 255 rather than scale.
+        values = np.asarray(picture, dtype=np.float64)
+        top = values.max() if values.size else 0
+        scale = 255.0 / 65535.0 if top > 255 else 1.0
+        picture = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8))
+    if mode != "RGBA" and ("A" in picture.mode or "transparency" in picture.info):
+        # Put transparent pixels on white, as a viewer shows them, instead of on whatever colour the
+        # transparent pixels happen to carry (often black).
+        rgba = picture.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        picture = Image.alpha_composite(background, rgba)
+    return picture if picture.mode == mode else picture.convert(mode)
+
+
+def describe(exc):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file Pillow can read"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too many pixels to decode safely"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
