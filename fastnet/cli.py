@@ -512,10 +512,10 @@ OpenBLAS elsewhere).
 for every BLAS and several tile sizes, each in a process of its own, quiet
 and beside a busy process, and keeps the fastest over both. The plan goes to
 $FASTNET_PLAN_FILE, by default plan.json in fastnet's cache folder
-($XDG_CACHE_HOME/fastnet, else ~/.cache/fastnet), with this machine's
-fingerprint: the CPU, its vector instructions, its cores, and the NumPy,
-Numba and MKL versions. Every later run on this machine uses it; a plan
-measured on another machine is ignored. For one command, FASTNET_BLAS and
+($FASTNET_CACHE, else $XDG_CACHE_HOME/fastnet, else ~/.cache/fastnet), with
+this machine's fingerprint: the CPU, its vector instructions, its cores, and
+the NumPy, Numba and MKL versions. Every later run on this machine uses it; a
+plan measured on another machine is ignored. For one command, FASTNET_BLAS and
 FASTNET_PLAN override it (see fastnet --help). config.json records the plan
 of each run and where it came from.
 

@@ -33,10 +33,12 @@ NEIGHBOURS = (0, 1)  # quiet, and beside one busy process
 
 
 def plan_file():
+    """$FASTNET_PLAN_FILE, else plan.json in fastnet's cache folder (fastnet.data.folders.cache_folder)."""
     if os.environ.get("FASTNET_PLAN_FILE"):
         return Path(os.environ["FASTNET_PLAN_FILE"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(cache) / "fastnet" / "plan.json"
+    from fastnet.data.folders import cache_folder
+
+    return cache_folder() / "plan.json"
 
 
 def _version(package):
