@@ -4,6 +4,7 @@ same logits as `fastnet evaluate`, and one line per unreadable file."""
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from fastnet import checkpoint
 from fastnet.model import MLP
 from fastnet.predict import image_geometry, percent, softmax, top_k
 from fastnet.train import evaluate, normalizer
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, start_fastnet
 from helpers import fastnet as run_fastnet
 
 NAMES = ["dark", "mid", "bright"]
@@ -270,6 +271,25 @@ def test_csv_is_never_half_written(tmp_path):
     writer.abort()  # what an interrupted or failed run does
     assert table.read_text() == "an older table, kept as it was\n"
     assert os.listdir(tmp_path) == ["p.csv"]
+
+
+def test_an_interrupted_run_leaves_no_csv(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    save_image(folder / "a.png", uniform(40))
+    os.mkfifo(folder / "b.png")  # reading it waits for a writer that never comes: the run is stopped there
+    table = tmp_path / "out" / "p.csv"
+    table.parent.mkdir()
+    process = start_fastnet("predict", tiny_model, folder, "--csv", table)
+    try:
+        assert process.stdout.readline().startswith(f"{folder / 'a.png'}: ")
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert os.listdir(table.parent) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to any folder")
