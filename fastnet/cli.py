@@ -411,6 +411,7 @@ PREDICT_EPILOG = f"""\
 Examples:
   fastnet predict runs/wide photos/
   fastnet predict runs/wide/model.npz cat.png ship.jpg --top 1 --json
+  fastnet predict runs/wide photos/ --csv predictions.csv --top 5
 
 Reads image files with Pillow (PNG, JPEG, BMP, and anything else Pillow
 opens). Each image is turned upright as its EXIF tag says, converted to the
@@ -420,10 +421,15 @@ cropped). The preprocessing saved with the model follows, as in train and
 evaluate, so an image gets the same logits as in evaluate: flip-averaged
 when the run was evaluated so, unless --tta says otherwise.
 
-A folder stands for the image files directly inside it (not in its
-subfolders), in name order: the files whose names end in
+A folder stands for the image files anywhere under it, in the order of
+their paths relative to it, sorted: the files whose names end in
   {' '.join(IMAGE_SUFFIXES)}
-Each file gets one line:
+in any case, not starting with a dot. Other files are skipped and counted
+in one warning line. Symbolic links to folders are followed, except one
+whose target is inside a folder already read or holds one (a link to an
+ancestor loops): it is named in one warning line and not followed, so each
+image is classified once. A folder that cannot be listed is one line and
+exit status 2. Each file gets one line:
   photos/cat.png: cat 61.2%, dog 20.4%, frog 6.0%
 A file that cannot be read gets one error line on stderr; the others are
 still classified, and the exit status is then 1. A missing model, or no
@@ -431,6 +437,12 @@ image files at all, is one line and exit status 2.
 
 --json prints one object: {{"model", "top", "predictions": [{{"file", "top":
 [{{"class", "index", "probability"}}]}} or {{"file", "error"}}]}}.
+
+--csv FILE also writes one row per image, under a header row:
+  path,class,probability,class_2,probability_2,...,error
+up to --top K classes, or only path and error for a file that cannot be
+read. FILE is written under a temporary name in its folder and renamed when
+complete, so an interrupted run leaves no half-written FILE.
 
 From Python, fastnet.load(path) returns the model with its preprocessing:
 model.predict(images) gives class indices, model.predict_proba(images) the
@@ -722,10 +734,12 @@ def build_parser():
 
     p = command(commands, "predict", "classify image files (PNG, JPEG, BMP) with a trained model", PREDICT_EPILOG)
     p.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders to search for them")
     p.add_argument("--top", type=positive_int, default=3, metavar="K",
                    help="how many classes to show per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.add_argument("--csv", metavar="FILE", help="also write one CSV row per image: path, class, probability, "
+                   "then class_2, probability_2, ... up to --top K, and error")
     p.add_argument("--tta", metavar="flip|none", help="test-time augmentation (default: the one the run "
                    "was evaluated with)")
     p.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
@@ -886,17 +900,31 @@ def run_predict(args):
         if predict.image_geometry(model.sample_shape) is None:
             raise UsageError(f"{args.model} takes samples of shape {model.sample_shape}, which no image file "
                              "maps onto: use fastnet.load(...).predict on arrays instead")
+        files, warnings = predict.image_files(args.images)
+        for warning in warnings:
+            print(f"fastnet: warning: {warning}", file=sys.stderr)
+        table = predict.CsvWriter(args.csv, args.top, model.num_classes) if args.csv else None
         results, failed = [], 0
-        for path, top, error in predict.predict_files(model, predict.image_files(args.images), args.top):
-            if error is not None:
-                failed += 1
-                print(f"fastnet: error: {error}", file=sys.stderr)
-                results.append({"file": path, "error": str(error)})
-            elif args.json:
-                results.append({"file": path, "top": [{"class": name, "index": index, "probability": p}
-                                                      for index, name, p in top]})
-            else:
-                print(f"{path}: " + ", ".join(f"{name} {predict.percent(p)}" for _, name, p in top), flush=True)
+        try:
+            for path, top, error in predict.predict_files(model, files, args.top):
+                if table is not None:
+                    table.write(path, top, error)
+                if error is not None:
+                    failed += 1
+                    print(f"fastnet: error: {error}", file=sys.stderr)
+                    results.append({"file": path, "error": str(error)})
+                elif args.json:
+                    results.append({"file": path, "top": [{"class": name, "index": index, "probability": p}
+                                                          for index, name, p in top]})
+                else:
+                    print(f"{path}: " + ", ".join(f"{name} {predict.percent(p)}" for _, name, p in top),
+                          flush=True)
+        except BaseException:
+            if table is not None:
+                table.abort()  # an interrupted run leaves no half-written CSV
+            raise
+        if table is not None:
+            table.close()
     if args.json:
         print(json.dumps({"model": args.model, "top": args.top, "predictions": results}))
     if failed:

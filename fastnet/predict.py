@@ -8,12 +8,15 @@ as it was trained. A uint8 image therefore gets the same logits here as it does 
 with the same test-time augmentation (--tta) unless told otherwise.
 """
 
+import csv
 import math
 import os
+import tempfile
 
 import numpy as np
 
 from fastnet import checkpoint, data, settings
+from fastnet.data.folders import SKIPPED_SHOWN
 from fastnet.errors import FastnetError
 from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, is_image_name, resize
 from fastnet.train import EVAL_BATCH, normalizer, saved_tta
@@ -173,33 +176,78 @@ def load(path, backend=None, tta="run"):
 # --- Image files ------------------------------------------------------------------------------------
 
 def image_files(paths):
-    """The files to classify: each path as given, and each folder replaced by the image files
-    directly inside it (not in its subfolders), sorted by name. A path that does not exist is kept,
-    so that it gets its own error line like any other unreadable file."""
-    found, empty, subfolders = [], [], []
+    """(files, warnings): the files to classify, and one warning line per thing left out.
+
+    Each path is kept as given; each folder is replaced by the image files anywhere under it (by
+    name, as the training loader picks them: an image suffix in any case, not a dot file), in the
+    order of their paths relative to the folder, sorted. Other files are skipped and counted in one
+    warning. Symbolic links to folders are followed, except one that would loop or read a folder a
+    second time (its target is inside a folder already walked, or holds one): it is named in one
+    warning instead, so that every image is classified once. A path that does not exist is kept, so
+    that it gets its own error line like any other unreadable file."""
+    found, empty, warnings = [], [], []
     for path in map(os.fspath, paths):
         if not os.path.isdir(path):
             found.append(path)
             continue
-        try:
-            entries = sorted(os.listdir(path))
-        except OSError as exc:
-            raise FastnetError(f"cannot list folder {path} ({exc.strerror}): check its permissions") from exc
-        inside = [os.path.join(path, name) for name in entries
-                  if is_image_name(name) and os.path.isfile(os.path.join(path, name))]
-        found.extend(inside)
-        if not inside:
+        files, skipped, loops = _walk(path)
+        found.extend(os.path.join(path, relative) for relative in files)
+        if not files:
             empty.append(path)
-            subfolders.extend(os.path.join(path, name) for name in entries if os.path.isdir(os.path.join(path, name)))
+        if skipped:
+            noun, verb = ("file", "is not an image") if len(skipped) == 1 else ("files", "are not images")
+            warnings.append(f"skipped {len(skipped)} {noun} in {path} that {verb} by name: {_shown(skipped)}")
+        if loops:
+            noun = "link" if len(loops) == 1 else "links"
+            warnings.append(f"did not follow {len(loops)} symbolic {noun} to folders in {path} that would loop "
+                            f"or read a folder twice (each image is classified once): {_shown(loops)}")
     if not found:
         where = ", ".join(empty) or "what was given"
-        unsearched = ""
-        if subfolders:
-            shown = ", ".join(subfolders[:3]) + (f" and {len(subfolders) - 3} more" if len(subfolders) > 3 else "")
-            unsearched = f" (subfolders are not searched: pass {shown} too)"
-        raise FastnetError(f"no image files in {where}{unsearched}: pass image files, or folders that hold "
+        raise FastnetError(f"no image files in {where} or its subfolders: pass image files, or folders that hold "
                            f"{', '.join(IMAGE_SUFFIXES)} files")
-    return found
+    return found, warnings
+
+
+def _shown(names):
+    return ", ".join(names[:SKIPPED_SHOWN]) + (f" and {len(names) - SKIPPED_SHOWN} more"
+                                               if len(names) > SKIPPED_SHOWN else "")
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(top):
+    """(image files, skipped files, links not followed) under the folder `top`, as paths relative to
+    it; the image files sorted."""
+    files, skipped, loops = [], [], []
+    walked = [os.path.realpath(top)]  # the real folders whose whole trees are read
+    pending = [(top, "")]
+    while pending:
+        folder, relative = pending.pop(0)  # breadth first, in name order: the shallower link is followed
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise FastnetError(f"cannot list folder {folder} ({exc.strerror}): check its permissions") from exc
+        for entry in entries:
+            name = os.path.join(relative, entry.name)
+            try:
+                is_folder = entry.is_dir()  # through a symbolic link too
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if any(_inside(target, tree) or _inside(tree, target) for tree in walked):
+                        loops.append(name)
+                        continue
+                    walked.append(target)
+                pending.append((entry.path, name))
+            elif entry.name.startswith(".") or not is_image_name(entry.name):
+                skipped.append(name)
+            else:
+                files.append(name)
+    return sorted(files), sorted(skipped), sorted(loops)
 
 
 def read_image(path, sample_shape):
@@ -232,3 +280,52 @@ def predict_files(model, paths, top=3):
         indices, probabilities = top_k(model.predict_proba(pixels), top)
         yield path, [(int(i), model.class_names[i], float(p))
                      for i, p in zip(indices[0], probabilities[0], strict=True)], None
+
+
+class CsvWriter:
+    """`--csv FILE`: one row per image, path,class,probability then class_2,probability_2,... up to
+    `top`, and an error column for a file that could not be read. Written under a temporary name in
+    FILE's folder and renamed to FILE by close(), so that FILE is never half written; abort()
+    removes the temporary file."""
+
+    def __init__(self, path, top, num_classes):
+        self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            handle, self._temporary = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
+                                                       dir=folder)
+        except OSError as exc:
+            raise FastnetError(f"cannot write --csv {self.path} ({exc.strerror}): pass a path in a folder "
+                               "you can write to") from exc
+        self._file = os.fdopen(handle, "w", newline="", encoding="utf-8")
+        self.top = min(top, num_classes)
+        columns = ["path", "class", "probability"]
+        for k in range(2, self.top + 1):
+            columns += [f"class_{k}", f"probability_{k}"]
+        self._writer = csv.DictWriter(self._file, [*columns, "error"])
+        self._writer.writeheader()
+
+    def write(self, path, result, error):
+        row = {"path": path}
+        if error is not None:
+            row["error"] = str(error)
+        for k, (_, name, probability) in enumerate(result or (), start=1):
+            suffix = "" if k == 1 else f"_{k}"
+            row[f"class{suffix}"], row[f"probability{suffix}"] = name, repr(probability)
+        self._writer.writerow(row)
+
+    def close(self):
+        try:
+            self._file.close()
+            os.replace(self._temporary, self.path)
+        except OSError as exc:
+            self.abort()
+            raise FastnetError(f"cannot write --csv {self.path} ({exc.strerror}): pass a path in a folder "
+                               "you can write to") from exc
+
+    def abort(self):
+        self._file.close()
+        try:
+            os.unlink(self._temporary)
+        except FileNotFoundError:
+            pass

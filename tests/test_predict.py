@@ -1,7 +1,10 @@
 """`fastnet predict` on image files and `fastnet.load(...)` on arrays: the same preprocessing and the
 same logits as `fastnet evaluate`, and one line per unreadable file."""
 
+import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ from fastnet import checkpoint
 from fastnet.model import MLP
 from fastnet.predict import image_geometry, percent, softmax, top_k
 from fastnet.train import evaluate, normalizer
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, start_fastnet
 from helpers import fastnet as run_fastnet
 
 NAMES = ["dark", "mid", "bright"]
@@ -163,6 +166,146 @@ def test_a_folder_means_the_image_files_in_it_sorted(tiny_model, tmp_path):
     assert files == [str(folder / name) for name in ("a.JPG", "b.png", "c.bmp")]
 
 
+def nested_tree(root):
+    """Images two folders deep with mixed-case suffixes, junk, a dot file and a symbolic link that
+    loops back to the tree's root; the images' relative paths (sorted) and pixels."""
+    images = {"a.png": uniform(40), "b/c.JPG": uniform(200), "b/d/e.Png": uniform(120),
+              "b/d/f.bmp": uniform(90), "z/y/x.JPEG": uniform(230), "b.jpg": uniform(10)}
+    for relative, pixels in images.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        save_image(root / relative, pixels)
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "b" / "d" / ".DS_Store").write_bytes(b"\0\0")
+    os.symlink(root, root / "b" / "d" / "loop")  # to an ancestor: would never end
+    os.symlink(root / "b", root / "z" / "again")  # to a folder read anyway: would read it twice
+    return sorted(images), [images[name] for name in sorted(images)]
+
+
+def test_a_folder_is_searched_recursively_each_image_once_in_sorted_order(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    names, pixels = nested_tree(folder)
+    result = run_fastnet("predict", tiny_model, f"{folder}{os.sep}", "--json")
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(result.stdout)["predictions"]
+    assert [entry["file"] for entry in entries] == [f"{folder}{os.sep}{name}" for name in names]
+    assert_scored_as(entries, tiny_model, pixels)
+    for entry, name in zip(entries, names, strict=True):  # as if each file were predicted alone
+        alone = run_fastnet("predict", tiny_model, folder / name, "--json")
+        assert json.loads(alone.stdout)["predictions"][0]["top"] == entry["top"]
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 2, result.stderr
+    assert warnings[0].startswith(f"fastnet: warning: skipped 2 files in {folder}{os.sep} that are not images")
+    assert "b/d/.DS_Store" in warnings[0] and "b/notes.txt" in warnings[0]
+    assert warnings[1].startswith("fastnet: warning: did not follow 2 symbolic links")
+    assert "b/d/loop" in warnings[1] and "z/again" in warnings[1]
+
+
+def test_a_link_to_a_folder_outside_the_tree_is_followed(tiny_model, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_image(outside / "o.png", uniform(40))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    save_image(folder / "p.png", uniform(200))
+    os.symlink(outside, folder / "linked")
+    result = run_fastnet("predict", tiny_model, folder, "--json")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    files = [entry["file"] for entry in json.loads(result.stdout)["predictions"]]
+    assert files == [str(folder / "linked" / "o.png"), str(folder / "p.png")]
+
+
+def test_csv_gives_the_json_classes_and_probabilities(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    nested_tree(folder)
+    table = tmp_path / "out" / "predictions.csv"
+    table.parent.mkdir()
+    as_json = run_fastnet("predict", tiny_model, folder, "--json", "--top", 2)
+    result = run_fastnet("predict", tiny_model, folder, "--csv", table, "--top", 2)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 6  # the lines are still printed
+    assert os.listdir(table.parent) == ["predictions.csv"]  # no temporary file left
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == ["path", "class", "probability", "class_2", "probability_2", "error"]
+    entries = json.loads(as_json.stdout)["predictions"]
+    assert [row["path"] for row in rows] == [entry["file"] for entry in entries]
+    for row, entry in zip(rows, entries, strict=True):
+        assert [row["class"], row["class_2"]] == [item["class"] for item in entry["top"]]
+        assert [float(row["probability"]), float(row["probability_2"])] == [item["probability"]
+                                                                            for item in entry["top"]]
+        assert row["error"] == ""
+
+
+def test_csv_top_is_capped_at_the_number_of_classes(tiny_model, tmp_path):
+    image = save_image(tmp_path / "a.png", uniform(40))
+    table = tmp_path / "p.csv"
+    assert run_fastnet("predict", tiny_model, image, "--csv", table, "--top", 9).returncode == 0
+    header = table.read_text().splitlines()[0]
+    assert header == "path,class,probability,class_2,probability_2,class_3,probability_3,error"
+
+
+def test_csv_gives_a_broken_image_an_error_row_and_status_1(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    save_image(folder / "a.png", uniform(40))
+    (folder / "b.png").write_bytes(b"this is not a picture")
+    save_image(folder / "c.png", uniform(200))
+    table = tmp_path / "p.csv"
+    result = run_fastnet("predict", tiny_model, folder, "--csv", table)
+    assert result.returncode == 1
+    assert result.stderr.count("fastnet: error: ") == 1 and "b.png" in result.stderr
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [str(folder / name) for name in ("a.png", "b.png", "c.png")]
+    assert rows[1]["error"].startswith(f"{folder / 'b.png'}: ") and rows[1]["class"] == ""
+    assert rows[0]["error"] == rows[2]["error"] == "" and rows[0]["class"] == "dark"
+
+
+def test_csv_is_never_half_written(tmp_path):
+    from fastnet.predict import CsvWriter
+    table = tmp_path / "p.csv"
+    table.write_text("an older table, kept as it was\n")
+    writer = CsvWriter(table, 3, 3)
+    writer.write("a.png", [(0, "dark", 0.5)], None)
+    writer.abort()  # what an interrupted or failed run does
+    assert table.read_text() == "an older table, kept as it was\n"
+    assert os.listdir(tmp_path) == ["p.csv"]
+
+
+def test_an_interrupted_run_leaves_no_csv(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    save_image(folder / "a.png", uniform(40))
+    os.mkfifo(folder / "b.png")  # reading it waits for a writer that never comes: the run is stopped there
+    table = tmp_path / "out" / "p.csv"
+    table.parent.mkdir()
+    process = start_fastnet("predict", tiny_model, folder, "--csv", table)
+    try:
+        assert process.stdout.readline().startswith(f"{folder / 'a.png'}: ")
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert os.listdir(table.parent) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to any folder")
+def test_csv_in_a_folder_that_cannot_be_written_is_one_line(tiny_model, tmp_path):
+    image = save_image(tmp_path / "a.png", uniform(40))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = run_fastnet("predict", tiny_model, image, "--csv", locked / "p.csv")
+        assert_one_line_error(result, "cannot write --csv", "Permission denied", "pass a path")
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o700)
+
+
 def test_grey_and_transparent_images_are_converted_like_a_viewer_shows_them(tiny_model, tmp_path):
     grey = save_image(tmp_path / "grey.png", np.full((4, 4), 90))
     rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black: shown as white
@@ -189,8 +332,11 @@ def test_a_bigger_image_is_resized_to_the_model_input(tiny_model, tmp_path):
     (lambda model, folder: ["/no/such/model.npz", folder], ["does not exist"]),
     (lambda model, folder: [model, folder, "--top", 0], ["--top", "not positive"]),
     (lambda model, folder: [model, folder / "empty"], ["no image files", "empty"]),
-    (lambda model, folder: [model, folder / "nested"], ["no image files in", "subfolders are not searched: pass",
-                                                        "nested/photos too"]),
+    (lambda model, folder: [model, folder / "empty"], ["no image files in", "or its subfolders"]),
+    (lambda model, folder: [model, folder / "x.png", "--csv", folder / "x.png" / "out.csv"],
+     ["cannot write --csv", "x.png/out.csv", "pass a path in a folder you can write to"]),
+    (lambda model, folder: [model, folder / "x.png", "--csv", folder / "no" / "such" / "out.csv"],
+     ["cannot write --csv", "pass a path in a folder you can write to"]),
     (lambda model, folder: [model], ["required", "IMAGE"]),
 ])
 def test_bad_arguments_get_one_line_and_status_2(make_args, phrases, tmp_path):
@@ -199,6 +345,8 @@ def test_bad_arguments_get_one_line_and_status_2(make_args, phrases, tmp_path):
     checkpoint.save(model, net, [0.5] * 3, [0.25] * 3, (4, 4, 3), NAMES, {})
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
+    (tmp_path / "empty" / "deeper").mkdir()
+    (tmp_path / "empty" / "deeper" / "notes.txt").write_text("nor here")
     (tmp_path / "nested" / "photos").mkdir(parents=True)
     save_image(tmp_path / "nested" / "photos" / "cat.png", uniform(10))
     save_image(tmp_path / "x.png", uniform(10))

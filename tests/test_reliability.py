@@ -91,6 +91,23 @@ def tree_with(change=lambda tree: None, flags=()):
     return build
 
 
+def predict_on(make_args):
+    """`fastnet predict` with the finished run on a folder of one image, photos/, and `make_args(root)`."""
+    def build(root, tiny, run):
+        (root / "photos" / "deeper").mkdir(parents=True)
+        save_image(root / "photos" / "deeper" / "a.png", "RGB", np.random.default_rng(0), size=(4, 4))
+        return ["predict", run, root / "photos", *make_args(root)]
+    return build
+
+
+def only_junk(root, tiny, run):
+    folder = root / "junk" / "deeper"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("not an image")
+    os.symlink(root / "junk", folder / "loop")
+    return ["predict", run, root / "junk"]
+
+
 def broken_jpeg(tree, keep=0.5):
     path = save_image(tree / "train" / "ant" / "broken.jpg", "RGB", np.random.default_rng(1), size=(64, 64))
     path.write_bytes(path.read_bytes()[:int(len(path.read_bytes()) * keep)])
@@ -248,6 +265,12 @@ CASES = {
                     ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
     "evaluate with an unknown tta": (lambda root, tiny, run: ["evaluate", run, "--tta", "crop"],
                                      ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+    "predict --csv into a missing folder": (predict_on(lambda root: ["--csv", root / "missing" / "p.csv"]),
+                                            ["cannot write --csv", "missing/p.csv", "pass a path in a folder"]),
+    "predict --csv under a file": (predict_on(lambda root: ["--csv", root / "photos" / "deeper" / "a.png" / "p.csv"]),
+                                   ["cannot write --csv", "Not a directory", "pass a path in a folder"]),
+    "predict on a tree of junk and a looping link": (only_junk,
+                                                     ["no image files in", "junk or its subfolders", "pass image"]),
     "predict with an unknown tta": (lambda root, tiny, run: ["predict", run, root / "image.png", "--tta", "crop"],
                                     ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
 }
