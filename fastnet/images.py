@@ -26,6 +26,55 @@ def is_image_name(name):
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+SHOWN = 3  # names a warning line lists before "and N more"
+
+
+def shown(names):
+    """The first few of `names`, for a warning line."""
+    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def walk(top, tree=None):
+    """(image files, skipped files, links not followed) under the folder `top`, as paths relative to
+    it, each list sorted. An image file is one with an image suffix, not a dot file. Symbolic links to
+    folders are followed, except one whose target is inside a folder already walked or holds one: it
+    would loop, or read a folder twice. `tree`, a folder that holds `top` (a class folder's split),
+    counts as walked whole. The walk is breadth first in name order, so of two links to one folder the
+    shallower is followed."""
+    files, skipped, loops = [], [], []
+    walked = [os.path.realpath(tree or top)]  # the real folders whose whole trees are read
+    pending = [(top, "")]
+    while pending:
+        folder, relative = pending.pop(0)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise FastnetError(f"cannot list folder {folder} ({exc.strerror}): check its permissions") from exc
+        for entry in entries:
+            name = os.path.join(relative, entry.name)
+            try:
+                is_folder = entry.is_dir()  # through a symbolic link too
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if any(_inside(target, tree) or _inside(tree, target) for tree in walked):
+                        loops.append(name)
+                        continue
+                    walked.append(target)
+                pending.append((entry.path, name))
+            elif entry.name.startswith(".") or not is_image_name(entry.name):
+                skipped.append(name)
+            else:
+                files.append(name)
+    return sorted(files), sorted(skipped), sorted(loops)
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def pillow():
     try:
         from PIL import Image, ImageOps

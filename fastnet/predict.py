@@ -16,9 +16,8 @@ import tempfile
 import numpy as np
 
 from fastnet import checkpoint, data, settings
-from fastnet.data.folders import SKIPPED_SHOWN
 from fastnet.errors import FastnetError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, is_image_name, resize
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, resize, shown, walk
 from fastnet.train import EVAL_BATCH, normalizer, saved_tta
 
 # The Pillow mode that gives a picture the channel count a model was trained on.
@@ -190,64 +189,22 @@ def image_files(paths):
         if not os.path.isdir(path):
             found.append(path)
             continue
-        files, skipped, loops = _walk(path)
+        files, skipped, loops = walk(path)
         found.extend(os.path.join(path, relative) for relative in files)
         if not files:
             empty.append(path)
         if skipped:
             noun, verb = ("file", "is not an image") if len(skipped) == 1 else ("files", "are not images")
-            warnings.append(f"skipped {len(skipped)} {noun} in {path} that {verb} by name: {_shown(skipped)}")
+            warnings.append(f"skipped {len(skipped)} {noun} in {path} that {verb} by name: {shown(skipped)}")
         if loops:
             noun = "link" if len(loops) == 1 else "links"
             warnings.append(f"did not follow {len(loops)} symbolic {noun} to folders in {path} that would loop "
-                            f"or read a folder twice (each image is classified once): {_shown(loops)}")
+                            f"or read a folder twice (each image is classified once): {shown(loops)}")
     if not found:
         where = ", ".join(empty) or "what was given"
         raise FastnetError(f"no image files in {where} or its subfolders: pass image files, or folders that hold "
                            f"{', '.join(IMAGE_SUFFIXES)} files")
     return found, warnings
-
-
-def _shown(names):
-    return ", ".join(names[:SKIPPED_SHOWN]) + (f" and {len(names) - SKIPPED_SHOWN} more"
-                                               if len(names) > SKIPPED_SHOWN else "")
-
-
-def _inside(path, folder):
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _walk(top):
-    """(image files, skipped files, links not followed) under the folder `top`, as paths relative to
-    it; the image files sorted."""
-    files, skipped, loops = [], [], []
-    walked = [os.path.realpath(top)]  # the real folders whose whole trees are read
-    pending = [(top, "")]
-    while pending:
-        folder, relative = pending.pop(0)  # breadth first, in name order: the shallower link is followed
-        try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except OSError as exc:
-            raise FastnetError(f"cannot list folder {folder} ({exc.strerror}): check its permissions") from exc
-        for entry in entries:
-            name = os.path.join(relative, entry.name)
-            try:
-                is_folder = entry.is_dir()  # through a symbolic link too
-            except OSError:
-                is_folder = False
-            if is_folder:
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if any(_inside(target, tree) or _inside(tree, target) for tree in walked):
-                        loops.append(name)
-                        continue
-                    walked.append(target)
-                pending.append((entry.path, name))
-            elif entry.name.startswith(".") or not is_image_name(entry.name):
-                skipped.append(name)
-            else:
-                files.append(name)
-    return sorted(files), sorted(skipped), sorted(loops)
 
 
 def read_image(path, sample_shape):

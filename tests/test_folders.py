@@ -105,6 +105,25 @@ def test_load_dataset_and_find_dataset_recognise_a_tree(tmp_path, cache):
     assert data.load_dataset(root).source == f"image tree {root.resolve()}"
 
 
+def test_links_to_folders_are_followed_once_and_a_loop_is_named(tmp_path, cache):
+    """A class folder's subfolders are read, through a symbolic link too; a link that would loop, or
+    read a folder a second time, is not followed and is named in one warning line."""
+    root = make_tree(tmp_path / "pets", np.random.default_rng(4), classes=("ant", "bee"))
+    extra = save_image(tmp_path / "elsewhere" / "deep" / "x.png", "RGB", np.random.default_rng(5)).parent.parent
+    os.symlink(extra, root / "train" / "ant" / "more")  # outside the tree: followed
+    os.symlink(root / "train", root / "train" / "bee" / "up")  # an ancestor: would loop
+    os.symlink(root / "train" / "ant", root / "train" / "bee" / "again")  # ant/ once more: would read it twice
+    dataset = data.load_image_tree(root, workers=1)
+    plain = make_tree(tmp_path / "plain", np.random.default_rng(4), classes=("ant", "bee"))
+    reference = data.load_image_tree(plain, workers=1)
+    assert len(dataset.train_images) == len(reference.train_images) + 1  # x.png, once
+    np.testing.assert_array_equal(dataset.train_images[len(reference.train_images) // 2], pillow_pixels(
+        extra / "deep" / "x.png"))  # sorted after ant/008.GIF: the first of ant's paths under "more/"
+    assert dataset.warnings[-1] == (f"did not follow 2 symbolic links to folders in {root.resolve()} that would "
+                                    "loop or read a folder twice (each image is read once): train/bee/again, "
+                                    "train/bee/up")
+
+
 DECODE_FILES = folders.decode_files
 
 

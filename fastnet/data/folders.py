@@ -30,13 +30,12 @@ import numpy as np
 
 from fastnet import settings
 from fastnet.errors import DataError, SettingError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, is_image_name, resize
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, resize, shown, walk
 
 # How files become pixels, part of the cache key: change it whenever the decoded arrays would change.
 RULE = "RGB; EXIF orientation; 16-bit grey scaled; transparent on white; v1"
 MODE = "RGB"
 CHUNK = 256  # files per task: enough that a task's overhead is small, few enough that the bar moves
-SKIPPED_SHOWN = 3
 
 
 def cache_folder() -> pathlib.Path:
@@ -59,6 +58,7 @@ class _Listing:
     files: list  # (relative path, size, mtime_ns)
     labels: list
     skipped: list  # relative paths of files that are not images by name
+    loops: list = dataclasses.field(default_factory=list)  # links to folders not followed (images.walk)
 
 
 def _entries(folder: pathlib.Path):
@@ -85,44 +85,40 @@ def _list_split(root: pathlib.Path, split: str, classes: list) -> _Listing:
     listing = _Listing([], [], [])
     for label, name in enumerate(classes):
         folder = root / split / name
-        count = 0
-        # Subfolders of a class folder are read too; symbolic links to folders are not followed, so a
-        # link that loops cannot make the walk endless.
-        for here, subfolders, names in os.walk(folder, onerror=_walk_error):
-            subfolders.sort()
-            for file_name in sorted(names):
-                path = os.path.join(here, file_name)
-                relative = os.path.relpath(path, root)
-                if file_name.startswith(".") or not is_image_name(file_name):
-                    listing.skipped.append(relative)
-                    continue
-                try:
-                    stat = os.stat(path)
-                except OSError as exc:
-                    raise DataError(f"cannot read {path} ({exc.strerror}): check the file and its permissions, "
-                                    f"or remove it") from exc
-                listing.files.append((relative, stat.st_size, stat.st_mtime_ns))
-                listing.labels.append(label)
-                count += 1
-        if not count:
+        # Subfolders of a class folder are read too, and links to folders followed, but for one that
+        # would loop or read a folder twice (fastnet.images.walk, as fastnet predict walks a folder).
+        files, skipped, loops = walk(folder, tree=root / split)  # a link to another class: not followed
+        prefix = os.path.relpath(folder, root)
+        listing.skipped += [os.path.join(prefix, name) for name in skipped]
+        listing.loops += [os.path.join(prefix, name) for name in loops]
+        for file_name in files:
+            relative = os.path.join(prefix, file_name)
+            path = os.path.join(root, relative)
+            try:
+                stat = os.stat(path)
+            except OSError as exc:
+                raise DataError(f"cannot read {path} ({exc.strerror}): check the file and its permissions, "
+                                f"or remove it") from exc
+            listing.files.append((relative, stat.st_size, stat.st_mtime_ns))
+            listing.labels.append(label)
+        if not files:
             raise DataError(f"{folder} has no image files ({' '.join(IMAGE_SUFFIXES)}, any case): put the class's "
                             f"images in it, or drop the folder")
     return listing
 
 
-def _walk_error(exc: OSError):
-    raise DataError(f"cannot list folder {exc.filename} ({exc.strerror}): check its permissions") from exc
-
-
-def _skipped_warning(root: pathlib.Path, skipped: list) -> tuple[str, ...]:
-    if not skipped:
-        return ()
-    shown = ", ".join(skipped[:SKIPPED_SHOWN]) + (f" and {len(skipped) - SKIPPED_SHOWN} more"
-                                                  if len(skipped) > SKIPPED_SHOWN else "")
-    noun = "file" if len(skipped) == 1 else "files"
-    verb = "is" if len(skipped) == 1 else "are"
-    return (f"skipped {len(skipped)} {noun} in {root} that {verb} not an image by name or not in a class folder: "
-            f"{shown}"),
+def _warnings(root: pathlib.Path, skipped: list, loops: list) -> list:
+    warnings = []
+    if skipped:
+        noun = "file" if len(skipped) == 1 else "files"
+        verb = "is" if len(skipped) == 1 else "are"
+        warnings.append(f"skipped {len(skipped)} {noun} in {root} that {verb} not an image by name or not in a "
+                        f"class folder: {shown(skipped)}")
+    if loops:
+        noun = "link" if len(loops) == 1 else "links"
+        warnings.append(f"did not follow {len(loops)} symbolic {noun} to folders in {root} that would loop or "
+                        f"read a folder twice (each image is read once): {shown(loops)}")
+    return warnings
 
 
 def hold_out(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -150,6 +146,7 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
     classes = _class_folders(root / "train", skipped, root)
     train = _list_split(root, "train", classes)
     skipped += train.skipped
+    loops = list(train.loops)
     notes = ()
     if (root / "test").is_dir():
         if test_fraction:
@@ -174,7 +171,8 @@ def load_image_tree(root, test_fraction: float = 0.0, rng=0, workers: int | None
     if (root / "val").is_dir():
         listings["val"] = _list_other(root, "val", classes, skipped)
     reference = _reference(root, train.files[0][0], image_size)
-    warnings = list(_skipped_warning(root, skipped))
+    loops += [path for split, listing in listings.items() if split != "train" for path in listing.loops]
+    warnings = _warnings(root, skipped, loops)
     arrays = {}
     for split, listing in listings.items():
         images, problem = _cached_or_decoded(root, split, listing.files, reference, workers)
@@ -199,6 +197,7 @@ def _list_other(root, split, classes, skipped):
         part = _list_split(root, split, [name])
         listing.files += part.files
         listing.labels += [classes.index(name)] * len(part.files)
+        listing.loops += part.loops
         skipped += part.skipped
     return listing
 
