@@ -103,8 +103,10 @@ def sqlite_rows(out):
     return {numbers[t]: (states[t], attrs.get(t, {})) for t in states}
 
 
-def running_trial_past_its_first_epoch(out, sweep, timeout=120):
-    """(number, user attributes) of a running trial with at least one epoch in its run folder."""
+def running_trial_past_its_first_epoch(out, sweep, timeout=120, at_most=5):
+    """(number, user attributes) of a running trial with at least one epoch in its run folder, and at
+    most `at_most`: one near its end could finish the whole sweep before the caller acts on it (a
+    loaded machine polls slowly), and the sweep would then exit as done."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert sweep.poll() is None, sweep.communicate()
@@ -115,7 +117,8 @@ def running_trial_past_its_first_epoch(out, sweep, timeout=120):
                 rows = {}
             for number, (state, attrs) in rows.items():
                 metrics = Path(attrs.get("out", "/nowhere")) / "metrics.jsonl"
-                if state == "RUNNING" and "pid" in attrs and metrics.is_file() and metrics.read_text().strip():
+                epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+                if state == "RUNNING" and "pid" in attrs and 1 <= epochs <= at_most:
                     return number, attrs
         time.sleep(0.05)
     raise AssertionError("no trial got past its first epoch")
