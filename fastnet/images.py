@@ -71,6 +71,14 @@ def walk(top, tree=None):
     return sorted(files), sorted(skipped), sorted(loops)
 
 
+def unfollowed(where, loops, done):
+    """The one warning line that names the links to folders walk did not follow under `where`; each
+    image is `done` once ("read", "classified")."""
+    noun = "link" if len(loops) == 1 else "links"
+    return (f"did not follow {len(loops)} symbolic {noun} to folders in {where} that would loop or read a folder "
+            f"twice (each image is {done} once): {shown(loops)}")
+
+
 def _inside(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 

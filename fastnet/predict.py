@@ -17,7 +17,7 @@ import numpy as np
 
 from fastnet import checkpoint, data, settings
 from fastnet.errors import FastnetError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, resize, shown, walk
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, resize, shown, unfollowed, walk
 from fastnet.train import EVAL_BATCH, normalizer, saved_tta
 
 # The Pillow mode that gives a picture the channel count a model was trained on.
@@ -197,9 +197,7 @@ def image_files(paths):
             noun, verb = ("file", "is not an image") if len(skipped) == 1 else ("files", "are not images")
             warnings.append(f"skipped {len(skipped)} {noun} in {path} that {verb} by name: {shown(skipped)}")
         if loops:
-            noun = "link" if len(loops) == 1 else "links"
-            warnings.append(f"did not follow {len(loops)} symbolic {noun} to folders in {path} that would loop "
-                            f"or read a folder twice (each image is classified once): {shown(loops)}")
+            warnings.append(unfollowed(path, loops, "classified"))
     if not found:
         where = ", ".join(empty) or "what was given"
         raise FastnetError(f"no image files in {where} or its subfolders: pass image files, or folders that hold "

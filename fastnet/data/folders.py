@@ -30,7 +30,7 @@ import numpy as np
 
 from fastnet import settings
 from fastnet.errors import DataError, SettingError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, resize, shown, walk
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, resize, shown, unfollowed, walk
 
 # How files become pixels, part of the cache key: change it whenever the decoded arrays would change.
 RULE = "RGB; EXIF orientation; 16-bit grey scaled; transparent on white; v1"
@@ -115,9 +115,7 @@ def _warnings(root: pathlib.Path, skipped: list, loops: list) -> list:
         warnings.append(f"skipped {len(skipped)} {noun} in {root} that {verb} not an image by name or not in a "
                         f"class folder: {shown(skipped)}")
     if loops:
-        noun = "link" if len(loops) == 1 else "links"
-        warnings.append(f"did not follow {len(loops)} symbolic {noun} to folders in {root} that would loop or "
-                        f"read a folder twice (each image is read once): {shown(loops)}")
+        warnings.append(unfollowed(root, loops, "read"))
     return warnings
 
 
