@@ -144,7 +144,7 @@ class Trainer:
         self.next_batch = 0
 
     def step(self):
-        """One training step on the next minibatch, through fastnet.train.train_epoch, the loop that
+        """One training step on the next minibatch, through fastnet.step.train_epoch, the loop that
         `fastnet train` runs (its signature has not changed since the first commit). Returns the loss."""
         batch = self.batches[self.next_batch]
         self.next_batch = (self.next_batch + 1) % len(self.batches)

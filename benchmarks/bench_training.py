@@ -2,7 +2,7 @@
 
 Data is synthetic (random uint8 images from np.random.default_rng(0)), built in setup; the model,
 optimizer (momentum 0.9, weight decay 5e-3 on weights) and step are fastnet's own API, used as
-fastnet.train.train_epoch uses it. Numba kernels are compiled in setup, by running real steps.
+fastnet.step.train_epoch uses it. Numba kernels are compiled in setup, by running real steps.
 """
 
 import os
@@ -36,7 +36,7 @@ class TrainingStep:
         self.trainer.step()
 
     def time_epoch_slice(self, backend, size):
-        """50 steps through fastnet.train.train_epoch itself (its loop, schedule and checks included)."""
+        """50 steps through fastnet.step.train_epoch itself (its loop, schedule and checks included)."""
         t = self.trainer
         self.train_epoch(t.net, t.optimizer, self.schedule, t.images, t.labels, t.shift, t.scale,
                          self.order, t.batch_size, 1, 0)
@@ -191,7 +191,7 @@ _WARM_UP = """
 import numpy as np
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
-from fastnet.train import warm_up
+from fastnet.step import warm_up
 net = MLP([3072, 512, 512, 10], backend="numba", dtype="float32")
 warm_up(net, Optimizer(net.params, "momentum", backend="numba"), np.uint8)
 """

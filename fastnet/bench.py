@@ -5,7 +5,7 @@ Every measurement (each backend, PyTorch, the sgemm peak) runs in a fresh proces
 OpenBLAS's threads keep spinning after a NumPy call and would slow down whatever ran next in the
 same process. The sides run several times, interleaved, and the report gives the median, the spread
 and how busy other processes kept the CPU, flagging the runs they disturbed. The fastnet sides time
-`fastnet.train.train_epoch`, the loop `fastnet train` runs:
+`fastnet.step.train_epoch`, the loop `fastnet train` runs:
 gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
 
 With `--ranks N`, each backend is also timed data-parallel: N processes under `mpirun`, each on its
@@ -47,7 +47,7 @@ def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32", p
     from fastnet import backends
     from fastnet.model import MLP
     from fastnet.optim import Optimizer, Schedule
-    from fastnet.train import StepOptions, train_epoch, warm_up
+    from fastnet.step import StepOptions, train_epoch, warm_up
 
     options = StepOptions() if parallel is None else StepOptions(**parallel.step_hooks())
 

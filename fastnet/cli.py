@@ -13,16 +13,19 @@ import threading
 import numpy as np
 
 from fastnet import __version__, backends, bench, data, distributed, precision, report, settings
+from fastnet.config import RECIPES, TrainConfig, recipe_config
 from fastnet.data.components import PCA_SAMPLE
 from fastnet.data.downloading import CIFAR10_MD5, CIFAR10_URL
 from fastnet.errors import FastnetError, Interrupted, PeerLost, SettingError
+from fastnet.evaluation import saved_tta
 from fastnet.model import ACTIVATIONS, NORMS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
 from fastnet.precision import PRECISIONS
 from fastnet.predict import IMAGE_SUFFIXES
+from fastnet.run_folder import resumed_config
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
-from fastnet.train import RECIPES, TrainConfig, recipe_config, resumed_config, saved_tta, train
+from fastnet.train import train
 from fastnet.workloads import WORKLOADS
 
 USAGE_ERROR = 2

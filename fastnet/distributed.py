@@ -106,6 +106,37 @@ class RowShare:
         return out
 
 
+class SingleProcess:
+    """A run in one process, behind DataParallel's interface (what train.TrainingRun asks of the
+    processes that share a run), each part trivial: the training loop has no branch on which it is."""
+
+    size, writes, headline, resume_command = 1, True, "", "fastnet train"
+
+    def __init__(self, after_backward=None):
+        self.after_backward = after_backward
+        self.stop_requested = lambda: False  # the training loop sets it: has a signal asked to stop?
+
+    def step_hooks(self):
+        return {"after_backward": self.after_backward}
+
+    def describe(self):
+        return None
+
+    def broadcast(self, value):
+        return value
+
+    def check_same_parameters(self, params):
+        pass
+
+    @property
+    def stopping(self):
+        return self.stop_requested()
+
+    def split_evaluation(self, inputs, net, labels):
+        result = inputs.evaluate(net, labels)
+        return result.loss, result.accuracy
+
+
 class DataParallel:
     """One rank of a data-parallel run: its share of each batch, the all-reduce of its gradients, the
     split evaluation, and what only rank 0 does."""
@@ -121,8 +152,10 @@ class DataParallel:
         # Who is where: a waiting rank can tell a dead peer on its machine from a slow one.
         self.peers = comm.allgather((socket.gethostname(), os.getpid()))
         self.writes = self.rank == 0
+        self.headline = f", data-parallel on {self.size} ranks"  # in the run's first log line
+        self.resume_command = f"mpirun -n {self.size} fastnet train --distributed"
         self.stop_requested = lambda: False
-        self.stopping = False
+        self.stopping = False  # every rank's answer to "has any rank been asked to stop?", after each step
         self.reduce_seconds = 0.0  # the steps' wall time spent waiting for the sums, for the cost model
         self._shares, self._layouts, self._received = {}, {}, {}
         self._reducer = None
@@ -316,7 +349,7 @@ class DataParallel:
                                f"the ranks must run the same fastnet, numba and BLAS on the same kind of CPU")
 
     def split_evaluation(self, inputs, net, labels):
-        """The loss and accuracy of `net` on `inputs` (train.EvaluationInputs) with each rank evaluating
+        """The loss and accuracy of `net` on `inputs` (evaluation.EvaluationInputs) with each rank evaluating
         its share of the images: the whole set's, the same on every rank."""
         start, stop = share_bounds(len(labels), self.size, self.rank)
         mine = inputs.rows(start, stop).evaluate(net, labels[start:stop])

@@ -2,7 +2,7 @@
 
 Whatever the input, a picture goes through the same preprocessing as in training and in
 `fastnet evaluate`: the checkpoint's channel statistics, turned into a per-feature shift and scale
-by `fastnet.train.normalizer` and applied by the backend's own `gather_normalize` kernel; a model
+by `fastnet.evaluation.normalizer` and applied by the backend's own `gather_normalize` kernel; a model
 trained on principal components (--pca) projects onto them with `dense_forward` and runs the network
 as it was trained. A uint8 image therefore gets the same logits here as it does in `fastnet evaluate`,
 with the same test-time augmentation (--tta) unless told otherwise.
@@ -17,8 +17,8 @@ import numpy as np
 
 from fastnet import checkpoint, data, settings
 from fastnet.errors import FastnetError
+from fastnet.evaluation import EVAL_BATCH, normalizer, saved_tta
 from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, resize, shown, unfollowed, walk
-from fastnet.train import EVAL_BATCH, normalizer, saved_tta
 
 # The Pillow mode that gives a picture the channel count a model was trained on.
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -79,7 +79,7 @@ class Model:
     (N, H, W) / (N, D) for models trained on such data); flattened rows (N, D) are accepted too.
     Pixels are uint8 0-255 or floats in [0, 1], as in training.
 
-    `tta` is a test-time augmentation of fastnet.train.TTA ("flip": the mean of the logits of each image
+    `tta` is a test-time augmentation of fastnet.evaluation.TTA ("flip": the mean of the logits of each image
     and of its mirror image), or "run" for the one the model's run was evaluated with.
     """
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from fastnet import checkpoint, data
 from fastnet.errors import CheckpointError, FastnetError
-from fastnet.train import evaluation_inputs, normalizer, saved_tta
+from fastnet.evaluation import evaluation_inputs, normalizer, saved_tta
 
 MISSING = "-"
 
@@ -118,7 +118,7 @@ def dataset_of_run(config, data_path=None):
 
 def evaluate_saved_model(model_path, data_path=None, backend=None, tta="run"):
     """(the loaded checkpoint, the dataset, its Evaluation on the test split) for a saved model, with
-    the test-time augmentation `tta` (one of train.TTA; "run": the one its run was evaluated with)."""
+    the test-time augmentation `tta` (one of evaluation.TTA; "run": the one its run was evaluated with)."""
     saved = checkpoint.load(model_path, backend=backend)
     dataset = dataset_of_run(saved.config, data_path)
     if dataset.input_size != saved.net.sizes[0] or dataset.num_classes != saved.net.sizes[-1]:

@@ -11,10 +11,11 @@ import pytest
 
 from fastnet import backends, cli, cpu, precision
 from fastnet.backends import numpy_backend as ref
+from fastnet.config import TrainConfig
 from fastnet.errors import FastnetError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
-from fastnet.train import TrainConfig, train
+from fastnet.train import train
 
 EPS_BF16 = 2.0 ** -8  # half the spacing of bfloat16 numbers at 1: the largest relative rounding error
 

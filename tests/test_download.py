@@ -207,8 +207,9 @@ def test_unreachable_server_says_offline(tmp_path):
 
 
 def test_train_downloads_into_the_default_folder_when_it_finds_no_data(server, tmp_path, monkeypatch):
+    from fastnet.config import TrainConfig
     from fastnet.data import downloading
-    from fastnet.train import TrainConfig, train
+    from fastnet.train import train
     from test_data import make_arrays, write_archive
 
     archive = write_archive(tmp_path / "build" / NAME, make_arrays()).read_bytes()

@@ -33,10 +33,12 @@ from hypothesis import strategies as st
 from fastnet import backends
 from fastnet.activations import ACTIVATIONS
 from fastnet.backends import numpy_backend as ref
+from fastnet.config import TrainConfig
 from fastnet.data import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.model import MLP
 from fastnet.optim import UPDATE_RULES, Optimizer
-from fastnet.train import TIMING_METRICS, TrainConfig, train
+from fastnet.run_folder import TIMING_METRICS
+from fastnet.train import train
 from helpers import assert_close, real_data_path, save_brightness_classes, unavailable
 
 OTHER_BACKENDS = [name for name in backends.available() if name != "numpy"]

@@ -99,7 +99,7 @@ def test_a_numba_epoch_that_changes_threads_every_step_ends_on_the_same_bits(mon
         unavailable("the numba backend needs numba: pip install numba")
     from fastnet.model import MLP
     from fastnet.optim import Optimizer, Schedule
-    from fastnet.train import StepOptions, train_epoch
+    from fastnet.step import StepOptions, train_epoch
 
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (96, 48), dtype=np.uint8)

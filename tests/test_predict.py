@@ -14,9 +14,9 @@ from PIL import Image
 
 import fastnet
 from fastnet import checkpoint
+from fastnet.evaluation import evaluate, normalizer
 from fastnet.model import MLP
 from fastnet.predict import image_geometry, percent, softmax, top_k
-from fastnet.train import evaluate, normalizer
 from helpers import assert_one_line_error, start_fastnet
 from helpers import fastnet as run_fastnet
 

@@ -4,8 +4,8 @@ every page they point at exists, and dated measurements live in the results log 
 import pathlib
 import re
 
+from fastnet.config import RECIPES
 from fastnet.data import downloading
-from fastnet.train import RECIPES
 from fastnet.workloads import WORKLOADS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from fastnet import backends, checkpoint, precision
-from fastnet.train import TIMING_METRICS, TrainConfig, resumed_config, train
+from fastnet.config import TrainConfig
+from fastnet.run_folder import TIMING_METRICS, resumed_config
+from fastnet.train import train
 from helpers import assert_one_line_error, fastnet
 from test_data import make_arrays, write_archive, write_batches, write_npy
 from test_folders import make_tree, save_image

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from fastnet.config import TrainConfig
 from fastnet.data import Augmentation
 from fastnet.errors import FastnetError, SettingError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer, Schedule
 from fastnet.predict import Model
-from fastnet.train import TrainConfig
 from helpers import assert_one_line_error, fastnet
 
 

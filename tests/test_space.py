@@ -7,9 +7,9 @@ import zlib
 import optuna
 import pytest
 
+from fastnet.config import TrainConfig
 from fastnet.errors import SpaceError
 from fastnet.sweep import space
-from fastnet.train import TrainConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from fastnet.train import TIMING_METRICS
+from fastnet.run_folder import TIMING_METRICS
 from helpers import SWEEP_SPACE as SPACE
 from helpers import assert_one_line_error, fastnet
 

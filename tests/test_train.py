@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from fastnet import checkpoint, report
+from fastnet.config import TrainConfig
 from fastnet.errors import FastnetError
-from fastnet.train import TrainConfig, normalizer, train
+from fastnet.evaluation import normalizer
+from fastnet.train import train
 from helpers import fastnet
 
 METRIC_FIELDS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
@@ -62,7 +64,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny_npy, tmp_path):
 
 def test_saved_model_reproduces_the_reported_test_accuracy(tiny_npy, tmp_path):
     from fastnet import data
-    from fastnet.train import evaluate
+    from fastnet.evaluation import evaluate
 
     summary = quiet_train(data=str(tiny_npy), epochs=2, hidden=(8,), batch_size=16, out=str(tmp_path))
     saved = checkpoint.load(str(tmp_path / "model.npz"))
@@ -116,7 +118,7 @@ REGULARISED = dict(activation="gelu", norm="layernorm", dropout=0.2, label_smoot
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_a_regularised_run_is_deterministic_and_its_model_reloads(backend, tiny_npy, tmp_path):
     from fastnet import data
-    from fastnet.train import evaluate
+    from fastnet.evaluation import evaluate
 
     for name in ("a", "b"):
         quiet_train(data=str(tiny_npy), backend=backend, epochs=2, hidden=(16, 8), batch_size=32, seed=1,
@@ -136,7 +138,7 @@ def test_a_regularised_run_is_deterministic_and_its_model_reloads(backend, tiny_
 
 
 def test_model_npz_keeps_the_epoch_with_the_best_validation_accuracy(tiny_npy, tmp_path):
-    from fastnet.train import best_epoch
+    from fastnet.run_folder import best_epoch
 
     summary = quiet_train(data=str(tiny_npy), epochs=6, hidden=(4,), batch_size=16, lr=0.5, val=100, seed=2,
                           schedule="constant", out=str(tmp_path))
@@ -151,7 +153,7 @@ def test_model_npz_keeps_the_epoch_with_the_best_validation_accuracy(tiny_npy, t
 
 
 def test_time_to_accuracy_reports_the_first_epoch_past_each_threshold():
-    from fastnet.train import time_to_accuracy
+    from fastnet.run_folder import time_to_accuracy
 
     history = [{"epoch": 1, "test_acc": 0.48, "train_seconds": 2.0},
                {"epoch": 2, "test_acc": 0.56, "train_seconds": 4.0},
@@ -163,7 +165,7 @@ def test_time_to_accuracy_reports_the_first_epoch_past_each_threshold():
 
 
 def test_a_recipe_is_a_starting_point_that_flags_override():
-    from fastnet.train import RECIPES, recipe_config
+    from fastnet.config import RECIPES, recipe_config
 
     fast = recipe_config("fast")
     assert fast.recipe == "fast" and all(getattr(fast, k) == v for k, v in RECIPES["fast"].items())
@@ -183,7 +185,7 @@ def test_a_recipe_is_a_starting_point_that_flags_override():
                          ids=["plain", "flip", "pixel-augmentation"])
 def test_a_pca_run_trains_on_components_and_saves_a_model_of_raw_images(backend, augmentation, tiny_npy, tmp_path):
     from fastnet import data
-    from fastnet.train import evaluate
+    from fastnet.evaluation import evaluate
 
     for name in ("a", "b"):
         quiet_train(data=str(tiny_npy), backend=backend, pca=6, epochs=2, hidden=(8,), batch_size=32, val=30,
@@ -299,8 +301,8 @@ def test_after_epoch_may_stop_the_run_and_sees_each_epochs_metrics(tiny_npy, tmp
 @pytest.mark.parametrize("projected", [False, True], ids=["pixels", "pca"])
 def test_flip_averaged_evaluation_scores_the_mean_logits_of_each_image_and_its_mirror(backend, projected, tiny_npy):
     from fastnet import data
+    from fastnet.evaluation import evaluation_inputs
     from fastnet.model import MLP
-    from fastnet.train import evaluation_inputs
 
     dataset = data.load_dataset(tiny_npy)
     rng = np.random.default_rng(5)

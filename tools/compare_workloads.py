@@ -7,7 +7,7 @@
 R1 (an MLP 3072-512-512-10 with batch 128) and R2 (3072-128-10, batch 64) are defined in
 fastnet/workloads.py; each trains one epoch of the 50,000 CIFAR-10 training images in float32 with
 SGD, momentum 0.9, constant lr 0.01, no weight decay: shuffle, gather uint8 rows, normalise, forward,
-softmax cross-entropy, backward, update. The numpy and numba sides run `fastnet.train.train_epoch`,
+softmax cross-entropy, backward, update. The numpy and numba sides run `fastnet.step.train_epoch`,
 the code path of `fastnet train`; the torch side (when torch imports; it is a peer to measure
 against, not a dependency) runs the same model with nn.Linear, F.cross_entropy and torch.optim.SGD on
 2 threads. A side `NAME:N` runs backend NAME on N cores (`fastnet train --threads N`); a plain name
@@ -115,18 +115,18 @@ def ranks_of(side):
 def worker_train(side, workload, source):
     import numpy as np
 
-    from fastnet import backends, data, train
+    from fastnet import backends, data, evaluation, step
     backend, threads, precision = split_side(side)
     images2d, labels, images, described = load_images(source)
     mean, std = data.channel_stats(images)
-    shift, scale = train.normalizer(mean, std, images2d.shape[1], images2d.dtype, "float32")
+    shift, scale = evaluation.normalizer(mean, std, images2d.shape[1], images2d.dtype, "float32")
     sizes, batch = WORKLOADS[workload].sizes, WORKLOADS[workload].batch_size
     rng = np.random.default_rng(SEED)
-    options, parallel = train.StepOptions(), None
+    options, parallel = step.StepOptions(), None
     if ranks_of(side) > 1:  # under mpirun: this process is one rank
         from fastnet import distributed
         parallel = distributed.start(overlap=side.partition("@")[0].endswith("+overlap"))
-        options = train.StepOptions(**parallel.step_hooks())
+        options = step.StepOptions(**parallel.step_hooks())
     warm_order = rng.permutation(len(images2d))[:WARMUP_STEPS * batch]
     order = rng.permutation(len(images2d))  # the timed epoch's fresh permutation
     steps = math.ceil(len(order) / batch)
@@ -143,12 +143,12 @@ def worker_train(side, workload, source):
                             copies=net.param_copies)
             sched = Schedule("constant", LR, steps + WARMUP_STEPS)
             t0 = time.perf_counter()
-            train.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0,
+            step.train_epoch(net, opt, sched, images2d, labels, shift, scale, warm_order, batch, 0, 0,
                               options=options)
             t1, c1 = time.perf_counter(), time.process_time()
             if parallel is not None:
                 parallel.reduce_seconds = 0.0  # the timed epoch's alone
-            loss_sum, _, _ = train.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
+            loss_sum, _, _ = step.train_epoch(net, opt, sched, images2d, labels, shift, scale, order, batch, 1,
                                                WARMUP_STEPS, options=options)
             t2, c2 = time.perf_counter(), time.process_time()
             result |= {"warmup_seconds": t1 - t0, "epoch_seconds": t2 - t1, "cpu_seconds": c2 - c1,

@@ -23,7 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["FASTNET_BF16_ANY_CPU"] = "1"
 
-from fastnet.train import TIMING_METRICS, TrainConfig, train  # after the path is set
+from fastnet.config import TrainConfig
+from fastnet.run_folder import TIMING_METRICS
+from fastnet.train import train  # after the path is set
 
 RUNS = {
     "relu-nesterov": {},

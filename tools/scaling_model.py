@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count
 
-# --recipe best's network on its 512 components (fastnet.train.RECIPES), with layer norm, batch 128.
+# --recipe best's network on its 512 components (fastnet.config.RECIPES), with layer norm, batch 128.
 NETWORKS = {name: (w.sizes, False, w.batch_size) for name, w in WORKLOADS.items()} | {
     "best": ((512, 2048, 2048, 10), True, 128)}
 LINKS = {"10 Gbit/s": 10e9 / 8, "100 Gbit/s": 100e9 / 8}  # bytes per second

@@ -29,11 +29,11 @@ from datetime import datetime
 
 from fastnet import data
 from fastnet import settings as rules
+from fastnet.config import TrainConfig
 from fastnet.errors import DatabaseLost, FastnetError, Interrupted, SettingError
 from fastnet.sweep import space as spaces
 from fastnet.sweep import trial as trials
 from fastnet.sweep.trial import run_trial
-from fastnet.train import TrainConfig
 
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = ("COMPLETE", "PRUNED")

@@ -26,8 +26,8 @@ import math
 import numbers
 from pathlib import Path
 
+from fastnet.config import TrainConfig
 from fastnet.errors import FastnetError, SpaceError
-from fastnet.train import TrainConfig
 
 DEFAULT_SPACE = Path(__file__).with_name("default_space.toml")
 # Fixed for every trial of a sweep: the data and folders, the validation split that trials are

@@ -19,8 +19,9 @@ import threading
 import warnings
 
 from fastnet import backends
+from fastnet.config import TrainConfig
 from fastnet.errors import FastnetError
-from fastnet.train import TrainConfig, train
+from fastnet.train import train
 
 HEARTBEAT = 5  # seconds
 GRACE = 20     # seconds without a heartbeat before a running trial counts as dead

@@ -21,9 +21,10 @@ import pytest
 
 from fastnet import backends
 from fastnet.backends import numpy_backend as ref
+from fastnet.config import recipe_config
 from fastnet.model import LAYERNORM_EPS, MLP
 from fastnet.optim import OPTIMIZERS, Optimizer
-from fastnet.train import recipe_config, warm_up
+from fastnet.step import warm_up
 from fastnet.workloads import WORKLOADS
 from helpers import assert_close
 

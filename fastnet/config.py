@@ -1,0 +1,93 @@
+"""What defines a run: TrainConfig, the settings `fastnet train` takes (config.json records them),
+checked by the rules of fastnet.settings; and the named recipes that `--recipe` starts from."""
+
+import dataclasses
+
+from fastnet import backends, precision, settings
+from fastnet.errors import FastnetError
+from fastnet.model import check_settings as check_model_settings
+from fastnet.optim import check_optimizer, check_schedule
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run. The defaults are the recipe `fastnet train` uses."""
+
+    data: str | None = None
+    backend: str | None = None
+    hidden: tuple = (512, 512)
+    epochs: int = 18
+    batch_size: int = 128
+    optimizer: str = "nesterov"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-3
+    schedule: str = "onecycle"
+    warmup: float | None = None
+    seed: int = 0
+    val: int = 0
+    test_fraction: float = 0.0       # of an image tree without test/: the share of each class held out to test on
+    image_size: tuple | None = None  # (height, width) every image of an image tree is resized to; None: one size
+    out: str | None = None
+    dtype: str = "float32"
+    precision: str = "fp32"          # "bf16": mixed precision, bfloat16 GEMM operands (fastnet.model)
+    activation: str = "relu"
+    norm: str | None = None          # "layernorm": on every hidden layer, before the activation
+    dropout: float = 0.0             # after every hidden activation
+    label_smoothing: float = 0.0
+    flip: bool = False               # augmentation: random horizontal flips,
+    translate: int = 0               # random shifts of up to this many pixels (zero padding),
+    cutout: int = 0                  # and a blanked square of this side
+    clip: float | None = None        # gradient clipping by global norm
+    pca: int = 0                     # train on this many principal components of the images; 0: pixels
+    whiten: bool = False             # with pca: scale each component to unit variance
+    tta: str | None = None           # "flip": evaluate on the mean logits of each image and its mirror image
+    recipe: str | None = None        # the named recipe these settings started from, if any
+    checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
+
+    def check(self):
+        """Apply the rule of every setting (fastnet.settings) before anything is read: SettingError
+        for the first that no run can use. Returns what config.json records of the precision."""
+        defaults = TrainConfig()
+        settings.positive_integer("epochs", self.epochs, defaults.epochs)
+        settings.positive_integer("batch_size", self.batch_size, defaults.batch_size)
+        settings.widths("hidden", self.hidden, ",".join(map(str, defaults.hidden)))
+        check_optimizer(self.optimizer, self.momentum, self.weight_decay)
+        check_schedule(self.schedule, self.lr, self.warmup)
+        if self.checkpoint_every is not None:
+            settings.positive_integer("checkpoint_every", self.checkpoint_every, 1000)
+        settings.not_negative("val", self.val, "pass 0 for no validation split")
+        settings.test_fraction("test_fraction", self.test_fraction)
+        settings.image_size("image_size", self.image_size)
+        check_model_settings(self.dtype, self.activation, self.dropout, self.norm, self.precision)
+        settings.fraction("label_smoothing", self.label_smoothing, 0.1)
+        settings.pixels("translate", self.translate)
+        settings.pixels("cutout", self.cutout)
+        if self.clip is not None:
+            settings.positive_number("clip", self.clip, 5, what="gradient norm")
+        settings.components("pca", self.pca)
+        settings.whitening("whiten", self.whiten, self.pca)
+        settings.test_time_augmentation("tta", self.tta)
+        backends.get(self.backend)
+        return precision.check(self.precision, self.backend)
+
+
+# Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.
+# docs/recipes.md says how they were found.
+RECIPES = {
+    "fast": dict(backend="numba", pca=256, whiten=True, epochs=30, lr=0.05, flip=True, tta="flip"),
+    "best": dict(backend="numba", pca=512, whiten=True, hidden=(2048, 2048), activation="gelu", norm="layernorm",
+                 epochs=40, lr=0.03, weight_decay=5e-4, flip=True, translate=2, dropout=0.1, label_smoothing=0.1,
+                 tta="flip"),
+}
+
+
+def recipe_config(recipe=None, **settings):
+    """The TrainConfig of `recipe` (None: the plain defaults) with `settings` on top. A recipe's
+    whitening goes with its components: `pca=0` turns it off too, unless `whiten` is given as well."""
+    if recipe is not None and recipe not in RECIPES:
+        raise FastnetError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    chosen = RECIPES.get(recipe, {}) | settings
+    if not chosen.get("pca") and "whiten" not in settings:
+        chosen.pop("whiten", None)
+    return TrainConfig(**chosen, recipe=recipe)

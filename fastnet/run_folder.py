@@ -1,0 +1,139 @@
+"""A run's folder: config.json, metrics.jsonl (one JSON object per epoch), model.npz (the model
+after the last finished epoch, or with --val the best) and checkpoint.npz (everything needed to
+resume, with the Progress of the run). Every file is written to a temporary name and renamed, so a
+crash never leaves a half-written one."""
+
+import dataclasses
+import json
+import os
+import zlib
+from datetime import datetime
+
+import numpy as np
+
+from fastnet import checkpoint
+from fastnet.config import TrainConfig
+from fastnet.errors import CheckpointError, FastnetError
+
+# The metrics that measure time: they differ between runs that are otherwise bit-identical.
+TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
+CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
+MODEL = checkpoint.MODEL  # the model after the last finished epoch (with --val: the best), to evaluate and predict with
+
+
+def make_run_dir(out):
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = os.path.join("runs", stamp)
+        suffix = 1
+        while os.path.exists(out):
+            suffix += 1
+            out = os.path.join("runs", f"{stamp}-{suffix}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".fastnet-write-test")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise FastnetError(f"cannot write to --out {out} ({exc.strerror}): pass a writable folder") from exc
+    return out
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what a checkpoint must hold, besides the model and optimizer, for a
+    resumed run to continue exactly as if it had never stopped."""
+
+    epochs_done: int = 0
+    step: int = 0                     # global steps taken
+    order: np.ndarray | None = None   # this epoch's permutation, once drawn
+    seen: int = 0                     # images of this epoch trained on so far
+    loss_sum: float = 0.0             # this epoch's running sums, for its train loss and accuracy
+    correct: int = 0
+    seconds: float = 0.0              # this epoch's training time so far, over every session
+    history: list = dataclasses.field(default_factory=list)  # the metrics of every finished epoch
+
+    def state(self, rng):
+        """The JSON-able part, with the generator's exact position."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "order"}
+        return fields | {"rng": rng.bit_generator.state}
+
+    @classmethod
+    def from_checkpoint(cls, arrays, rng):
+        fields = json.loads(str(arrays["progress"]))
+        rng.bit_generator.state = fields.pop("rng")
+        return cls(**fields, order=arrays.get("order"))
+
+
+def data_fingerprint(labels, mean, std, input_size, num_classes):
+    """Enough about the training data to tell, on resume, that it is the data the run began with."""
+    return {"train_size": len(labels), "input_size": input_size, "num_classes": num_classes,
+            "labels_crc32": zlib.crc32(np.ascontiguousarray(labels, np.int64).tobytes()),
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def outcome(history, out):
+    """The last epoch's metrics, the run folder, and the metrics of the epoch model.npz holds."""
+    return history[-1] | {"out": out, "kept": history[best_epoch(history) - 1]}
+
+
+def best_epoch(history):
+    """The epoch model.npz keeps: the first with the best validation accuracy when there is a
+    validation split, else the last one. Choosing by test accuracy would tune on the test set."""
+    if "val_acc" not in history[-1]:
+        return len(history)
+    return max(range(len(history)), key=lambda i: (history[i]["val_acc"], -i)) + 1
+
+
+def time_to_accuracy(history, thresholds=(0.50, 0.55, 0.60, 0.65, 0.70)):
+    """One line: after how many seconds of training (evaluation excluded; the --pca fit and
+    projection included) the test accuracy first reached each threshold; empty when it reached none."""
+    reached = []
+    for threshold in thresholds:
+        first = next((m for m in history if m["test_acc"] >= threshold), None)
+        if first is not None:
+            reached.append(f"{threshold:.0%} after {first['train_seconds']:.1f} s (epoch {first['epoch']})")
+    return ["time to test accuracy: " + ", ".join(reached)] if reached else []
+
+
+def load_resume_checkpoint(run_dir, backend):
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINT} to resume from: pass the folder of a run "
+                              f"that fastnet train started")
+    saved = checkpoint.load(path, backend=backend)
+    if "progress" not in saved.arrays:
+        raise CheckpointError(f"{path} holds a model but no training progress: it cannot be resumed; "
+                              f"start a new run with fastnet train")
+    return saved
+
+
+def resumed_config(run_dir, **overrides):
+    """The TrainConfig of the run in `run_dir`, with `overrides` (data, backend, checkpoint_every:
+    what may change without changing the numbers) applied."""
+    saved = load_resume_checkpoint(run_dir, overrides.get("backend"))
+    fields = {name: saved.config[name] for name in TrainConfig.__dataclass_fields__ if name in saved.config}
+    fields["hidden"] = tuple(fields["hidden"])
+    fields["out"] = run_dir
+    return TrainConfig(**fields | {k: v for k, v in overrides.items() if v is not None})
+
+
+def restore_state(saved, net, optimizer, rng, fingerprint, run_dir):
+    """Load the parameters, optimizer state and progress of `saved` into this run's objects."""
+    if saved.config.get("data_fingerprint") != fingerprint:
+        raise CheckpointError(f"the data differs from the data the run in {run_dir} was trained on: pass "
+                              f"--data with the original dataset")
+    if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
+            (saved.projection is None) == bool(saved.config.get("pca")):
+        raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
+    for param, stored in zip(net.params, saved.trained_net.params, strict=True):
+        param[...] = stored
+    net.refresh_copies()
+    optimizer.load_state_arrays(saved.arrays)
+    return Progress.from_checkpoint(saved.arrays, rng)
+
+
+def write_metrics(out, history):
+    checkpoint.write_text_atomically(os.path.join(out, "metrics.jsonl"),
+                                     "".join(json.dumps(summary) + "\n" for summary in history))
