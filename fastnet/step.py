@@ -37,42 +37,27 @@ class StepOptions:
     share: object = None
 
 
-def warm_up(net, optimizer, images_dtype, options=None):
-    """Run every kernel a training step uses once, on tiny arrays of the run's dtypes, and return
-    the seconds it took. A JIT backend compiles (or loads from its cache) per argument type, not
-    per shape, so this moves all of that out of the first epoch's timing. options: a StepOptions,
-    by default StepOptions()."""
-    options = StepOptions() if options is None else options  # a fresh one: StepOptions is mutable
-    started = time.perf_counter()
-    scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, precision=net.precision, **net.spec())
-    scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
-                                  copies=scratch.param_copies)
-    # Not the run's generator, nor its after_backward hook: the scratch steps are no part of the run.
-    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None, share=None,
-                                          layer_done=None)
-    ws = scratch.workspace(2)
-    images = np.zeros((4, 3), images_dtype)
-    shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
-    scratch.kernels.gather_normalize(images, np.arange(2), shift, scale, ws.inputs)
-    augmentation = options.augmentation
-    if isinstance(augmentation, data.ComponentFlip):
-        scratch_options.augmentation = data.ComponentFlip(np.ones(3, net.dtype))
-    elif isinstance(augmentation, data.ProjectedAugmentation):
-        scratch_options.augmentation = data.ProjectedAugmentation(
-            data.Augmentation((1, 1, 3), **augmentation.augmentation.spec()), np.eye(3, dtype=net.dtype))
-    elif augmentation is not None:
-        scratch_options.augmentation = data.Augmentation((1, 1, 3), **augmentation.spec())
-    scratch.kernels.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])  # evaluation's loss
-    scratch.forward(np.zeros((2, 3), net.dtype))  # evaluation's float32 passes, in any precision
-    training_step(scratch, scratch_optimizer, images, np.zeros(4, np.int64), shift, scale, np.arange(2), 0.1,
-                  scratch_options)
-    return time.perf_counter() - started
-
-
-def diverged(epoch, step, what, lr):
-    """Nothing is saved after this: the checkpoint on disk is the last one from before it happened."""
-    return DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; earlier checkpoints are "
-                           f"kept; lower the learning rate (e.g. --lr {lr / 10:g})")
+def training_step(net, optimizer, images, labels, shift, scale, batch, lr, options):
+    """One minibatch: gather (and augment) images[batch], forward, backward, update. Returns (mean
+    loss, correct predictions); the parameters are updated even when the loss is not finite."""
+    k, rng = net.kernels, options.rng
+    if options.share is not None:
+        batch, rng = options.share(batch, rng)
+    ws = net.workspace(len(batch))
+    if options.augmentation is not None:
+        options.augmentation.apply(k, images, batch, rng, shift, scale, ws.inputs, ws.inputs16)
+    else:
+        k.gather_normalize(images, batch, shift, scale, ws.inputs, ws.inputs16)
+    np.take(labels, batch, out=ws.labels)
+    net.run_forward(ws, rng, rounded_inputs=True)
+    correct = k.count_correct(ws.logits, ws.labels)
+    loss = net.run_backward(ws, options.label_smoothing, options.layer_done)
+    if options.after_backward is not None:
+        loss, correct = options.after_backward(net, ws, loss, correct) or (loss, correct)
+    if options.clip is not None:
+        net.clip_grad_norm(ws.grads, options.clip)
+    optimizer.step(ws.grads, lr)
+    return loss, correct
 
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is reported below, in one line
@@ -105,24 +90,39 @@ def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, b
     return loss_sum, correct, seen
 
 
-def training_step(net, optimizer, images, labels, shift, scale, batch, lr, options):
-    """One minibatch: gather (and augment) images[batch], forward, backward, update. Returns (mean
-    loss, correct predictions); the parameters are updated even when the loss is not finite."""
-    k, rng = net.kernels, options.rng
-    if options.share is not None:
-        batch, rng = options.share(batch, rng)
-    ws = net.workspace(len(batch))
-    if options.augmentation is not None:
-        options.augmentation.apply(k, images, batch, rng, shift, scale, ws.inputs, ws.inputs16)
-    else:
-        k.gather_normalize(images, batch, shift, scale, ws.inputs, ws.inputs16)
-    np.take(labels, batch, out=ws.labels)
-    net.run_forward(ws, rng, rounded_inputs=True)
-    correct = k.count_correct(ws.logits, ws.labels)
-    loss = net.run_backward(ws, options.label_smoothing, options.layer_done)
-    if options.after_backward is not None:
-        loss, correct = options.after_backward(net, ws, loss, correct) or (loss, correct)
-    if options.clip is not None:
-        net.clip_grad_norm(ws.grads, options.clip)
-    optimizer.step(ws.grads, lr)
-    return loss, correct
+def diverged(epoch, step, what, lr):
+    """Nothing is saved after this: the checkpoint on disk is the last one from before it happened."""
+    return DivergenceError(f"training diverged at epoch {epoch}, step {step}: {what}; earlier checkpoints are "
+                           f"kept; lower the learning rate (e.g. --lr {lr / 10:g})")
+
+
+def warm_up(net, optimizer, images_dtype, options=None):
+    """Run every kernel a training step uses once, on tiny arrays of the run's dtypes, and return
+    the seconds it took. A JIT backend compiles (or loads from its cache) per argument type, not
+    per shape, so this moves all of that out of the first epoch's timing. options: a StepOptions,
+    by default StepOptions()."""
+    options = StepOptions() if options is None else options  # a fresh one: StepOptions is mutable
+    started = time.perf_counter()
+    scratch = MLP([3, 2, 2, 2], backend=net.backend, dtype=net.dtype, precision=net.precision, **net.spec())
+    scratch_optimizer = Optimizer(scratch.params, optimizer.kind, weight_decay=0.1, backend=net.backend,
+                                  copies=scratch.param_copies)
+    # Not the run's generator, nor its after_backward hook: the scratch steps are no part of the run.
+    scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None, share=None,
+                                          layer_done=None)
+    ws = scratch.workspace(2)
+    images = np.zeros((4, 3), images_dtype)
+    shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)
+    scratch.kernels.gather_normalize(images, np.arange(2), shift, scale, ws.inputs)
+    augmentation = options.augmentation
+    if isinstance(augmentation, data.ComponentFlip):
+        scratch_options.augmentation = data.ComponentFlip(np.ones(3, net.dtype))
+    elif isinstance(augmentation, data.ProjectedAugmentation):
+        scratch_options.augmentation = data.ProjectedAugmentation(
+            data.Augmentation((1, 1, 3), **augmentation.augmentation.spec()), np.eye(3, dtype=net.dtype))
+    elif augmentation is not None:
+        scratch_options.augmentation = data.Augmentation((1, 1, 3), **augmentation.spec())
+    scratch.kernels.softmax_cross_entropy(ws.logits, ws.labels, ws.deltas[-1])  # evaluation's loss
+    scratch.forward(np.zeros((2, 3), net.dtype))  # evaluation's float32 passes, in any precision
+    training_step(scratch, scratch_optimizer, images, np.zeros(4, np.int64), shift, scale, np.arange(2), 0.1,
+                  scratch_options)
+    return time.perf_counter() - started
