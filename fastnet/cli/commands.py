@@ -19,9 +19,11 @@ from fastnet.workloads import WORKLOADS
 RESUMABLE_CHANGES = {"data", "backend", "checkpoint_every"}
 
 
-def blas_threads(args, backend=None):
-    """Run the command on --threads cores: the backend's own way of using them (see
-    backends.use_threads), or its default when --threads is not given."""
+def backend_threads(args, backend=None):
+    """A context in which the command's backend runs on --threads cores, its own way (see
+    backends.use_threads): numba's threads over a single-threaded BLAS, or numpy's BLAS threads; the
+    backend's default when --threads is not given. `backend` is the one the command runs on when
+    that is not --backend: a recipe's, a resumed run's."""
     return backends.use_threads(backend or args.backend, args.threads)
 
 
@@ -47,7 +49,7 @@ def run_train(args):
     parallel = distributed.start(args.peer_timeout, args.overlap) if args.distributed else None
     if parallel is not None and args.threads is None:
         args.threads = parallel.default_threads()
-    with blas_threads(args, config.backend):
+    with backend_threads(args, config.backend):
         summary = train(config, resume=bool(args.resume), parallel=parallel)
         if parallel is not None and not parallel.writes:
             return
@@ -61,7 +63,7 @@ def run_train(args):
 
 
 def run_evaluate(args):
-    with blas_threads(args):
+    with backend_threads(args):
         evaluation = evaluation_report(args)
     if args.out:
         written = report.write_classification_report(args.out, evaluation, model=args.model)
@@ -145,7 +147,7 @@ def run_sweep(args):
 def run_predict(args):
     from fastnet import predict
 
-    with blas_threads(args):
+    with backend_threads(args):
         model = predict.load(args.model, backend=args.backend, tta=tta_flag(args))
         if predict.image_geometry(model.sample_shape) is None:
             raise UsageError(f"{args.model} takes samples of shape {model.sample_shape}, which no image file "
@@ -182,7 +184,7 @@ def run_predict(args):
 
 
 def run_plot(args):
-    with blas_threads(args):
+    with backend_threads(args):
         written = report.plot_run(args.run_dir, data=args.data, backend=args.backend)
     print("wrote " + " and ".join(written))
 
