@@ -43,9 +43,12 @@ def image_size(text):
 
 
 def norm_name(text):
-    if text not in NORMS and text != "none":
-        raise argparse.ArgumentTypeError(f"{text!r} is not a normalisation: choose layernorm or none")
-    return None if text == "none" else text
+    """--norm: layernorm, or none for None. The rule is the one MLP applies to its norm (settings.one_of
+    over model.NORMS); the message is the command line's, which spells None as none."""
+    try:
+        return settings.one_of("norm", none_word(text), NORMS)
+    except SettingError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a normalisation: choose layernorm or none") from None
 
 
 def none_word(text):
