@@ -30,7 +30,7 @@ def test_docs_cli_md_is_what_the_parsers_print():
         found, wanted = page.splitlines(), expected.splitlines()
         pairs = enumerate(zip(found, wanted, strict=False))
         line = next((i for i, (a, b) in pairs if a != b), min(len(found), len(wanted)))
-        pytest.fail(f"docs/cli.md is not what the help of fastnet/cli.py says (from line {line + 1}: "
+        pytest.fail(f"docs/cli.md is not what the help in fastnet/cli/ says (from line {line + 1}: "
                     f"{found[line] if line < len(found) else '<end>'!r} instead of "
                     f"{wanted[line] if line < len(wanted) else '<end>'!r}): run python tools/cli_reference.py "
                     f"and commit docs/cli.md")
