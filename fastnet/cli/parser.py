@@ -8,6 +8,7 @@ from fastnet import __version__, backends, distributed
 from fastnet.cli import help_texts
 from fastnet.cli.flag_types import image_size, names, none_word, norm_name, positive_int, whole_number, widths
 from fastnet.config import RECIPES, TrainConfig
+from fastnet.data.components import PCA_SAMPLE
 from fastnet.errors import FastnetError
 from fastnet.model import ACTIVATIONS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
@@ -96,7 +97,7 @@ def add_run_settings(run, defaults, leave_out=()):
     setting("--precision", choices=PRECISIONS, help="bf16: mixed precision, the GEMMs on bfloat16 operands, "
             "on CPUs with AMX-BF16 or AVX512-BF16")
     setting("--pca", type=whole_number, metavar="K", help="train on the images' top K principal components instead "
-            "of their pixels, fitted to 5,000 training images; 0: pixels")
+            f"of their pixels, fitted to {PCA_SAMPLE:,} training images; 0: pixels")
     setting("--whiten", action=argparse.BooleanOptionalAction, help="with --pca: scale every component to unit "
             "variance (PCA whitening)")
     setting("--tta", type=none_word, metavar="flip|none", help="test-time augmentation of every evaluation: flip "
