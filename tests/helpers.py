@@ -2,11 +2,14 @@
 
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fastnet import data
 from fastnet.errors import DataError
@@ -103,6 +106,97 @@ def save_brightness_classes(folder, rng, counts, side, step, base, noise):
         np.save(pathlib.Path(folder) / f"{split}_images.npy", images.astype(np.uint8))
         np.save(pathlib.Path(folder) / f"{split}_labels.npy", labels.astype(np.uint8))
     return folder
+
+
+# --- Small datasets in the layouts users keep CIFAR-10 in (test_data, test_download, test_reliability) ---
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PER_BATCH, TEST_COUNT = 7, 5
+
+
+def make_arrays(seed=0):
+    """35 train and 5 test random 32x32 RGB images; train labels hit every class."""
+    rng = np.random.default_rng(seed)
+    return {
+        "train_images": rng.integers(0, 256, (5 * PER_BATCH, 32, 32, 3), dtype=np.uint8),
+        "train_labels": rng.permutation(np.arange(5 * PER_BATCH) % 10).astype(np.int64),
+        "test_images": rng.integers(0, 256, (TEST_COUNT, 32, 32, 3), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, TEST_COUNT).astype(np.int64),
+    }
+
+
+def _batch_bytes(images, labels, name):
+    planar = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # official rows: R plane, G plane, B plane
+    batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in labels], b"data": planar,
+             b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))]}
+    return pickle.dumps(batch, protocol=3)
+
+
+def write_batches(folder, arrays, names=CLASSES):
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for b in range(5):
+        rows = slice(b * PER_BATCH, (b + 1) * PER_BATCH)
+        (folder / f"data_batch_{b + 1}").write_bytes(
+            _batch_bytes(arrays["train_images"][rows], arrays["train_labels"][rows], f"batch {b + 1}"))
+    (folder / "test_batch").write_bytes(_batch_bytes(arrays["test_images"], arrays["test_labels"], "test"))
+    if names is not None:
+        meta = {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": PER_BATCH}
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=3))
+    return folder
+
+
+def write_archive(path, arrays, top="cifar-10-batches-py"):
+    path = pathlib.Path(path)
+    folder = write_batches(path.parent / "_staging" / "cifar-10-batches-py", arrays)
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(folder, arcname=top)
+    return path
+
+
+def write_npy(folder, arrays, names=None):
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, value in arrays.items():
+        np.save(folder / f"{key}.npy", value)
+    if names is not None:
+        (folder / "class_names.txt").write_text("\n".join(names) + "\n")
+    return folder
+
+
+# --- Small image trees, every file kind a user's folder may hold (test_folders, test_reliability) -------
+
+SIZE = (5, 6)  # height, width
+# (suffix, Pillow mode) of the files of a class, in turn: every mode a user's folder may hold.
+KINDS = ((".png", "RGB"), (".PNG", "L"), (".Png", "P"), (".png", "RGBA"), (".JPG", "RGB"), (".bmp", "RGB"),
+         (".jpeg", "L"), (".GIF", "P"))
+JUNK = (".DS_Store", "Thumbs.db", "notes.txt")
+
+
+def save_image(path, mode, rng, size=SIZE):
+    pixels = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
+    picture = Image.fromarray(pixels, "RGBA")
+    if mode == "P":
+        picture = picture.convert("RGB").quantize(8)
+        picture.info["transparency"] = 0  # palette index 0 is transparent
+    elif mode != "RGBA":
+        picture = picture.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, **({"transparency": 0} if mode == "P" else {}))
+    return path
+
+
+def make_tree(root, rng, classes=("zebra", "Moth", "ant"), counts=None, splits=("train", "test")):
+    """A tree whose classes are made out of order, with every kind of file; returns root."""
+    counts = counts or {"train": 9, "test": 4}
+    for split in splits:
+        for name in classes:
+            for i in range(counts[split]):
+                suffix, mode = KINDS[i % len(KINDS)]
+                save_image(root / split / name / f"{i:03d}{suffix}", mode, rng)
+    for junk in JUNK:
+        (root / "train" / classes[0] / junk).write_bytes(b"\x00 not an image")
+    return root
 
 
 # --- The real command, in a subprocess, as a user runs it ------------------------------------------
