@@ -5,6 +5,7 @@ import importlib
 import inspect
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -17,6 +18,7 @@ from fastnet.backends import numpy_backend
 from fastnet.errors import FastnetError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
+from helpers import COVERED
 
 
 @pytest.fixture
@@ -184,6 +186,16 @@ def test_numba_kernels_take_the_arguments_of_their_numpy_twins():
         python_function = getattr(twin, "py_func", twin)  # a Numba dispatcher keeps the function it compiles
         assert inspect.signature(python_function) == inspect.signature(getattr(numpy_backend, kernel)), kernel
 
+
+
+TWIN_MODULES = sorted(path.stem for path in pathlib.Path(__file__).parent.glob("test_kernel_twins_*.py"))
+
+
+def test_every_kernel_has_an_equivalence_test():
+    """A kernel added to KERNELS needs a test in tests/test_kernel_twins_*.py that compares it across backends."""
+    for name in TWIN_MODULES:
+        importlib.import_module(name)  # their @covers decorators fill COVERED (pytest may have imported them)
+    assert TWIN_MODULES and COVERED == set(backends.KERNELS)
 
 
 def test_numba_kernels_are_compiled_for_c_contiguous_arrays_alone():

@@ -1,7 +1,7 @@
 """Mixed precision (--precision bf16): the rounding to bfloat16 against an independent library
 (ml_dtypes, JAX's NumPy types), the checks that refuse it where it cannot pay, and what the model,
 optimizer and trainer promise about the bf16 copies. The backends' kernels are compared with each
-other in test_equivalence.py."""
+other in test_kernel_twins_*.py."""
 
 import json
 
