@@ -54,7 +54,7 @@ ELEMENTWISE_BACKWARD = {a.backward: ("input" if a.reads_input else "output", a.s
 @SETTINGS
 @given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans(), magnitude=st.sampled_from([1.0, 10.0]))
 @example(shape=(1, 1), seed=0, in_place=True, magnitude=1.0)
-def test_activation_forward(other, kernel, layout, dtype, shape, seed, in_place, magnitude):
+def test_activation_forward_matches_numpy(other, kernel, layout, dtype, shape, seed, in_place, magnitude):
     scalars = ELEMENTWISE_FORWARD[kernel]
 
     def make_args():
@@ -71,7 +71,7 @@ def test_activation_forward(other, kernel, layout, dtype, shape, seed, in_place,
                  magnitudes=magnitudes)
 
 
-def test_the_float32_exp_of_gelu_is_within_an_ulp_of_exp(other):
+def test_the_gelu_kernels_exp_is_within_a_float32_ulp_and_the_c_librarys_in_float64(other):
     """numba_backend._exp, which the GELU kernels call: in float32 a polynomial of the backend's own,
     within one float32 spacing (2^-23 relative) of exp over [-87, 88], held to exp(-87) below it and
     exp(88) above, NaN kept; in float64 the C library's exp, bit for bit. (Not NumPy's: on a CPU with
@@ -101,7 +101,7 @@ def test_the_float32_exp_of_gelu_is_within_an_ulp_of_exp(other):
 @SETTINGS
 @given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
 @example(shape=(1, 1), seed=0, in_place=True)
-def test_activation_backward(other, kernel, layout, dtype, shape, seed, in_place):
+def test_activation_backward_matches_numpy(other, kernel, layout, dtype, shape, seed, in_place):
     _, scalars = ELEMENTWISE_BACKWARD[kernel]
 
     def make_args():
@@ -124,7 +124,7 @@ def test_activation_backward(other, kernel, layout, dtype, shape, seed, in_place
 @SETTINGS
 @given(shape=shapes, seed=seeds)
 @with_awkward_shapes()
-def test_dense_activation_forward(other, kernel, layout, dtype, shape, seed):
+def test_dense_activation_forward_matches_numpy(other, kernel, layout, dtype, shape, seed):
     fan_in = shape[1]
 
     def make_args():
@@ -144,7 +144,7 @@ def test_dense_activation_forward(other, kernel, layout, dtype, shape, seed):
 @given(shape=shapes, seed=seeds, with_dx=st.booleans())
 @with_awkward_shapes(with_dx=True)
 @with_awkward_shapes(with_dx=False)
-def test_dense_activation_backward(other, kernel, layout, dtype, shape, seed, with_dx):
+def test_dense_activation_backward_matches_numpy(other, kernel, layout, dtype, shape, seed, with_dx):
     batch, fan_in, fan_out = shape
 
     def make_args():
@@ -165,7 +165,7 @@ def test_dense_activation_backward(other, kernel, layout, dtype, shape, seed, wi
 @covers(*DENSE_ACTIVATION_FORWARD, *DENSE_ACTIVATION_BACKWARD)
 @pytest.mark.parametrize("activation", ["leaky_relu", "tanh", "gelu"])
 @pytest.mark.parametrize("shape", [(128, 3072, 512), (128, 512, 512)])
-def test_dense_activation_kernels_at_the_default_networks_shapes(other, activation, shape):
+def test_dense_activation_kernels_match_numpy_at_the_default_networks_shapes(other, activation, shape):
     """The default network's first and hidden layers, batch 128, float32, with the other activations."""
     batch, fan_in, fan_out = shape
     rng = np.random.default_rng(sum(shape))
@@ -194,7 +194,7 @@ def test_dense_activation_kernels_at_the_default_networks_shapes(other, activati
 @given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
 @example(shape=(1, 1), seed=0, in_place=False)  # a single feature: variance 0, xhat 0
 @example(shape=(3, 70), seed=0, in_place=True)
-def test_layernorm_forward(other, layout, dtype, shape, seed, in_place):
+def test_layernorm_forward_matches_numpy(other, layout, dtype, shape, seed, in_place):
     batch, width = shape
 
     def make_args():
@@ -227,7 +227,7 @@ def test_layernorm_forward(other, layout, dtype, shape, seed, in_place):
 @SETTINGS
 @given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
 @example(shape=(1, 1), seed=0, in_place=True)
-def test_layernorm_backward(other, layout, dtype, shape, seed, in_place):
+def test_layernorm_backward_matches_numpy(other, layout, dtype, shape, seed, in_place):
     batch, width = shape
 
     def arrays(rng):
@@ -260,7 +260,7 @@ def test_layernorm_backward(other, layout, dtype, shape, seed, in_place):
 @SETTINGS
 @given(shape=st.tuples(dims, dims), key=st.integers(0, 2**64 - 1), first_row=st.integers(0, 300))
 @example(shape=(1, 1), key=2**64 - 1, first_row=0)  # key + n * gamma wraps around at once
-def test_draw_uniform(other, layout, dtype, shape, key, first_row):
+def test_draw_uniform_matches_numpy(other, layout, dtype, shape, key, first_row):
     def make_args():
         return np.uint64(key), first_row, laid_out(garbage(shape, dtype), layout, axis=0)
 
@@ -274,7 +274,7 @@ def test_draw_uniform(other, layout, dtype, shape, key, first_row):
 @SETTINGS
 @given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans(), rate=st.sampled_from([0.0, 0.1, 0.5, 0.9]))
 @example(shape=(1, 1), seed=0, in_place=True, rate=0.5)
-def test_dropout(other, layout, dtype, shape, seed, in_place, rate):
+def test_dropout_matches_numpy(other, layout, dtype, shape, seed, in_place, rate):
     def make_args():
         rng = np.random.default_rng(seed)
         x = laid_out(rng.standard_normal(shape).astype(dtype), layout, axis=1)

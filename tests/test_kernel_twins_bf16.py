@@ -119,7 +119,7 @@ def assert_bf16_copies_are_roundings(kernel, args):
         *DENSE_ACTIVATION_BACKWARD)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", THREAD_SHAPES + [(128, 3072, 512), (64, 128, 10)])
-def test_dense_kernels_with_bf16_operands(other, threads, shape):
+def test_dense_kernels_with_bf16_operands_match_numpys_emulation(other, threads, shape):
     """Every dense kernel on bfloat16 x and W, writing its bf16 output (forward) or upstream gradient
     (backward), against numpy's emulation, on one and two threads.
 

@@ -60,7 +60,7 @@ def assert_bf16_output_is_rounded(other, kernel, make_args):
 @given(count=st.integers(1, 40), batch=dims, width=dims, seed=seeds, with16=st.booleans())
 @example(count=1, batch=5, width=3, seed=0, with16=False)   # every index the same
 @example(count=9, batch=1, width=70, seed=1, with16=True)  # batch 1
-def test_gather_normalize(other, source, dtype, count, batch, width, seed, with16):
+def test_gather_normalize_matches_numpy(other, source, dtype, count, batch, width, seed, with16):
     def make_args():
         rng = np.random.default_rng(seed)
         if source == "uint8":
@@ -84,7 +84,7 @@ def test_gather_normalize(other, source, dtype, count, batch, width, seed, with1
        st.integers(1, 4)), cutout_size=st.integers(0, 6), seed=seeds, with16=st.booleans())
 @example(count=1, batch=3, image=(1, 1, 1), cutout_size=0, seed=0, with16=False)  # one pixel, one index
 @example(count=5, batch=1, image=(9, 7, 3), cutout_size=20, seed=1, with16=True)  # a cutout wider than the image
-def test_augment_gather_normalize(other, source, dtype, count, batch, image, cutout_size, seed, with16):
+def test_augment_gather_normalize_matches_numpy(other, source, dtype, count, batch, image, cutout_size, seed, with16):
     height, width, channels = image
     features = height * width * channels
 
@@ -114,7 +114,7 @@ def test_augment_gather_normalize(other, source, dtype, count, batch, image, cut
 @given(count=st.integers(1, 30), batch=dims, width=dims, seed=seeds, with16=st.booleans())
 @example(count=1, batch=4, width=3, seed=0, with16=False)   # every index the same
 @example(count=7, batch=1, width=65, seed=1, with16=True)  # batch 1
-def test_gather_flip_components(other, dtype, count, batch, width, seed, with16):
+def test_gather_flip_components_matches_numpy(other, dtype, count, batch, width, seed, with16):
     def make_args():
         rng = np.random.default_rng(seed)
         inputs = rng.standard_normal((count, width)).astype(dtype)
@@ -138,7 +138,7 @@ def test_gather_flip_components(other, dtype, count, batch, width, seed, with16)
 @SETTINGS
 @given(shape=shapes, seed=seeds)
 @with_awkward_shapes()
-def test_dense_forward(other, kernel, layout, dtype, shape, seed):
+def test_dense_forward_matches_numpy(other, kernel, layout, dtype, shape, seed):
     batch, fan_in, fan_out = shape
 
     def make_args():
@@ -157,7 +157,7 @@ def test_dense_forward(other, kernel, layout, dtype, shape, seed):
 @with_awkward_shapes(with_dx=True)
 @with_awkward_shapes(with_dx=False)
 @example(shape=(43, 1, 1), seed=0, with_dx=False)  # dW, one element, is a sum that cancels to 1 % of its terms
-def test_dense_backward(other, kernel, layout, dtype, shape, seed, with_dx):
+def test_dense_backward_matches_numpy(other, kernel, layout, dtype, shape, seed, with_dx):
     batch, fan_in, fan_out = shape
 
     def make_args():
@@ -181,9 +181,9 @@ def test_dense_backward(other, kernel, layout, dtype, shape, seed, with_dx):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [*AWKWARD, (128, 3072, 512), (128, 512, 10)])
 @pytest.mark.parametrize("with_dx", [True, False])
-def test_products_alone_are_the_dense_kernels_products(other, layout, dtype, shape, with_dx):
-    """`products`, the yardstick fastnet bench holds a step against, computes what the dense kernels'
-    products do, through the same tiles (the default network's layers among the shapes)."""
+def test_the_products_hook_matches_numpy(other, layout, dtype, shape, with_dx):
+    """`products`, the yardstick fastnet bench holds a step against (a dense layer's three products
+    alone), computes what numpy's does, at awkward shapes and the default network's layers."""
     batch, fan_in, fan_out = shape
 
     def make_args():
@@ -197,7 +197,7 @@ def test_products_alone_are_the_dense_kernels_products(other, layout, dtype, sha
 
 @covers("dense_forward", "dense_relu_forward", "dense_backward", "dense_relu_backward")
 @pytest.mark.parametrize("shape", [(128, 3072, 512), (128, 512, 10)])
-def test_dense_kernels_at_the_default_networks_shapes(other, shape):
+def test_dense_kernels_match_numpy_at_the_default_networks_shapes(other, shape):
     """The first and last layers of the default 3072-512-512-10 network, batch 128, float32."""
     batch, fan_in, fan_out = shape
     rng = np.random.default_rng(sum(shape))
@@ -223,7 +223,7 @@ def test_dense_kernels_at_the_default_networks_shapes(other, shape):
 @SETTINGS
 @given(shape=st.tuples(dims, dims), seed=seeds, in_place=st.booleans())
 @example(shape=(1, 1), seed=0, in_place=True)
-def test_relu_backward(other, layout, dtype, shape, seed, in_place):
+def test_relu_backward_matches_numpy(other, layout, dtype, shape, seed, in_place):
     def make_args():
         rng = np.random.default_rng(seed)
         dout = laid_out(rng.standard_normal(shape).astype(dtype), layout, axis=1)
@@ -273,7 +273,7 @@ def dense_kernel_cases(shape, dtype, seed=0):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", THREAD_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dense_kernels_on_one_thread_and_on_more_threads_than_tiles(other, threads, shape, dtype, plan):
+def test_dense_kernels_match_numpy_on_one_thread_and_on_more_threads_than_tiles(other, threads, shape, dtype, plan):
     """At the default plan most of these shapes make fewer tiles than threads; at the finest, every
     aligned block is a tile, of unequal sizes where the width is not a multiple of the block."""
     with backends.use_threads(other, threads), tile_plan(other, plan):

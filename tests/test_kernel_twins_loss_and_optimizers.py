@@ -41,7 +41,7 @@ pytestmark = STRIDED_ON_PURPOSE
 @given(shape=st.tuples(dims, dims), seed=seeds, magnitude=st.sampled_from([1.0, 30.0, 1e4]))
 @example(shape=(5, 1), seed=0, magnitude=1.0)   # one class: loss 0, gradient 0
 @example(shape=(1, 10), seed=0, magnitude=1e4)  # logits of +-1e4 overflow a naive exp
-def test_softmax_cross_entropy(other, dtype, shape, seed, magnitude):
+def test_softmax_cross_entropy_matches_numpy(other, dtype, shape, seed, magnitude):
     batch, classes = shape
 
     def make_args():
@@ -62,7 +62,7 @@ def test_softmax_cross_entropy(other, dtype, shape, seed, magnitude):
        smoothing=st.sampled_from([0.0, 0.1, 0.5]))
 @example(shape=(5, 1), seed=0, magnitude=1.0, smoothing=0.1)   # one class: loss 0, gradient 0
 @example(shape=(1, 10), seed=0, magnitude=1e4, smoothing=0.1)  # logits of +-1e4 overflow a naive exp
-def test_softmax_cross_entropy_smoothed(other, dtype, shape, seed, magnitude, smoothing):
+def test_softmax_cross_entropy_smoothed_matches_numpy(other, dtype, shape, seed, magnitude, smoothing):
     batch, classes = shape
 
     def make_args():
@@ -85,7 +85,7 @@ def test_softmax_cross_entropy_smoothed(other, dtype, shape, seed, magnitude, sm
 @SETTINGS
 @given(shape=st.tuples(dims, dims), seed=seeds)
 @example(shape=(1, 1), seed=0)
-def test_count_correct(other, dtype, ties, shape, seed):
+def test_count_correct_matches_numpy(other, dtype, ties, shape, seed):
     batch, classes = shape
 
     def make_args():
@@ -108,7 +108,7 @@ def test_count_correct(other, dtype, ties, shape, seed):
 @SETTINGS
 @given(shape=st.one_of(st.tuples(dims), st.tuples(dims, dims)), seed=seeds)
 @example(shape=(1,), seed=0)
-def test_sum_of_squares(other, layout, dtype, shape, seed):
+def test_sum_of_squares_matches_numpy(other, layout, dtype, shape, seed):
     def make_args():
         return (laid_out(np.random.default_rng(seed).standard_normal(shape).astype(dtype), layout),)
 
@@ -138,7 +138,7 @@ STEPS = 5
        weight_decay=st.sampled_from([0.0, 0.05]))
 @example(shape=(1,), seed=0, weight_decay=0.05)
 @example(shape=(70, 1), seed=0, weight_decay=0.0)
-def test_optimizer_steps(other, kernel, grad_layout, dtype, shape, seed, weight_decay):
+def test_optimizer_steps_match_numpy(other, kernel, grad_layout, dtype, shape, seed, weight_decay):
     """Five consecutive steps (adam's step counter 1..5) on a weight matrix or a bias, each with a new
     gradient in the given layout; params and state are C-contiguous, as the model and the optimizer
     allocate them. After every step the parameter and every state array must match numpy's."""
