@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from fastnet import data
+from fastnet import backends, data
 from helpers import OTHER_BACKENDS, real_data_path, save_brightness_classes, unavailable
 
 
@@ -51,4 +51,12 @@ def other(request):
     """The name of a backend to compare with numpy."""
     if request.param is None:
         unavailable("no backend but numpy is available: pip install numba")
+    return request.param
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def backend(request):
+    """Each backend fastnet ships; one that is not installed is skipped (numpy always is)."""
+    if request.param not in backends.available():
+        pytest.skip(f"the {request.param} backend is not installed")
     return request.param

@@ -184,7 +184,7 @@ def assert_matches(actual, expected, reduction_length, what, magnitude=None):
 
 def bf16_values(bits):
     """The float32 values of bfloat16 bits (uint16), computed here, not by a kernel."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def to_bf16(a):
@@ -194,6 +194,13 @@ def to_bf16(a):
     bits = np.empty(a.shape, np.uint16)
     ref.round_to_bf16(a, bits)
     return bits
+
+
+def every_delicate_float32():
+    """Every bfloat16 top half, each with the low halves just under, at and just over a tie."""
+    tops = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    return (tops[:, None] | lows).ravel().view(np.float32)
 
 
 def assert_loss_matches(actual, expected, dtype, what):
@@ -511,9 +518,9 @@ high = 0.3
 """
 
 
-def fastnet(*args, env=None, cwd=None):
+def fastnet(*args, env=None, cwd=None, timeout=600):
     command, options = _command(args, env)
-    return subprocess.run(command, **options, capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(command, **options, capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def start_fastnet(*args, env=None):

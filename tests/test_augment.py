@@ -28,11 +28,6 @@ def augmented(backend, flip=0, dy=0, dx=0, centre=(0, 0), cutout=0, images=IMAGE
     return out.reshape(images.shape[1:3])
 
 
-@pytest.fixture(params=backends.available())
-def backend(request):
-    return request.param
-
-
 def test_no_augmentation_is_gather_normalize(backend):
     assert_close(augmented(backend), IMAGE[0, :, :, 0].astype(np.float32), rtol=0)
 

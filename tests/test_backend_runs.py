@@ -3,9 +3,6 @@ of a seed, the same bits on 1, 2 and 3 threads, and the command on the real CIFA
 accuracy."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import pytest
 from fastnet.config import TrainConfig
 from fastnet.run_folder import TIMING_METRICS
 from fastnet.train import train
-from helpers import assert_close, real_data_path, save_brightness_classes
+from helpers import assert_close, fastnet, real_data_path, save_brightness_classes
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +89,7 @@ def test_one_two_and_three_threads_give_the_same_bits(other, synthetic, tmp_path
     runs = {}
     for threads in (1, 2, 3):
         out = tmp_path / f"threads{threads}"
-        result = fastnet_cli("train", "--data", synthetic, "--backend", other, "--threads", threads, "--epochs", 2,
+        result = fastnet("train", "--data", synthetic, "--backend", other, "--threads", threads, "--epochs", 2,
                              "--hidden", "100,37", "--batch-size", 50, "--dropout", 0.2, "--flip", "--seed", 4,
                              "--out", out,
                              env={"NUMBA_NUM_THREADS": "3", "FASTNET_PLAN": "tile_flops=1000,pass_elements=100"})
@@ -107,14 +104,9 @@ def test_one_two_and_three_threads_give_the_same_bits(other, synthetic, tmp_path
             assert np.array_equal(runs[threads][name], value), f"{name} differs between 1 and {threads} threads"
 
 
-def fastnet_cli(*args, env=None):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
-                          text=True, env=environment, timeout=900)
-
-
 def cli_test_accuracy(backend, out):
-    result = fastnet_cli("train", "--data", real_data_path(), "--epochs", 2, "--backend", backend, "--out", out)
+    result = fastnet("train", "--data", real_data_path(), "--epochs", 2, "--backend", backend, "--out", out,
+                     timeout=900)
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["backend"] == backend

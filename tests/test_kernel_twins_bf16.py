@@ -27,6 +27,7 @@ from helpers import (
     dense_activation_forward_args,
     dense_inputs,
     dense_magnitudes,
+    every_delicate_float32,
     garbage,
     laid_out,
     slope_error_scale,
@@ -43,10 +44,8 @@ def special_float32s():
     just under, at and just over a tie (odd and even top halves alike), and 20,000 random patterns;
     NaNs (quiet and signalling, both signs), infinities, subnormals and the largest finite values
     are among them."""
-    tops = np.arange(1 << 16, dtype=np.uint32) << 16
-    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
     random = np.random.default_rng(0).integers(0, 1 << 32, 20_000, dtype=np.uint64).astype(np.uint32)
-    return np.concatenate([(tops[:, None] | lows).ravel(), random]).view(np.float32).reshape(-1, 32)
+    return np.concatenate([every_delicate_float32().view(np.uint32), random]).view(np.float32).reshape(-1, 32)
 
 
 @covers("round_to_bf16")
