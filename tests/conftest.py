@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from fastnet import data
-from helpers import real_data_path, save_brightness_classes
+from fastnet import backends, data
+from helpers import OTHER_BACKENDS, real_data_path, save_brightness_classes, unavailable
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,3 +44,19 @@ def tiny_npy(tmp_path):
     """A synthetic, learnable 3-class npy dataset: each class is a brightness level plus noise."""
     return save_brightness_classes(tmp_path, np.random.default_rng(0), {"train": 300, "test": 90}, side=4, step=80,
                                    base=40, noise=20)
+
+
+@pytest.fixture(scope="module", params=OTHER_BACKENDS or [None])
+def other(request):
+    """The name of a backend to compare with numpy."""
+    if request.param is None:
+        unavailable("no backend but numpy is available: pip install numba")
+    return request.param
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def backend(request):
+    """Each backend fastnet ships; one that is not installed is skipped (numpy always is)."""
+    if request.param not in backends.available():
+        pytest.skip(f"the {request.param} backend is not installed")
+    return request.param

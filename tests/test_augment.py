@@ -28,11 +28,6 @@ def augmented(backend, flip=0, dy=0, dx=0, centre=(0, 0), cutout=0, images=IMAGE
     return out.reshape(images.shape[1:3])
 
 
-@pytest.fixture(params=backends.available())
-def backend(request):
-    return request.param
-
-
 def test_no_augmentation_is_gather_normalize(backend):
     assert_close(augmented(backend), IMAGE[0, :, :, 0].astype(np.float32), rtol=0)
 
@@ -114,7 +109,8 @@ def test_draws_are_deterministic_for_a_seed():
 
 def test_switched_off_choices_stay_zero_and_draw_nothing():
     augmentation = Augmentation((8, 8), flip=False, translate=0, cutout=0)
-    assert not augmentation.enabled
+    # spec() is what warm_up rebuilds the run's augmentation from: all off, as constructed.
+    assert augmentation.spec() == {"flip": False, "translate": 0, "cutout": 0}
     rng = np.random.default_rng(0)
     state = rng.bit_generator.state
     flips, offsets, centres = augmentation.draw(rng, 16)

@@ -5,6 +5,7 @@ import importlib
 import inspect
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -17,6 +18,7 @@ from fastnet.backends import numpy_backend
 from fastnet.errors import FastnetError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
+from helpers import COVERED, fastnet
 
 
 @pytest.fixture
@@ -32,12 +34,6 @@ def numpy_namespace(**replace):
     """A module-like object holding the NumPy kernels (some replaced or, given None, removed)."""
     kernels = {name: getattr(numpy_backend, name) for name in backends.KERNELS} | replace
     return types.SimpleNamespace(**{name: k for name, k in kernels.items() if k is not None})
-
-
-def fastnet_cli(*args, env=None):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "fastnet", *map(str, args)], capture_output=True,
-                          text=True, env=environment, timeout=600)
 
 
 # --- Choosing a backend ------------------------------------------------------------------------------
@@ -186,6 +182,16 @@ def test_numba_kernels_take_the_arguments_of_their_numpy_twins():
 
 
 
+TWIN_MODULES = sorted(path.stem for path in pathlib.Path(__file__).parent.glob("test_kernel_twins_*.py"))
+
+
+def test_every_kernel_has_an_equivalence_test():
+    """A kernel added to KERNELS needs a test in tests/test_kernel_twins_*.py that compares it across backends."""
+    for name in TWIN_MODULES:
+        importlib.import_module(name)  # their @covers decorators fill COVERED (pytest may have imported them)
+    assert TWIN_MODULES and COVERED == set(backends.KERNELS)
+
+
 def test_numba_kernels_are_compiled_for_c_contiguous_arrays_alone():
     """Every kernel copies a Fortran-ordered or strided argument on its way in (and a written one back
     out), so Numba compiles it once per dtype, not once per combination of its arguments' layouts."""
@@ -212,7 +218,7 @@ def test_numba_kernels_are_compiled_for_c_contiguous_arrays_alone():
 # --- The command line ---------------------------------------------------------------------------------
 
 def test_cli_unknown_backend_is_one_line_listing_the_available_ones(tiny_npy, tmp_path):
-    result = fastnet_cli("train", "--backend", "nope", "--data", tiny_npy, "--epochs", 1, "--out", tmp_path / "run")
+    result = fastnet("train", "--backend", "nope", "--data", tiny_npy, "--epochs", 1, "--out", tmp_path / "run")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastnet: error: ") and "'nope'" in lines[0], result.stderr
@@ -223,14 +229,14 @@ def test_cli_unknown_backend_is_one_line_listing_the_available_ones(tiny_npy, tm
 
 def test_cli_takes_the_backend_from_fastnet_backend(tiny_npy, tmp_path):
     run = tmp_path / "run"
-    result = fastnet_cli("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 8, "--batch-size", 50,
+    result = fastnet("train", "--data", tiny_npy, "--epochs", 1, "--hidden", 8, "--batch-size", 50,
                          "--out", run, env={"FASTNET_BACKEND": "numba"})
     assert result.returncode == 0, result.stderr
     assert json.loads((run / "config.json").read_text())["backend"] == "numba"
     assert "numba backend" in result.stdout
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # The accuracy the run printed is the saved model's, as evaluate on the same backend finds it.
-    evaluated = fastnet_cli("evaluate", run / "model.npz", "--data", tiny_npy, "--json",
+    evaluated = fastnet("evaluate", run / "model.npz", "--data", tiny_npy, "--json",
                             env={"FASTNET_BACKEND": "numba"})
     assert evaluated.returncode == 0, evaluated.stderr
     assert len(metrics) == 1 and metrics[0]["test_acc"] == json.loads(evaluated.stdout)["accuracy"]

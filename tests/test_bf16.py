@@ -1,7 +1,7 @@
 """Mixed precision (--precision bf16): the rounding to bfloat16 against an independent library
 (ml_dtypes, JAX's NumPy types), the checks that refuse it where it cannot pay, and what the model,
 optimizer and trainer promise about the bf16 copies. The backends' kernels are compared with each
-other in test_equivalence.py."""
+other in test_kernel_twins_*.py."""
 
 import json
 
@@ -16,26 +16,9 @@ from fastnet.errors import FastnetError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
 from fastnet.train import train
+from helpers import bf16_values, every_delicate_float32, to_bf16
 
 EPS_BF16 = 2.0 ** -8  # half the spacing of bfloat16 numbers at 1: the largest relative rounding error
-
-
-def rounded(x):
-    x = np.asarray(x, np.float32)
-    bits = np.empty(x.shape, np.uint16)
-    ref.round_to_bf16(x, bits)
-    return bits
-
-
-def values(bits):
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def every_delicate_float32():
-    """Every bfloat16 top half, each with the low halves just under, at and just over a tie."""
-    tops = np.arange(1 << 16, dtype=np.uint32) << 16
-    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
-    return (tops[:, None] | lows).ravel().view(np.float32)
 
 
 # --- The rounding ---------------------------------------------------------------------------------------
@@ -47,7 +30,7 @@ def test_rounding_matches_ml_dtypes_on_every_number():
     numbers = x[~np.isnan(x)]
     with np.errstate(over="ignore"):
         expected = numbers.astype(ml_dtypes.bfloat16).view(np.uint16)
-    assert np.array_equal(rounded(numbers), expected)
+    assert np.array_equal(to_bf16(numbers), expected)
 
 
 @pytest.mark.parametrize("bits, expected", [
@@ -64,14 +47,14 @@ def test_rounding_matches_ml_dtypes_on_every_number():
     (0x80000000, 0x8000),  # -0 keeps its sign
 ])
 def test_rounding_is_to_nearest_ties_to_even(bits, expected):
-    assert rounded(np.array([bits], np.uint32).view(np.float32))[0] == expected
+    assert to_bf16(np.array([bits], np.uint32).view(np.float32))[0] == expected
 
 
 @pytest.mark.parametrize("bits", [0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0xFFC00001, 0xFF80FFFF])
 def test_a_nan_stays_a_nan_with_its_sign_and_the_quiet_bit(bits):
     """Rounding 0x7FFFFFFF up would carry into the exponent and give inf: NaNs are truncated instead."""
-    result = int(rounded(np.array([bits], np.uint32).view(np.float32))[0])
-    assert np.isnan(values([result])[0])
+    result = int(to_bf16(np.array([bits], np.uint32).view(np.float32))[0])
+    assert np.isnan(bf16_values([result])[0])
     assert result >> 15 == bits >> 31 and result & 0x40 and result >> 7 & 0xFF == 0xFF
 
 
@@ -81,7 +64,7 @@ def test_every_bf16_number_converts_exactly_and_rounds_back_to_itself():
     ref.bf16_to_float32(bits, as_float)
     assert np.array_equal(as_float.view(np.uint32), bits.astype(np.uint32) << 16)
     numbers = ~np.isnan(as_float)
-    assert np.array_equal(rounded(as_float[numbers]), bits[numbers])
+    assert np.array_equal(to_bf16(as_float[numbers]), bits[numbers])
 
 
 # --- Where bf16 runs ----------------------------------------------------------------------------------------
@@ -138,17 +121,10 @@ def test_bf16_keeps_float32_master_weights(monkeypatch):
 
 # --- The model's bf16 copies ---------------------------------------------------------------------------------
 
-@pytest.fixture(params=["numpy", "numba"])
-def backend(request):
-    if request.param not in backends.available():
-        pytest.skip(f"the {request.param} backend is not installed")  # numpy always is
-    return request.param
-
-
 def test_the_weight_copies_follow_every_update(backend):
     rng = np.random.default_rng(0)
     net = MLP([20, 16, 5], backend=backend, precision="bf16", seed=1)
-    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16, strict=True))
+    assert all(np.array_equal(W16, to_bf16(W)) for W, W16 in zip(net.weights, net.weights16, strict=True))
     optimizer = Optimizer(net.params, "nesterov", weight_decay=0.01, backend=backend, copies=net.param_copies)
     x, y = rng.standard_normal((8, 20)), rng.integers(0, 5, 8)
     before = [W16.copy() for W16 in net.weights16]
@@ -156,14 +132,14 @@ def test_the_weight_copies_follow_every_update(backend):
         _, grads = net.loss_and_grads(x, y)
         optimizer.step(grads, 0.1)
     for W, W16, old in zip(net.weights, net.weights16, before, strict=True):
-        assert np.array_equal(W16, rounded(W)) and not np.array_equal(W16, old)
+        assert np.array_equal(W16, to_bf16(W)) and not np.array_equal(W16, old)
     # Written from outside (a checkpoint, a resumed run): refresh_copies catches up.
     for W in net.weights:
         W *= 2
     net.refresh_copies()
-    assert all(np.array_equal(W16, rounded(W)) for W, W16 in zip(net.weights, net.weights16, strict=True))
+    assert all(np.array_equal(W16, to_bf16(W)) for W, W16 in zip(net.weights, net.weights16, strict=True))
     folded = net.with_input_projection(rng.standard_normal((30, 20)).astype(np.float32))
-    assert np.array_equal(folded.weights16[0], rounded(folded.weights[0]))
+    assert np.array_equal(folded.weights16[0], to_bf16(folded.weights[0]))
 
 
 def test_training_passes_round_and_evaluation_does_not(backend):
@@ -209,7 +185,7 @@ def test_a_batch_gathered_in_bf16_needs_no_rounding_pass(backend):
     shift, scale = np.full(12, 120, np.float32), np.full(12, 1 / 64, np.float32)
     ws = net.workspace(5)
     net.kernels.gather_normalize(images, np.arange(5), shift, scale, ws.inputs, ws.inputs16)
-    assert np.array_equal(ws.inputs16, rounded(ws.inputs))
+    assert np.array_equal(ws.inputs16, to_bf16(ws.inputs))
     gathered = net.run_forward(ws, rounded_inputs=True).copy()
     ws.inputs16[...] = 0
     assert np.array_equal(net.run_forward(ws), gathered)

@@ -8,7 +8,6 @@ import collections
 import os
 import pathlib
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
@@ -26,60 +25,15 @@ from fastnet.data import (
     statistics,
 )
 from fastnet.errors import DataError
-from helpers import real_data_path, unavailable
-
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-PER_BATCH, TEST_COUNT = 7, 5
-
-
-def make_arrays(seed=0):
-    """35 train and 5 test random 32x32 RGB images; train labels hit every class."""
-    rng = np.random.default_rng(seed)
-    return {
-        "train_images": rng.integers(0, 256, (5 * PER_BATCH, 32, 32, 3), dtype=np.uint8),
-        "train_labels": rng.permutation(np.arange(5 * PER_BATCH) % 10).astype(np.int64),
-        "test_images": rng.integers(0, 256, (TEST_COUNT, 32, 32, 3), dtype=np.uint8),
-        "test_labels": rng.integers(0, 10, TEST_COUNT).astype(np.int64),
-    }
-
-
-def _batch_bytes(images, labels, name):
-    planar = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # official rows: R plane, G plane, B plane
-    batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in labels], b"data": planar,
-             b"filenames": [f"{name}_{i}.png".encode() for i in range(len(images))]}
-    return pickle.dumps(batch, protocol=3)
-
-
-def write_batches(folder, arrays, names=CLASSES):
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for b in range(5):
-        rows = slice(b * PER_BATCH, (b + 1) * PER_BATCH)
-        (folder / f"data_batch_{b + 1}").write_bytes(
-            _batch_bytes(arrays["train_images"][rows], arrays["train_labels"][rows], f"batch {b + 1}"))
-    (folder / "test_batch").write_bytes(_batch_bytes(arrays["test_images"], arrays["test_labels"], "test"))
-    if names is not None:
-        meta = {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": PER_BATCH}
-        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=3))
-    return folder
-
-
-def write_archive(path, arrays, top="cifar-10-batches-py"):
-    path = pathlib.Path(path)
-    folder = write_batches(path.parent / "_staging" / "cifar-10-batches-py", arrays)
-    with tarfile.open(path, "w:gz") as archive:
-        archive.add(folder, arcname=top)
-    return path
-
-
-def write_npy(folder, arrays, names=None):
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for key, value in arrays.items():
-        np.save(folder / f"{key}.npy", value)
-    if names is not None:
-        (folder / "class_names.txt").write_text("\n".join(names) + "\n")
-    return folder
+from helpers import (
+    CLASSES,
+    make_arrays,
+    real_data_path,
+    unavailable,
+    write_archive,
+    write_batches,
+    write_npy,
+)
 
 
 @pytest.fixture

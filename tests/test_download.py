@@ -210,7 +210,7 @@ def test_train_downloads_into_the_default_folder_when_it_finds_no_data(server, t
     from fastnet.config import TrainConfig
     from fastnet.data import downloading
     from fastnet.train import train
-    from test_data import make_arrays, write_archive
+    from helpers import make_arrays, write_archive
 
     archive = write_archive(tmp_path / "build" / NAME, make_arrays()).read_bytes()
     server.payload = archive

@@ -19,39 +19,7 @@ from PIL import Image
 from fastnet import data
 from fastnet.data import folders
 from fastnet.errors import DataError, FastnetError, SettingError
-from helpers import fastnet, real_data_path, unavailable
-
-SIZE = (5, 6)  # height, width
-# (suffix, Pillow mode) of the files of a class, in turn: every mode a user's folder may hold.
-KINDS = ((".png", "RGB"), (".PNG", "L"), (".Png", "P"), (".png", "RGBA"), (".JPG", "RGB"), (".bmp", "RGB"),
-         (".jpeg", "L"), (".GIF", "P"))
-JUNK = (".DS_Store", "Thumbs.db", "notes.txt")
-
-
-def save_image(path, mode, rng, size=SIZE):
-    pixels = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
-    picture = Image.fromarray(pixels, "RGBA")
-    if mode == "P":
-        picture = picture.convert("RGB").quantize(8)
-        picture.info["transparency"] = 0  # palette index 0 is transparent
-    elif mode != "RGBA":
-        picture = picture.convert(mode)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, **({"transparency": 0} if mode == "P" else {}))
-    return path
-
-
-def make_tree(root, rng, classes=("zebra", "Moth", "ant"), counts=None, splits=("train", "test")):
-    """A tree whose classes are made out of order, with every kind of file; returns root."""
-    counts = counts or {"train": 9, "test": 4}
-    for split in splits:
-        for name in classes:
-            for i in range(counts[split]):
-                suffix, mode = KINDS[i % len(KINDS)]
-                save_image(root / split / name / f"{i:03d}{suffix}", mode, rng)
-    for junk in JUNK:
-        (root / "train" / classes[0] / junk).write_bytes(b"\x00 not an image")
-    return root
+from helpers import JUNK, SIZE, fastnet, make_tree, real_data_path, save_image, unavailable
 
 
 def pillow_pixels(path):

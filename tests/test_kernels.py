@@ -6,7 +6,7 @@ import pytest
 
 from fastnet.activations import ACTIVATIONS
 from fastnet.backends import numpy_backend as ref
-from helpers import assert_close, numerical_gradient, relative_error
+from helpers import assert_close, bf16_values, float32_tol, garbage, numerical_gradient, relative_error, to_bf16
 
 GRAD_TOL = 1e-6
 
@@ -446,3 +446,20 @@ def test_sum_of_squares(rng, shape):
     assert type(ref.sum_of_squares(x.astype(np.float32))) is float
     strided = np.asfortranarray(rng.standard_normal((4, 3)))[:, ::2]
     assert ref.sum_of_squares(strided) == pytest.approx(float(np.sum(strided.astype(np.float64) ** 2)), rel=1e-12)
+
+
+# --- bfloat16 operands ---------------------------------------------------------------------------------
+
+def test_the_reference_multiplies_bf16_operands_as_their_exact_values():
+    """numpy's emulation against an independent computation: the float64 product of the bf16
+    numbers' values (float32 sums, so float32_tol), and not the product of the unrounded inputs."""
+    rng = np.random.default_rng(3)
+    x, W = rng.standard_normal((33, 300)).astype(np.float32), rng.standard_normal((300, 17)).astype(np.float32)
+    x16, W16 = to_bf16(x), to_bf16(W)
+    exact = bf16_values(x16).astype(np.float64) @ bf16_values(W16).astype(np.float64)
+    out = garbage((33, 17), np.float32)
+    ref.dense_forward(x16, W16, np.zeros(17, np.float32), out)
+    magnitude = np.abs(bf16_values(x16)).astype(np.float64) @ np.abs(bf16_values(W16)).astype(np.float64)
+    assert_close(out, exact.astype(np.float32), rtol=0, atol=float32_tol(300) * magnitude.max())
+    unrounded = x.astype(np.float64) @ W.astype(np.float64)
+    assert np.abs(out - unrounded).max() > 10 * float32_tol(300) * magnitude.max()

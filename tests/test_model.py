@@ -1,4 +1,5 @@
-"""The public MLP API, its gradients against finite differences, and its dtype discipline."""
+"""The public MLP API, its gradients against finite differences, its dtype discipline, and its loss and
+gradients on every other backend against numpy's."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,17 @@ import fastnet
 from fastnet import backends
 from fastnet.backends import numpy_backend
 from fastnet.errors import FastnetError
-from helpers import Float64Detector, assert_close, numerical_gradient, relative_error
+from fastnet.model import MLP
+from helpers import (
+    DTYPES,
+    FLOAT64_TOL,
+    Float64Detector,
+    assert_close,
+    assert_loss_matches,
+    float32_tol,
+    numerical_gradient,
+    relative_error,
+)
 
 
 def small_batch(rng, sizes, batch):
@@ -390,3 +401,79 @@ def test_backward_hands_each_layer_over_last_first_once_its_gradients_are_final(
         for then, now in zip(grads, net.layer_grads(ws, layer), strict=True):
             assert np.array_equal(then, now) and np.isfinite(now).all()
     assert sum(len(grads) for _, grads in seen) == len(ws.grads)
+
+
+# --- Every backend's loss and gradients against numpy's ---------------------------------------------
+
+def model_tolerance(dtype, sizes, batch):
+    """Relative tolerance for a model's loss gradients: each layer's forward and backward sums add
+    their rounding, so the float32 tolerances of the layers' reductions add up."""
+    if np.dtype(dtype) == np.float64:
+        return FLOAT64_TOL
+    return sum(float32_tol(k) for k in (*sizes, batch))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes, batch", [([7, 5, 3], 4), ([48, 32, 16, 3], 16), ([3072, 64, 10], 1),
+                                          ([20, 1, 4], 9)])
+def test_loss_and_grads_match_numpy(other, dtype, sizes, batch):
+    rng = np.random.default_rng(len(sizes) + batch)
+    x = rng.standard_normal((batch, sizes[0]))
+    y = rng.integers(0, sizes[-1], batch)
+    expected_loss, expected = MLP(sizes, backend="numpy", dtype=dtype, seed=4).loss_and_grads(x, y)
+    loss, grads = MLP(sizes, backend=other, dtype=dtype, seed=4).loss_and_grads(x, y)
+    assert_loss_matches(loss, expected_loss, dtype, f"{other} MLP{sizes} loss")
+    rtol = model_tolerance(dtype, sizes, batch)
+    for got, want in zip(grads, expected, strict=True):
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
+REGULARISED_SPECS = [  # (MLP keyword arguments, label smoothing): every activation, norm, dropout
+    (dict(activation="leaky_relu"), 0.0),
+    (dict(activation="tanh", dropout=0.3), 0.1),
+    (dict(activation="gelu", norm="layernorm"), 0.0),
+    (dict(activation="relu", norm="layernorm", dropout=0.2), 0.1),
+    (dict(activation="gelu", dropout=0.5), 0.2),
+    (dict(activation="tanh", norm="layernorm", dropout=0.1), 0.0),
+    (dict(activation="leaky_relu", norm="layernorm", dropout=0.1), 0.1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec, smoothing", REGULARISED_SPECS)
+@pytest.mark.parametrize("sizes, batch", [([48, 32, 16, 3], 16), ([20, 1, 4], 9), ([7, 5, 3], 1)])
+def test_regularised_loss_and_grads_match_numpy(other, dtype, spec, smoothing, sizes, batch):
+    """A training pass (dropout masks from a generator of one seed) of every kind of layer. Layer norm
+    adds a sum over each layer's width to the forward and backward sums; the tolerance doubles for it."""
+    rng = np.random.default_rng(len(sizes) + batch)
+    x = rng.standard_normal((batch, sizes[0]))
+    y = rng.integers(0, sizes[-1], batch)
+    results = [MLP(sizes, backend=backend, dtype=dtype, seed=4, **spec).loss_and_grads(
+        x, y, rng=np.random.default_rng(5), label_smoothing=smoothing) for backend in ("numpy", other)]
+    (expected_loss, expected), (loss, grads) = results
+    assert_loss_matches(loss, expected_loss, dtype, f"{other} MLP{sizes} {spec} loss")
+    rtol = 2 * model_tolerance(dtype, sizes, batch)
+    for got, want in zip(grads, expected, strict=True):
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("spec, smoothing", [(dict(), 0.0), *REGULARISED_SPECS])
+@pytest.mark.parametrize("sizes, batch", [([48, 32, 16, 3], 16), ([20, 1, 4], 9), ([300, 40, 10], 1)])
+def test_bf16_loss_and_grads_match_numpy(other, spec, smoothing, sizes, batch):
+    """Mixed precision through every kind of layer, against numpy's emulation. The products of bf16
+    numbers are exact in float32, so the tolerance is float32's, as in the test above; it holds as
+    long as no activation of one backend rounds to a different bf16 number than the other's, which
+    at these fixed inputs none does."""
+    rng = np.random.default_rng(len(sizes) + batch)
+    x = rng.standard_normal((batch, sizes[0]))
+    y = rng.integers(0, sizes[-1], batch)
+    results = [MLP(sizes, backend=backend, seed=4, precision="bf16", **spec).loss_and_grads(
+        x, y, rng=np.random.default_rng(5), label_smoothing=smoothing) for backend in ("numpy", other)]
+    (expected_loss, expected), (loss, grads) = results
+    assert_loss_matches(loss, expected_loss, "float32", f"{other} bf16 MLP{sizes} {spec} loss")
+    rtol = 2 * model_tolerance("float32", sizes, batch)
+    for got, want in zip(grads, expected, strict=True):
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=rtol, atol=rtol * scale)

@@ -11,12 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from threadpoolctl import threadpool_info
 
-from helpers import assert_close
+from helpers import FLOAT64_TOL, assert_close, bf16_values, float32_tol, to_bf16
 
 numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
 from fastnet.backends import numba_backend  # noqa: E402  (after the skip: it needs numba too)
-
-EPS32 = float(np.finfo(np.float32).eps)
 
 
 @settings(max_examples=200, deadline=None)
@@ -56,7 +54,7 @@ def test_matmul_matches_float64_numpy_in_every_layout_and_thread_count(shape, dt
     rng = np.random.default_rng(m * k * n)
     a64, b64 = rng.standard_normal((m, k)), rng.standard_normal((k, n))
     magnitude = np.abs(a64) @ np.abs(b64)
-    rtol = 4 * math.sqrt(k) * EPS32 if dtype == "float32" else 1e-12
+    rtol = float32_tol(k) if dtype == "float32" else FLOAT64_TOL
     with numba_backend.use_threads(threads):
         for name_a, a in layouts(a64.astype(dtype)).items():
             for name_b, b in layouts(b64.astype(dtype)).items():
@@ -81,7 +79,7 @@ def test_matmul_on_one_thread_and_two_agree_and_repeat_bit_for_bit():
         if threads in results:
             assert np.array_equal(out, results[threads]), f"{threads} threads: two calls differ"
         results[threads] = out
-    assert_close(results[1], results[2], rtol=4 * math.sqrt(513) * EPS32, atol=1e-4)
+    assert_close(results[1], results[2], rtol=float32_tol(513), atol=1e-4)
 
 
 def test_the_backend_holds_the_blas_it_drives_to_one_thread():
@@ -114,9 +112,8 @@ def test_blas_choice():
 
 def bf16_operand(rng, shape):
     """Random bfloat16 bits (uint16) and their exact values in float64."""
-    bits = np.empty(shape, np.uint16)
-    numba_backend.round_to_bf16(rng.standard_normal(shape).astype(np.float32), bits)
-    return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    bits = to_bf16(rng.standard_normal(shape))
+    return bits, bf16_values(bits).astype(np.float64)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -127,7 +124,7 @@ def test_bf16_products_are_the_float64_products_of_the_bf16_values(shape, thread
     m, k, n = shape
     rng = np.random.default_rng(m + k + n)
     (a, a64), (b, b64) = bf16_operand(rng, (m, k)), bf16_operand(rng, (k, n))
-    rtol = 4 * math.sqrt(k) * EPS32
+    rtol = float32_tol(k)
     atol = rtol * (np.abs(a64) @ np.abs(b64)).max()
     with numba_backend.use_threads(threads):
         for name_a, a_laid in layouts(a).items():
@@ -164,7 +161,7 @@ def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
          b_store.ctypes.data, b_store.shape[1], 0.5, c.ctypes.data, c.shape[1])
     op_a, op_b = (a64.T if trans_a else a64), (b64.T if trans_b else b64)
     expected = 1.5 * (op_a @ op_b) + 0.5 * 2.0
-    assert_close(c[:, :n], expected.astype(np.float32), rtol=4 * math.sqrt(k) * EPS32, atol=1e-5)
+    assert_close(c[:, :n], expected.astype(np.float32), rtol=float32_tol(k), atol=1e-5)
     assert np.all(c[:, n:] == 2.0), "wrote past the matrix into the padding"
 
 

@@ -4,6 +4,7 @@ every page they point at exists, and dated measurements live in the results log 
 import pathlib
 import re
 
+from fastnet import workloads
 from fastnet.config import RECIPES
 from fastnet.data import downloading
 from fastnet.workloads import WORKLOADS
@@ -36,11 +37,16 @@ def test_links_between_guides_resolve():
 
 
 def test_the_fixed_workloads_are_the_readmes():
+    """fastnet/workloads.py's workloads are the ones the README describes and measures, no more and no fewer."""
     described = section(README, "How fast")
     for workload in WORKLOADS.values():
         network = "-".join(map(str, workload.sizes))
         said = rf"{workload.name}\s+(is\s+)?an?\s+{network}\s+MLP\s+with\s+batch\s+{workload.batch_size}\b"
         assert re.search(said, described), workload
+    measured = {line.split("|")[1].strip() for line in described.splitlines()
+                if line.startswith("| ") and not line.startswith(("| workload", "| ---"))}
+    assert measured == set(WORKLOADS), "the README's table of measurements names other workloads"
+    assert workloads.DTYPE in described and "momentum" in described
 
 
 def test_the_recipes_table_says_what_each_recipe_sets():

@@ -22,9 +22,16 @@ from fastnet import backends, checkpoint, precision
 from fastnet.config import TrainConfig
 from fastnet.run_folder import TIMING_METRICS, resumed_config
 from fastnet.train import train
-from helpers import assert_one_line_error, fastnet
-from test_data import make_arrays, write_archive, write_batches, write_npy
-from test_folders import make_tree, save_image
+from helpers import (
+    assert_one_line_error,
+    fastnet,
+    make_arrays,
+    make_tree,
+    save_image,
+    write_archive,
+    write_batches,
+    write_npy,
+)
 
 # Words of advice, one of which every error message must contain: it says what to do, not only what is wrong.
 ADVICE = ("pass", "use", "choose", "drop", "see", "run", "replace", "fix", "save", "retrain", "download",

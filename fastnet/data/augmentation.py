@@ -32,10 +32,6 @@ class Augmentation:
         self.translate, self.cutout = settings.pixels("translate", translate), settings.pixels("cutout", cutout)
         self._capacity = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.flip or self.translate > 0 or self.cutout > 0
-
     def spec(self) -> dict:
         """The settings as a JSON-serialisable dict: Augmentation(shape, **spec()) rebuilds it."""
         return {"flip": self.flip, "translate": self.translate, "cutout": self.cutout}
