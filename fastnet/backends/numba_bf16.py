@@ -15,9 +15,8 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
+from fastnet.backends.numba_blas import NO_TRANS
 from fastnet.backends.numpy_backend import BF16_QUIET_BIT, BF16_ROUNDING_BIAS, FLOAT32_INF, FLOAT32_MAGNITUDE
-
-NO_TRANS = 111
 
 
 @intrinsic
