@@ -203,7 +203,7 @@ def test_numba_kernels_are_compiled_for_c_contiguous_arrays_alone():
     np.testing.assert_array_equal(param, np.zeros((4, 3)))
     for kernel in backends.KERNELS:
         compiled = getattr(getattr(numba_backend, kernel), "compiled", None)
-        assert compiled is not None, f"{kernel} is not wrapped in numba_gemm.on_contiguous"
+        assert compiled is not None, f"{kernel} is not wrapped in numba_contiguous.on_contiguous"
         layouts = {a.layout for signature in compiled.signatures for a in signature
                    if isinstance(a, numba_types.Array)}
         assert layouts <= {"C"}, f"{kernel} was compiled for layouts {layouts}"

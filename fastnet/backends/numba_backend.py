@@ -19,7 +19,7 @@ every optimizer update is one (_update_tiles) with its rule chosen so. The other
 Nothing is summed across tiles: every sum is done by one thread in a fixed order, so results
 depend on neither thread timing nor the thread count. The losses and count_correct stay serial: a 128 x 10 batch is less
 work than waking a thread. Compiled code is cached on disk (`cache=True`), so a second process
-starts warm. Every kernel is compiled for C-contiguous arrays alone (numba_gemm.on_contiguous), which
+starts warm. Every kernel is compiled for C-contiguous arrays alone (numba_contiguous.on_contiguous), which
 is what the model and optimizer pass: an array of another layout is copied on the way in, and out.
 Every kernel releases the GIL (`nogil=True`): a data-parallel rank's reducing thread
 (distributed.py, --overlap) sends gradients while the main thread computes.
@@ -51,13 +51,13 @@ from numba.extending import overload
 
 from fastnet.backends import numba_gemm
 from fastnet.backends.numba_bf16 import bits_float32, from_bf16, to_bf16
+from fastnet.backends.numba_contiguous import on_contiguous
 from fastnet.backends.numba_gemm import (
     ALIGN_COLUMNS,
     column_tiles,
     gemm,
     matmul_tiles,
     next_tile,
-    on_contiguous,
     product_tile,
     product_tiles,
     span,
