@@ -501,13 +501,13 @@ def test_activation_forward(other, kernel, layout, dtype, shape, seed, in_place,
 
 
 def test_the_float32_exp_of_gelu_is_within_an_ulp_of_exp(other):
-    """numba_backend._exp, which the GELU kernels call: in float32 a polynomial of the backend's own,
+    """numba_elementwise._exp, which the GELU kernels call: in float32 a polynomial of the backend's own,
     within one float32 spacing (2^-23 relative) of exp over [-87, 88], held to exp(-87) below it and
     exp(88) above, NaN kept; in float64 the C library's exp, bit for bit. (Not NumPy's: on a CPU with
     AVX-512, NumPy's float64 exp is a SIMD routine of its own, which differs in the last bit.)"""
     from numba import njit
 
-    from fastnet.backends.numba_backend import _exp
+    from fastnet.backends.numba_elementwise import _exp
 
     exp = njit(lambda x: _exp(x))
     x = np.linspace(-87, 88, 350_001, dtype=np.float32)
