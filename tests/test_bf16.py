@@ -95,7 +95,9 @@ def test_the_override_runs_bf16_on_any_cpu_and_is_recorded(monkeypatch):
 
 def test_the_numba_backend_without_mkl_says_what_to_install(monkeypatch):
     numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
-    monkeypatch.setattr(numba_gemm, "BF16_GEMM", numba_gemm.Bf16Gemm("none", None, 0))
+    from fastnet.backends.numba_blas import Bf16Gemm
+
+    monkeypatch.setattr(numba_gemm, "BF16_GEMM", Bf16Gemm("none", None, 0))
     with pytest.raises(FastnetError, match=r"numba backend needs MKL's bfloat16 GEMM.*pip install 'fastnet\[mkl\]'"):
         precision.check("bf16", "numba", flags={"amx_bf16"})
 

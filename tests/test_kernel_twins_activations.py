@@ -72,13 +72,13 @@ def test_activation_forward_matches_numpy(other, kernel, layout, dtype, shape, s
 
 
 def test_the_gelu_kernels_exp_is_within_a_float32_ulp_and_the_c_librarys_in_float64(other):
-    """numba_backend._exp, which the GELU kernels call: in float32 a polynomial of the backend's own,
+    """numba_elementwise._exp, which the GELU kernels call: in float32 a polynomial of the backend's own,
     within one float32 spacing (2^-23 relative) of exp over [-87, 88], held to exp(-87) below it and
     exp(88) above, NaN kept; in float64 the C library's exp, bit for bit. (Not NumPy's: on a CPU with
     AVX-512, NumPy's float64 exp is a SIMD routine of its own, which differs in the last bit.)"""
     from numba import njit
 
-    from fastnet.backends.numba_backend import _exp
+    from fastnet.backends.numba_elementwise import _exp
 
     exp = njit(lambda x: _exp(x))
     x = np.linspace(-87, 88, 350_001, dtype=np.float32)

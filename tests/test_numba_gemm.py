@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_info
 from helpers import FLOAT64_TOL, assert_close, bf16_values, float32_tol, to_bf16
 
 numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
-from fastnet.backends import numba_backend  # noqa: E402  (after the skip: it needs numba too)
+from fastnet.backends import numba_backend, numba_blas  # noqa: E402  (after the skip: it needs numba too)
 
 
 @settings(max_examples=200, deadline=None)
@@ -98,14 +98,14 @@ def test_use_threads_sets_the_tile_count_and_restores_it():
 
 
 def test_blas_choice():
-    assert numba_gemm.find_blas("openblas").name == "openblas"
+    assert numba_blas.find_blas("openblas").name == "openblas"
     with pytest.raises(ValueError, match="set it to mkl or openblas"):
-        numba_gemm.find_blas("atlas")
-    if numba_gemm._mkl_path() is None:
+        numba_blas.find_blas("atlas")
+    if numba_blas._mkl_path() is None:
         with pytest.raises(ValueError, match="pip install mkl"):
-            numba_gemm.find_blas("mkl")
+            numba_blas.find_blas("mkl")
     else:
-        assert numba_gemm.find_blas("mkl").name == "mkl"
+        assert numba_blas.find_blas("mkl").name == "mkl"
 
 
 # --- bfloat16 products ---------------------------------------------------------------------------------
@@ -152,12 +152,12 @@ def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
     b_store = np.zeros((b.shape[0], b.shape[1] + pad), np.uint16)
     b_store[:, :b.shape[1]] = b
     c = np.full((m, n + pad), 2.0, np.float32)
-    flag = {False: numba_gemm.NO_TRANS, True: numba_gemm.TRANS}
+    flag = {False: numba_blas.NO_TRANS, True: numba_blas.TRANS}
     signature = [ctypes.c_int32] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
                                                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
                                                                ctypes.c_void_p, ctypes.c_int64]
     call = ctypes.CFUNCTYPE(None, *signature)(reference_gemm.address)
-    call(numba_gemm.ROW_MAJOR, flag[trans_a], flag[trans_b], m, n, k, 1.5, a_store.ctypes.data, a_store.shape[1],
+    call(numba_blas.ROW_MAJOR, flag[trans_a], flag[trans_b], m, n, k, 1.5, a_store.ctypes.data, a_store.shape[1],
          b_store.ctypes.data, b_store.shape[1], 0.5, c.ctypes.data, c.shape[1])
     op_a, op_b = (a64.T if trans_a else a64), (b64.T if trans_b else b64)
     expected = 1.5 * (op_a @ op_b) + 0.5 * 2.0
@@ -167,7 +167,7 @@ def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
 
 def test_the_bf16_gemm_is_mkls_when_mkl_is_installed():
     described = numba_backend.parallelism()["bf16_gemm"]
-    if numba_gemm._mkl_path() is None:
+    if numba_blas._mkl_path() is None:
         assert not numba_gemm.BF16_GEMM.available and numba_backend.bf16_gemm() is None
         assert "reference_gemm" in described
     else:

@@ -1,5 +1,6 @@
 """bfloat16 in the Numba backend: Numba has no such type, so bf16 data live in uint16 arrays, each
-element the top half of a float32's bits, and the kernels convert with the two functions here.
+element the top half of a float32's bits, and the kernels convert with the functions here: to_bf16
+and from_bf16 a value at a time, round_row a row after the pass that wrote it.
 
 Rounding is to nearest, ties to even, as numpy_backend.round_to_bf16 defines it. A float32's bits
 reach integer code through a bit cast (an LLVM intrinsic below), not through a view of the array,
@@ -15,9 +16,8 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
+from fastnet.backends.numba_blas import NO_TRANS
 from fastnet.backends.numpy_backend import BF16_QUIET_BIT, BF16_ROUNDING_BIAS, FLOAT32_INF, FLOAT32_MAGNITUDE
-
-NO_TRANS = 111
 
 
 @intrinsic
@@ -58,6 +58,14 @@ def to_bf16(value):
 def from_bf16(bits):
     """The float32 value of bfloat16 bits: exact, the low half of the float32 is zero."""
     return bits_float32(np.uint32(np.uint32(bits) << np.uint32(16)))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def round_row(row, row16):
+    """row16 = row rounded to bfloat16. A loop of its own after the row's pass, which LLVM vectorises:
+    written inside that pass, the rounding left it scalar, about three times slower."""
+    for j in range(row.shape[0]):
+        row16[j] = to_bf16(row[j])
 
 
 _gemm_signature = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from fastnet import cpu
+from fastnet.backends import numba_blas
 
 TILE_FLOPS = (1 << 23, 1 << 25, 1 << 27, 1 << 40)  # 8, 32 and 128 MFLOP a tile; 1 << 40: a tile per core
 STEPS = {"R1": 100, "R2": 250}  # about half a second of each on a 2-core machine
@@ -77,8 +78,7 @@ def status():
 
 
 def _blases():
-    from fastnet.backends import numba_gemm  # in the parent only to list what is installed
-    return ["openblas"] + (["mkl"] if numba_gemm._mkl_path() else [])
+    return ["openblas"] + (["mkl"] if numba_blas._mkl_path() else [])
 
 
 def measure(log=print, steps=None, repeats=REPEATS):
