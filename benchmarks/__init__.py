@@ -14,21 +14,22 @@ import sys
 import numpy as np
 
 
-def _workloads_of_this_suite():
-    """fastnet/workloads.py of the source tree this suite is in, loaded by path under a name of its
-    own: the workloads are part of what is measured, so they stay the same at every commit, including
-    the commits that came before fastnet.workloads."""
-    name = "fastnet_asv_workloads"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parent.parent / "fastnet" / "workloads.py"
-        spec = importlib.util.spec_from_file_location(name, path)
+def _of_this_suite(name):
+    """fastnet/<name>.py of the source tree this suite is in, loaded by path under a name of its own:
+    the workloads and the kernel calls are part of what is measured, so they stay the same at every
+    commit, including the commits that came before those files."""
+    module_name = f"fastnet_asv_{name}"
+    if module_name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parent.parent / "fastnet" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before it runs: dataclasses look their module up there
+        sys.modules[module_name] = module  # before it runs: dataclasses look their module up there
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[module_name]
 
 
-workloads = _workloads_of_this_suite()
+workloads = _of_this_suite("workloads")
+kernel_calls = _of_this_suite("kernel_calls")
 BACKENDS = ["numpy", "numba"]
 WORKLOADS = workloads.WORKLOADS  # R1 and R2, docs/speed.md's
 DTYPE = workloads.DTYPE
@@ -96,14 +97,20 @@ def get_kernel(backend, name):
     return kernel
 
 
-def require(module_name, *attributes):
-    """Import fastnet.<module_name> and return the attributes, or raise NotImplementedError."""
+def require(module_names, *attributes):
+    """Import fastnet.<module_name> and return the attributes, or raise NotImplementedError.
+    module_names: a name, or a tuple of the names that have held the attributes, newest first (asv
+    runs these benchmarks on past commits too: train_epoch was in fastnet.train before fastnet.step)."""
     import importlib
-    try:
-        module = importlib.import_module(f"fastnet.{module_name}")
-        return [getattr(module, attribute) for attribute in attributes]
-    except (ImportError, AttributeError) as exc:
-        raise NotImplementedError(f"fastnet.{module_name} lacks {attributes} at this commit: {exc}") from exc
+    names = (module_names,) if isinstance(module_names, str) else module_names
+    errors = []
+    for name in names:
+        try:
+            module = importlib.import_module(f"fastnet.{name}")
+            return [getattr(module, attribute) for attribute in attributes]
+        except (ImportError, AttributeError) as exc:
+            errors.append(f"fastnet.{name}: {exc}")
+    raise NotImplementedError(f"no module has {attributes} at this commit: {'; '.join(errors)}")
 
 
 def require_bf16(backend):
@@ -123,7 +130,7 @@ class Trainer:
         get_backend(backend)
         MLP, = require("model", "MLP")
         Optimizer, Schedule = require("optim", "Optimizer", "Schedule")
-        self.train_epoch, = require("train", "train_epoch")
+        self.train_epoch, = require(("step", "train"), "train_epoch")
         self.schedule = Schedule("constant", LR, 1)
         mixed = {}
         if precision != "fp32":

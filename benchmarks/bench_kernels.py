@@ -1,83 +1,47 @@
-"""One kernel call at a time, at the shapes of the R1 and R2 workloads, for each backend.
+"""One kernel call at a time, at the shapes of the R1 and R2 workloads, for each backend, across commits.
 
-One class per kernel, so that a commit lacking one kernel skips only that kernel's benchmark. Every
-array is allocated and filled in setup, which also calls the kernel once: a numba kernel compiles
-(or loads from its disk cache) on that first call, so no compile time reaches a figure.
+The calls are fastnet/kernel_calls.py's (loaded by path, as the workloads are), the same table the
+pytest-benchmark suite in tests/benchmarks/ times numpy against numba with within one run. A commit
+that lacks a call's kernel skips only that call's benchmark. Every array is allocated and filled in
+setup, which also makes the call once: a numba kernel compiles (or loads from its disk cache) on that
+first call, so no compile time reaches a figure.
 """
 
 import numpy as np
 
-from . import BACKENDS, LR, MOMENTUM, WEIGHT_DECAY, WORKLOADS, Trainer, get_backend, get_kernel, pin_threads
+from . import BACKENDS, WORKLOADS, get_backend, get_kernel, kernel_calls, pin_threads
 
 
-class _Kernel:
-    params = [BACKENDS, list(WORKLOADS)]
-    param_names = ["backend", "size"]
-    kernel_name = None
+class Kernel:
+    """One call of kernel_calls.CALLS on a backend at a workload's shapes, e.g. `dense_relu_forward[first]`
+    on R1: the first layer's forward, bias and ReLU fused, h = relu(x @ W + b) with x (128, 3072)."""
 
-    def setup(self, backend, size):
+    params = [BACKENDS, list(WORKLOADS), list(kernel_calls.CALLS)]
+    param_names = ["backend", "size", "call"]
+
+    def setup(self, backend, size, call):
         pin_threads(backend)
-        self.kernel = get_kernel(get_backend(backend), self.kernel_name)
-        t = Trainer(backend, size)
-        t.step()  # fills every activation, delta and gradient with a real step's values
-        net, ws = t.net, t.net.workspace(t.batch_size)
-        self.images, self.batch, self.shift, self.scale = t.images, t.batches[0], t.shift, t.scale
-        self.x, self.W, self.b, self.h = ws.inputs, net.params[0], net.params[1], ws.activations[1]
-        self.dh, self.dW, self.db = ws.deltas[1], ws.grads[0], ws.grads[1]
-        self.logits, self.labels, self.dlogits = ws.logits, ws.labels, ws.deltas[-1]
-        self.velocity = np.zeros_like(self.W)
-        self.call()  # compile, or load from numba's cache, with exactly the timed arguments
+        self.kernel = get_kernel(get_backend(backend), kernel_calls.CALLS[call].kernel)
+        workload = WORKLOADS[size]
+        self.arguments = kernel_calls.call_arguments(call, kernel_calls.inputs(workload.sizes, workload.batch_size))
+        self.kernel(*self.arguments)  # compile, or load from numba's cache, with exactly the timed arguments
 
-    def time_kernel(self, backend, size):
-        self.call()
+    def time_call(self, backend, size, call):
+        self.kernel(*self.arguments)
 
 
-class DenseForward(_Kernel):
-    """First layer forward, bias and ReLU fused: h = relu(x @ W + b), x (B, 3072)."""
-    kernel_name = "dense_relu_forward"
-
-    def call(self):
-        self.kernel(self.x, self.W, self.b, self.h)
-
-
-class DenseBackward(_Kernel):
-    """First layer backward: ReLU mask, dW = x.T @ dh and db; no input gradient (dx None)."""
-    kernel_name = "dense_relu_backward"
-
-    def call(self):
-        self.kernel(self.dh, self.h, self.x, self.W, self.dW, self.db, None)
+def _products():
+    """name: (m, k, n, whether a is a transposed view, as x.T in a weight gradient): R1's first-layer
+    forward and weight gradient, its hidden layer's forward, and 2048^3."""
+    batch, layers = WORKLOADS["R1"].batch_size, kernel_calls.layer_shapes(WORKLOADS["R1"].sizes)
+    (inputs, width), (hidden, hidden_out) = layers["first"], layers["hidden"]
+    return {f"{batch}x{inputs}@{inputs}x{width}": (batch, inputs, width, False),
+            f"{inputs}x{batch}@{batch}x{width} (x.T @ dout)": (inputs, batch, width, True),
+            f"{batch}x{hidden}@{hidden}x{hidden_out}": (batch, hidden, hidden_out, False),
+            "2048x2048@2048x2048": (2048, 2048, 2048, False)}
 
 
-class SoftmaxCrossEntropy(_Kernel):
-    """Mean loss of the logits (B, 10) and its gradient."""
-    kernel_name = "softmax_cross_entropy"
-
-    def call(self):
-        self.kernel(self.logits, self.labels, self.dlogits)
-
-
-class MomentumStep(_Kernel):
-    """Heavy-ball momentum with weight decay on the first layer's weights (3072 x hidden)."""
-    kernel_name = "momentum_step"
-
-    def call(self):
-        self.kernel(self.W, self.dW, self.velocity, LR, MOMENTUM, WEIGHT_DECAY)
-
-
-class GatherNormalize(_Kernel):
-    """Gather a minibatch of uint8 images by index and standardise it into float32."""
-    kernel_name = "gather_normalize"
-
-    def call(self):
-        self.kernel(self.images, self.batch, self.shift, self.scale, self.x)
-
-
-PRODUCTS = {  # name: (m, k, n, whether a is a transposed view, as x.T in a weight gradient)
-    "128x3072@3072x512": (128, 3072, 512, False),
-    "3072x128@128x512 (x.T @ dout)": (3072, 128, 512, True),
-    "128x512@512x512": (128, 512, 512, False),
-    "2048x2048@2048x2048": (2048, 2048, 2048, False),
-}
+PRODUCTS = _products()
 
 
 class Product:

@@ -23,7 +23,7 @@ class TrainingStep:
     def setup(self, backend, size):
         pin_threads(backend)
         self.trainer = Trainer(backend, size)
-        train_epoch, = require("train", "train_epoch")
+        train_epoch, = require(("step", "train"), "train_epoch")
         Schedule, = require("optim", "Schedule")
         self.train_epoch = train_epoch
         self.schedule = Schedule("constant", LR, EPOCH_SLICE_STEPS)
@@ -111,7 +111,7 @@ class EpochMemory:
     def setup(self, backend, size):
         pin_threads(backend)
         self.trainer = Trainer(backend, size, num_images=self.num_images)
-        train_epoch, = require("train", "train_epoch")
+        train_epoch, = require(("step", "train"), "train_epoch")
         Schedule, = require("optim", "Schedule")
         self.train_epoch = train_epoch
         steps = self.num_images // self.trainer.batch_size
@@ -154,7 +154,8 @@ class FullDatasetMemory:
 
     def peakmem_load_train_evaluate(self, folder, backend):
         load_dataset, channel_stats = require("data", "load_dataset", "channel_stats")
-        normalizer, train_epoch, evaluate = require("train", "normalizer", "train_epoch", "evaluate")
+        train_epoch, = require(("step", "train"), "train_epoch")
+        normalizer, evaluate = require(("evaluation", "train"), "normalizer", "evaluate")
         MLP, = require("model", "MLP")
         Optimizer, Schedule = require("optim", "Optimizer", "Schedule")
         dataset = load_dataset(folder)
@@ -191,7 +192,10 @@ _WARM_UP = """
 import numpy as np
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
-from fastnet.step import warm_up
+try:
+    from fastnet.step import warm_up
+except ImportError:  # a commit from before fastnet.step
+    from fastnet.train import warm_up
 net = MLP([3072, 512, 512, 10], backend="numba", dtype="float32")
 warm_up(net, Optimizer(net.params, "momentum", backend="numba"), np.uint8)
 """
@@ -210,7 +214,7 @@ class NumbaStartup:
 
     def setup(self):
         get_backend("numba")
-        require("train", "warm_up")
+        require(("step", "train"), "warm_up")
 
     def timeraw_jit_cold(self):
         return _WARM_UP, _FRESH_CACHE + "import fastnet\n"

@@ -1,10 +1,10 @@
 """`fastnet bench`: time training steps on synthetic data, per backend, against this machine's sgemm
 peak and, when it is importable, PyTorch.
 
-Every measurement (each backend, PyTorch, the sgemm peak) runs in a fresh process of its own:
-OpenBLAS's threads keep spinning after a NumPy call and would slow down whatever ran next in the
-same process. The sides run several times, interleaved, and the report gives the median, the spread
-and how busy other processes kept the CPU, flagging the runs they disturbed. The fastnet sides time
+Every measurement (each backend, PyTorch, the sgemm peak) is one of fastnet.harness's: a fresh
+process of its own, the cores other processes kept busy meanwhile recorded beside it. The sides run
+several times, interleaved, and the report gives the median, the spread and how busy other
+processes kept the CPU, flagging the runs they disturbed. The fastnet sides time
 `fastnet.step.train_epoch`, the loop `fastnet train` runs:
 gather and normalise uint8 rows, forward, loss, backward, SGD-momentum update.
 
@@ -13,170 +13,15 @@ share of every batch with the cores shared among them (the side `BACKEND:TxN`, T
 as `mpirun -n N fastnet train --distributed` runs. Rank 0's time is the one reported.
 """
 
-import importlib.util
-import json
 import os
-import statistics
-import sys
-import time
-from itertools import pairwise
 
-import numpy as np
-
-from fastnet.cpu import DISTURBED, cpu_model, run_child
-from fastnet.distributed import AS_ROOT
+from fastnet import harness
+from fastnet.cpu import DISTURBED, cpu_model
 from fastnet.precision import bf16_instructions
-from fastnet.workloads import MOMENTUM, flops_per_sample, named
+from fastnet.workloads import flops_per_sample, named
 
 INPUT_SIZE, CLASSES = 3072, 10  # CIFAR-10's shape, so the figures compare with real training
-WARMUP_STEPS = 10
-LR = 0.01
-PEAK_SIZES = (1024, 2048)
 PRECISION_NAMES = {"fp32": "float32", "bf16": "bf16 mixed precision (PyTorch: torch.autocast bfloat16)"}
-
-
-def synthetic_batches(sizes, batch, steps):
-    rng = np.random.default_rng(0)
-    count = batch * (steps + WARMUP_STEPS)
-    images = rng.integers(0, 256, (count, sizes[0]), dtype=np.uint8)
-    labels = rng.integers(0, sizes[-1], count)
-    return images, labels, rng.permutation(count)
-
-
-def time_fastnet(backend, sizes, batch, steps, threads=None, precision="fp32", parallel=None):
-    from fastnet import backends
-    from fastnet.model import MLP
-    from fastnet.optim import Optimizer, Schedule
-    from fastnet.step import StepOptions, train_epoch, warm_up
-
-    options = StepOptions() if parallel is None else StepOptions(**parallel.step_hooks())
-
-    images, labels, order = synthetic_batches(sizes, batch, steps)
-    shift, scale = np.full(sizes[0], 127.5, np.float32), np.full(sizes[0], 1 / 64, np.float32)
-    started = time.perf_counter()
-    net = MLP(sizes, backend=backend, precision=precision)  # imports the backend: part of its start-up
-    with backends.use_threads(backend, threads):
-        optimizer = Optimizer(net.params, "momentum", momentum=MOMENTUM, backend=backend, copies=net.param_copies)
-        warm_up(net, optimizer, images.dtype)
-        warmup_seconds = time.perf_counter() - started
-        schedule = Schedule("constant", LR, steps + WARMUP_STEPS)
-        # Untimed steps first: they allocate the workspace and settle caches and thread pools.
-        train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[:batch * WARMUP_STEPS], batch, 1,
-                    0, options=options)
-        started = time.perf_counter()
-        train_epoch(net, optimizer, schedule, images, labels, shift, scale, order[batch * WARMUP_STEPS:], batch, 1,
-                    WARMUP_STEPS, options=options)
-        seconds = time.perf_counter() - started
-        products_seconds = time_products(net, batch, steps) if parallel is None else None
-        parallelism = backends.parallelism(backend)
-    result = {"seconds": seconds, "warmup_seconds": warmup_seconds, "parallelism": parallelism,
-              "precision": net.precision, "products_seconds": products_seconds}
-    return result if parallel is None else result | {"distributed": parallel.describe()}
-
-
-def time_products(net, batch, steps):
-    """Seconds that `steps` repetitions of the products alone of `net`'s training step take at
-    `batch` rows: per layer x @ W, x.T @ dout and, but for the first, dout @ W.T (the backend's
-    `products`, cut into its kernels' tiles), on arrays of the step's shapes. The rest of a step's
-    time is its elementwise passes, its update and their waits. None for a backend without
-    `products`, or in bf16 precision, whose products are another GEMM's."""
-    from fastnet import backends
-
-    kernels = backends.get(net.backend)
-    if not hasattr(kernels, "products") or net.precision != "fp32":
-        return None
-    rng = np.random.default_rng(0)
-    layers = []
-    for layer, W in enumerate(net.weights):
-        fan_in, fan_out = W.shape
-        x = rng.standard_normal((batch, fan_in)).astype(W.dtype)
-        dout = rng.standard_normal((batch, fan_out)).astype(W.dtype)
-        dx = np.empty_like(x) if layer > 0 else None
-        layers.append((x, W, dout, np.empty_like(dout), np.empty_like(W), dx))
-    for arrays in layers:  # untimed: compiles and settles the thread pool
-        kernels.products(*arrays)
-    started = time.perf_counter()
-    for _ in range(steps):
-        for arrays in layers:
-            kernels.products(*arrays)
-    return time.perf_counter() - started
-
-
-def time_torch(sizes, batch, steps, threads=None, precision="fp32"):
-    """PyTorch's float32 training step, or under torch.autocast's bfloat16 for precision bf16: what a
-    PyTorch user would run for mixed precision on the CPU."""
-    import contextlib
-
-    import torch
-
-    torch.set_num_threads(threads or os.cpu_count())
-    images, labels, order = synthetic_batches(sizes, batch, steps)
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    shift, scale = torch.full((sizes[0],), 127.5), torch.full((sizes[0],), 1 / 64)
-    layers = []
-    for fan_in, fan_out in pairwise(sizes):
-        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def autocast():
-        if precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def run(indices):
-        for start in range(0, len(indices), batch):
-            rows = torch.from_numpy(indices[start:start + batch])
-            x = images[rows].float().sub_(shift).mul_(scale)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(model(x), labels[rows])
-            loss.backward()
-            optimizer.step()
-
-    started = time.perf_counter()
-    run(order[:batch * WARMUP_STEPS])
-    warmup_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    run(order[batch * WARMUP_STEPS:])
-    return {"seconds": time.perf_counter() - started, "warmup_seconds": warmup_seconds,
-            "precision": precision}
-
-
-def sgemm_peak():
-    """The best float32 GFLOP/s of NumPy's matmul over a few square sizes, and the BLAS behind it."""
-    from threadpoolctl import threadpool_info
-
-    best = 0.0
-    for n in PEAK_SIZES:
-        a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
-        out = np.empty((n, n), np.float32)
-        np.matmul(a, b, out=out)
-        for _ in range(3):
-            started = time.perf_counter()
-            np.matmul(a, b, out=out)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
-    blas = [f"{lib['internal_api']} {lib.get('architecture') or ''}".strip() for lib in threadpool_info()
-            if lib["user_api"] == "blas"]
-    return {"gflops": best, "blas": ", ".join(blas)}
-
-
-def worker(spec):
-    """Run one measurement described by `spec` and print it as one JSON line."""
-    if spec["side"] == "peak":
-        result = sgemm_peak()
-    elif spec["side"] == "torch":
-        result = time_torch(spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"), spec["precision"])
-    else:
-        parallel = None
-        if spec.get("ranks", 1) > 1:
-            from fastnet import distributed
-            parallel = distributed.start()
-        result = time_fastnet(spec["backend"], spec["sizes"], spec["batch"], spec["steps"], spec.get("threads"),
-                              spec["precision"], parallel)
-        if parallel is not None and not parallel.writes:
-            return
-    print(json.dumps(result))
 
 
 def data_parallel_side(backend, ranks, threads=None):
@@ -185,64 +30,39 @@ def data_parallel_side(backend, ranks, threads=None):
 
 
 def measure_in_own_process(side, sizes, batch, steps, threads=None, precision="fp32"):
-    """One measurement in a fresh process (or, for a data-parallel side, `mpirun -n N` of them), with
-    the cores other processes kept busy meanwhile."""
-    backend, _, layout = side.partition(":")
-    per_rank, _, ranks = layout.partition("x")
-    ranks = int(ranks or 1)
-    spec = {"side": side, "backend": backend, "sizes": sizes, "batch": batch, "steps": steps,
-            "threads": int(per_rank) if ranks > 1 else threads, "precision": precision, "ranks": ranks}
-    launch, env = [], None
-    if ranks > 1:
-        launch = ["mpirun", "-n", str(ranks)]
-        if os.geteuid() == 0:
-            env = os.environ | AS_ROOT
-    done, others = run_child([*launch, sys.executable, "-m", "fastnet.bench", json.dumps(spec)], capture_output=True,
-                             text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {side} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"other_load": others}
+    """One measurement of `side` (a backend, BACKEND:TxN, torch or peak) on `threads` cores (None: all)
+    in fastnet.harness's fresh process; RuntimeError when it fails."""
+    if side == "peak":
+        spec = {"side": "peak", "lib": "numpy", "sizes": harness.PEAK_SIZES}
+    else:
+        layout = "" if ":" in side or not threads else f":{threads}"  # BACKEND:TxN carries its own
+        spec = {"side": side + layout + ("@bf16" if precision == "bf16" else ""), "sizes": sizes, "batch": batch,
+                "steps": steps, "warmup_steps": harness.WARMUP_STEPS, "data": "synthetic"}
+    result = harness.measure(spec)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
 
 
 def bench(backend_names, hidden, batch, steps, threads=None, precision="fp32", repeats=3, ranks=None):
     """Measure every side `repeats` times, each time in a process of its own, interleaved (A B C A B C
     ...) so that drift on a shared machine reaches every side alike, on `threads` cores (None: all),
     fastnet's and PyTorch's in `precision`; with `ranks`, each backend data-parallel on that many
-    ranks too. Returns the report as a dict: per side the median run, the spread of all runs and the
-    most cores other processes kept busy during one."""
+    ranks too. Returns the report as a dict: per side fastnet.harness.summarize's figures of its runs."""
     sizes = [INPUT_SIZE, *hidden, CLASSES]
     parallel_sides = [data_parallel_side(b, ranks, threads) for b in backend_names] if ranks and ranks > 1 else []
-    sides = list(backend_names) + parallel_sides + (["torch"] if importlib.util.find_spec("torch") else [])
+    sides = list(backend_names) + parallel_sides + (["torch"] if harness.skip_reason("torch") is None else [])
     peak = measure_in_own_process("peak", sizes, batch, steps)
-    flops = flops_per_sample(sizes)
     runs = {side: [] for side in sides}
     for _ in range(repeats):
         for side in sides:
             runs[side].append(measure_in_own_process(side, sizes, batch, steps, threads, precision))
-    results = {}
-    for side, timings in runs.items():
-        seconds = statistics.median(t["seconds"] for t in timings)
-        samples_per_second = batch * steps / seconds
-        gflops = flops * samples_per_second / 1e9
-        each = sorted(batch * steps / t["seconds"] for t in timings)
-        results[side] = {"samples_per_second": samples_per_second, "ms_per_step": seconds / steps * 1e3,
-                         "gflops": gflops, "percent_of_peak": 100 * gflops / peak["gflops"],
-                         "warmup_seconds": statistics.median(t["warmup_seconds"] for t in timings),
-                         "samples_per_second_runs": each, "other_load": max(t["other_load"] for t in timings),
-                         "disturbed_runs": sum(t["other_load"] > DISTURBED for t in timings),
-                         "precision": timings[0]["precision"]}
-        if timings[0].get("products_seconds"):
-            results[side]["step_over_products"] = statistics.median(t["seconds"] / t["products_seconds"]
-                                                                    for t in timings)
-        if "parallelism" in timings[0]:
-            results[side]["parallelism"] = timings[0]["parallelism"]
-        if "distributed" in timings[0]:
-            results[side]["distributed"] = timings[0]["distributed"]
+    results = {side: harness.summarize(timings, sizes, peak["gflops"]) for side, timings in runs.items()}
     if "torch" in results:
         for side in [*backend_names, *parallel_sides]:
             results[side]["vs_torch"] = results[side]["samples_per_second"] / results["torch"]["samples_per_second"]
     return {"workload": named(sizes, batch), "sizes": sizes, "batch_size": batch, "steps": steps, "repeats": repeats,
-            "threads": threads or os.cpu_count(), "cpu": cpu_model(), "flops_per_sample": flops,
+            "threads": threads or os.cpu_count(), "cpu": cpu_model(), "flops_per_sample": flops_per_sample(sizes),
             "precision": precision, "bf16_instructions": bf16_instructions(),
             "sgemm_peak_gflops": peak["gflops"], "blas": peak["blas"], "results": results}
 
@@ -286,6 +106,3 @@ def format_report(report):
         lines.append("PyTorch is not importable, so there is no comparison with it (pip install torch)")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))

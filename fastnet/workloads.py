@@ -41,12 +41,19 @@ R2 = Workload("R2", (3072, 128, 10), 64)  # the network fastnet started from
 WORKLOADS = {workload.name: workload for workload in (R1, R2)}
 
 
+def product_flops(rows, inner, columns) -> int:
+    """FLOPs of the product of a (rows, inner) and an (inner, columns) matrix: a multiply and an add
+    for each of the inner terms of each output element. Every FLOP rate fastnet prints counts this."""
+    return 2 * rows * inner * columns
+
+
 def flops_per_sample(sizes) -> int:
     """Useful FLOPs of one training sample through layers of these widths: per layer, the forward
-    product, the weight gradient and the input gradient are 2 * fan_in * fan_out each, except the
-    first layer's input gradient, which no trainer computes. Bias, activation, loss and update are
-    left out: they are memory-bound, and a FLOP rate against the sgemm peak is about the products."""
-    layer_flops = [2 * fan_in * fan_out for fan_in, fan_out in pairwise(sizes)]
+    product, the weight gradient and the input gradient are product_flops(1, fan_in, fan_out) each,
+    except the first layer's input gradient, which no trainer computes. Bias, activation, loss and
+    update are left out: they are memory-bound, and a FLOP rate against the sgemm peak is about the
+    products."""
+    layer_flops = [product_flops(1, fan_in, fan_out) for fan_in, fan_out in pairwise(sizes)]
     return 3 * sum(layer_flops) - layer_flops[0]
 
 

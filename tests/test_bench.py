@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fastnet.workloads import R1, R2, WORKLOADS, flops_per_sample, named
+from fastnet.workloads import R1, R2, WORKLOADS, flops_per_sample, named, product_flops
 from helpers import assert_one_line_error, fastnet, unavailable
 
 
@@ -18,6 +18,7 @@ def test_flops_per_sample_counts_three_gemms_per_layer_but_the_first_layers_inpu
     assert flops_per_sample([3072, 512, 512, 10]) == 3 * 3_680_256 - 3_145_728
     assert flops_per_sample([4, 3]) == 2 * 2 * 4 * 3
     assert R1.flops_per_sample == 3 * 3_680_256 - 3_145_728
+    assert product_flops(2, 3, 4) == 2 * 2 * 3 * 4  # a multiply and an add per term of each output element
 
 
 def test_the_fixed_workloads_are_the_readmes():

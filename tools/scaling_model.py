@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count
+from fastnet.workloads import WORKLOADS, flops_per_sample, parameter_count, product_flops
 
 # --recipe best's network on its 512 components (fastnet.config.RECIPES), with layer norm, batch 128.
 NETWORKS = {name: (w.sizes, False, w.batch_size) for name, w in WORKLOADS.items()} | {
@@ -54,7 +54,7 @@ def overlap_shares(sizes, layernorm):
     step's FLOPs of the first layer's weight gradient, which backward computes after them."""
     first = sizes[0] * sizes[1] + sizes[1] + (2 * sizes[1] if layernorm and len(sizes) > 2 else 0)
     total = parameter_count(sizes, layernorm)
-    return (total - first) / total, 2 * sizes[0] * sizes[1] / flops_per_sample(sizes)
+    return (total - first) / total, product_flops(1, sizes[0], sizes[1]) / flops_per_sample(sizes)
 
 
 def overlapped_efficiency(batch, samples_per_second, seconds, upper, window):

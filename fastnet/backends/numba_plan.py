@@ -151,7 +151,7 @@ def _time_tile_sizes(steps):
     """In a process whose BLAS is $FASTNET_BLAS: seconds per step of each workload at each tile size,
     the sizes interleaved, the best of two rounds."""
     from fastnet.backends import numba_gemm
-    from fastnet.bench import time_fastnet
+    from fastnet.harness import time_fastnet
     from fastnet.workloads import WORKLOADS
     rows = []
     for workload, count in steps.items():

@@ -1,7 +1,8 @@
-"""Micro benchmarks of the training step's kernels, numpy and numba side by side, on the shapes of two
-real workloads.
+"""Micro benchmarks of the training step's kernels, numpy and numba side by side within one run, on
+the shapes of two real workloads: the calls of fastnet/kernel_calls.py, which the asv suite follows
+across commits, and the per-unit passes of --recipe best and a whole step, which it does not.
 
-Each benchmark sets `benchmark.group` to "<kernel> <workload>", so pytest-benchmark prints numpy and
+Each benchmark sets `benchmark.group` to "<call> <workload>", so pytest-benchmark prints numpy and
 numba of one kernel and shape in one table. Under the project's default `--benchmark-disable` each
 runs once as a plain test; either way it first checks its result against the NumPy reference run in
 float64 on the same inputs. That first call also compiles numba's kernel for the exact argument
@@ -13,22 +14,20 @@ error grows like sqrt(K) * eps32 = 6.6e-6 of the terms' scale (see float32_tol i
 largest |expected|, since an element near 0 is a sum that cancelled and errs like its terms.
 """
 
-from itertools import pairwise
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from fastnet import backends
+from fastnet import backends, kernel_calls
 from fastnet.backends import numpy_backend as ref
 from fastnet.config import recipe_config
 from fastnet.model import LAYERNORM_EPS, MLP
 from fastnet.optim import OPTIMIZERS, Optimizer
 from fastnet.step import warm_up
-from fastnet.workloads import WORKLOADS
+from fastnet.workloads import WORKLOADS, flops_per_sample, product_flops
 from helpers import assert_close
 
-N_IMAGES = 2048
 RTOL = 1e-4
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
     "numba" not in backends.available(), reason="numba is not installed: pip install numba"))]
@@ -46,29 +45,10 @@ def backend(request):
 
 @pytest.fixture(scope="module", params=list(WORKLOADS))
 def workload(request):
-    """Float32 arrays for one workload: data, and x, W, b, dout, relu output per layer shape."""
-    sizes, batch = WORKLOADS[request.param].sizes, WORKLOADS[request.param].batch_size
-    rng = np.random.default_rng(0)
-
-    def normal(*shape, scale=1.0):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    shapes = {"first": sizes[:2], "last": sizes[-2:]}
-    if len(sizes) > 3:
-        shapes["hidden"] = sizes[1:3]
-    layers = {name: SimpleNamespace(
-        fan_in=d, fan_out=h, x=normal(batch, d), W=normal(d, h, scale=np.sqrt(2 / d)), b=normal(h, scale=0.1),
-        dout=normal(batch, h, scale=1 / batch), relu_out=np.maximum(normal(batch, h), 0))
-        for name, (d, h) in shapes.items()}
-    return SimpleNamespace(
-        name=request.param, sizes=sizes, batch=batch, layers=layers,
-        images=rng.integers(0, 256, (N_IMAGES, sizes[0]), dtype=np.uint8),
-        indices=rng.integers(0, N_IMAGES, batch), labels=rng.integers(0, sizes[-1], batch),
-        shift=rng.uniform(100, 150, sizes[0]).astype(np.float32),
-        scale=(1 / rng.uniform(50, 70, sizes[0])).astype(np.float32),
-        logits=normal(batch, sizes[-1], scale=3.0), grad=normal(*sizes[:2], scale=1e-2),
-        velocity=normal(*sizes[:2], scale=1e-2), m=normal(*sizes[:2], scale=1e-2),
-        v=np.square(normal(*sizes[:2], scale=1e-2)))
+    """fastnet.kernel_calls.inputs for one workload: the arrays every call runs on."""
+    w = WORKLOADS[request.param]
+    return SimpleNamespace(name=request.param, sizes=w.sizes, batch=w.batch_size,
+                           inputs=kernel_calls.inputs(w.sizes, w.batch_size))
 
 
 def on_reference(kernel, *args):
@@ -95,69 +75,34 @@ def run_checked(benchmark, backend, kernel, args, group, **extra_info):
     return got, want
 
 
-def gflop(*dims):
-    return round(2 * float(np.prod(dims)) / 1e9, 4)
-
-
-def test_gather_normalize(benchmark, backend, workload):
-    w = workload
-    out = np.zeros((w.batch, w.sizes[0]), np.float32)
-    run_checked(benchmark, backend, "gather_normalize", (w.images, w.indices, w.shift, w.scale, out),
-                f"gather_normalize {w.name}", MB_moved=round(out.size * 5 / 1e6, 3))  # 1 B read, 4 written
-
-
-def test_gather_flip_components(benchmark, backend, workload):
-    """The gather of fastnet train --pca 256 --flip: rows of 256 components, about half of them flipped."""
-    w = workload
-    rng = np.random.default_rng(1)
-    components = rng.standard_normal((N_IMAGES, 256)).astype(np.float32)
-    flips = rng.integers(0, 2, w.batch).astype(np.uint8)
-    signs = np.where(rng.random(256) < 0.5, -1, 1).astype(np.float32)
-    out = np.zeros((w.batch, 256), np.float32)
-    run_checked(benchmark, backend, "gather_flip_components", (components, w.indices, flips, signs, out),
-                f"gather_flip_components {w.name}")
-
-
-@pytest.mark.parametrize("layer", ["first", "last"])
-@pytest.mark.parametrize("kernel", ["dense_relu_forward", "dense_forward"])
-def test_dense_forward(benchmark, backend, workload, kernel, layer):
-    L = workload.layers[layer]
-    out = np.zeros((workload.batch, L.fan_out), np.float32)
-    run_checked(benchmark, backend, kernel, (L.x, L.W, L.b, out), f"{kernel}[{layer}] {workload.name}",
-                GFLOP=gflop(workload.batch, L.fan_in, L.fan_out))
-
-
-@pytest.mark.parametrize("with_dx", [False, True])
-def test_dense_relu_backward(benchmark, backend, workload, with_dx):
-    # With dx: the hidden-to-hidden layer; R2 has none, so there it is the first layer with dx.
-    layer = "hidden" if with_dx and "hidden" in workload.layers else "first"
-    L = workload.layers[layer]
-    # dout is masked in place by the ReLU; masking again changes nothing, so rounds do not drift.
-    dout = L.dout.copy()
-    dx = np.zeros_like(L.x) if with_dx else None
-    args = (dout, L.relu_out, L.x, L.W, np.zeros_like(L.W), np.zeros_like(L.b), dx)
-    run_checked(benchmark, backend, "dense_relu_backward", args, f"dense_relu_backward[{layer}] {workload.name}",
-                GFLOP=gflop(workload.batch, L.fan_in, L.fan_out) * (2 if with_dx else 1))
-
-
-def test_dense_backward(benchmark, backend, workload):
-    L = workload.layers["last"]
-    args = (L.dout, L.x, L.W, np.zeros_like(L.W), np.zeros_like(L.b), np.zeros_like(L.x))
-    run_checked(benchmark, backend, "dense_backward", args, f"dense_backward[last] {workload.name}",
-                GFLOP=gflop(workload.batch, L.fan_in, L.fan_out) * 2)
-
-
-def test_softmax_cross_entropy(benchmark, backend, workload):
-    dlogits = np.zeros_like(workload.logits)
-    loss, want = run_checked(benchmark, backend, "softmax_cross_entropy", (workload.logits, workload.labels, dlogits),
-                             f"softmax_cross_entropy {workload.name}")
-    assert loss == pytest.approx(want, rel=1e-5)
-
-
-def test_count_correct(benchmark, backend, workload):
-    correct, want = run_checked(benchmark, backend, "count_correct", (workload.logits, workload.labels),
-                                f"count_correct {workload.name}")
-    assert correct == want
+@pytest.mark.parametrize("name", list(kernel_calls.CALLS))
+def test_kernel_call(benchmark, backend, workload, name):
+    """Every call of fastnet.kernel_calls, the table asv times too: checked against the float64
+    reference on the same inputs (arrays it updates, and a number it returns), then timed. A call
+    that updates its state gets new arguments for every timed round (made in setup, not timed), so
+    that rounds cannot drift."""
+    call, w = kernel_calls.CALLS[name], workload.inputs
+    layer = w.layers[call.layer]
+    extra_info = {}
+    if call.products:
+        extra_info["GFLOP"] = round(call.products * product_flops(w.batch, layer.fan_in, layer.fan_out) / 1e9, 4)
+    if call.moved:
+        extra_info["MB_moved"] = round(call.moved(w, layer) / 1e6, 3)
+    args = kernel_calls.call_arguments(name, w)
+    if not call.updates:
+        got, want = run_checked(benchmark, backend, call.kernel, args, f"{name} {workload.name}", **extra_info)
+    else:
+        expected, want = on_reference(call.kernel, *args)
+        got = getattr(backend, call.kernel)(*args)
+        check(args, expected)
+        benchmark.group = f"{name} {workload.name}"
+        benchmark.extra_info.update(extra_info)
+        benchmark.pedantic(getattr(backend, call.kernel), setup=lambda: (kernel_calls.call_arguments(name, w), {}),
+                           rounds=20, warmup_rounds=1)
+    if isinstance(want, int):  # a count of correct predictions
+        assert got == want
+    elif want is not None:  # a loss
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -195,34 +140,19 @@ def test_per_unit_pass_of_the_best_recipe(benchmark, backend, best_layer, kernel
     run_checked(benchmark, backend, kernel, PER_UNIT[kernel](L), f"{kernel} best {L.batch}x{L.width}")
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
-def test_optimizer_step(benchmark, backend, workload, kind):
-    """One update of the first layer's weights (3072 x hidden). Each round starts from fresh copies of
-    the parameter and its state (made in setup, not timed), so rounds cannot drift."""
-    w = workload
-    W = w.layers["first"].W
-    state = {"sgd": [], "momentum": [w.velocity], "nesterov": [w.velocity], "adam": [w.m, w.v], "adamw": [w.m, w.v]}
-    hyper = {"sgd": (0.05, 5e-3), "momentum": (0.05, 0.9, 5e-3), "nesterov": (0.05, 0.9, 5e-3),
-             "adam": (1e-3, 0.9, 0.999, 1e-8, 5e-3, 10), "adamw": (1e-3, 0.9, 0.999, 1e-8, 5e-3, 10)}[kind]
-
-    def fresh():
-        return (W.copy(), w.grad, *[s.copy() for s in state[kind]], *hyper), {}
-
-    kernel = getattr(backend, f"{kind}_step")
-    args, _ = fresh()
-    expected, _ = on_reference(f"{kind}_step", *args)
-    kernel(*args)
-    check(args, expected)
-    benchmark.group = f"{kind}_step {w.name}"
-    benchmark.extra_info["MB_moved"] = round(W.nbytes * (3 + 2 * len(state[kind])) / 1e6, 1)
-    benchmark.pedantic(kernel, setup=fresh, rounds=20, warmup_rounds=1)
+def test_the_calls_name_real_kernels_and_cover_every_optimizer():
+    """A call whose kernel no backend has would be skipped by asv at every commit, not reported."""
+    assert {call.kernel for call in kernel_calls.CALLS.values()} <= set(backends.KERNELS)
+    assert {f"{kind}_step" for kind in OPTIMIZERS} <= set(kernel_calls.CALLS)
+    assert set(kernel_calls.layer_shapes(WORKLOADS["R1"].sizes)) == {"first", "hidden", "last"}
+    assert kernel_calls.layer_shapes(WORKLOADS["R2"].sizes) == {"first": (3072, 128), "last": (128, 10)}
 
 
 def test_train_step(benchmark, backend, workload):
     """gather + forward + count_correct + backward + momentum update: one step of train_epoch. Checked
     against a float64 numpy model of the same seed after one step at lr 0.05; timed at a tiny lr."""
-    w = workload
-    nets = [MLP(w.sizes, backend=name, dtype=dtype, seed=0)
+    w = workload.inputs
+    nets = [MLP(workload.sizes, backend=name, dtype=dtype, seed=0)
             for name, dtype in ((backend.NAME, "float32"), ("numpy", "float64"))]
     optimizers = [Optimizer(net.params, "momentum", weight_decay=5e-3, backend=net.backend) for net in nets]
 
@@ -239,7 +169,6 @@ def test_train_step(benchmark, backend, workload):
     (loss, correct), (want_loss, want_correct) = [step(n, o, 0.05) for n, o in zip(nets, optimizers, strict=True)]
     assert loss == pytest.approx(want_loss, rel=RTOL) and correct == want_correct
     check(nets[0].params, nets[1].params)
-    benchmark.group = f"train_step {w.name}"
-    benchmark.extra_info["GFLOP"] = round(sum(gflop(w.batch, d, h) * (3 if i else 2)
-                                              for i, (d, h) in enumerate(pairwise(w.sizes))), 4)
+    benchmark.group = f"train_step {workload.name}"
+    benchmark.extra_info["GFLOP"] = round(flops_per_sample(workload.sizes) * w.batch / 1e9, 4)
     benchmark(step, nets[0], optimizers[0], 1e-5)
