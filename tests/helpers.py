@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -525,10 +526,12 @@ def fastnet(*args, env=None, cwd=None, timeout=600):
 
 def start_fastnet(*args, env=None):
     """The command, started and not waited for: a Popen with stdout and stderr as text pipes, in a
-    session of its own, so that os.killpg reaches it and its children as Ctrl-C in a terminal does."""
+    session of its own, so that os.killpg reaches it and its children as Ctrl-C in a terminal does. It
+    gets SIGINT's default handling even if this process ignores it, as the jobs that a non-interactive
+    shell puts in the background do: a suite started so must still see what Ctrl-C does."""
     command, options = _command(args, env)
     return subprocess.Popen(command, **options, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _command(args, env):

@@ -21,7 +21,7 @@ def test_flops_per_sample_counts_three_gemms_per_layer_but_the_first_layers_inpu
     assert product_flops(2, 3, 4) == 2 * 2 * 3 * 4  # a multiply and an add per term of each output element
 
 
-def test_the_fixed_workloads_are_the_readmes():
+def test_the_fixed_workloads_are_r1_and_r2_and_named_by_their_shapes():
     assert {name: (w.sizes, w.batch_size) for name, w in WORKLOADS.items()} == {
         "R1": ((3072, 512, 512, 10), 128), "R2": ((3072, 128, 10), 64)}
     assert named([3072, 128, 10], 64) == "R2" and named([3072, 128, 10], 128) is None

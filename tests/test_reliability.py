@@ -11,8 +11,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -28,6 +26,7 @@ from helpers import (
     make_arrays,
     make_tree,
     save_image,
+    start_fastnet,
     write_archive,
     write_batches,
     write_npy,
@@ -454,15 +453,6 @@ def long_run(tmp_path_factory):
     return args, reference
 
 
-def start(args):
-    """The command in a subprocess with SIGINT's default handling, even if this process ignores it
-    (as the jobs a non-interactive shell puts in the background do)."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")}
-    return subprocess.Popen([sys.executable, "-m", "fastnet", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=environment,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
 def wait_for_checkpoint(path, process, newer_than=0):
     """Block until `path` exists with a modification time after `newer_than` (ns)."""
     deadline = time.monotonic() + 120
@@ -479,7 +469,7 @@ def wait_for_checkpoint(path, process, newer_than=0):
 def test_a_signal_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(signum, status, backend, long_run, tmp_path):
     args, reference = long_run
     out = tmp_path / "run"
-    process = start(args(backend, out))
+    process = start_fastnet(*args(backend, out))
     wait_for_checkpoint(out / "checkpoint.npz", process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -509,7 +499,7 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(backend, 
         path = out / "checkpoint.npz"
         resuming = path.exists()
         last_write = path.stat().st_mtime_ns if resuming else 0
-        process = start(["train", "--resume", out] if resuming else args(backend, out))
+        process = start_fastnet(*(["train", "--resume", out] if resuming else args(backend, out)))
         if attempt == 0:
             time.sleep(moments.uniform(0.0, 0.5))  # most likely still starting up
         else:

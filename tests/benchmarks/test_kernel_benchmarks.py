@@ -9,7 +9,7 @@ float64 on the same inputs. That first call also compiles numba's kernel for the
 types, so compile time never lands in a figure (and the `backend` fixture warms everything once).
 
 Tolerance: the float32 results are sums of up to K = 3072 products (dense layers); their rounding
-error grows like sqrt(K) * eps32 = 6.6e-6 of the terms' scale (see float32_tol in test_equivalence,
+error grows like sqrt(K) * eps32 = 6.6e-6 of the terms' scale (see float32_tol in tests/helpers.py,
 2.6e-5 with its margin). RTOL = 1e-4 leaves a further factor 4, and the absolute part is RTOL times the
 largest |expected|, since an element near 0 is a sum that cancelled and errs like its terms.
 """
@@ -24,7 +24,7 @@ from fastnet.backends import numpy_backend as ref
 from fastnet.config import recipe_config
 from fastnet.model import LAYERNORM_EPS, MLP
 from fastnet.optim import OPTIMIZERS, Optimizer
-from fastnet.step import warm_up
+from fastnet.step import StepOptions, training_step, warm_up
 from fastnet.workloads import WORKLOADS, flops_per_sample, product_flops
 from helpers import assert_close
 
@@ -149,22 +149,18 @@ def test_the_calls_name_real_kernels_and_cover_every_optimizer():
 
 
 def test_train_step(benchmark, backend, workload):
-    """gather + forward + count_correct + backward + momentum update: one step of train_epoch. Checked
-    against a float64 numpy model of the same seed after one step at lr 0.05; timed at a tiny lr."""
+    """fastnet.step.training_step, the step train_epoch runs: gather + forward + count_correct + backward +
+    momentum update. Checked against a float64 numpy model of the same seed after one step at lr 0.05;
+    timed at a tiny lr."""
     w = workload.inputs
+    images, rows = w.images[w.indices], np.arange(w.batch)  # the batch's images in its order, labels beside
     nets = [MLP(workload.sizes, backend=name, dtype=dtype, seed=0)
             for name, dtype in ((backend.NAME, "float32"), ("numpy", "float64"))]
     optimizers = [Optimizer(net.params, "momentum", weight_decay=5e-3, backend=net.backend) for net in nets]
 
     def step(net, optimizer, lr):
-        k, ws = net.kernels, net.workspace(w.batch)
-        ws.labels[...] = w.labels
-        k.gather_normalize(w.images, w.indices, w.shift.astype(net.dtype), w.scale.astype(net.dtype), ws.inputs)
-        net.run_forward(ws)
-        correct = k.count_correct(ws.logits, ws.labels)
-        loss = net.run_backward(ws)
-        optimizer.step(ws.grads, lr)
-        return loss, correct
+        return training_step(net, optimizer, images, w.labels, w.shift.astype(net.dtype), w.scale.astype(net.dtype),
+                             rows, lr, StepOptions())
 
     (loss, correct), (want_loss, want_correct) = [step(n, o, 0.05) for n, o in zip(nets, optimizers, strict=True)]
     assert loss == pytest.approx(want_loss, rel=RTOL) and correct == want_correct
