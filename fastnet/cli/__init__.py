@@ -33,7 +33,8 @@ def main(argv=None):
             return USAGE_ERROR
         {"train": commands.run_train, "evaluate": commands.run_evaluate, "bench": commands.run_bench,
          "sweep": commands.run_sweep, "data": commands.run_data, "predict": commands.run_predict,
-         "plot": commands.run_plot, "runs": commands.run_runs, "plan": commands.run_plan}[args.command](args)
+         "export": commands.run_export, "plot": commands.run_plot, "runs": commands.run_runs,
+         "plan": commands.run_plan}[args.command](args)
     except FastnetError as exc:
         message = exc.on_command_line() if isinstance(exc, SettingError) else exc
         # Every rank of a data-parallel run meets the same bad setting: rank 0 says it once.

@@ -183,6 +183,14 @@ def run_predict(args):
         raise SystemExit(1)  # each failure already has its own line; the others were classified
 
 
+def run_export(args):
+    from fastnet import onnx_export
+
+    onnx_export.require_onnx()
+    path, model = onnx_export.export(args.model, args.to, tta_flag(args), args.top_class)
+    print(onnx_export.describe(path, model))
+
+
 def run_plot(args):
     with backend_threads(args):
         written = report.plot_run(args.run_dir, data=args.data, backend=args.backend)

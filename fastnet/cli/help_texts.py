@@ -280,6 +280,31 @@ shape, one or a batch, uint8 0-255 or floats in [0, 1].
 
 Exit statuses: 0 done, 1 some images could not be read, 2 bad input."""
 
+EXPORT_EPILOG = """\
+Examples:
+  fastnet export runs/wide
+  fastnet export runs/wide/model.npz --to wide.onnx --top-class --tta none
+
+Writes the model as one ONNX graph (opset 17) that does all that fastnet
+predict does after reading a file: it takes a batch of uint8 images, shape
+(N, H, W, C) as the model was trained on (any N), casts and standardises
+them with the training statistics, projects them onto the principal
+components of a --pca run (whitened or not), runs the network (every
+activation and layer norm) and ends in the class probabilities: output
+"probabilities", float32 (N, classes). --top-class adds "top_class", int64
+(N,), the most likely class. A run evaluated with --tta flip keeps it in the
+graph (each image's logits averaged with its mirror image's) unless --tta
+none; --tta flip adds it to any model of images. The model's metadata_props
+hold the class names (JSON), the fastnet version and the run's settings.
+
+FILE is written under a temporary name in its folder and renamed when
+complete, so a failed export leaves no half-written file. Needs the onnx
+package: pip install 'fastnet[onnx]' (with onnxruntime, to run the graph).
+A missing model, a FILE that cannot be written, or onnx not installed is one
+line and exit status 2. docs/onnx.md shows the graph run by ONNX Runtime.
+
+Exit statuses: 0 done, 2 bad input."""
+
 PLOT_EPILOG = """\
 Example:
   fastnet plot runs/wide

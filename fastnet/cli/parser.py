@@ -234,6 +234,15 @@ def build_parser():
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="cores to use (default: all): the numba backend's threads, or numpy's BLAS threads")
 
+    x = command(commands, "export", "write a trained model as an ONNX graph: uint8 images in, class "
+                "probabilities out", help_texts.EXPORT_EPILOG)
+    x.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
+    x.add_argument("--to", metavar="FILE", help="the .onnx file to write (default: model.onnx beside the model)")
+    x.add_argument("--tta", metavar="flip|none", help="test-time augmentation in the graph (default: the one the "
+                   "run was evaluated with)")
+    x.add_argument("--top-class", action="store_true", help="a second output, top_class: each image's most "
+                   "likely class index")
+
     pl = command(commands, "plot", "draw a run's learning curves and confusion matrix as PNG files",
                  help_texts.PLOT_EPILOG)
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by fastnet train")
