@@ -160,7 +160,7 @@ class Model:
                                  "divide by 255 or pass uint8")
         else:
             raise ValueError(f"images are {images.dtype}: pass uint8 0-255 or floats in [0, 1]")
-        return np.ascontiguousarray(images.reshape(len(images), -1))
+        return np.ascontiguousarray(images.reshape(len(images), self.input_size))
 
 
 def load(path, backend=None, tta="run"):

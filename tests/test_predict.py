@@ -95,6 +95,13 @@ def test_predict_agrees_with_the_api_and_with_evaluate(tiny_model, tmp_path):
     assert [entry["top"][0]["class"] for entry in report["predictions"][:2]] == ["dark", "bright"]
 
 
+def test_an_empty_batch_gives_empty_answers_of_the_right_shape(tiny_model):
+    model = fastnet.load(tiny_model)
+    for images in (np.zeros((0, *model.sample_shape), np.uint8), np.zeros((0, model.input_size), np.float32)):
+        assert model.predict_proba(images).shape == (0, model.num_classes)
+        assert model.predict(images).shape == (0,)
+
+
 def test_text_output_shows_top_k_classes_most_likely_first(tiny_model, tmp_path):
     image = save_image(tmp_path / "mid.png", uniform(120))
     result = run_fastnet("predict", tiny_model, image, "--top", 2)
