@@ -6,6 +6,10 @@ pipelines and parallel grid searches, pickles, and refuses bad input as scikit-l
 import math
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -166,6 +170,54 @@ def test_a_pickled_estimator_predicts_the_same_and_trains_on():
     assert copy.network_.backend == "numba"
     copy.partial_fit(X, y)
     assert len(copy.loss_curve_) == 4 and copy.score(X, y) > 0.9
+
+
+def interrupt_at_epoch(monkeypatch, epoch, signum):
+    """The signal, raised in this process as the run reports `epoch` (as Ctrl-C would arrive then)."""
+    from fastnet import sklearn as estimator_module
+
+    report = estimator_module._EpochTracker.__call__
+
+    def and_then_the_signal(tracker, summary):
+        if summary["epoch"] == epoch:
+            signal.raise_signal(signum)
+        return report(tracker, summary)
+
+    monkeypatch.setattr(estimator_module._EpochTracker, "__call__", and_then_the_signal)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_warning_and_a_usable_model(monkeypatch):
+    X, y = blobs()
+    interrupt_at_epoch(monkeypatch, 2, signal.SIGINT)
+    clf = MLPClassifier((16,), max_iter=50, batch_size=16, random_state=0)
+    with pytest.warns(UserWarning, match="Training interrupted by user"):
+        clf.fit(X, y)
+    assert clf.n_iter_ == 2 and clf._run.progress.step == 2 * 15 + 1  # one step of epoch 3, then it stopped
+    assert clf.score(X, y) > 0.9
+
+
+def test_sigterm_is_passed_on_once_the_step_is_done(tmp_path):
+    """The run holds SIGTERM until its step is done; the estimator then hands it to the process's own
+    handling (here the default: the process ends by it), never swallows it."""
+    script = tmp_path / "fit.py"
+    script.write_text(textwrap.dedent("""
+        import signal, sys
+        import numpy as np
+        from fastnet import sklearn as module
+        report = module._EpochTracker.__call__
+        def and_then_sigterm(tracker, summary):
+            if summary["epoch"] == 2:
+                signal.raise_signal(signal.SIGTERM)
+            return report(tracker, summary)
+        module._EpochTracker.__call__ = and_then_sigterm
+        signal.signal(signal.SIGTERM, lambda signum, frame: (print("steps", clf._run.progress.step), sys.exit(7)))
+        clf = module.MLPClassifier((8,), max_iter=50, batch_size=16, random_state=0)
+        clf.fit(np.random.default_rng(0).standard_normal((64, 5)), np.arange(64) % 2)
+        print("fit returned")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7, done.stderr
+    assert done.stdout.split() == ["steps", str(2 * 4 + 1)]  # the handler ran after one step of epoch 3
 
 
 def test_bad_input_raises_what_scikit_learn_raises():
