@@ -124,9 +124,6 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         codes = np.searchsorted(classes, y).astype(np.int64)
         dataset = data.Dataset(X, codes, None, None, tuple(map(str, classes)),
                                f"the X given to {'partial_fit' if incremental else 'fit'}")
-        if not continuing:
-            self.loss_curve_ = []
-            self.validation_scores_ = [] if self.early_stopping else None
         tracker = _EpochTracker(self)
         with _as_value_errors(self.lr), backends.use_threads(self.backend, self._threads()):
             run = getattr(self, "_run", None) if incremental and continuing else None
@@ -136,17 +133,20 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 run.after_epoch = tracker
                 run.train_on(X, codes)
             tracker.net = run.net
-            self.n_threads_ = backends.parallelism(run.net.backend)["threads"]
+            threads = backends.parallelism(run.net.backend)["threads"]
             try:
                 run.run_epochs(until=run.progress.epochs_done + (1 if incremental else self.max_iter))
             except Interrupted as stop:
-                self._keep(run, classes, tracker)
+                self._keep(run, classes, tracker, continuing, threads)
                 if stop.signal_name != "SIGINT":  # what the process was asked to do, now that the step is done
                     signal.raise_signal(getattr(signal, stop.signal_name))
                 warnings.warn("Training interrupted by user.", stacklevel=3)
                 return self
-        self._keep(run, classes, tracker)
+        self._keep(run, classes, tracker, continuing, threads)
         return self
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "network_")
 
     def _classes(self, y, incremental, continuing, classes):
         """The classes of the model: y's, the first partial_fit's `classes`, or the fitted ones; a
@@ -220,17 +220,24 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             run.net.refresh_copies()
         return run
 
-    def _keep(self, run, classes, tracker):
-        """The fitted attributes, from the run as it stands."""
+    def _keep(self, run, classes, tracker, continuing, threads):
+        """The fitted attributes, from the run as it stands: set only once a fit has trained, so that a
+        fit that fails leaves the estimator as it was (but for what validate_data sets)."""
         tracker.restore_best(run.net)
+        if not continuing:
+            self.loss_curve_, self.validation_scores_ = [], None
+        self.loss_curve_ = self.loss_curve_ + tracker.losses
+        if tracker.scores:
+            self.validation_scores_ = (self.validation_scores_ or []) + tracker.scores
+        self.n_threads_ = threads
         self._run = run
         self.network_ = run.net
         self._shift, self._scale = run.shift, run.scale
         self.mean_, self.std_ = run.mean, run.std
         self.classes_ = classes
-        self.n_iter_ = tracker.epochs
+        self.n_iter_ = len(tracker.losses)
         self.loss_ = self.loss_curve_[-1] if self.loss_curve_ else None
-        self.best_validation_score_ = tracker.best if self.early_stopping else None
+        self.best_validation_score_ = tracker.best if tracker.scores else None
 
     # --- Predicting ---------------------------------------------------------------------------------
 
@@ -276,18 +283,18 @@ class _EpochTracker:
     n_iter_no_change epochs that did not beat the best by tol)."""
 
     def __init__(self, estimator):
-        self.estimator, self.epochs = estimator, 0
+        self.estimator = estimator
         self.net = None  # the run's, once it is built
+        self.losses, self.scores = [], []
         self.best, self.best_params, self.stale = -np.inf, None, 0
 
     def __call__(self, summary):
         estimator = self.estimator
-        self.epochs += 1
-        estimator.loss_curve_.append(summary["train_loss"])
+        self.losses.append(summary["train_loss"])
         if not estimator.early_stopping:
             return False
         score = summary["val_acc"]
-        estimator.validation_scores_.append(score)
+        self.scores.append(score)
         self.stale = self.stale + 1 if score < self.best + estimator.tol else 0
         if score > self.best:
             self.best, self.best_params = score, [p.copy() for p in self.net.params]

@@ -254,6 +254,8 @@ def test_a_bad_setting_is_a_value_error_that_names_the_parameter(setting, value,
     clf = MLPClassifier(**QUICK, early_stopping=True).set_params(**{setting: value})
     with pytest.raises(ValueError, match=named):
         clf.fit(X, y)
+    with pytest.raises(NotFittedError):  # a fit that failed left nothing fitted behind
+        clf.predict(X)
 
 
 def test_in_a_pipeline_and_a_parallel_grid_search():
