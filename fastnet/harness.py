@@ -8,7 +8,9 @@ A side is what runs, written NAME[:T[xR[+overlap]]][@bf16]:
 - @bf16: mixed precision, `fastnet train --precision bf16`, or torch.autocast's bfloat16 for torch;
 - NAME:TxR: data-parallel on R ranks of T threads each under mpirun (`fastnet train --distributed
   --threads T`), +overlap adding `--overlap`; rank 0's time is the one reported.
-The side "peak" is the float32 sgemm peak of NumPy's (or PyTorch's) matrix product instead.
+The side "peak" is the float32 sgemm peak of NumPy's (or PyTorch's) matrix product instead; the
+sides "sklearn" and "fastnet:BACKEND" time a scikit-learn classifier's fit, scikit-learn's
+MLPClassifier or fastnet.sklearn's (tools/compare_sklearn.py).
 
 Every measurement runs in a fresh process of its own (`python -m fastnet.harness SPEC`, one JSON line
 out): after a NumPy call OpenBLAS's threads keep spinning for a while and would slow whatever ran
@@ -259,6 +261,60 @@ def time_torch(sizes, batch, steps=None, threads=None, precision="fp32", data="s
         "torch_mkldnn": torch.backends.mkldnn.is_available()}
 
 
+def time_estimator(side, sizes, batch, epochs, train_size, data, threads=None):
+    """A scikit-learn classifier's fit, as its users call it, on the first `train_size` training images
+    of the dataset at `data` (float32 in [0, 1]), and its accuracy on the test images. `side`
+    "sklearn" is scikit-learn's MLPClassifier ("sklearn+scaler" behind a StandardScaler, which
+    standardises each feature as fastnet's does), "fastnet:BACKEND[@bf16]" fastnet.sklearn's; all train
+    `epochs` epochs of SGD with momentum and the constant lr that every side trains with, from the
+    same seed, after an untimed fit of one epoch on a few batches (imports, kernels, thread pools)."""
+    import warnings
+
+    from fastnet import data as datasets
+
+    dataset = datasets.load_dataset(data)
+    X = dataset.train_images[:train_size].reshape(train_size, -1) / np.float32(255.0)
+    y = dataset.train_labels[:train_size]
+    test = dataset.test_images.reshape(len(dataset.test_images), -1) / np.float32(255.0)
+    hidden = tuple(sizes[1:-1])
+    if side.startswith("sklearn"):
+        from sklearn.neural_network import MLPClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        # tol 0 with more patience than epochs: every epoch runs, as fastnet's do.
+        classifier = MLPClassifier(hidden, solver="sgd", momentum=MOMENTUM, nesterovs_momentum=False, alpha=0.0,
+                                   learning_rate="constant", learning_rate_init=LR, batch_size=batch,
+                                   max_iter=1, tol=0.0, n_iter_no_change=epochs + 1, random_state=SEED)
+        precision = "fp32"
+    else:
+        from fastnet.sklearn import MLPClassifier
+
+        backend, _, precision = side.removeprefix("fastnet:").partition("@")
+        precision = precision or "fp32"
+        classifier = MLPClassifier(hidden, max_iter=1, batch_size=batch, optimizer="momentum", momentum=MOMENTUM,
+                                   lr=LR, schedule="constant", weight_decay=0.0, backend=backend, threads=threads,
+                                   precision=precision, random_state=SEED)
+    model = make_pipeline(StandardScaler(), classifier) if side == "sklearn+scaler" else classifier
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's ConvergenceWarning: a fixed number of epochs is the point
+        started = time.perf_counter()
+        model.fit(X[:4 * batch], y[:4 * batch])
+        warmup_seconds = time.perf_counter() - started
+        classifier.set_params(max_iter=epochs)
+        wall, cpu = time.perf_counter(), time.process_time()
+        model.fit(X, y)
+        seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+    rows = train_size * epochs
+    accuracy = float(model.score(test, dataset.test_labels))
+    # fastnet's run times its epochs alone: the rest of the fit is the estimator's own cost.
+    run = getattr(classifier, "_run", None)
+    epoch_seconds = None if run is None else sum(m["epoch_seconds"] for m in run.progress.history)
+    return timing(rows, batch, seconds, cpu_seconds, warmup_seconds, classifier.loss_ * rows, precision,
+                  dataset.source) | {"epochs": epochs, "test_accuracy": accuracy, "blas": blas_libraries(),
+                                     "epochs_seconds": epoch_seconds}
+
+
 def sgemm_peak(lib="numpy", sizes=PEAK_SIZES):
     """The best float32 GFLOP/s of NumPy's (or PyTorch's) matrix product on every core over square
     `sizes`, the best of several repetitions each, and the BLAS behind it."""
@@ -305,6 +361,9 @@ def worker(spec):
     other than 0 of a data-parallel side prints nothing."""
     if spec["side"] == "peak":
         result = sgemm_peak(spec["lib"], spec["sizes"])
+    elif "epochs" in spec:
+        result = time_estimator(spec["side"], spec["sizes"], spec["batch"], spec["epochs"], spec["train_size"],
+                                spec["data"], spec.get("threads"))
     else:
         side = parse_side(spec["side"])
         shape = spec["sizes"], spec["batch"], spec["steps"]
@@ -331,11 +390,14 @@ def measure(spec, quiet_wait=0.0, neighbours=0, mpirun_args=()):
     processes started beside it got.
 
     spec: {"side": SIDE, "sizes", "batch", "steps" (None: an epoch), "warmup_steps", "data"
-    ("synthetic" or a dataset's path)}, or {"side": "peak", "lib": "numpy" or "torch", "sizes"}.
+    ("synthetic" or a dataset's path)}, or {"side": "peak", "lib": "numpy" or "torch", "sizes"}, or
+    for a scikit-learn classifier's fit (time_estimator) {"side": "sklearn" or "fastnet:BACKEND[@bf16]",
+    "sizes", "batch", "epochs", "train_size", "data" (a dataset's path), "threads"}.
     quiet_wait: first wait up to that many seconds for an idle second."""
     if quiet_wait:
         wait_until_quiet(quiet_wait)
-    ranks = 1 if spec["side"] == "peak" else parse_side(spec["side"]).ranks
+    side = parse_side(spec["side"])  # None: the peak, or a scikit-learn classifier
+    ranks = 1 if side is None else side.ranks
     launch = ["mpirun", *mpirun_args, "-n", str(ranks)] if ranks > 1 else []
     env = os.environ | (AS_ROOT if ranks > 1 and os.geteuid() == 0 else {})
     with busy_neighbours(neighbours) as spinners:

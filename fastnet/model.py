@@ -154,7 +154,8 @@ class MLP:
     unless loss_and_grads is given an rng.
 
     spec() returns the keyword arguments above as a JSON-serialisable dict, so that
-    MLP(net.sizes, **net.spec(), backend=..., dtype=...) builds the same architecture.
+    MLP(net.sizes, **net.spec(), backend=..., dtype=...) builds the same architecture. An MLP pickles
+    (its parameters, and its backend by name).
     """
 
     def __init__(self, sizes, backend="numpy", dtype="float32", seed=0, *, activation="relu", dropout=0.0,
@@ -189,6 +190,21 @@ class MLP:
         self.weights16 = [np.zeros(W.shape, np.uint16) for W in self._weights] if precision == "bf16" else None
         self.refresh_copies()
         self._workspaces = {}
+
+    def __getstate__(self):
+        """What a pickle keeps: the architecture, the backend's name and the parameters. The kernels
+        (a module, which does not pickle) are found again by that name, and the workspaces and bf16
+        copies are made again."""
+        return {"sizes": self.sizes, "backend": self.backend, "dtype": self.dtype.name, "precision": self.precision,
+                **self.spec(), "params": self.params}
+
+    def __setstate__(self, state):
+        state = dict(state)
+        params = state.pop("params")
+        self.__init__(state.pop("sizes"), **state)
+        for param, saved in zip(self.params, params, strict=True):
+            param[...] = saved
+        self.refresh_copies()
 
     @property
     def param_copies(self):

@@ -91,7 +91,7 @@ def time_to_accuracy(history, thresholds=(0.50, 0.55, 0.60, 0.65, 0.70)):
     projection included) the test accuracy first reached each threshold; empty when it reached none."""
     reached = []
     for threshold in thresholds:
-        first = next((m for m in history if m["test_acc"] >= threshold), None)
+        first = next((m for m in history if m.get("test_acc", -1.0) >= threshold), None)
         if first is not None:
             reached.append(f"{threshold:.0%} after {first['train_seconds']:.1f} s (epoch {first['epoch']})")
     return ["time to test accuracy: " + ", ".join(reached)] if reached else []

@@ -94,17 +94,33 @@ class TrainingRun:
     share and after_backward), evaluation is split across the ranks, the ranks agree on when to stop,
     and only rank 0 logs and writes the run folder. Without it, a distributed.SingleProcess does the
     same for one process (each part trivial), so no phase branches on which it is.
+
+    A driver that holds its data in memory (fastnet.sklearn's estimator) passes it as `dataset` (a
+    data.Dataset, whose test split may be None) in place of config.data; `statistics(train_images)`
+    fits the (mean, std) that inputs are standardised with (data.feature_stats per feature, or the
+    kept ones of a warm start); with folder=False the run writes nothing to disk. Such a driver calls
+    prepare() once, then run_epochs(until) for as many epochs as it wants, train_on() between them
+    to change what they train on.
     """
 
-    def __init__(self, config, log=print, resume=False, after_backward=None, after_epoch=None, parallel=None):
+    def __init__(self, config, log=print, resume=False, after_backward=None, after_epoch=None, parallel=None,
+                 dataset=None, statistics=data.channel_stats, folder=True):
         if parallel is not None and after_backward is not None:
             raise ValueError("a data-parallel run's after_backward is its driver's")
         self.config, self.resume, self.after_epoch = config, resume, after_epoch
+        self.given_dataset, self.statistics = dataset, statistics
         self.processes = parallel if parallel is not None else distributed.SingleProcess(after_backward)
-        self.writes = self.processes.writes
-        self.log = log if self.writes else (lambda line: None)
+        self.writes = self.processes.writes and folder
+        self.log = log if self.processes.writes else (lambda line: None)
 
     def execute(self):
+        if not self.prepare():
+            return outcome(self.progress.history, self.config.out)
+        self.run_epochs()
+        return self.finish()
+
+    def prepare(self):
+        """Every phase before the epochs; False when a resumed run has none left to train."""
         self.numerics = self.config.check()
         self.saved = load_resume_checkpoint(self.config.out, self.config.backend) if self.resume else None
         self.prepare_data()
@@ -114,22 +130,23 @@ class TrainingRun:
             if self.progress.epochs_done >= self.config.epochs:
                 self.log(f"the run in {self.config.out} already finished its {self.config.epochs} epochs: "
                          f"nothing to resume")
-                return outcome(self.progress.history, self.config.out)
+                return False
         if self.config.batch_size > len(self.train_images):
             raise FastnetError(f"--batch-size {self.config.batch_size} is larger than the {len(self.train_images)} "
                                f"training images: pass a smaller one")
         self.prepare_inputs()
         self.open_run_folder()
-        self.run_epochs()
-        return self.finish()
+        return True
 
     def prepare_data(self):
-        """The dataset, the validation split, the normalisation fitted on the training split, and the
-        run's one generator (which the split draws from first)."""
+        """The dataset (the given one, or config.data's), the validation split, the normalisation
+        fitted on the training split, and the run's one generator (which the split draws from first)."""
         config = self.config
         self.rng = np.random.default_rng(config.seed)
-        self.dataset = dataset = load_data(config.data, self.log, config.test_fraction, self.rng,
-                                                  config.image_size)
+        dataset = self.given_dataset
+        if dataset is None:
+            dataset = load_data(config.data, self.log, config.test_fraction, self.rng, config.image_size)
+        self.dataset = dataset
         for warning in dataset.warnings:
             self.log(f"warning: {warning}")
         for note in dataset.notes:
@@ -142,7 +159,7 @@ class TrainingRun:
         if config.val:
             self.train_images, self.train_labels, self.val_images, self.val_labels = data.split_validation(
                 self.train_images, self.train_labels, config.val, self.rng)
-        self.mean, self.std = data.channel_stats(self.train_images)
+        self.mean, self.std = self.statistics(self.train_images)
         self.shift, self.scale = normalizer(self.mean, self.std, dataset.input_size, self.train_images.dtype,
                                             config.dtype)
         self.fingerprint = data_fingerprint(self.train_labels, self.mean, self.std, dataset.input_size,
@@ -242,8 +259,9 @@ class TrainingRun:
             inputs += (f", bf16 mixed precision ({', '.join(self.numerics['instructions'])}; "
                        f"{self.numerics['gemm']})")
         inputs += self.processes.headline
+        writing = f"; writing to {out}/" if out is not None else ""
         self.log(f"fastnet: {'-'.join(map(str, self.sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
-                 f"{self.startup_seconds:.2f} s), {where}; writing to {out}/")
+                 f"{self.startup_seconds:.2f} s), {where}{writing}")
 
     def save_checkpoint(self):
         net, progress, dataset = self.net, self.progress, self.dataset
@@ -258,18 +276,31 @@ class TrainingRun:
         checkpoint.save(os.path.join(self.out, CHECKPOINT), net, self.mean, self.std, dataset.sample_shape,
                         dataset.class_names, self.run_config, extra, self.projection)
 
-    def run_epochs(self):
-        """Epochs until the last, a stop request, or after_epoch returning True."""
+    def run_epochs(self, until=None):
+        """Epochs until epoch `until` (None: the last), a stop request, or after_epoch returning True."""
         config, every = self.config, self.config.checkpoint_every
+        until = config.epochs if until is None else until
         with StopRequests() as stop:
             self.processes.stop_requested = lambda: stop.signum is not None
 
             def pause(step):
                 return self.processes.stopping or (every is not None and step % every == 0)
 
-            while self.progress.epochs_done < config.epochs:
+            while self.progress.epochs_done < until:
                 if self.train_one_epoch(pause, stop):
                     return
+
+    def train_on(self, images, labels):
+        """Train the next epochs on these samples (of the run's sample shape, labels below its class
+        count) instead: the standardisation, network, optimizer and schedule stay the run's. An epoch
+        a stop request cut short starts afresh on them."""
+        if self.config.pca:
+            raise FastnetError("a run on principal components trains on the images it projected: it cannot "
+                               "change them")
+        self.train_images, self.train_labels = images, labels
+        self.flat_train = images.reshape(len(images), -1)
+        self.progress = dataclasses.replace(Progress(), epochs_done=self.progress.epochs_done,
+                                            step=self.progress.step, history=self.progress.history)
 
     def train_one_epoch(self, pause, stop):
         """The next epoch, or the rest of one a pause interrupted; True when the run should end here."""
@@ -312,13 +343,15 @@ class TrainingRun:
     def epoch_metrics(self, epoch):
         """The finished epoch's summary: training figures, test (and validation) loss and accuracy."""
         config, progress = self.config, self.progress
-        test = self.evaluation("test", self.dataset.test_labels)
         summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
-                   "train_acc": progress.correct / progress.seen, "test_loss": test[0],
-                   "test_acc": test[1], "epoch_seconds": progress.seconds,
-                   "samples_per_second": progress.seen / progress.seconds, "lr": self.schedule(progress.step - 1),
-                   "train_seconds": self.preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
-                   + progress.seconds}
+                   "train_acc": progress.correct / progress.seen}
+        if "test" in self.evaluation_sets:  # not of a driver's data without a test split
+            test = self.evaluation("test", self.dataset.test_labels)
+            summary |= {"test_loss": test[0], "test_acc": test[1]}
+        summary |= {"epoch_seconds": progress.seconds, "samples_per_second": progress.seen / progress.seconds,
+                    "lr": self.schedule(progress.step - 1),
+                    "train_seconds": self.preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
+                    + progress.seconds}
         if config.tta:
             summary["tta"] = config.tta  # the test (and validation) figures are of flip-averaged logits
         if self.val_images is not None:
@@ -360,6 +393,6 @@ def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=
 def format_epoch(m, epochs):
     views = "+" + m["tta"] if "tta" in m else ""
     val = f"  val{views} {m['val_loss']:.3f} {m['val_acc']:6.2%}" if "val_acc" in m else ""
+    test = f"  test{views} {m['test_loss']:.3f} {m['test_acc']:6.2%}" if "test_acc" in m else ""
     return (f"epoch {m['epoch']:>{len(str(epochs))}}/{epochs}  train {m['train_loss']:.3f} {m['train_acc']:6.2%}"
-            f"{val}  test{views} {m['test_loss']:.3f} {m['test_acc']:6.2%}  "
-            f"{m['epoch_seconds']:5.1f} s  {m['samples_per_second']:,.0f} samples/s")
+            f"{val}{test}  {m['epoch_seconds']:5.1f} s  {m['samples_per_second']:,.0f} samples/s")

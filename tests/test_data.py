@@ -441,6 +441,23 @@ def test_channel_stats_floors_constant_channels():
     np.testing.assert_array_equal(std, np.float32(1e-3))
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+def test_feature_stats_standardise_each_column_by_its_own_spread(chunk):
+    rng = np.random.default_rng(4)
+    columns = np.column_stack([rng.normal(3e5, 2e3, 60), rng.normal(0, 1e-6, 60), np.full(60, 0.1),
+                               np.zeros(60), rng.integers(0, 9, 60)])
+    mean, std = data.feature_stats(columns.astype(np.float32), chunk=chunk)
+    assert mean.dtype == std.dtype == np.float32 and mean.shape == std.shape == (5,)
+    np.testing.assert_allclose(mean, columns.astype(np.float32).astype(np.float64).mean(axis=0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(std[[0, 1, 4]], columns[:, [0, 1, 4]].std(axis=0), rtol=1e-4)
+    np.testing.assert_array_equal(std[[2, 3]], np.float32(1.0))  # constant: one unit, so centred and not blown up
+    pixels = rng.integers(0, 256, (30, 4), dtype=np.uint8)
+    mean, std = data.feature_stats(pixels)  # uint8 in [0, 1], as channel_stats and normalizer have it
+    np.testing.assert_allclose(mean, pixels.mean(axis=0) / 255, rtol=1e-6)
+    with pytest.raises(DataError):
+        data.feature_stats(np.zeros((0, 3), np.float32))
+
+
 def test_channel_stats_of_nothing_is_a_data_error():
     with pytest.raises(DataError):
         channel_stats(np.zeros((0, 4, 4, 3), np.uint8))

@@ -113,6 +113,47 @@ def test_a_measurement_that_fails_says_why_in_one_line(tmp_path):
     assert "missing" in result["error"] and result["other_load"] >= 0
 
 
+@pytest.mark.parametrize("side", ["sklearn", "sklearn+scaler", "fastnet:numpy"])
+def test_a_scikit_learn_classifiers_fit_is_timed_and_scored(side, tmp_path):
+    pytest.importorskip("sklearn")
+    save_brightness_classes(tmp_path, np.random.default_rng(0), {"train": 300, "test": 90}, side=4, step=80,
+                            base=40, noise=20)
+    result = harness.measure({"side": side, "sizes": [48, 8, 3], "batch": 20, "epochs": 3, "train_size": 240,
+                              "data": str(tmp_path)})
+    assert "error" not in result, result
+    assert result["samples"] == 720 and result["steps"] == 36 and result["epochs"] == 3
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["seconds"] > 0 and math.isfinite(result["final_loss"])
+    if side != "sklearn":  # on standardised pixels both learn the brightness classes (raw, SGD at lr 0.01 is slow)
+        assert result["test_accuracy"] > 0.5
+    if side.startswith("fastnet"):  # its run times the epochs alone, inside the fit
+        assert 0 < result["epochs_seconds"] < result["seconds"]
+    else:
+        assert result["epochs_seconds"] is None
+
+
+def test_compare_sklearn_reports_the_ratios_against_scikit_learn(capsys):
+    spec = importlib.util.spec_from_file_location("compare_sklearn", ROOT / "tools" / "compare_sklearn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pools = [{"internal_api": "openblas", "version": "0.3", "architecture": "SkylakeX", "num_threads": 2}]
+
+    def fit(side, seconds, accuracy, inside=None):
+        return run(seconds, samples=20_000, steps=100) | {"side": side, "test_accuracy": accuracy,
+                                                          "threadpools": pools, "epochs_seconds": inside}
+
+    results = [fit("sklearn", 4.0, 0.40), fit("sklearn", 5.0, 0.40), fit("fastnet:numba", 1.0, 0.395, 0.9),
+               fit("fastnet:numba", 1.0, 0.395, 0.9), fit("fastnet:numpy", 3.0, 0.30, 2.7),
+               {"side": "fastnet:numpy", "error": "the fastnet:numpy measurement exited 1: boom"}]
+    args = type("Args", (), {"train_size": 10_000, "epochs": 2, "batch": 200, "repeats": 2})
+    module.report(["sklearn", "fastnet:numba", "fastnet:numpy"], results, [3072, 128, 10], args)
+    out = capsys.readouterr().out
+    assert "fastnet:numba / sklearn: 4.50x the samples/s, test accuracy -0.50 points (goal >= 4.0x at the " \
+           "accuracy within 1 point: met)" in out
+    assert "fastnet:numpy / sklearn: 1.50x the samples/s, test accuracy -10.00 points" in out and "NOT met" in out
+    assert "FAILED 1 of 2: the fastnet:numpy measurement exited 1: boom" in out
+    assert "the epochs took 90% of the fit" in out
+
+
 # --- tools/compare_workloads.py, the driver -------------------------------------------------------
 
 @pytest.fixture

@@ -282,6 +282,25 @@ def test_spec_rebuilds_the_same_architecture(spec):
         assert_close(q.astype(np.float32), p, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_pickled_network_computes_the_same_and_trains_on(backend):
+    import pickle
+
+    net = fastnet.MLP([9, 6, 5, 3], backend=backend, seed=3, activation="gelu", norm="layernorm", dropout=0.2,
+                      precision="bf16" if backend == "numba" else "fp32")
+    net.params[1][...] = 0.25  # not what a fresh network of the seed holds
+    twin = pickle.loads(pickle.dumps(net))
+    assert twin.kernels is backends.get(backend) and twin.spec() == net.spec() and twin.precision == net.precision
+    x = np.random.default_rng(0).standard_normal((4, 9)).astype(np.float32)
+    np.testing.assert_array_equal(twin.forward(x), net.forward(x))
+    y = np.arange(4) % 3
+    loss, grads = net.loss_and_grads(x, y)
+    twin_loss, twin_grads = twin.loss_and_grads(x, y)  # bf16 copies remade: the products read the same operands
+    assert twin_loss == loss and all(np.array_equal(a, b) for a, b in zip(grads, twin_grads, strict=True))
+    twin.params[0][...] = 0.0
+    assert twin._weights[0] is twin.params[0] and not np.array_equal(twin.forward(x), net.forward(x))
+
+
 def test_layernorm_parameters_follow_their_layer_and_are_not_weights():
     net = fastnet.MLP([12, 7, 5, 3], norm="layernorm")
     assert [p.shape for p in net.params] == [(12, 7), (7,), (7,), (7,), (7, 5), (5,), (5,), (5,), (5, 3), (3,)]

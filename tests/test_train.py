@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from fastnet import checkpoint, report
+from fastnet import checkpoint, data, report
 from fastnet.config import TrainConfig
 from fastnet.errors import FastnetError
 from fastnet.evaluation import normalizer
-from fastnet.train import train
+from fastnet.run_folder import TIMING_METRICS
+from fastnet.train import TrainingRun, train
 from helpers import fastnet
 
 METRIC_FIELDS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
@@ -335,6 +336,46 @@ def test_flip_averaged_evaluation_scores_the_mean_logits_of_each_image_and_its_m
     decided = top_two[:, 1] - top_two[:, 0] > 1e-4  # float32 may break a near tie either way
     assert np.array_equal(flipped.predictions[decided], mean.argmax(axis=1)[decided])
     assert flipped.accuracy == np.mean(flipped.predictions == labels)
+
+
+def test_a_run_on_data_in_memory_trains_what_a_run_on_files_does_and_writes_nothing(tiny_npy, tmp_path,
+                                                                                     monkeypatch):
+    settings = dict(epochs=3, hidden=(8,), val=60, batch_size=32)
+    on_files = train(TrainConfig(data=str(tiny_npy), out=str(tmp_path / "run"), **settings), log=lambda line: None)
+    loaded = data.load_dataset(tiny_npy)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    lines = []
+    run = TrainingRun(TrainConfig(**settings), log=lines.append, dataset=loaded, folder=False)
+    in_memory = run.execute()
+    assert list(elsewhere.iterdir()) == []  # no runs/ folder, nothing at all
+    timing = set(TIMING_METRICS) | {"out", "kept"}
+    assert {k: v for k, v in in_memory.items() if k not in timing} == {k: v for k, v in on_files.items()
+                                                                       if k not in timing}
+    assert in_memory["out"] is None and "writing to" not in lines[0]
+    saved = checkpoint.load(str(tmp_path / "run" / "model.npz"))
+    for ours, theirs in zip(run.net.params, saved.trained_net.params, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_driver_runs_epochs_in_steps_and_changes_what_they_train_on(tiny_npy):
+    """run_epochs(until) and train_on, as the scikit-learn estimator's partial_fit drives them."""
+    loaded = data.load_dataset(tiny_npy)
+    whole = TrainingRun(TrainConfig(epochs=3, hidden=(8,), batch_size=32), log=lambda line: None, dataset=loaded,
+                        folder=False)
+    whole.execute()
+    stepped = TrainingRun(TrainConfig(epochs=3, hidden=(8,), batch_size=32), log=lambda line: None, dataset=loaded,
+                          folder=False)
+    assert stepped.prepare()
+    for epoch in (1, 2, 3):
+        stepped.run_epochs(until=epoch)
+        assert stepped.progress.epochs_done == epoch
+        stepped.train_on(loaded.train_images, loaded.train_labels)
+    assert [m["test_acc"] for m in stepped.progress.history] == [m["test_acc"] for m in whole.progress.history]
+    stepped.train_on(loaded.train_images[:100], loaded.train_labels[:100])
+    stepped.run_epochs(until=4)
+    assert stepped.progress.history[-1]["epoch"] == 4 and stepped.progress.step == whole.progress.step + 4
 
 
 def test_a_whitened_flip_averaged_run_reports_what_evaluate_and_predict_find(tiny_npy, tmp_path):

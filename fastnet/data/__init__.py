@@ -3,7 +3,7 @@
     layouts.py       Dataset; finding, loading and checking the on-disk layouts
     folders.py       an image tree, train/<class>/ and test/<class>/: decoded in parallel, cached
     downloading.py   fetching the CIFAR-10 archive, resumable, md5-checked
-    statistics.py    per-channel mean and std, which inputs are standardised with
+    statistics.py    per-channel (or per-feature) mean and std, which inputs are standardised with
     split.py         the validation split held out by --val
     components.py    principal components and projection onto them (--pca)
     augmentation.py  the random flips, translations and cutouts of each batch
@@ -19,12 +19,12 @@ from fastnet.data.downloading import download
 from fastnet.data.folders import load_image_tree
 from fastnet.data.layouts import Dataset, default_data_path, find_dataset, load_dataset
 from fastnet.data.split import split_validation
-from fastnet.data.statistics import channel_stats
+from fastnet.data.statistics import channel_stats, feature_stats
 
 __all__ = [
     "Augmentation", "ComponentFlip", "Dataset", "ProjectedAugmentation", "channel_stats", "default_data_path",
-    "download", "find_dataset", "load_dataset", "load_image_tree", "mirror_images", "mirror_permutation",
-    "mirror_signs",
+    "download", "feature_stats", "find_dataset", "load_dataset", "load_image_tree", "mirror_images",
+    "mirror_permutation", "mirror_signs",
     "principal_components",
     "project", "split_validation",
 ]

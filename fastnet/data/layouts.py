@@ -36,7 +36,8 @@ _HINT = ("pass --data with a folder of class folders (train/<class>/, test/<clas
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits, checked: C-contiguous uint8/float32 images, int64 labels < num_classes."""
+    """Train and test splits, checked: C-contiguous uint8/float32 images, int64 labels < num_classes. The loaders
+    always give a test split; a driver's in-memory data (fastnet.sklearn) may have none (test_images None)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray

@@ -1,4 +1,5 @@
-"""Per-channel mean and standard deviation of a training set: what the trainer standardises inputs with."""
+"""Per-channel (or per-feature) mean and standard deviation of a training set: what the trainer standardises inputs
+with."""
 
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ def channel_stats(images: np.ndarray, chunk: int | None = None) -> tuple[np.ndar
     if images.ndim < 2 or len(images) == 0:
         raise DataError(f"cannot compute channel statistics of images with shape {images.shape}: need N >= 1 samples")
     channels = images.shape[-1] if images.ndim == 4 else 1
+    mean, variance = _moments(images, channels, chunk)
+    # A constant channel would otherwise divide by ~0 when normalising and blow up the inputs.
+    std = np.maximum(np.sqrt(variance), 1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def feature_stats(samples: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and population std of rows ``samples`` (N, D), as channel_stats computes them
+    with every feature a channel (uint8 scaled to [0, 1] alike), for data whose features are not
+    pixels: the columns of a table have scales of their own, so each is standardised by its own.
+
+    Where channel_stats floors a std at 1e-3, a pixel's smallest meaningful spread, here a feature
+    counts as constant only when its std is below 1e-10 of its mean's magnitude, what the float64
+    sums leave of a spread of zero; it then gets a std of one unit of the data, so that it is
+    centred and not blown up. Any larger spread is a feature's own, however small its scale.
+    """
+    samples = np.asanyarray(samples)
+    if samples.ndim != 2 or len(samples) == 0:
+        raise DataError(f"cannot compute feature statistics of samples with shape {samples.shape}: need (N, D), "
+                        f"N >= 1")
+    mean, variance = _moments(samples, samples.shape[1], chunk)
+    std = np.sqrt(variance)
+    unit = 1.0 / 255.0 if samples.dtype == np.uint8 else 1.0
+    std = np.where(std <= 1e-10 * np.abs(mean), unit, std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _moments(images, channels, chunk=None):
+    """(mean, population variance) in float64 of each of the `channels` innermost values of `images`."""
     scale = 1.0 / 255.0 if images.dtype == np.uint8 else 1.0
     chunk = chunk or STATS_CHUNK
     count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
@@ -32,6 +62,4 @@ def channel_stats(images: np.ndarray, chunk: int | None = None) -> tuple[np.ndar
         mean = mean + delta * (len(block) / total)
         m2 = m2 + block_m2 + delta ** 2 * (count * len(block) / total)
         count = total
-    # A constant channel would otherwise divide by ~0 when normalising and blow up the inputs.
-    std = np.maximum(np.sqrt(m2 / count), 1e-3)
-    return mean.astype(np.float32), std.astype(np.float32)
+    return mean, m2 / count
