@@ -269,6 +269,17 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 logits[start:start + len(rows)] = net.run_forward(ws)[:len(rows)]
         return logits
 
+    def to_onnx(self):
+        """The fitted model as an ONNX model (onnx.ModelProto, checked; pip install 'fastnet[onnx]'):
+        float rows "features" (N, n_features_in_) in, "probabilities" (N, n_classes) and "top_class"
+        (N,), an index into classes_, out; the standardisation fitted on X is in the graph, and
+        classes_ in its metadata. Save it with onnx.save."""
+        check_is_fitted(self)
+        from fastnet import onnx_export
+        return onnx_export.graph_for(self.network_, onnx_export.Preprocessing(self._shift, self._scale),
+                                     input="float", top_class=True, class_names=[str(c) for c in self.classes_],
+                                     name="fastnet.sklearn.MLPClassifier")
+
     def __getstate__(self):
         # The run holds the training samples and the kernels: a pickle keeps the model alone, and
         # partial_fit or a warm start after unpickling starts a run from it.

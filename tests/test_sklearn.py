@@ -172,6 +172,23 @@ def test_a_pickled_estimator_predicts_the_same_and_trains_on():
     assert len(copy.loss_curve_) == 4 and copy.score(X, y) > 0.9
 
 
+@pytest.mark.parametrize("settings", [dict(activation="relu"), dict(activation="gelu", norm="layernorm"),
+                                      dict(activation="tanh", backend="numba")], ids=["relu", "gelu-layernorm", "tanh"])
+def test_to_onnx_gives_the_estimators_probabilities_in_onnx_runtime(settings):
+    import onnxruntime
+
+    X, y = blobs()
+    labels = np.array(["cat", "dog", "eel"])[y]
+    clf = MLPClassifier((16, 8), max_iter=3, batch_size=32, random_state=0, **settings).fit(X, labels)
+    model = clf.to_onnx()
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    X32 = X.astype(np.float32)
+    probabilities, top = session.run(["probabilities", "top_class"], {"features": X32})
+    np.testing.assert_allclose(probabilities, clf.predict_proba(X32), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(clf.classes_[top], clf.predict(X32))
+    assert {p.key: p.value for p in model.metadata_props}["class_names"] == '["cat", "dog", "eel"]'
+
+
 def interrupt_at_epoch(monkeypatch, epoch, signum):
     """The signal, raised in this process as the run reports `epoch` (as Ctrl-C would arrive then)."""
     from fastnet import sklearn as estimator_module
@@ -190,8 +207,14 @@ def test_ctrl_c_stops_after_the_step_with_a_warning_and_a_usable_model(monkeypat
     X, y = blobs()
     interrupt_at_epoch(monkeypatch, 2, signal.SIGINT)
     clf = MLPClassifier((16,), max_iter=50, batch_size=16, random_state=0)
-    with pytest.warns(UserWarning, match="Training interrupted by user"):
-        clf.fit(X, y)
+    # Python's Ctrl-C handling, as in a terminal, even where the suite was started ignoring SIGINT (a
+    # background job), which the run would leave ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.warns(UserWarning, match="Training interrupted by user"):
+            clf.fit(X, y)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert clf.n_iter_ == 2 and clf._run.progress.step == 2 * 15 + 1  # one step of epoch 3, then it stopped
     assert clf.score(X, y) > 0.9
 
