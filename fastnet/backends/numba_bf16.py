@@ -68,12 +68,14 @@ def round_row(row, row16):
         row16[j] = to_bf16(row[j])
 
 
-_gemm_signature = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
-                             types.float32, types.voidptr, types.int64, types.voidptr, types.int64, types.float32,
-                             types.voidptr, types.int64)
+# The C signature of cblas_sgemm and cblas_gemm_bf16bf16f32 (ILP64): CBLAS's enums stay C ints, the
+# sizes and leading dimensions are 64-bit, alpha and beta float32, the matrices pointers.
+CBLAS_GEMM = types.void(types.int32, types.int32, types.int32, types.int64, types.int64, types.int64,
+                        types.float32, types.voidptr, types.int64, types.voidptr, types.int64, types.float32,
+                        types.voidptr, types.int64)
 
 
-@cfunc(_gemm_signature, cache=True)
+@cfunc(CBLAS_GEMM, cache=True)
 def reference_gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lead_a, b, lead_b, beta, c, lead_c):
     """C = alpha * op(A) @ op(B) + beta * C for row-major bf16 A and B and float32 C, as MKL's
     cblas_gemm_bf16bf16f32 computes it: the products exact in float32, summed in float32."""

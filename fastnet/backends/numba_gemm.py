@@ -37,6 +37,7 @@ from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
 from fastnet.backends import numba_plan
+from fastnet.backends.numba_bf16 import CBLAS_GEMM
 from fastnet.backends.numba_blas import NO_TRANS, ROW_MAJOR, TRANS, find_bf16_gemm, find_blas
 from fastnet.errors import VariableError
 
@@ -49,13 +50,11 @@ BF16_GEMM = find_bf16_gemm()
 llvmlite.binding.add_symbol("fastnet_cblas_sgemm", BLAS.sgemm)
 llvmlite.binding.add_symbol("fastnet_cblas_dgemm", BLAS.dgemm)
 llvmlite.binding.add_symbol("fastnet_cblas_gemm_bf16", BF16_GEMM.address)
-_enum, _int, _ptr = types.int32, types.int64, types.voidptr  # CBLAS's enums stay C ints
-_sgemm = types.ExternalFunction("fastnet_cblas_sgemm", types.void(
-    _enum, _enum, _enum, _int, _int, _int, types.float32, _ptr, _int, _ptr, _int, types.float32, _ptr, _int))
-_dgemm = types.ExternalFunction("fastnet_cblas_dgemm", types.void(
-    _enum, _enum, _enum, _int, _int, _int, types.float64, _ptr, _int, _ptr, _int, types.float64, _ptr, _int))
-_gemm_bf16 = types.ExternalFunction("fastnet_cblas_gemm_bf16", types.void(
-    _enum, _enum, _enum, _int, _int, _int, types.float32, _ptr, _int, _ptr, _int, types.float32, _ptr, _int))
+_sgemm = types.ExternalFunction("fastnet_cblas_sgemm", CBLAS_GEMM)
+_gemm_bf16 = types.ExternalFunction("fastnet_cblas_gemm_bf16", CBLAS_GEMM)
+# cblas_dgemm's is the same but for alpha and beta, which are float64.
+_dgemm = types.ExternalFunction("fastnet_cblas_dgemm", types.void(*[
+    types.float64 if argument == types.float32 else argument for argument in CBLAS_GEMM.args]))
 # How long a thread with no tile left spins before it sleeps. GNU OpenMP's default (300,000 turns)
 # keeps both cores busy between kernels, which costs nothing on a quiet machine, but beside a busy
 # process the spinning thread takes the core the other process needs, and each loop's end then waits
