@@ -56,13 +56,15 @@ def version(package):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(ROOT / "data" / "cifar-10-batches-py"))
-    parser.add_argument("--train-size", type=int, default=10_000)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--data", default=str(ROOT / "data" / "cifar-10-batches-py"),
+                        help="a CIFAR-10 dataset in any layout fastnet reads (default: data/cifar-10-batches-py)")
+    parser.add_argument("--train-size", type=int, default=10_000, help="the first N training images (default 10,000)")
+    parser.add_argument("--hidden", type=int, default=128, help="the hidden layer's width H of 3072-H-10 (default 128)")
+    parser.add_argument("--batch", type=int, default=200, help="minibatch rows, scikit-learn's default (200)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of each fit (default 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="fits of each side, interleaved (default 3)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help=f"comma-separated, of {', '.join(SIDES)} (default: all)")
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="seconds to wait for an idle second first")
     parser.add_argument("--json", help="also write every run's result to this file")
     args = parser.parse_args(argv)
