@@ -4,8 +4,11 @@ resume, with the Progress of the run). Every file is written to a temporary name
 crash never leaves a half-written one."""
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import socket
 import zlib
 from datetime import datetime
 
@@ -19,6 +22,10 @@ from fastnet.errors import CheckpointError, FastnetError
 TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
 CHECKPOINT = "checkpoint.npz"  # the latest state, to resume from
 MODEL = checkpoint.MODEL  # the model after the last finished epoch (with --val: the best), to evaluate and predict with
+LOCK = ".lock"  # held by the fastnet train writing the folder; names its process
+# What flock raises where the filesystem cannot lock (some NFS and FUSE mounts): such a folder is
+# written unguarded, as it was before there was a lock, rather than not at all.
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def make_run_dir(out):
@@ -38,6 +45,50 @@ def make_run_dir(out):
     except OSError as exc:
         raise FastnetError(f"cannot write to --out {out} ({exc.strerror}): pass a writable folder") from exc
     return out
+
+
+def claim_run_dir(out, resuming=False):
+    """Take the run folder `out` for this process, or FastnetError naming the process that has it.
+    Returns the lock's file descriptor, to be closed with release_run_dir when the run ends.
+
+    An advisory flock rather than a file whose existence means "taken": the kernel drops the lock
+    when its holder dies, however it dies (kill -9 too), so it never outlives a run. The file
+    stays, and holds the holder's pid and host only for the message."""
+    path = os.path.join(out, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FastnetError(f"cannot write to --out {out} ({exc.strerror}): pass a writable folder") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _NO_LOCKING:
+            return fd
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise FastnetError(f"cannot lock {path} ({exc.strerror}): pass another --out") from exc
+        pid = holder[0] if holder else "?"  # between its flock and its write, the holder's pid is not there yet
+        host = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
+        advice = "wait for it to finish" if resuming else "wait for it to finish, or pass another --out"
+        raise FastnetError(f"{out} is in use by another fastnet train (process {pid}{host}): {advice}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def checkpoint_stamp(run_dir):
+    """What changes when checkpoint.npz is replaced (a rename gives it a new inode)."""
+    try:
+        stat = os.stat(os.path.join(run_dir, CHECKPOINT))
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def release_run_dir(fd):
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor drops the flock
 
 
 @dataclasses.dataclass

@@ -33,10 +33,13 @@ from fastnet.run_folder import (
     MODEL,
     Progress,
     best_epoch,
+    checkpoint_stamp,
+    claim_run_dir,
     data_fingerprint,
     load_resume_checkpoint,
     make_run_dir,
     outcome,
+    release_run_dir,
     restore_state,
     time_to_accuracy,
     write_metrics,
@@ -112,16 +115,26 @@ class TrainingRun:
         self.processes = parallel if parallel is not None else distributed.SingleProcess(after_backward)
         self.writes = self.processes.writes and folder
         self.log = log if self.processes.writes else (lambda line: None)
+        self.lock = None
 
     def execute(self):
-        if not self.prepare():
-            return outcome(self.progress.history, self.config.out)
-        self.run_epochs()
-        return self.finish()
+        try:
+            if not self.prepare():
+                return outcome(self.progress.history, self.config.out)
+            self.run_epochs()
+            return self.finish()
+        finally:
+            self.close()
+
+    def close(self):
+        """Let another fastnet train have the run folder (a sweep's worker runs trial after trial)."""
+        release_run_dir(self.lock)
+        self.lock = None
 
     def prepare(self):
         """Every phase before the epochs; False when a resumed run has none left to train."""
         self.numerics = self.config.check()
+        self.resumed_stamp = checkpoint_stamp(self.config.out) if self.resume else None
         self.saved = load_resume_checkpoint(self.config.out, self.config.backend) if self.resume else None
         self.prepare_data()
         self.build_model()
@@ -222,6 +235,13 @@ class TrainingRun:
         """The run folder with config.json and the metrics so far, and the run's first log line."""
         config, net, progress, saved = self.config, self.net, self.progress, self.saved
         out = make_run_dir(config.out) if self.writes else None
+        if self.writes:
+            self.lock = claim_run_dir(out, resuming=self.resume)
+            if self.resume and checkpoint_stamp(out) != self.resumed_stamp:
+                # Another run wrote the folder while this one loaded: continuing from what it loaded would
+                # overwrite the newer epochs with older ones.
+                raise FastnetError(f"another fastnet train wrote {out} while this one was starting: run the same "
+                                   f"command again to resume from where that one stopped")
         out = self.processes.broadcast(out)  # rank 0 names a new run's folder
         self.out = out
         if self.writes:

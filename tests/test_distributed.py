@@ -123,7 +123,7 @@ def test_reruns_on_two_ranks_are_bit_identical_and_rank_0_alone_writes(tmp_path,
         assert result.stdout.count("epoch 3/3") == 1
     for p, q in zip(parameters(first), parameters(second), strict=True):
         assert p.tobytes() == q.tobytes()
-    assert sorted(os.listdir(first)) == ["checkpoint.npz", "config.json", "metrics.jsonl", "model.npz"]
+    assert sorted(os.listdir(first)) == [".lock", "checkpoint.npz", "config.json", "metrics.jsonl", "model.npz"]
     config = json.loads((first / "config.json").read_text())
     assert config["distributed"] == {"ranks": 2, "ranks_per_node": 2, "overlap": False}
     assert config["parallelism"]["threads"] == 1  # two ranks on two cores: one thread each

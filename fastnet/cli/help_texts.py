@@ -133,10 +133,16 @@ The run folder (--out, default runs/<timestamp>/) holds:
                   fingerprint of the training data; written after every
                   epoch, every --checkpoint-every steps, and when Ctrl-C or
                   SIGTERM stops the run
-Every file is written to a temporary name, flushed to disk and renamed, so a
-crash or kill -9 at any moment leaves the old version or the new one, never
-half a file. model.npz and checkpoint.npz load with np.load(path,
-allow_pickle=False): a checkpoint cannot run code.
+  .lock           the process id of the fastnet train writing the folder,
+                  which holds an flock on it: another fastnet train --out or
+                  --resume of the folder stops with one line meanwhile
+                  (evaluate, predict and runs only read, and go ahead); the
+                  kernel lets go when the run ends or dies, kill -9
+                  included; on a filesystem without flock, nothing guards
+Every file but .lock is written to a temporary name, flushed to disk and
+renamed, so a crash or kill -9 at any moment leaves the old version or the
+new one, never half a file. model.npz and checkpoint.npz load with
+np.load(path, allow_pickle=False): a checkpoint cannot run code.
 
 Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM stops training after the
 current step, writes checkpoint.npz, prints how to continue, and exits with
