@@ -65,30 +65,19 @@ def finishes_every_epoch(process, out):
     assert stdout.count(f"/{EPOCHS} ") == EPOCHS  # one log line per epoch, none from the refused run
 
 
-def test_a_second_run_into_a_running_runs_folder_is_refused(tiny, tmp_path):
+@pytest.mark.parametrize("written, resuming, advice", [
+    ("config.json", False, "wait for it to finish, or pass another --out"),
+    ("checkpoint.npz", True, "wait for it to finish"),
+], ids=["a second run into its folder", "resuming it"])
+def test_a_running_runs_folder_is_refused_to_a_second_writer(tiny, tmp_path, written, resuming, advice):
     out = tmp_path / "run"
-    first = stopped_after(tiny, out, "config.json")
+    first = stopped_after(tiny, out, written)
     try:
         before = snapshot(out)
-        second = fastnet(*train_args(tiny, out))
+        second = fastnet("train", "--resume", out) if resuming else fastnet(*train_args(tiny, out))
         assert_one_line_error(second)
         assert second.stderr.strip() == (f"fastnet: error: {out} is in use by another fastnet train (process "
-                                         f"{first.pid}): wait for it to finish, or pass another --out")
-        assert snapshot(out) == before, "the refused run wrote into the folder"
-        finishes_every_epoch(first, out)
-    finally:
-        first.kill()
-
-
-def test_resuming_a_running_run_is_refused(tiny, tmp_path):
-    out = tmp_path / "run"
-    first = stopped_after(tiny, out, "checkpoint.npz")
-    try:
-        before = snapshot(out)
-        second = fastnet("train", "--resume", out)
-        assert_one_line_error(second)
-        assert second.stderr.strip() == (f"fastnet: error: {out} is in use by another fastnet train (process "
-                                         f"{first.pid}): wait for it to finish")
+                                         f"{first.pid}): {advice}")
         assert snapshot(out) == before, "the refused run wrote into the folder"
         finishes_every_epoch(first, out)
     finally:
