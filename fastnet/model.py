@@ -202,8 +202,13 @@ class MLP:
         state = dict(state)
         params = state.pop("params")
         self.__init__(state.pop("sizes"), **state)
-        for param, saved in zip(self.params, params, strict=True):
-            param[...] = saved
+        self.load_params(params)
+
+    def load_params(self, params):
+        """Set every parameter to the arrays `params` (of the same shapes, in self.params' order) and
+        remake the bf16 copies from them."""
+        for param, value in zip(self.params, params, strict=True):
+            param[...] = value
         self.refresh_copies()
 
     @property

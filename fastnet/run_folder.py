@@ -178,9 +178,7 @@ def restore_state(saved, net, optimizer, rng, fingerprint, run_dir):
     if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
             (saved.projection is None) == bool(saved.config.get("pca")):
         raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
-    for param, stored in zip(net.params, saved.trained_net.params, strict=True):
-        param[...] = stored
-    net.refresh_copies()
+    net.load_params(saved.trained_net.params)
     optimizer.load_state_arrays(saved.arrays)
     return Progress.from_checkpoint(saved.arrays, rng)
 

@@ -215,9 +215,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"warm_start continues the fitted {'-'.join(map(str, before.sizes))} network, and "
                                  f"the settings now make a {'-'.join(map(str, run.net.sizes))} one: set "
                                  f"warm_start=False to start anew")
-            for param, fitted in zip(run.net.params, before.params, strict=True):
-                param[...] = fitted
-            run.net.refresh_copies()
+            run.net.load_params(before.params)
         return run
 
     def _keep(self, run, classes, tracker, continuing, threads):
@@ -313,9 +311,7 @@ class _EpochTracker:
 
     def restore_best(self, net):
         if self.best_params is not None:
-            for param, best in zip(net.params, self.best_params, strict=True):
-                param[...] = best
-            net.refresh_copies()
+            net.load_params(self.best_params)
 
 
 @contextlib.contextmanager
