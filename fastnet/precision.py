@@ -2,10 +2,12 @@
 bfloat16 operands into float32 (see fastnet.model).
 
 bf16 pays only where the CPU multiplies bfloat16 itself: Intel's AMX tiles (Sapphire Rapids and
-later) or the AVX512-BF16 dot products (Cooper Lake, AMD Zen 4 and later). Elsewhere a bf16 GEMM
+later) or the AVX512-BF16 dot products (Cooper Lake, AMD Zen 4 and later), and only through a GEMM
+that uses them: MKL's does on Intel's CPUs alone, oneDNN's wherever they are. Elsewhere a bf16 GEMM
 converts to float32 first and runs no faster than float32, with 8 bits of mantissa instead of 24,
-so `check` refuses it, unless $FASTNET_BF16_ANY_CPU is 1: for accuracy studies and tests of the bf16
-arithmetic on any CPU, at float32's speed or below.
+so `check` refuses it, as it refuses bf16 that this machine's plan measured slower than float32
+(the backend's bf16_shortfall), unless $FASTNET_BF16_ANY_CPU is 1: for accuracy studies and tests
+of the bf16 arithmetic on any CPU, at float32's speed or below.
 """
 
 import os
@@ -27,17 +29,22 @@ def bf16_instructions(flags=None):
 def check(precision, backend=None, flags=None):
     """What config.json records of `precision` on `backend`: {"precision", and for bf16 "instructions"
     and "gemm"}. Raises FastnetError, one line saying what is missing and what to do, when the CPU
-    or the backend cannot run it."""
+    or the backend cannot run it, or would run it slower than fp32."""
     settings.one_of("precision", precision, PRECISIONS)
     if precision == "fp32":
         return {"precision": "fp32"}
     found = bf16_instructions(flags)
-    if not found and os.environ.get(ANY_CPU) != "1":
+    anyway = os.environ.get(ANY_CPU) == "1"
+    if not found and not anyway:
         raise FastnetError(f"--precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16, and this one "
                            f"({cpu.model_name()}) has neither: train with --precision fp32 (or set {ANY_CPU}=1 "
                            f"to run bf16 anyway, no faster than fp32)")
     gemm = backends.bf16_gemm(backend)
     if gemm is None:
-        raise FastnetError(f"--precision bf16 on the {backends.resolve(backend)} backend needs MKL's bfloat16 "
-                           f"GEMM, which is not installed: pip install 'fastnet[mkl]' (or pip install mkl)")
+        raise FastnetError(f"--precision bf16 on the {backends.resolve(backend)} backend needs a bfloat16 GEMM, and "
+                           f"neither MKL nor oneDNN is installed: pip install 'fastnet[mkl]' on an Intel CPU, "
+                           f"'fastnet[onednn]' on another")
+    shortfall = backends.bf16_shortfall(backend)
+    if shortfall and not anyway:
+        raise FastnetError(f"{shortfall} (or set {ANY_CPU}=1 to run bf16 anyway)")
     return {"precision": "bf16", "instructions": found or [f"none ({ANY_CPU}=1)"], "gemm": gemm}

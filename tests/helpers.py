@@ -405,7 +405,7 @@ def tile_plan(backend, plan):
         return
     from fastnet.backends import numba_gemm
     before = numba_gemm.plan()
-    numba_gemm.set_plan(tile_flops=1, pass_elements=1)
+    numba_gemm.set_plan(tile_flops=1, bf16_tile_flops=1, pass_elements=1)
     try:
         yield
     finally:

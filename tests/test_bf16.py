@@ -93,13 +93,50 @@ def test_the_override_runs_bf16_on_any_cpu_and_is_recorded(monkeypatch):
         precision.check("fp16", "numpy")
 
 
-def test_the_numba_backend_without_mkl_says_what_to_install(monkeypatch):
+def test_the_numba_backend_without_a_bf16_gemm_says_what_to_install(monkeypatch):
     numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
     from fastnet.backends.numba_blas import Bf16Gemm
 
     monkeypatch.setattr(numba_gemm, "BF16_GEMM", Bf16Gemm("none", None, 0))
-    with pytest.raises(FastnetError, match=r"numba backend needs MKL's bfloat16 GEMM.*pip install 'fastnet\[mkl\]'"):
+    with pytest.raises(FastnetError, match=r"numba backend needs a bfloat16 GEMM, and neither MKL nor oneDNN is "
+                                           r"installed: pip install 'fastnet\[mkl\]' on an Intel CPU, "
+                                           r"'fastnet\[onednn\]' on another"):
         precision.check("bf16", "numba", flags={"amx_bf16"})
+
+
+def a_plan(speedup, gemm="mkl"):
+    return {"measured": "2026-12-05", "bf16_gemm": gemm, "bf16_speedup": {"R1": speedup, "R2": speedup}}
+
+
+@pytest.mark.parametrize("gemm, plan, refused", [
+    # MKL's path on an AMD Zen 4: the CPU has AVX512-BF16, MKL's GEMM converts to float32.
+    (("mkl", []), None, (r"--precision bf16 would be slower than fp32 here: mkl's bf16 GEMM uses none of this CPU's "
+                        r"bf16 instructions .* pip install 'fastnet\[onednn\]', whose GEMM does, or train with "
+                        r"--precision fp32 \(or set FASTNET_BF16_ANY_CPU=1 to run bf16 anyway\)")),
+    (("onednn", []), None, r"onednn's bf16 GEMM uses none .* pip install 'fastnet\[mkl\]'"),
+    (("mkl", ["AVX512-BF16"]), a_plan(0.77), (r"--precision bf16 ran R1's steps at 0.77x fp32's speed on this machine "
+                                             r"\(mkl's bf16 GEMM; fastnet plan, measured 2026-12-05\): train with "
+                                             r"--precision fp32")),
+    (("mkl", ["AMX-BF16", "AVX512-BF16"]), a_plan(1.6), None),
+    (("onednn", ["AVX512-BF16"]), None, None),  # not measured: the instructions are there, and used
+    (("onednn", ["AVX512-BF16"]), a_plan(0.77, gemm="mkl"), None),  # the plan measured another library
+])
+def test_bf16_that_would_be_slower_than_fp32_is_refused_unless_insisted_on(monkeypatch, gemm, plan, refused):
+    numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
+    from fastnet.backends.numba_blas import Bf16Gemm
+
+    name, instructions = gemm
+    monkeypatch.setattr(numba_gemm, "BF16_GEMM", Bf16Gemm(name, "lib.so", 1, "1.0", instructions))
+    monkeypatch.setattr(numba_gemm, "MEASURED", plan)
+    monkeypatch.delenv(precision.ANY_CPU, raising=False)
+    if refused is None:
+        assert precision.check("bf16", "numba", flags={"avx512_bf16"})["gemm"] == numba_gemm.BF16_GEMM.describe()
+        return
+    with pytest.raises(FastnetError, match=refused) as caught:
+        precision.check("bf16", "numba", flags={"avx512_bf16"})
+    assert "\n" not in str(caught.value)
+    monkeypatch.setenv(precision.ANY_CPU, "1")
+    assert precision.check("bf16", "numba", flags={"avx512_bf16"})["precision"] == "bf16"
 
 
 @pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["bench", "--steps", "1", "--backend", "numpy"]])

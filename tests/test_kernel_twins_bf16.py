@@ -31,6 +31,7 @@ from helpers import (
     garbage,
     laid_out,
     slope_error_scale,
+    tile_plan,
     to_bf16,
 )
 
@@ -116,25 +117,27 @@ def assert_bf16_copies_are_roundings(kernel, args):
 
 @covers("dense_forward", "dense_relu_forward", "dense_backward", "dense_relu_backward", *DENSE_ACTIVATION_FORWARD,
         *DENSE_ACTIVATION_BACKWARD)
+@pytest.mark.parametrize("plan", ["default", "finest"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", THREAD_SHAPES + [(128, 3072, 512), (64, 128, 10)])
-def test_dense_kernels_with_bf16_operands_match_numpys_emulation(other, threads, shape):
+def test_dense_kernels_with_bf16_operands_match_numpys_emulation(other, threads, shape, plan):
     """Every dense kernel on bfloat16 x and W, writing its bf16 output (forward) or upstream gradient
-    (backward), against numpy's emulation, on one and two threads.
+    (backward), against numpy's emulation, on one and two threads, in the plan's tiles (a tile per
+    core by default for bf16) and in the finest (a tile per aligned block).
 
     A backward kernel's products read its own dout16, and where the two backends' float32 douts
     straddle a bf16 rounding boundary their dout16 differ by one ulp. So dW and dx are checked
     against the float64 products of the backend's own dout16 (to float32's tolerance), and dout16
     against numpy's to one ulp: a kernel that multiplied dout instead, or a stale dout16, fails the
     first; a dout16 that was not dout rounded fails assert_bf16_copies_are_roundings."""
-    with backends.use_threads(other, threads):
+    with backends.use_threads(other, threads), tile_plan(other, plan):
         for kernel, make_args, reductions, magnitudes in bf16_dense_cases(shape):
             actual, expected = make_args(), make_args()
             getattr(ref, kernel)(*expected)
             getattr(backends.get(other), kernel)(*actual)
             assert_bf16_copies_are_roundings(kernel, expected)
             assert_bf16_copies_are_roundings(kernel, actual)
-            what = f" bf16 {shape} on {threads} threads"
+            what = f" bf16 {shape} on {threads} threads, {plan} plan"
             if not kernel.endswith("backward"):
                 check_kernel(other, kernel, make_args, reductions, what, magnitudes=magnitudes)
                 continue

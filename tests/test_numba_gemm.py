@@ -137,12 +137,26 @@ def test_bf16_products_are_the_float64_products_of_the_bf16_values(shape, thread
                     raise AssertionError(f"{name_a} @ {name_b}: {exc}") from None
 
 
-@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
-def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
-    """numba_bf16.reference_gemm, which the driver binds when MKL is missing, called as MKL's is:
-    row-major, transpose flags, leading dimensions wider than the matrices, and beta."""
+def bf16_gemms():
+    """Every C bf16 GEMM the driver can bind here, by name: the stand-in loops, and MKL's and oneDNN's
+    (through its adapter) where installed."""
     from fastnet.backends.numba_bf16 import reference_gemm
 
+    found = {"reference": reference_gemm.address}
+    for name in numba_blas.BF16_GEMMS:
+        try:
+            found[name] = numba_blas.find_bf16_gemm(name).address
+        except numba_blas.VariableError:  # not installed here
+            pass
+    return found
+
+
+@pytest.mark.parametrize("gemm", list(bf16_gemms()))
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
+def test_each_bf16_gemm_computes_what_cblas_says(trans_a, trans_b, gemm):
+    """Each bf16 GEMM the driver may bind, called as the driver calls MKL's: row-major, transpose flags,
+    leading dimensions wider than the matrices, alpha and beta. The products of bf16 numbers are exact
+    in float32, so only the float32 sums may differ from float64's."""
     m, k, n, pad = 7, 33, 5, 3
     rng = np.random.default_rng(1)
     a, a64 = bf16_operand(rng, (k, m) if trans_a else (m, k))
@@ -156,7 +170,7 @@ def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
     signature = [ctypes.c_int32] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
                                                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
                                                                ctypes.c_void_p, ctypes.c_int64]
-    call = ctypes.CFUNCTYPE(None, *signature)(reference_gemm.address)
+    call = ctypes.CFUNCTYPE(None, *signature)(bf16_gemms()[gemm])
     call(numba_blas.ROW_MAJOR, flag[trans_a], flag[trans_b], m, n, k, 1.5, a_store.ctypes.data, a_store.shape[1],
          b_store.ctypes.data, b_store.shape[1], 0.5, c.ctypes.data, c.shape[1])
     op_a, op_b = (a64.T if trans_a else a64), (b64.T if trans_b else b64)
@@ -165,10 +179,54 @@ def test_the_stand_in_bf16_gemm_computes_what_mkls_does(trans_a, trans_b):
     assert np.all(c[:, n:] == 2.0), "wrote past the matrix into the padding"
 
 
-def test_the_bf16_gemm_is_mkls_when_mkl_is_installed():
+def test_the_bf16_gemm_is_the_one_chosen_and_says_which_instructions_it_uses(monkeypatch):
+    """Without a plan or $FASTNET_BF16_GEMM: MKL first on Intel's CPUs, oneDNN first elsewhere, where
+    MKL's takes no bf16 instructions; the choice is named with what it uses."""
+    installed = [name for name in numba_blas.BF16_GEMMS if name in bf16_gemms()]
+    monkeypatch.delenv("FASTNET_BF16_GEMM", raising=False)
+    for vendor, preferred in (("GenuineIntel", ["mkl", "onednn"]), ("AuthenticAMD", ["onednn", "mkl"])):
+        monkeypatch.setattr(numba_blas.cpu, "vendor", lambda vendor=vendor: vendor)
+        found = numba_blas.find_bf16_gemm()
+        assert found.name == next((name for name in preferred if name in installed), "none")
+    for name in installed:
+        found = numba_blas.find_bf16_gemm(name)
+        routine = {"mkl": "cblas_gemm_bf16bf16f32", "onednn": "dnnl_gemm_bf16bf16f32"}[name]
+        assert found.name == name and routine in found.describe()
+        assert f"({' and '.join(found.instructions)})" in found.describe() or "converts to float32" in found.describe()
     described = numba_backend.parallelism()["bf16_gemm"]
-    if numba_blas._mkl_path() is None:
-        assert not numba_gemm.BF16_GEMM.available and numba_backend.bf16_gemm() is None
-        assert "reference_gemm" in described
-    else:
-        assert numba_gemm.BF16_GEMM.name == "mkl" and "cblas_gemm_bf16bf16f32" in numba_backend.bf16_gemm()
+    assert described == numba_gemm.BF16_GEMM.describe()
+    assert (numba_backend.bf16_gemm() is None) == (numba_gemm.BF16_GEMM.name == "none")
+
+
+@pytest.mark.parametrize("processor, instructions", [
+    (("Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) with support for INT8, BF16, FP16 (limited) "
+     "instructions, and Intel(R) Advanced Matrix Extensions (Intel(R) AMX) with INT8 and BF16"),
+     ["AMX-BF16", "AVX512-BF16"]),  # Emerald Rapids, MKL 2026.2
+    (("Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) with support of Intel(R) Deep Learning Boost "
+     "(Intel(R) DL Boost) and BF16"), ["AVX512-BF16"]),
+    ("Intel(R) Advanced Vector Extensions 2 (Intel(R) AVX2) enabled processors", []),  # MKL's path on an AMD CPU
+])
+def test_mkls_bf16_instructions_are_read_from_the_path_it_took(processor, instructions):
+    assert numba_blas.mkl_bf16_instructions(processor) == instructions
+
+
+@pytest.mark.parametrize("isa, instructions", [(0xFEF, ["AMX-BF16", "AVX512-BF16"]), (0xE7, ["AVX512-BF16"]),
+                                               (0x67, []), (0x7, [])])
+def test_onednns_bf16_instructions_are_read_from_its_isa(isa, instructions):
+    assert numba_blas.onednn_bf16_instructions(isa) == instructions
+
+
+@pytest.mark.parametrize("value, phrase", [
+    ("openblas", ("FASTNET_BF16_GEMM='openblas' is not a bfloat16 GEMM fastnet can call: set it to mkl or onednn, or "
+                 "unset it")),
+    ("mkl", "FASTNET_BF16_GEMM=mkl but mkl is not installed: pip install 'fastnet[mkl]', or unset FASTNET_BF16_GEMM"),
+    ("onednn", ("FASTNET_BF16_GEMM=onednn but onednn is not installed: pip install 'fastnet[onednn]', or unset "
+               "FASTNET_BF16_GEMM")),
+])
+def test_a_bf16_gemm_that_cannot_be_had_is_one_line(value, phrase, monkeypatch):
+    monkeypatch.setenv("FASTNET_BF16_GEMM", value)
+    monkeypatch.setattr(numba_blas, "_mkl_path", lambda: None)  # as on a machine without either
+    monkeypatch.setattr(numba_blas, "_onednn_path", lambda: None)
+    with pytest.raises(numba_blas.VariableError) as caught:
+        numba_blas.find_bf16_gemm()
+    assert str(caught.value) == phrase

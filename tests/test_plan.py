@@ -35,15 +35,32 @@ def measured(tmp_path_factory):
 
 
 def test_a_measured_plan_is_the_fastest_candidate_and_is_kept_for_this_machine(measured):
+    """float32's BLAS and tile size, and where the CPU multiplies bfloat16, the bf16 GEMM and its tile
+    size, each the lowest cost of its precision, and the bf16 steps' speed against float32's."""
     path, plan = measured
     assert json.loads(path.read_text()) == plan and plan["fingerprint"] == numba_plan.fingerprint()
-    timed = {(row["blas"], row["tile_flops"]) for row in plan["timings"]}
-    assert {t for _, t in timed} == set(numba_plan.TILE_FLOPS) and "openblas" in {b for b, _ in timed}
-    assert {row["workload"] for row in plan["timings"]} == set(QUICK)
-    lowest = min(row["cost"] for row in plan["timings"])
-    kept = [row for row in plan["timings"] if (row["blas"], row["tile_flops"]) ==
-            (plan["blas"], plan["entries"]["tile_flops"])]
-    assert kept and all(row["cost"] == lowest for row in kept)
+    gemms = numba_plan._bf16_gemms()
+    chosen = {"fp32": (plan["blas"], plan["entries"]["tile_flops"])}
+    if gemms:
+        chosen["bf16"] = (plan["bf16_gemm"], plan["entries"]["bf16_tile_flops"])
+    else:
+        assert "bf16_gemm" not in plan and "bf16_tile_flops" not in plan["entries"]
+    for precision, libraries in (("fp32", numba_plan._blases()), ("bf16", gemms)):
+        rows = [row for row in plan["timings"] if row["precision"] == precision]
+        timed = {(row["library"], row["tile_flops"]) for row in rows}
+        assert timed == {(library, t) for library in libraries for t in numba_plan.TILE_FLOPS}
+        if not libraries:
+            continue
+        assert {row["workload"] for row in rows} == set(QUICK)
+        lowest = min(row["cost"] for row in rows)
+        kept = [row for row in rows if (row["library"], row["tile_flops"]) == chosen[precision]]
+        assert kept and all(row["cost"] == lowest for row in kept)
+    if gemms:
+        def quiet(precision, workload):
+            return next(row["seconds_per_step"] for row in plan["timings"] if row["precision"] == precision
+                        and (row["library"], row["tile_flops"]) == chosen[precision]
+                        and row["workload"] == workload and row["neighbours"] == 0)
+        assert plan["bf16_speedup"] == {w: quiet("fp32", w) / quiet("bf16", w) for w in QUICK}
 
 
 def test_a_new_process_uses_the_plan_and_the_environment_overrides_it(measured):
@@ -80,8 +97,11 @@ def test_fastnet_plan_shows_the_plan_in_force(measured, tmp_path):
     shown = fastnet("plan", env={"FASTNET_PLAN_FILE": str(path)})
     assert shown.returncode == 0, shown.stderr
     assert f"BLAS: {plan['blas']}; entries: {plan['entries']}" in shown.stdout
-    assert len([line for line in shown.stdout.splitlines() if " R1 " in line]) == len(numba_plan.TILE_FLOPS) * (
-        len({row["blas"] for row in plan["timings"]}))
+    assert len([line for line in shown.stdout.splitlines() if " R1 " in line and "GEMM" not in line]) == len(
+        numba_plan.TILE_FLOPS) * (
+        len({(row["precision"], row["library"]) for row in plan["timings"]}))
+    if plan.get("bf16_gemm"):
+        assert f"bf16 GEMM: {plan['bf16_gemm']}; bf16 steps against float32's: R1 " in shown.stdout
     nothing = fastnet("plan", "--json", env={"FASTNET_PLAN_FILE": str(tmp_path / "none.json")})
     assert json.loads(nothing.stdout) == {"status": "defaults: not measured on this machine (fastnet plan --measure)",
                                           "plan": None}
@@ -92,6 +112,7 @@ def test_fastnet_plan_shows_the_plan_in_force(measured, tmp_path):
     ("FASTNET_PLAN", "tile_flops=0", "tile_flops='0' is not a plan entry"),
     ("FASTNET_PLAN", "tile_flops=2x", "each a whole number >= 1"),
     ("FASTNET_BLAS", "atlas", "FASTNET_BLAS='atlas' is not a BLAS fastnet can drive: set it to mkl or openblas"),
+    ("FASTNET_BF16_GEMM", "openblas", "FASTNET_BF16_GEMM='openblas' is not a bfloat16 GEMM fastnet can call"),
 ])
 def test_a_bad_plan_or_blas_in_the_environment_is_one_line(variable, value, phrase, tmp_path):
     from helpers import assert_one_line_error

@@ -8,10 +8,11 @@ Besides its kernels, a backend may provide `use_threads(n)`, a context in which 
 cores, and `parallelism()`, what config.json records of how they share the cores; `use_threads`
 and `parallelism` below fall back to BLAS's threads for a backend that has neither. `bf16_gemm()`
 names the library that multiplies its bfloat16 operands, or returns None when it has none; a backend
-without it computes them as NumPy's reference does, in float32. `products(x, W, dout, out, dW, dx)`
-runs a dense layer's three products alone, split as its kernels split them: what `fastnet bench`
-compares a whole step with. A backend whose `parallelism()` says `same_bits_on_any_thread_count`
-follows the cores that other processes leave free during training (follow_free_cores).
+without it computes them as NumPy's reference does, in float32. `bf16_shortfall()` says in words why
+its bf16 steps would be slower than its float32 steps on this machine, or returns None.
+`products(x, W, dout, out, dW, dx)` runs a dense layer's three products alone, split as its kernels
+split them: what `fastnet bench` compares a whole step with. A backend whose `parallelism()` says
+`same_bits_on_any_thread_count` follows the cores that other processes leave free during training (follow_free_cores).
 
 The Numba backend is registered lazily: importing numba and loading its compiled kernels takes
 a noticeable fraction of a second, which a NumPy run should not pay.
@@ -68,7 +69,7 @@ KERNELS = (
 )
 
 # What a backend may provide besides its kernels (see use_threads and parallelism below).
-HOOKS = ("use_threads", "parallelism", "bf16_gemm", "products")
+HOOKS = ("use_threads", "parallelism", "bf16_gemm", "bf16_shortfall", "products")
 
 DEFAULT = "numpy"
 _backends = {}
@@ -160,6 +161,12 @@ def follow_free_cores(name):
     if key not in _followers:  # one per backend and limit, so that each epoch starts where the last ended
         _followers[key] = FreeCores(lambda threads: use_threads(name, threads), described["threads"])
     return _followers[key]
+
+
+def bf16_shortfall(name):
+    """Why backend `name`'s bf16 steps would be slower than its float32 steps here (one line), or None."""
+    backend = get(name)
+    return backend.bf16_shortfall() if hasattr(backend, "bf16_shortfall") else None
 
 
 def bf16_gemm(name):

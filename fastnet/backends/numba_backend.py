@@ -53,7 +53,9 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(os.path.dirname(os.path
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastnet", "numba")
 
+from fastnet import cpu
 from fastnet.backends import numba_gemm
+from fastnet.backends.numba_blas import BF16_GEMMS
 
 # The registry reaches each kernel as an attribute of this module.
 from fastnet.backends.numba_dense import (  # noqa: F401
@@ -127,7 +129,25 @@ def parallelism():
 
 
 def bf16_gemm():
-    """The library of the bfloat16 products (MKL's), or None when only plain loops stand in."""
+    """The library of the bfloat16 products (MKL's or oneDNN's) and the instructions it uses, or None
+    when only plain loops stand in."""
     return numba_gemm.BF16_GEMM.describe() if numba_gemm.BF16_GEMM.available else None
+
+
+def bf16_shortfall():
+    """Why bf16 steps would be slower than float32's here, or None: a bf16 GEMM that uses none of the
+    CPU's bf16 instructions (MKL's on a CPU not Intel's converts to float32: R1 ran at 0.77x float32's
+    speed on an AMD Zen 4), or a plan that measured bf16 steps slower."""
+    gemm, measured = numba_gemm.BF16_GEMM, numba_gemm.MEASURED or {}
+    if gemm.available and not gemm.instructions:
+        others = [name for name in BF16_GEMMS if name != gemm.name]
+        return (f"--precision bf16 would be slower than fp32 here: {gemm.name}'s bf16 GEMM uses none of this CPU's "
+                f"bf16 instructions ({cpu.model_name()}) and converts to float32: pip install "
+                f"'fastnet[{others[0]}]', whose GEMM does, or train with --precision fp32")
+    speedup = measured.get("bf16_speedup", {}).get("R1")
+    if speedup is not None and speedup < 1 and measured.get("bf16_gemm") == gemm.name:
+        return (f"--precision bf16 ran R1's steps at {speedup:.2f}x fp32's speed on this machine ({gemm.name}'s bf16 "
+                f"GEMM; fastnet plan, measured {measured['measured']}): train with --precision fp32")
+    return None
 
 NAME = "numba"

@@ -81,7 +81,7 @@ def _dense_forward_tiles(x, W, b, pre, out, out16, kind, negative_slope):
     kind = literally(kind)
     constants = _activation_constants(out, negative_slope)
     rows, columns = out.shape
-    tiles, counter = product_tiles(rows, columns, x.shape[1]), tile_counter()
+    tiles, counter = product_tiles(rows, columns, x.shape[1], x.itemsize), tile_counter()
     for _ in prange(thread_count()):
         tile = next_tile(counter, tiles)
         while tile >= 0:
@@ -143,8 +143,8 @@ def _weight_and_input_grads_tiles(dout, x, W, dW, dx):
     """dW's row tiles, then dx's tiles (numba_gemm.product_tile: by columns but for narrow layers),
     claimed from one counter: a thread that finds dW's tiles taken goes on to dx."""
     (fan_in, fan_out), batch = dW.shape, dout.shape[0]
-    weight_tiles = weight_gradient_tiles(fan_in, fan_out, batch)
-    tiles = weight_tiles + (product_tiles(batch, fan_in, fan_out) if dx is not None else 0)
+    weight_tiles = weight_gradient_tiles(fan_in, fan_out, batch, dout.itemsize)
+    tiles = weight_tiles + (product_tiles(batch, fan_in, fan_out, dout.itemsize) if dx is not None else 0)
     counter = tile_counter()
     for _ in prange(thread_count()):
         tile = next_tile(counter, tiles)

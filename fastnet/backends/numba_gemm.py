@@ -46,10 +46,8 @@ ALIGN_ROWS = 4
 
 MEASURED = numba_plan.load()  # this machine's plan (fastnet plan --measure), or None
 BLAS = find_blas(os.environ.get("FASTNET_BLAS") or (MEASURED and MEASURED["blas"]))
-BF16_GEMM = find_bf16_gemm()
 llvmlite.binding.add_symbol("fastnet_cblas_sgemm", BLAS.sgemm)
 llvmlite.binding.add_symbol("fastnet_cblas_dgemm", BLAS.dgemm)
-llvmlite.binding.add_symbol("fastnet_cblas_gemm_bf16", BF16_GEMM.address)
 _sgemm = types.ExternalFunction("fastnet_cblas_sgemm", CBLAS_GEMM)
 _gemm_bf16 = types.ExternalFunction("fastnet_cblas_gemm_bf16", CBLAS_GEMM)
 # cblas_dgemm's is the same but for alpha and beta, which are float64.
@@ -73,6 +71,10 @@ numba.get_num_threads()
 if not _USERS_WAIT:
     del os.environ["GOMP_SPINCOUNT"]  # read by now; other programs this process starts keep their own default
 _get_num_threads = types.ExternalFunction("get_num_threads", types.int32())
+
+# Found once the threading layer runs, which decides whether oneDNN's TBB may be held to one thread.
+BF16_GEMM = find_bf16_gemm(preferred=MEASURED and MEASURED.get("bf16_gemm"), hold_tbb=numba.threading_layer() != "tbb")
+llvmlite.binding.add_symbol("fastnet_cblas_gemm_bf16", BF16_GEMM.address)
 
 
 @njit(cache=True, nogil=True)
@@ -135,8 +137,10 @@ def _threading_layer():
 
 PARTITION = {
     "forward x @ W": "tiles of output columns, in multiples of 16 (rows for an output narrower than 32 columns "
-                     "and than the batch), one per plan's tile_flops, a multiple of tile_multiple",
-    "weight gradient x.T @ dout": "tiles of dW's rows, as many as tile_flops and tile_multiple make",
+                     "and than the batch), one per plan's tile_flops (bf16_tile_flops for bf16 operands), a "
+                     "multiple of tile_multiple",
+    "weight gradient x.T @ dout": "tiles of dW's rows, as many as tile_flops (bf16_tile_flops) and tile_multiple "
+                                  "make",
     "input gradient dout @ W.T": "tiles as the forward's, claimed after dW's from the same counter",
     "bias gradient": "column tiles, one per plan's pass_elements, each column summed over the batch in order",
     "elementwise passes and optimizer updates": "rows, or equal runs of the flat array, one run per thread",
@@ -179,14 +183,17 @@ def next_tile(counter, tiles):
 # The values live in a C array that compiled code reaches by a symbol name of our own, as it reaches
 # BLAS: the disk cache stays valid, and a plan measured on this machine takes effect without compiling.
 
-PLAN_ENTRIES = ("tile_flops", "tile_multiple", "pass_elements")
+PLAN_ENTRIES = ("tile_flops", "tile_multiple", "pass_elements", "bf16_tile_flops")
 # On the Emerald Rapids machine (2 cores, MKL), R1 ran fastest at 32 MFLOP tiles (12 for its first layer's
-# products, 2 for the others), quiet and beside a busy process, among 16, 32, 64 and 1024.
-DEFAULT_PLAN = {"tile_flops": 1 << 25, "tile_multiple": os.cpu_count() or 1, "pass_elements": 1 << 15}
+# products, 2 for the others), quiet and beside a busy process, among 16, 32, 64 and 1024. Its bf16
+# products run about 2.4 times as fast, and a call's fixed cost (packing the operands into AMX's
+# layout) weighs more: its R1 bf16 step took 2.1-2.4 ms with a tile per core, 2.6-3.1 ms at 32 MFLOP.
+DEFAULT_PLAN = {"tile_flops": 1 << 25, "tile_multiple": os.cpu_count() or 1, "pass_elements": 1 << 15,
+                "bf16_tile_flops": 1 << 40}
 _first = DEFAULT_PLAN | (MEASURED["entries"] if MEASURED else {})
 _plan = (ctypes.c_int64 * len(PLAN_ENTRIES))(*(_first[name] for name in PLAN_ENTRIES))
 llvmlite.binding.add_symbol("fastnet_tile_plan", ctypes.addressof(_plan))
-TILE_FLOPS, TILE_MULTIPLE, PASS_ELEMENTS = range(len(PLAN_ENTRIES))
+TILE_FLOPS, TILE_MULTIPLE, PASS_ELEMENTS, BF16_TILE_FLOPS = range(len(PLAN_ENTRIES))
 
 
 def set_plan(**values):
@@ -207,7 +214,7 @@ if os.environ.get("FASTNET_PLAN"):  # e.g. tile_flops=33554432,pass_elements=655
         set_plan(**dict(item.partition("=")[::2] for item in os.environ["FASTNET_PLAN"].split(",")))
     except ValueError as exc:
         raise VariableError(f"FASTNET_PLAN={os.environ['FASTNET_PLAN']!r}: {exc}; write it as "
-                            f"tile_flops=N,tile_multiple=N,pass_elements=N, or unset it") from None
+                            f"{','.join(name + '=N' for name in PLAN_ENTRIES)}, or unset it") from None
 
 
 @intrinsic
@@ -254,19 +261,25 @@ def tiles_along(work, grain, length, align):
 
 
 @njit(cache=True, nogil=True)
-def product_tiles(rows, columns, depth):
-    """How many tiles (product_tile) a product with a rows x columns output, summed over `depth`, is
-    cut into: about one per plan's tile_flops."""
-    work = 2 * rows * columns * depth
-    if split_columns(rows, columns):
-        return tiles_along(work, plan_entry(TILE_FLOPS), columns, ALIGN_COLUMNS)
-    return tiles_along(work, plan_entry(TILE_FLOPS), rows, ALIGN_ROWS)
+def tile_grain(itemsize):
+    """The plan's FLOPs a tile for operands of `itemsize` bytes: bfloat16's (2) or float32's and float64's."""
+    return plan_entry(BF16_TILE_FLOPS if itemsize == 2 else TILE_FLOPS)
 
 
 @njit(cache=True, nogil=True)
-def weight_gradient_tiles(fan_in, fan_out, batch):
+def product_tiles(rows, columns, depth, itemsize):
+    """How many tiles (product_tile) a product with a rows x columns output, summed over `depth`, of
+    operands of `itemsize` bytes, is cut into: about one per plan's tile_flops (bf16_tile_flops)."""
+    work = 2 * rows * columns * depth
+    if split_columns(rows, columns):
+        return tiles_along(work, tile_grain(itemsize), columns, ALIGN_COLUMNS)
+    return tiles_along(work, tile_grain(itemsize), rows, ALIGN_ROWS)
+
+
+@njit(cache=True, nogil=True)
+def weight_gradient_tiles(fan_in, fan_out, batch, itemsize):
     """How many row tiles dW = x.T @ dout (fan_in x fan_out) is cut into."""
-    return tiles_along(2 * fan_in * fan_out * batch, plan_entry(TILE_FLOPS), fan_in, ALIGN_COLUMNS)
+    return tiles_along(2 * fan_in * fan_out * batch, tile_grain(itemsize), fan_in, ALIGN_COLUMNS)
 
 
 @njit(cache=True, nogil=True)
@@ -345,7 +358,7 @@ def matmul(a, b, out):
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_tiles(a, b, out):
     rows, columns = out.shape
-    tiles, counter = product_tiles(rows, columns, a.shape[1]), tile_counter()
+    tiles, counter = product_tiles(rows, columns, a.shape[1], a.itemsize), tile_counter()
     for _ in numba.prange(thread_count()):
         tile = next_tile(counter, tiles)
         while tile >= 0:

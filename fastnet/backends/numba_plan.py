@@ -10,6 +10,11 @@ pay beside other work), and keeps the fastest over both in plan.json under fastn
 ($FASTNET_PLAN_FILE overrides the path), with the fingerprint of the machine it was measured on. A
 plan whose fingerprint does not match this machine is ignored. `fastnet plan` shows the plan in force.
 
+Where the CPU multiplies bfloat16, bf16 steps are timed the same way for every bf16 GEMM installed
+(MKL's, oneDNN's) beside the fastest BLAS: which library MKL's dispatch or oneDNN's makes the faster
+is a fact of the CPU (MKL uses no bf16 instructions on a CPU not Intel's), and the plan keeps how
+bf16 steps compared with float32's, by which fastnet refuses a --precision bf16 that would be slower.
+
 A plan changes speed, not results, but for the BLAS it names: a tile is a block of the output whose
 every element one BLAS call sums whole, however finely the product is cut. OPENBLAS_CORETYPE is never
 set: OpenBLAS's kernel type is whatever the user or the machine chose.
@@ -53,7 +58,7 @@ def fingerprint():
     """What a plan depends on: the CPU, its vector instructions, its cores, and the libraries timed."""
     vector = sorted(flag for flag, _ in cpu.VECTOR_FLAGS if flag in cpu.flags())
     return {"cpu": cpu.model_name(), "vector": vector, "cores": os.cpu_count(),
-            **{package: _version(package) for package in ("numpy", "numba", "mkl")}}
+            **{package: _version(package) for package in ("numpy", "numba", "mkl", "onednn")}}
 
 
 def load():
@@ -81,46 +86,82 @@ def _blases():
     return ["openblas"] + (["mkl"] if numba_blas._mkl_path() else [])
 
 
+def _bf16_gemms():
+    """The bfloat16 GEMM libraries installed here, where the CPU multiplies bfloat16 at all."""
+    from fastnet.precision import bf16_instructions
+    if not bf16_instructions():
+        return []
+    return [name for name, path in (("mkl", numba_blas._mkl_path()), ("onednn", numba_blas._onednn_path())) if path]
+
+
 def measure(log=print, steps=None, repeats=REPEATS):
-    """Time every BLAS at every tile size, keep the fastest as this machine's plan and return it."""
+    """Time every BLAS at every tile size in float32, then every bfloat16 GEMM at every tile size beside
+    the fastest BLAS; keep the fastest of each as this machine's plan, with how much faster (or
+    slower) bf16 steps ran than float32's, and return it."""
     steps = steps or STEPS
-    blases = _blases()
-    timings = {}  # (blas, tile_flops, workload, neighbours) -> seconds per step, each repeat
-    for repeat in range(repeats):
-        for neighbours in NEIGHBOURS:
-            for blas in blases:
-                log(f"plan: timing {blas} at {len(TILE_FLOPS)} tile sizes beside {neighbours} busy processes, "
-                    f"repeat {repeat + 1} of {repeats}")
-                environment = os.environ | {"FASTNET_BLAS": blas}
-                environment.pop("FASTNET_PLAN", None)
-                with cpu.busy_neighbours(neighbours):
-                    done = subprocess.run([sys.executable, "-m", "fastnet.backends.numba_plan", json.dumps(steps)],
-                                          capture_output=True, text=True, env=environment)
-                if done.returncode != 0:
-                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                    raise RuntimeError(f"timing {blas} failed: {tail}")
-                for row in json.loads(done.stdout.strip().splitlines()[-1]):
-                    key = blas, row["tile_flops"], row["workload"], neighbours
-                    timings.setdefault(key, []).append(row["seconds"])
-    seconds = {key: statistics.median(runs) for key, runs in timings.items()}
-    conditions = [(w, n) for w in steps for n in NEIGHBOURS]
-    best = {(w, n): min(s for (_, _, *condition), s in seconds.items() if tuple(condition) == (w, n))
-            for w, n in conditions}
-
-    def cost(blas, tile_flops):  # each step time against the fastest in its condition, added up
-        return sum(seconds[(blas, tile_flops, *condition)] / best[condition] for condition in conditions)
-
-    blas, tile_flops = min(((b, t) for b in blases for t in TILE_FLOPS), key=lambda bt: cost(*bt))
+    fp32 = _time_candidates("fp32", {blas: {"FASTNET_BLAS": blas} for blas in _blases()}, steps, repeats, log)
+    blas, tile_flops = _fastest(fp32)
     plan = {"fingerprint": fingerprint(), "measured": datetime.date.today().isoformat(), "blas": blas,
-            "entries": {"tile_flops": tile_flops, "tile_multiple": os.cpu_count() or 1},
-            "timings": [{"blas": b, "tile_flops": t, "workload": w, "neighbours": n, "seconds_per_step": s,
-                         "cost": cost(b, t)} for (b, t, w, n), s in sorted(seconds.items())]}
+            "entries": {"tile_flops": tile_flops, "tile_multiple": os.cpu_count() or 1}, "timings": fp32}
+    gemms = _bf16_gemms()
+    if gemms:
+        bf16 = _time_candidates("bf16", {gemm: {"FASTNET_BLAS": blas, "FASTNET_BF16_GEMM": gemm} for gemm in gemms},
+                                steps, repeats, log)
+        gemm, plan["entries"]["bf16_tile_flops"] = _fastest(bf16)
+        plan["bf16_gemm"] = gemm
+        plan["bf16_speedup"] = {workload: _quiet_seconds(fp32, blas, tile_flops, workload)
+                                / _quiet_seconds(bf16, gemm, plan["entries"]["bf16_tile_flops"], workload)
+                                for workload in steps}
+        plan["timings"] = fp32 + bf16
     path = plan_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(plan, indent=1))
     os.replace(temporary, path)  # never a half-written plan
     return plan
+
+
+def _time_candidates(precision, candidates, steps, repeats, log):
+    """Rows of seconds per step for each candidate library (its environment in `candidates`) at each
+    tile size, on each workload, quiet and beside a busy process, each library in processes of its
+    own, interleaved; each row's cost is the library and tile size's over all conditions."""
+    timings = {}  # (library, tile_flops, workload, neighbours) -> seconds per step, each repeat
+    for repeat in range(repeats):
+        for neighbours in NEIGHBOURS:
+            for library, variables in candidates.items():
+                log(f"plan: timing {precision} steps on {library} at {len(TILE_FLOPS)} tile sizes beside {neighbours} "
+                    f"busy processes, repeat {repeat + 1} of {repeats}")
+                environment = {k: v for k, v in os.environ.items() if k not in ("FASTNET_PLAN", "FASTNET_BF16_GEMM")}
+                with cpu.busy_neighbours(neighbours):
+                    done = subprocess.run([sys.executable, "-m", "fastnet.backends.numba_plan", json.dumps(steps),
+                                           precision], capture_output=True, text=True, env=environment | variables)
+                if done.returncode != 0:
+                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                    raise RuntimeError(f"timing {precision} on {library} failed: {tail}")
+                for row in json.loads(done.stdout.strip().splitlines()[-1]):
+                    key = library, row["tile_flops"], row["workload"], neighbours
+                    timings.setdefault(key, []).append(row["seconds"])
+    seconds = {key: statistics.median(runs) for key, runs in timings.items()}
+    conditions = [(w, n) for w in steps for n in NEIGHBOURS]
+    best = {(w, n): min(s for (_, _, *condition), s in seconds.items() if tuple(condition) == (w, n))
+            for w, n in conditions}
+
+    def cost(library, tile_flops):  # each step time against the fastest in its condition, added up
+        return sum(seconds[(library, tile_flops, *condition)] / best[condition] for condition in conditions)
+
+    return [{"precision": precision, "library": library, "tile_flops": t, "workload": w, "neighbours": n,
+             "seconds_per_step": s, "cost": cost(library, t)} for (library, t, w, n), s in sorted(seconds.items())]
+
+
+def _fastest(rows):
+    """(library, tile_flops) of the lowest cost among the rows."""
+    row = min(rows, key=lambda row: row["cost"])
+    return row["library"], row["tile_flops"]
+
+
+def _quiet_seconds(rows, library, tile_flops, workload):
+    return next(row["seconds_per_step"] for row in rows if (row["library"], row["tile_flops"], row["workload"],
+                                                            row["neighbours"]) == (library, tile_flops, workload, 0))
 
 
 def format_plan(plan):
@@ -131,40 +172,44 @@ def format_plan(plan):
         lines.append(f"  BLAS: {numba_gemm.BLAS.describe()} (chosen by {chooser}); entries: {numba_gemm.plan()}")
         return "\n".join(lines)
     lines.append(f"  BLAS: {plan['blas']}; entries: {plan['entries']}")
-    lines.append(f"  {'blas':<10}{'tile MFLOP':>12}{'workload':>10}{'ms/step quiet':>15}{'beside 1 busy':>15}"
-                 f"{'cost':>7}")
-    rows = {(r["blas"], r["tile_flops"], r["workload"], r["neighbours"]): r for r in plan["timings"]}
-    for (blas, tile_flops, workload, neighbours), row in rows.items():
+    if plan.get("bf16_gemm"):
+        speedup = ", ".join(f"{w} {x:.2f}x" for w, x in plan["bf16_speedup"].items())
+        lines.append(f"  bf16 GEMM: {plan['bf16_gemm']}; bf16 steps against float32's: {speedup}")
+    lines.append(f"  {'precision':<10}{'library':<10}{'tile MFLOP':>12}{'workload':>10}{'ms/step quiet':>15}"
+                 f"{'beside 1 busy':>15}{'cost':>7}")
+    rows = {(r["precision"], r["library"], r["tile_flops"], r["workload"], r["neighbours"]): r for r in plan["timings"]}
+    for (precision, library, tile_flops, workload, neighbours), row in rows.items():
         if neighbours:
             continue
         tile = "per core" if tile_flops >= 1 << 40 else f"{tile_flops / 2 ** 20:.0f}"
-        busy = rows.get((blas, tile_flops, workload, 1))
+        busy = rows.get((precision, library, tile_flops, workload, 1))
         busy = f"{busy['seconds_per_step'] * 1e3:.2f}" if busy else "n/a"
-        lines.append(f"  {blas:<10}{tile:>12}{workload:>10}{row['seconds_per_step'] * 1e3:>15.2f}{busy:>15}"
-                     f"{row['cost']:>7.2f}")
+        lines.append(f"  {precision:<10}{library:<10}{tile:>12}{workload:>10}{row['seconds_per_step'] * 1e3:>15.2f}"
+                     f"{busy:>15}{row['cost']:>7.2f}")
     lines.append("  cost: the step times, quiet and beside a busy process, each against the fastest measured in its "
-                 "condition, added up; the lowest is kept")
+                 "condition, added up; the lowest of each precision is kept")
     return "\n".join(lines)
 
 
-def _time_tile_sizes(steps):
-    """In a process whose BLAS is $FASTNET_BLAS: seconds per step of each workload at each tile size,
-    the sizes interleaved, the best of two rounds."""
+def _time_tile_sizes(steps, precision):
+    """In a process whose libraries $FASTNET_BLAS and $FASTNET_BF16_GEMM name: seconds per step of each
+    workload in `precision` at each tile size, the sizes interleaved, the best of two rounds."""
     from fastnet.backends import numba_gemm
     from fastnet.harness import time_fastnet
     from fastnet.workloads import WORKLOADS
+    entry = "bf16_tile_flops" if precision == "bf16" else "tile_flops"
     rows = []
     for workload, count in steps.items():
         sizes, batch = WORKLOADS[workload].sizes, WORKLOADS[workload].batch_size
         best = {}
         for _ in range(2):
             for tile_flops in TILE_FLOPS:
-                numba_gemm.set_plan(tile_flops=tile_flops)
-                seconds = time_fastnet("numba", sizes, batch, count)["seconds"] / count
+                numba_gemm.set_plan(**{entry: tile_flops})
+                seconds = time_fastnet("numba", sizes, batch, count, precision=precision)["seconds"] / count
                 best[tile_flops] = min(best.get(tile_flops, seconds), seconds)
         rows += [{"workload": workload, "tile_flops": t, "seconds": s} for t, s in best.items()]
     return rows
 
 
 if __name__ == "__main__":
-    print(json.dumps(_time_tile_sizes(json.loads(sys.argv[1]))))
+    print(json.dumps(_time_tile_sizes(json.loads(sys.argv[1]), sys.argv[2])))

@@ -61,8 +61,11 @@ Environment:
                        numpy)
   FASTNET_BLAS         mkl or openblas: the BLAS the numba backend's tiles
                        call, over its plan (see 'fastnet plan --help')
-  FASTNET_PLAN         tile_flops=N,tile_multiple=N,pass_elements=N: the numba
-                       backend's plan for one command
+  FASTNET_BF16_GEMM    mkl or onednn: the bfloat16 GEMM of the numba backend's
+                       --precision bf16, over its plan
+  FASTNET_PLAN         tile_flops=N,tile_multiple=N,pass_elements=N,
+                       bf16_tile_flops=N: the numba backend's plan for one
+                       command
   FASTNET_PLAN_FILE    where 'fastnet plan --measure' keeps the plan
   FASTNET_BF16_ANY_CPU 1: allow --precision bf16 on a CPU without bfloat16
                        instructions (no faster than fp32; for tests)
@@ -375,27 +378,32 @@ without it)."""
 PLAN_EPILOG = """\
 The numba backend cuts every product into tiles of the output, and one BLAS
 call sums each tile. Its plan says which BLAS the tiles call (NumPy's
-OpenBLAS, or MKL when the mkl extra is installed) and how large the tiles
-are. fastnet plan shows the plan in force and where it comes from: measured
-on this machine, or the defaults (MKL on Intel CPUs where it is installed,
-OpenBLAS elsewhere).
+OpenBLAS, or MKL when the mkl extra is installed), which library multiplies
+bfloat16 (MKL's or oneDNN's GEMM) and how large the tiles are. fastnet plan
+shows the plan in force and where it comes from: measured on this machine,
+or the defaults (MKL on Intel CPUs where it is installed, OpenBLAS
+elsewhere; for bfloat16, MKL on Intel CPUs and oneDNN elsewhere).
 
 --measure times training steps of the workloads R1 and R2 on synthetic data
 for every BLAS and several tile sizes, each in a process of its own, quiet
-and beside a busy process, and keeps the fastest over both. The plan goes to
+and beside a busy process, and keeps the fastest over both. Where the CPU
+has bfloat16 instructions, it then times bf16 steps for every bf16 GEMM
+installed, and keeps the fastest and how its steps compared with float32's:
+fastnet train refuses --precision bf16 where they were slower. The plan goes to
 $FASTNET_PLAN_FILE, by default plan.json in fastnet's cache folder
 ($FASTNET_CACHE, else $XDG_CACHE_HOME/fastnet, else ~/.cache/fastnet), with
 this machine's fingerprint: the CPU, its vector instructions, its cores, and
 the NumPy, Numba and MKL versions. Every later run on this machine uses it; a
-plan measured on another machine is ignored. For one command, FASTNET_BLAS and
-FASTNET_PLAN override it (see fastnet --help). config.json records the plan
-of each run and where it came from.
+plan measured on another machine is ignored. For one command, FASTNET_BLAS,
+FASTNET_BF16_GEMM and FASTNET_PLAN override it (see fastnet --help).
+config.json records the plan of each run and where it came from.
 
 A plan changes speed, not results, except through the BLAS it names: each
 element of a product is summed whole by one BLAS call, however finely the
 product is cut.
 
-Exit statuses: 0 done, 2 no Numba, or a bad FASTNET_BLAS or FASTNET_PLAN."""
+Exit statuses: 0 done, 2 no Numba, or a bad FASTNET_BLAS, FASTNET_BF16_GEMM or
+FASTNET_PLAN."""
 
 SWEEP_EPILOG = """\
 Examples:
