@@ -14,7 +14,7 @@ from datetime import datetime
 
 import numpy as np
 
-from fastnet import checkpoint, data
+from fastnet import checkpoint, data, storage
 from fastnet.errors import CheckpointError, FastnetError
 from fastnet.evaluation import evaluation_inputs, normalizer, saved_tta
 
@@ -24,7 +24,7 @@ MISSING = "-"
 # --- Files ------------------------------------------------------------------------------------------
 
 def write_json(path, value):
-    checkpoint.write_text_atomically(path, json.dumps(value, indent=2) + "\n")
+    storage.write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def read_json(path):
@@ -155,7 +155,7 @@ def _figure(width, height):
 
 
 def _save_png(figure, path):
-    checkpoint.write_atomically(path, lambda f: figure.savefig(f, format="png", facecolor="white"))
+    storage.write_atomically(path, lambda f: figure.savefig(f, format="png", facecolor="white"))
 
 
 def plot_curves(epochs, path, title=""):

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import numpy as np
 
-from fastnet import checkpoint
+from fastnet import checkpoint, storage
 from fastnet.config import TrainConfig
 from fastnet.errors import CheckpointError, FastnetError
 
@@ -184,5 +184,5 @@ def restore_state(saved, net, optimizer, rng, fingerprint, run_dir):
 
 
 def write_metrics(out, history):
-    checkpoint.write_text_atomically(os.path.join(out, "metrics.jsonl"),
+    storage.write_text_atomically(os.path.join(out, "metrics.jsonl"),
                                      "".join(json.dumps(summary) + "\n" for summary in history))

@@ -22,7 +22,7 @@ from datetime import datetime
 import numpy as np
 from threadpoolctl import threadpool_info
 
-from fastnet import backends, checkpoint, data, distributed
+from fastnet import backends, checkpoint, data, distributed, storage
 from fastnet.data import downloading
 from fastnet.errors import FastnetError, SettingError
 from fastnet.evaluation import evaluation_inputs, normalizer
@@ -245,7 +245,7 @@ class TrainingRun:
         out = self.processes.broadcast(out)  # rank 0 names a new run's folder
         self.out = out
         if self.writes:
-            checkpoint.remove_temporaries(out)
+            storage.remove_temporaries(out)
         run_config = dataclasses.asdict(config) | {
             "backend": net.backend, "sizes": self.sizes, "out": out, "startup_seconds": self.startup_seconds,
             "data_source": self.dataset.source, "train_size": len(self.train_images), "blas": blas_libraries(),
@@ -269,7 +269,7 @@ class TrainingRun:
                          f"that never stopped to float32 rounding, not bit for bit (the gradients are summed per rank)")
         self.run_config = run_config
         if self.writes:
-            checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
+            storage.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
             write_metrics(out, progress.history)
         where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
                  else f"{len(self.train_images)} training images from {self.dataset.source}")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from fastnet import backends, checkpoint, precision
+from fastnet import backends, checkpoint, precision, storage
 from fastnet.config import TrainConfig
 from fastnet.run_folder import TIMING_METRICS, resumed_config
 from fastnet.train import train
@@ -517,7 +517,7 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(backend, 
     assert finished.returncode == 0, finished.stderr
     assert kills_after_a_checkpoint == 4
     assert len(json.loads((out / "config.json").read_text())["resumed_at_step"]) >= 4
-    assert not [name for name in os.listdir(out) if name.startswith(checkpoint.TEMPORARY_PREFIX)]
+    assert not [name for name in os.listdir(out) if name.startswith(storage.TEMPORARY_PREFIX)]
     assert_same_outcome(out, reference(backend))
 
 
