@@ -101,8 +101,8 @@ def write_classification_report(folder, evaluation, model=None):
                    "model": None if model is None else os.fspath(model), "source": evaluation.get("source")}
         write_json(path, report)
     except OSError as exc:
-        raise FastnetError(f"cannot write report.json to {folder} ({exc.strerror or exc}): "
-                           "pass a writable folder with --out") from exc
+        raise storage.refused(folder, exc) or FastnetError(
+            f"cannot write report.json to {folder} ({exc.strerror or exc}): pass a writable folder with --out") from exc
     return path
 
 
