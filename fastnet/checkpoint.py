@@ -2,24 +2,22 @@
 
 A checkpoint holds the parameters (`param_0`, `param_1`, ... in the order of `MLP.params`), the
 preprocessing statistics, the class names, the configuration as JSON, and optionally optimizer state
-and anything else the trainer adds. It is written to a temporary name, flushed to disk and renamed,
-so a reader never sees half a file.
+and anything else the trainer adds. It is written atomically (fastnet.storage), so a reader never
+sees half a file.
 """
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from fastnet import storage
 from fastnet.errors import CheckpointError
 from fastnet.model import MLP
 
 FORMAT = "fastnet-checkpoint-1"
-TEMPORARY_PREFIX = ".tmp-fastnet-"
 MODEL = "model.npz"  # in a run folder: the model to evaluate and predict with (see fastnet.train)
 
 
@@ -41,47 +39,7 @@ def save(path, net, mean, std, sample_shape, class_names, config, extra=None, pr
         config=np.array(json.dumps(config, sort_keys=True)),
     )
     arrays.update(extra or {})
-    write_npz_atomically(path, arrays)
-
-
-def write_npz_atomically(path, arrays):
-    write_atomically(path, lambda f: np.savez(f, **arrays))
-
-
-def write_text_atomically(path, text):
-    write_atomically(path, lambda f: f.write(text.encode()))
-
-
-def write_atomically(path, write):
-    """Call write(binary file) on a temporary file beside `path`, flush it to disk, then rename it
-    over `path`. A crash at any moment leaves either the old file or the new one, never a mix: the
-    rename is atomic, and the fsync makes sure the data is on disk before the name points at it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=folder)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_temporaries(folder):
-    """Delete what a killed writer left behind: temporaries are never read, only renamed."""
-    for name in os.listdir(folder):
-        if name.startswith(TEMPORARY_PREFIX):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
+    storage.write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 class Checkpoint:

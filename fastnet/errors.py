@@ -58,6 +58,28 @@ class PeerLost(FastnetError):
     exit_status = 3
 
 
+class StorageError(FastnetError):
+    """A file the storage would not let fastnet write: a full disk, a quota, an I/O error, a
+    filesystem gone read-only (fastnet.storage.refused says which and what to do). Its own status,
+    as a lost rank's or database's: the command was right, and every file keeps its last whole
+    version, since each is written under a temporary name and renamed; once the storage is fixed,
+    the same command (with --resume, for a run that has a checkpoint) continues. The message is
+    the `problem`, then what to run after fixing it: `then`, which the code that knows what was
+    saved replaces with continued()."""
+
+    exit_status = 3
+
+    def __init__(self, problem, then="run the same command again"):
+        self.problem, self.then = problem, then
+        super().__init__(f"{problem}, then {then}")
+
+    def continued(self, then):
+        return StorageError(self.problem, then)
+
+    def __reduce__(self):  # the arguments are not the message: pickle them, for a sweep's workers
+        return StorageError, (self.problem, self.then)
+
+
 class DivergenceError(FastnetError):
     """Training produced a NaN or infinity; its own status, so scripts can retry with a lower rate."""
 

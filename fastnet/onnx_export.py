@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 import fastnet
-from fastnet import checkpoint, predict
+from fastnet import checkpoint, predict, storage
 from fastnet.activations import LEAKY_RELU_SLOPE
 from fastnet.backends.numpy_backend import GELU_CUBIC, GELU_SQRT_2_OVER_PI
 from fastnet.errors import FastnetError
@@ -274,7 +274,7 @@ def export(model_path, to=None, tta="run", top_class=False):
     if os.path.isdir(to):
         raise FastnetError(f"--to {to} is a folder: pass a file name such as {os.path.join(to, 'model.onnx')}")
     try:
-        checkpoint.write_atomically(to, lambda f: f.write(model.SerializeToString()))
+        storage.write_atomically(to, lambda f: f.write(model.SerializeToString()))
     except OSError as exc:
         raise FastnetError(f"cannot write --to {to} ({exc.strerror or exc}): pass a path in a folder you can "
                            "write to") from exc

@@ -8,6 +8,7 @@ as it was trained. A uint8 image therefore gets the same logits here as it does 
 with the same test-time augmentation (--tta) unless told otherwise.
 """
 
+import contextlib
 import csv
 import math
 import os
@@ -15,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-from fastnet import checkpoint, data, settings
+from fastnet import checkpoint, data, settings, storage
 from fastnet.errors import FastnetError
 from fastnet.evaluation import EVAL_BATCH, normalizer, saved_tta
 from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, resize, shown, unfollowed, walk
@@ -250,15 +251,14 @@ class CsvWriter:
             handle, self._temporary = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
                                                        dir=folder)
         except OSError as exc:
-            raise FastnetError(f"cannot write --csv {self.path} ({exc.strerror}): pass a path in a folder "
-                               "you can write to") from exc
+            raise self._cannot_write(exc) from exc
         self._file = os.fdopen(handle, "w", newline="", encoding="utf-8")
         self.top = min(top, num_classes)
         columns = ["path", "class", "probability"]
         for k in range(2, self.top + 1):
             columns += [f"class_{k}", f"probability_{k}"]
         self._writer = csv.DictWriter(self._file, [*columns, "error"])
-        self._writer.writeheader()
+        self._put({name: name for name in self._writer.fieldnames})  # the header
 
     def write(self, path, result, error):
         row = {"path": path}
@@ -267,7 +267,14 @@ class CsvWriter:
         for k, (_, name, probability) in enumerate(result or (), start=1):
             suffix = "" if k == 1 else f"_{k}"
             row[f"class{suffix}"], row[f"probability{suffix}"] = name, repr(probability)
-        self._writer.writerow(row)
+        self._put(row)
+
+    def _put(self, row):
+        try:
+            self._writer.writerow(row)
+        except OSError as exc:
+            self.abort()
+            raise self._cannot_write(exc) from exc
 
     def close(self):
         try:
@@ -275,12 +282,14 @@ class CsvWriter:
             os.replace(self._temporary, self.path)
         except OSError as exc:
             self.abort()
-            raise FastnetError(f"cannot write --csv {self.path} ({exc.strerror}): pass a path in a folder "
-                               "you can write to") from exc
+            raise self._cannot_write(exc) from exc
 
     def abort(self):
-        self._file.close()
-        try:
+        with contextlib.suppress(OSError):  # what is still buffered cannot be written: it is dropped
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temporary)
-        except FileNotFoundError:
-            pass
+
+    def _cannot_write(self, exc):
+        return storage.refused(self.path, exc) or FastnetError(
+            f"cannot write --csv {self.path} ({exc.strerror}): pass a path in a folder you can write to")

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import numpy as np
 
-from fastnet import checkpoint, data
+from fastnet import checkpoint, data, storage
 from fastnet.errors import CheckpointError, FastnetError
 from fastnet.evaluation import evaluation_inputs, normalizer, saved_tta
 
@@ -24,7 +24,7 @@ MISSING = "-"
 # --- Files ------------------------------------------------------------------------------------------
 
 def write_json(path, value):
-    checkpoint.write_text_atomically(path, json.dumps(value, indent=2) + "\n")
+    storage.write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def read_json(path):
@@ -101,8 +101,8 @@ def write_classification_report(folder, evaluation, model=None):
                    "model": None if model is None else os.fspath(model), "source": evaluation.get("source")}
         write_json(path, report)
     except OSError as exc:
-        raise FastnetError(f"cannot write report.json to {folder} ({exc.strerror or exc}): "
-                           "pass a writable folder with --out") from exc
+        raise storage.refused(folder, exc) or FastnetError(
+            f"cannot write report.json to {folder} ({exc.strerror or exc}): pass a writable folder with --out") from exc
     return path
 
 
@@ -155,7 +155,7 @@ def _figure(width, height):
 
 
 def _save_png(figure, path):
-    checkpoint.write_atomically(path, lambda f: figure.savefig(f, format="png", facecolor="white"))
+    storage.write_atomically(path, lambda f: figure.savefig(f, format="png", facecolor="white"))
 
 
 def plot_curves(epochs, path, title=""):

@@ -3,6 +3,7 @@ after the last finished epoch, or with --val the best) and checkpoint.npz (every
 resume, with the Progress of the run). Every file is written to a temporary name and renamed, so a
 crash never leaves a half-written one."""
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -14,7 +15,7 @@ from datetime import datetime
 
 import numpy as np
 
-from fastnet import checkpoint
+from fastnet import checkpoint, storage
 from fastnet.config import TrainConfig
 from fastnet.errors import CheckpointError, FastnetError
 
@@ -36,14 +37,16 @@ def make_run_dir(out):
         while os.path.exists(out):
             suffix += 1
             out = os.path.join("runs", f"{stamp}-{suffix}")
+    probe = os.path.join(out, ".fastnet-write-test")
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".fastnet-write-test")
         with open(probe, "w"):
             pass
-        os.unlink(probe)
     except OSError as exc:
-        raise FastnetError(f"cannot write to --out {out} ({exc.strerror}): pass a writable folder") from exc
+        raise storage.unwritable_out(out, out, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):  # also when its close failed
+            os.unlink(probe)
     return out
 
 
@@ -58,7 +61,7 @@ def claim_run_dir(out, resuming=False):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise FastnetError(f"cannot write to --out {out} ({exc.strerror}): pass a writable folder") from exc
+        raise storage.unwritable_out(out, path, exc) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -72,8 +75,12 @@ def claim_run_dir(out, resuming=False):
         host = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
         advice = "wait for it to finish" if resuming else "wait for it to finish, or pass another --out"
         raise FastnetError(f"{out} is in use by another fastnet train (process {pid}{host}): {advice}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise storage.unwritable_out(out, path, exc) from exc
     return fd
 
 
@@ -184,5 +191,5 @@ def restore_state(saved, net, optimizer, rng, fingerprint, run_dir):
 
 
 def write_metrics(out, history):
-    checkpoint.write_text_atomically(os.path.join(out, "metrics.jsonl"),
+    storage.write_text_atomically(os.path.join(out, "metrics.jsonl"),
                                      "".join(json.dumps(summary) + "\n" for summary in history))

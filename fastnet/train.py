@@ -22,9 +22,9 @@ from datetime import datetime
 import numpy as np
 from threadpoolctl import threadpool_info
 
-from fastnet import backends, checkpoint, data, distributed
+from fastnet import backends, checkpoint, data, distributed, storage
 from fastnet.data import downloading
-from fastnet.errors import FastnetError, SettingError
+from fastnet.errors import FastnetError, SettingError, StorageError
 from fastnet.evaluation import evaluation_inputs, normalizer
 from fastnet.model import MLP
 from fastnet.optim import Optimizer, Schedule
@@ -116,6 +116,8 @@ class TrainingRun:
         self.writes = self.processes.writes and folder
         self.log = log if self.processes.writes else (lambda line: None)
         self.lock = None
+        self.out = config.out  # the run folder: open_run_folder names a new one
+        self.checkpoint_step = None  # the step of the checkpoint in the run folder, once there is one
 
     def execute(self):
         try:
@@ -123,6 +125,11 @@ class TrainingRun:
                 return outcome(self.progress.history, self.config.out)
             self.run_epochs()
             return self.finish()
+        except StorageError as exc:
+            if self.checkpoint_step is None:
+                raise  # nothing to resume: the same command starts the run again
+            raise exc.continued(f"continue from the checkpoint at step {self.checkpoint_step} with: "
+                                f"{self.processes.resume_command} --resume {self.out}") from exc
         finally:
             self.close()
 
@@ -202,6 +209,7 @@ class TrainingRun:
 
     def restore(self):
         self.progress = restore_state(self.saved, self.net, self.optimizer, self.rng, self.fingerprint, self.config.out)
+        self.checkpoint_step = self.progress.step
 
     def prepare_inputs(self):
         """What the steps read (the images, or their principal components with --pca), what
@@ -245,7 +253,7 @@ class TrainingRun:
         out = self.processes.broadcast(out)  # rank 0 names a new run's folder
         self.out = out
         if self.writes:
-            checkpoint.remove_temporaries(out)
+            storage.remove_temporaries(out)
         run_config = dataclasses.asdict(config) | {
             "backend": net.backend, "sizes": self.sizes, "out": out, "startup_seconds": self.startup_seconds,
             "data_source": self.dataset.source, "train_size": len(self.train_images), "blas": blas_libraries(),
@@ -269,7 +277,7 @@ class TrainingRun:
                          f"that never stopped to float32 rounding, not bit for bit (the gradients are summed per rank)")
         self.run_config = run_config
         if self.writes:
-            checkpoint.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
+            storage.write_text_atomically(os.path.join(out, "config.json"), json.dumps(run_config, indent=2))
             write_metrics(out, progress.history)
         where = (f"resuming at epoch {progress.epochs_done + 1}, step {progress.step}" if saved is not None
                  else f"{len(self.train_images)} training images from {self.dataset.source}")
@@ -283,18 +291,28 @@ class TrainingRun:
         self.log(f"fastnet: {'-'.join(map(str, self.sizes))} MLP{inputs}, {net.backend} backend (kernels ready in "
                  f"{self.startup_seconds:.2f} s), {where}{writing}")
 
-    def save_checkpoint(self):
+    def save_checkpoint(self, finished_epoch=None):
+        """checkpoint.npz; at the end of `finished_epoch`, metrics.jsonl and (when the epoch is the
+        best) model.npz first. The checkpoint comes last, so no file is ever behind it: what a
+        failed write or a crash leaves undone, the run resumed from the checkpoint writes again."""
         net, progress, dataset = self.net, self.progress, self.dataset
         if not all(np.isfinite(p).all() for p in net.params):
             raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", self.config.lr)
         self.processes.check_same_parameters(net.params)
         if not self.writes:
             return
+        if finished_epoch is not None:
+            write_metrics(self.out, progress.history)
+            if best_epoch(progress.history) == finished_epoch:
+                checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, dataset.sample_shape,
+                                dataset.class_names, self.run_config, {"epoch": np.array(finished_epoch)},
+                                self.projection)
         extra = self.optimizer.state_arrays() | {"progress": np.array(json.dumps(progress.state(self.rng)))}
         if progress.order is not None:
             extra["order"] = progress.order
         checkpoint.save(os.path.join(self.out, CHECKPOINT), net, self.mean, self.std, dataset.sample_shape,
                         dataset.class_names, self.run_config, extra, self.projection)
+        self.checkpoint_step = progress.step
 
     def run_epochs(self, until=None):
         """Epochs until epoch `until` (None: the last), a stop request, or after_epoch returning True."""
@@ -348,13 +366,7 @@ class TrainingRun:
         summary = self.epoch_metrics(epoch)
         self.progress = dataclasses.replace(Progress(), epochs_done=epoch, step=progress.step,
                                             history=progress.history + [summary])
-        self.save_checkpoint()
-        if self.writes:
-            write_metrics(self.out, self.progress.history)
-            if best_epoch(self.progress.history) == epoch:
-                checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, self.dataset.sample_shape,
-                                self.dataset.class_names, self.run_config, {"epoch": np.array(epoch)},
-                                self.projection)
+        self.save_checkpoint(finished_epoch=epoch)
         self.log(format_epoch(summary, config.epochs))
         if self.processes.stopping and self.progress.epochs_done < config.epochs:
             raise interrupted(stop.signum or signal.SIGTERM, self.progress, self.out, self.processes.resume_command)

@@ -5,6 +5,7 @@ image trees in the layouts users keep, and the real command run in a subprocess.
 import contextlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import pathlib
@@ -24,6 +25,7 @@ from fastnet import backends, data
 from fastnet.activations import ACTIVATIONS
 from fastnet.backends import numpy_backend as ref
 from fastnet.errors import DataError
+from fastnet.run_folder import TIMING_METRICS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -548,3 +550,23 @@ def assert_one_line_error(result, *phrases):
     assert "Traceback" not in result.stderr
     for phrase in phrases:
         assert phrase in lines[0], lines[0]
+
+
+# --- Runs compared (test_reliability, test_storage_faults) ------------------------------------------
+
+def run_outcome(run):
+    """What must be bit-identical between runs: parameters, optimizer state, and metrics but timings."""
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_", "input_projection"))}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return arrays, [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics]
+
+
+def assert_same_outcome(run, reference):
+    arrays, metrics = run_outcome(run)
+    expected_arrays, expected_metrics = run_outcome(reference)
+    assert arrays.keys() == expected_arrays.keys()
+    for name in arrays:
+        assert np.array_equal(arrays[name], expected_arrays[name]), f"{name} differs"
+        assert arrays[name].dtype == expected_arrays[name].dtype
+    assert metrics == expected_metrics

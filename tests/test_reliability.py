@@ -16,12 +16,13 @@ import time
 import numpy as np
 import pytest
 
-from fastnet import backends, checkpoint, precision
+from fastnet import backends, checkpoint, precision, storage
 from fastnet.config import TrainConfig
-from fastnet.run_folder import TIMING_METRICS, resumed_config
+from fastnet.run_folder import resumed_config
 from fastnet.train import train
 from helpers import (
     assert_one_line_error,
+    assert_same_outcome,
     fastnet,
     make_arrays,
     make_tree,
@@ -375,26 +376,6 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(finished_run, tmp
 
 # --- Resume ------------------------------------------------------------------------------------------
 
-
-
-def outcome(run):
-    """What must be bit-identical between runs: parameters, optimizer state, and metrics but timings."""
-    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_", "input_projection"))}
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return arrays, [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics]
-
-
-def assert_same_outcome(run, reference):
-    arrays, metrics = outcome(run)
-    expected_arrays, expected_metrics = outcome(reference)
-    assert arrays.keys() == expected_arrays.keys()
-    for name in arrays:
-        assert np.array_equal(arrays[name], expected_arrays[name]), f"{name} differs"
-        assert arrays[name].dtype == expected_arrays[name].dtype
-    assert metrics == expected_metrics
-
-
 class Crash(Exception):
     pass
 
@@ -517,7 +498,7 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(backend, 
     assert finished.returncode == 0, finished.stderr
     assert kills_after_a_checkpoint == 4
     assert len(json.loads((out / "config.json").read_text())["resumed_at_step"]) >= 4
-    assert not [name for name in os.listdir(out) if name.startswith(checkpoint.TEMPORARY_PREFIX)]
+    assert not [name for name in os.listdir(out) if name.startswith(storage.TEMPORARY_PREFIX)]
     assert_same_outcome(out, reference(backend))
 
 

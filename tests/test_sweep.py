@@ -103,3 +103,10 @@ def test_an_unreachable_database_is_one_line_without_its_password(tiny_npy, tmp_
                           "check that the database runs")
     assert "s3cret-word" not in result.stderr + result.stdout
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_folder_that_cannot_be_made_is_one_line(tiny_npy, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = fastnet("sweep", "--data", tiny_npy, "--val", 50, "--out", tmp_path / "a-file" / "sweep")
+    assert_one_line_error(result, f"cannot write to --out {tmp_path / 'a-file' / 'sweep'} (Not a directory)",
+                          "pass a writable folder")

@@ -9,6 +9,7 @@ from fastnet import backends, bench, data, distributed, precision, report
 from fastnet.cli.flag_types import tta_flag
 from fastnet.cli.parser import UsageError
 from fastnet.config import TrainConfig, recipe_config
+from fastnet.errors import StorageError
 from fastnet.evaluation import saved_tta
 from fastnet.run_folder import resumed_config
 from fastnet.sweep.space import FIXED
@@ -54,7 +55,11 @@ def run_train(args):
         if parallel is not None and not parallel.writes:
             return
         if args.plot:
-            print("wrote " + " and ".join(report.plot_run(summary["out"], data=config.data, backend=config.backend)))
+            try:
+                written = report.plot_run(summary["out"], data=config.data, backend=config.backend)
+            except StorageError as exc:  # the run itself is whole: only the plots are left to draw
+                raise exc.continued(f"draw the plots with: fastnet plot {summary['out']}") from exc
+            print("wrote " + " and ".join(written))
     kept, epochs = summary["kept"], summary["epoch"]
     which = ("" if kept["epoch"] == epochs else
              f" (epoch {kept['epoch']}, the best by validation accuracy: test accuracy {kept['test_acc']:.2%})")

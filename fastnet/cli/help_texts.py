@@ -45,7 +45,10 @@ Exit statuses:
        classified)
   2    bad input: a flag, a setting, the data, a model or checkpoint file
   3    training diverged; a rank of a data-parallel run died or went silent;
-       a sweep's database went away
+       a sweep's database went away; the storage refused to write a file (a
+       full disk, a quota, an I/O error): the files keep their last whole
+       versions, and the same command continues (with --resume RUN_DIR, for
+       a run that has a checkpoint)
   130  stopped by Ctrl-C (SIGINT)
   141  the reader of the output went away (as with | head)
   143  stopped by SIGTERM"""
@@ -163,6 +166,17 @@ names the epoch and step and suggests a lower learning rate, and exit status
 3. Nothing is written after it, so the last checkpoint is the last good
 state.
 
+A full disk. A file the storage refuses to write (a full disk, a quota, an
+I/O error, a filesystem gone read-only) stops the run with one line that
+names the file, the system's reason and the filesystem's mount point, and
+exit status 3. No file is left half-written, and checkpoint.npz is written
+after the epoch's other files, so the last checkpoint stays whole and
+nothing is behind it: once the storage is fixed, --resume RUN_DIR, as the
+line says, continues to the same bits as a run that never stopped. Before
+the first checkpoint, the line says to run the same command again. If only
+the plots of --plot fail, the run is whole: fastnet plot RUN_DIR draws them.
+A decoded image tree that cannot be cached is one warning: the run goes on.
+
 Backends and threads. --backend numpy is the reference; numba is faster.
 Both give the same results up to float32 rounding. The numba backend
 compiles its kernels on first use and caches them on disk; the first line of
@@ -216,8 +230,8 @@ and --resume under mpirun continues it. It needs an MPI library and mpi4py
 
 Errors. A bad flag or setting, missing or corrupt data, or a checkpoint that
 does not fit the data is one line on stderr and exit status 2, and nothing
-is written. Exit statuses: 0 done, 2 bad input, 3 divergence or a lost rank,
-130 and 143 stopped by SIGINT and SIGTERM."""
+is written. Exit statuses: 0 done, 2 bad input, 3 divergence, a lost rank or a
+write the storage refused, 130 and 143 stopped by SIGINT and SIGTERM."""
 
 EVALUATE_EPILOG = """\
 Examples:
@@ -241,9 +255,11 @@ class_names, per_class_accuracy and confusion (confusion[true][predicted]).
 matrix, the class names, and for each class its precision, recall, F1 and
 number of test images, with their macro averages. A class that is never
 predicted has precision 0. fastnet plot RUN_DIR draws its confusion matrix
-from RUN_DIR/report.json when that is not older than the model.
+from RUN_DIR/report.json when that is not older than the model. A
+report.json that the storage refuses to write (a full disk, an I/O error)
+is one line and exit status 3, and leaves no file.
 
-Exit statuses: 0 done, 2 bad input."""
+Exit statuses: 0 done, 2 bad input, 3 the storage refused a write."""
 
 PREDICT_EPILOG = f"""\
 Examples:
@@ -280,14 +296,17 @@ image files at all, is one line and exit status 2.
   path,class,probability,class_2,probability_2,...,error
 up to --top K classes, or only path and error for a file that cannot be
 read. FILE is written under a temporary name in its folder and renamed when
-complete, so an interrupted run leaves no half-written FILE.
+complete, so an interrupted run leaves no half-written FILE; a FILE that the
+storage refuses to write (a full disk, an I/O error) is one line and exit
+status 3.
 
 From Python, fastnet.load(path) returns the model with its preprocessing:
 model.predict(images) gives class indices, model.predict_proba(images) the
 probabilities, model.class_names the names; images in the model's input
 shape, one or a batch, uint8 0-255 or floats in [0, 1].
 
-Exit statuses: 0 done, 1 some images could not be read, 2 bad input."""
+Exit statuses: 0 done, 1 some images could not be read, 2 bad input, 3 the
+storage refused to write --csv FILE."""
 
 EXPORT_EPILOG = """\
 Examples:
@@ -309,10 +328,12 @@ hold the class names (JSON), the fastnet version and the run's settings.
 FILE is written under a temporary name in its folder and renamed when
 complete, so a failed export leaves no half-written file. Needs the onnx
 package: pip install 'fastnet[onnx]' (with onnxruntime, to run the graph).
-A missing model, a FILE that cannot be written, or onnx not installed is one
-line and exit status 2. docs/onnx.md shows the graph run by ONNX Runtime.
+A missing model, a FILE in a folder that cannot be written, or onnx not
+installed is one line and exit status 2; a write the storage refuses (a full
+disk, an I/O error) is one line and exit status 3. docs/onnx.md shows the
+graph run by ONNX Runtime.
 
-Exit statuses: 0 done, 2 bad input."""
+Exit statuses: 0 done, 2 bad input, 3 the storage refused a write."""
 
 PLOT_EPILOG = """\
 Example:
@@ -332,7 +353,7 @@ fastnet.report.plot_run(run_dir, data=None, backend=None) does the same and
 returns the paths.
 
 Exit statuses: 0 done, 2 bad input (no run folder, no finished epoch, no
-matplotlib)."""
+matplotlib), 3 the storage refused to write a plot."""
 
 RUNS_EPILOG = """\
 Prints a table of the runs in DIR, oldest first. A run is a folder with a
@@ -463,7 +484,11 @@ results so far and exits with status 130; the same command continues the
 study. A scheduler or database that cannot be reached is one line and exit
 status 2, before anything runs. A database lost mid-sweep stops the sweep
 with exit status 3: what it recorded is kept, and the same command continues
-once it is back. trials.csv says why each failed trial ended."""
+once it is back. A file the storage refuses to write (a full disk, an I/O
+error), a trial's or the results, stops the sweep with one line and exit
+status 3: the study keeps every trial, the settings of a trial that could
+not write are tried again, and the same command continues once the storage
+is fixed. trials.csv says why each failed trial ended."""
 
 DATA_EPILOG = """\
 Run 'fastnet data download --help' for the reference of the one action."""

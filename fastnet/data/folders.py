@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from fastnet import settings
+from fastnet import settings, storage
 from fastnet.errors import DataError, SettingError
 from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, resize, shown, unfollowed, walk
 
@@ -311,6 +311,11 @@ def _cached_or_decoded(root, split, files, reference, workers):
             pass  # never made, or its folder could not be: nothing to remove
         if not isinstance(exc, OSError):
             raise  # Ctrl-C while writing: no half-written file is left, under any name
+        # A warning, not an error: the images are decoded, and the run needs no cache to go on.
+        advice = "set FASTNET_CACHE to a writable folder"
+        fault = storage.remedy(path, exc)
+        if fault is not None:
+            advice = f"{fault}, or set FASTNET_CACHE to a folder on another disk"
         return images, (f"could not cache the decoded images in {folder} ({exc.strerror}), so the next run decodes "
-                        f"them again: set FASTNET_CACHE to a writable folder")
+                        f"them again: {advice}")
     return images, None

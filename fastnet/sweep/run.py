@@ -9,12 +9,14 @@ started here, or those of the Dask scheduler at --scheduler (tcp://, or tls:// w
 certificates). A trial that fails (it diverged, or its worker died) is recorded as failed, with why
 in trials.csv, and another takes its place; the settings of one whose worker died are tried again.
 Ctrl-C marks this sweep's running trials stopped; a database lost mid-sweep is DatabaseLost (exit
-status 3), since what it recorded is kept.
+status 3), since what it recorded is kept, and a file that the storage refuses (a trial's, or the
+results) is a StorageError (exit status 3 too), since the study keeps every trial.
 """
 
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -27,10 +29,10 @@ import uuid
 import warnings
 from datetime import datetime
 
-from fastnet import data
+from fastnet import data, storage
 from fastnet import settings as rules
 from fastnet.config import TrainConfig
-from fastnet.errors import DatabaseLost, FastnetError, Interrupted, SettingError
+from fastnet.errors import DatabaseLost, FastnetError, Interrupted, SettingError, StorageError
 from fastnet.sweep import space as spaces
 from fastnet.sweep import trial as trials
 from fastnet.sweep.trial import run_trial
@@ -154,7 +156,7 @@ def sweep(config, log=print):
     space = config.check()
     out = config.out or os.path.join("sweeps", datetime.now().strftime("%Y%m%d-%H%M%S"))
     created = not os.path.exists(out)
-    os.makedirs(os.path.join(out, "trials"), exist_ok=True)
+    make_sweep_folder(out)
     url = config.storage or f"sqlite:///{os.path.abspath(os.path.join(out, 'study.db'))}"
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep reports what goes wrong itself
     with contextlib.ExitStack() as stack:
@@ -183,17 +185,24 @@ def sweep(config, log=print):
             raise DatabaseLost(f"lost the study's database {hidden_password(url)} mid-sweep ({_cause(exc)}): "
                                f"what it recorded is kept; when it is back, the same command continues the "
                                f"study") from None
+        except StorageError:  # a trial's; the results would not be written either
+            _stop_every_trial(study, store, me, "stopped: another trial could not write its files", stack)
+            raise
         except KeyboardInterrupt:
-            # Marked first, so that a trial that would finish while its worker shuts down cannot (the
-            # study refuses to change a finished trial); and again after, for trials asked meanwhile.
-            stopped = _stop_running(study, store, me, "stopped by Ctrl-C")
-            stack.close()
-            stopped += _stop_running(study, store, me, "stopped by Ctrl-C")
+            stopped = _stop_every_trial(study, store, me, "stopped by Ctrl-C", stack)
             summary = write_results(study, config, space, out, url)
             raise Interrupted(signal.SIGINT, f"sweep stopped by Ctrl-C: {len(stopped)} running trials marked "
                                              f"stopped, {_finished(summary)} of {config.trials} done; the same "
                                              f"command continues the study") from None
     return write_results(study, config, space, out, url)
+
+
+def make_sweep_folder(out):
+    """The sweep folder `out` and its trials/, or the error that says why they cannot be made."""
+    try:
+        os.makedirs(os.path.join(out, "trials"), exist_ok=True)
+    except OSError as exc:
+        raise storage.unwritable_out(out, out, exc) from exc
 
 
 def _open(url, attempts=3):
@@ -311,6 +320,9 @@ def drive(study, store, client, job, config, capacity, log):
                 result = {"number": "?", "state": "FAIL", "error": f"{type(exc).__name__}: {exc}"}
             if result["state"] == "NOT NEEDED":
                 continue
+            if "storage" in result:  # every trial after it would fail the same way
+                raise StorageError(result["storage"], f"run the same command again: it continues the study, "
+                                                      f"and tries the settings of trial {result['number']} again")
             failures_in_a_row = failures_in_a_row + 1 if result["state"] == "FAIL" else 0
             log(_progress(study, len(running), result))
             if failures_in_a_row >= max(config.trials, 3):
@@ -329,6 +341,16 @@ def _fail_stale(study):
 
 def _plural(number, thing):
     return f"{number} {thing}{'s' * (number != 1)}"
+
+
+def _stop_every_trial(study, store, sweep_id, why, cluster):
+    """Mark this sweep's running trials stopped and close its `cluster` (an ExitStack); returns
+    their numbers. Marked first, so that a trial that would finish while its worker shuts down
+    cannot (the study refuses to change a finished trial); and again after, for trials asked
+    meanwhile."""
+    stopped = _stop_running(study, store, sweep_id, why)
+    cluster.close()
+    return stopped + _stop_running(study, store, sweep_id, why)
 
 
 def _stop_running(study, store, sweep_id, why):
@@ -384,7 +406,7 @@ def reproduce_command(config, trial_settings):
     return " ".join(words + ["--threads", str(config.threads_per_trial)])
 
 
-def write_results(study, config, space, out, storage):
+def write_results(study, config, space, out, url):
     """trials.csv and sweep.json in the sweep folder, from the study itself; returns the summary."""
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     rows = [{"number": t.number, "state": t.state.name, "val_acc": t.value if t.value is not None else "",
@@ -392,23 +414,22 @@ def write_results(study, config, space, out, storage):
             | {name: _flag_value(t.user_attrs.get("settings", {}).get(name)) for name in space.settings}
             | {"note": _note(t)}
             for t in trials]
-    with open(os.path.join(out, "trials.csv"), "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["number", "state", "val_acc", "epochs", *space.settings, "out",
-                                                  "note"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["number", "state", "val_acc", "epochs", *space.settings, "out", "note"])
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text_atomically(os.path.join(out, "trials.csv"), table.getvalue())
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = max(complete, key=lambda t: t.value) if complete else None
-    summary = {"study": config.study, "storage": hidden_password(storage), "space": str(space.path),
+    summary = {"study": config.study, "storage": hidden_password(url), "space": str(space.path),
                "trials": {state: sum(t.state.name == state for t in trials)
                           for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")},
                "best": None if best is None else {
                    "number": best.number, "val_acc": best.value, "settings": best.user_attrs["settings"],
                    "out": best.user_attrs.get("out"),
                    "command": reproduce_command(config, _from_json(best.user_attrs["settings"]))},
-               "config": dataclasses.asdict(config) | {"storage": hidden_password(storage)}, "out": out}
-    with open(os.path.join(out, "sweep.json"), "w") as file:
-        json.dump(summary, file, indent=2)
+               "config": dataclasses.asdict(config) | {"storage": hidden_password(url)}, "out": out}
+    storage.write_text_atomically(os.path.join(out, "sweep.json"), json.dumps(summary, indent=2))
     return summary | {"rows": rows, "settings": list(space.settings)}
 
 

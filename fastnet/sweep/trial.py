@@ -20,7 +20,7 @@ import warnings
 
 from fastnet import backends
 from fastnet.config import TrainConfig
-from fastnet.errors import FastnetError
+from fastnet.errors import FastnetError, StorageError
 from fastnet.train import train
 
 HEARTBEAT = 5  # seconds
@@ -128,6 +128,11 @@ def run_trial(job):
     try:
         with backends.use_threads(settings.get("backend"), job["threads"]):
             summary = train(TrainConfig(**settings), log=lambda line: None, after_epoch=after_epoch)
+    except StorageError as exc:  # not the settings' fault: they are tried again, once the sweep's driver stops
+        trial.set_user_attr("error", exc.problem)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        return result | {"state": "FAIL", "value": None, "error": exc.problem, "storage": exc.problem}
     except FastnetError as exc:  # diverged, or a setting this data cannot take: the search goes on
         trial.set_user_attr("error", str(exc))
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
