@@ -127,6 +127,8 @@ def print_env(sides, results, peaks):
             if "parallelism" in r:
                 p = r["parallelism"]
                 extra = f"; {p['threads']} threads: {p['split']}" + (f", BLAS {p['blas']}" if "blas" in p else "")
+                if "bf16" in key and "bf16_gemm" in p:
+                    extra += f", bf16 GEMM {p['bf16_gemm']}"
             print(f"  {key}: {pools}; {r['os_threads']} OS threads at the end{extra}")
 
 
