@@ -256,6 +256,12 @@ CASES = {
                                                  ["--pca 45 asks for more components than 40 images",
                                                   "(those left after 260 are held out for validation) of 48 inputs",
                                                   "pass at most 40, or hold out fewer than 260 for validation"]),
+    "image size on a CIFAR-10 archive": (lambda root, tiny, run: ["train", "--data", write_archive(
+        root / "cifar-10-python.tar.gz", make_arrays()), "--image-size", "8x8"],
+        ["--image-size resizes the images of an image tree", "is a CIFAR-10 archive", "drop --image-size"]),
+    "image size on CIFAR-10 batches": (lambda root, tiny, run: ["train", "--data", write_batches(
+        root / "b", make_arrays()), "--image-size", "8x8"],
+        ["--image-size resizes the images of an image tree", "is a CIFAR-10 batches folder", "drop --image-size"]),
     # Checkpoints
     "checkpoint missing": (lambda root, tiny, run: ["evaluate", root / "none.npz", "--data", tiny],
                            ["none.npz does not exist"]),

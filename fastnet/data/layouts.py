@@ -30,6 +30,9 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 BATCHES_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 NPY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
+# What a message calls each layout but an image tree.
+LAYOUT_NAMES = {"npy": "a folder of .npy files", "batches": "a CIFAR-10 batches folder",
+                "archive": "a CIFAR-10 archive"}
 _HINT = ("pass --data with a folder of class folders (train/<class>/, test/<class>/), a CIFAR-10 archive, batches "
          "folder or .npy folder, or run `fastnet data download`")
 
@@ -135,10 +138,11 @@ def load_dataset(path: str | os.PathLike | None = None, test_fraction: float = 0
         return folders.load_image_tree(found, test_fraction, rng, image_size=image_size)
     if settings.test_fraction("test_fraction", test_fraction):
         raise SettingError("test_fraction", f"{{setting}} holds out a test split from an image tree without a test/ "
-                                            f"folder, and {found} is a {kind} dataset with its own: drop {{setting}}")
+                                            f"folder, and {found} is {LAYOUT_NAMES[kind]} with its own: drop "
+                                            f"{{setting}}")
     if settings.image_size("image_size", image_size):
-        raise SettingError("image_size", f"{{setting}} resizes the images of an image tree, and {found} is a {kind} "
-                                         f"dataset, whose images are arrays already: drop {{setting}}")
+        raise SettingError("image_size", f"{{setting}} resizes the images of an image tree, and {found} is "
+                                         f"{LAYOUT_NAMES[kind]}, whose images are arrays already: drop {{setting}}")
     if kind == "npy":
         return _load_npy(found)
     if kind == "batches":
