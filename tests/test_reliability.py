@@ -10,6 +10,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -49,6 +50,16 @@ def npy_with(flags=(), **changes):
         for key, change in changes.items():
             arrays[key] = change(arrays[key])
         return ["train", "--data", write_npy(root / "bad", arrays, names=[f"c{i}" for i in range(10)]), *flags]
+    return build
+
+
+def labelled(write, train, test):
+    """`fastnet train` on make_arrays' dataset in the layout `write` writes (write_npy, write_batches),
+    its labels changed by `train` and `test`, and no class names: the labels are all there is."""
+    def build(root, tiny, run):
+        arrays = make_arrays()
+        arrays["train_labels"], arrays["test_labels"] = train(arrays["train_labels"]), test(arrays["test_labels"])
+        return ["train", "--data", write(root / "labelled", arrays, names=None), "--batch-size", "5"]
     return build
 
 
@@ -262,6 +273,21 @@ CASES = {
     "image size on CIFAR-10 batches": (lambda root, tiny, run: ["train", "--data", write_batches(
         root / "b", make_arrays()), "--image-size", "8x8"],
         ["--image-size resizes the images of an image tree", "is a CIFAR-10 batches folder", "drop --image-size"]),
+    "npy test class that train lacks": (labelled(write_npy, train=lambda y: np.where(y == 9, 8, y),
+                                                 test=with_one(9, at=2)),
+                                        ["test_labels.npy: label 9 at index 2 is a class that no training image has",
+                                         "list the classes in", "class_names.txt"]),
+    "batches test class that train lacks": (labelled(write_batches, train=lambda y: np.where(y == 9, 8, y),
+                                                     test=with_one(9, at=2)),
+                                            ["test_batch in", "label 9 at index 2 is a class that no training",
+                                             "list the classes in batches.meta"]),
+    "npy of one class": (labelled(write_npy, train=np.zeros_like, test=np.zeros_like),
+                         ["train_labels.npy: all labels are of one class, '0' (0)", "two or more",
+                          "supply training images of at least one other class"]),
+    "tree of one class": (tree_with(lambda tree: [shutil.rmtree(tree / split / name) for split in ("train", "test")
+                                                  for name in ("Moth", "zebra")]),
+                          ["the train split of image tree", "all labels are of one class, 'ant' (0)",
+                           "supply training images"]),
     # Checkpoints
     "checkpoint missing": (lambda root, tiny, run: ["evaluate", root / "none.npz", "--data", tiny],
                            ["none.npz does not exist"]),

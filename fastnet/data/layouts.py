@@ -348,6 +348,7 @@ def _checked(train_images, train_labels, test_images, test_labels, class_names, 
     top = int(max(train_labels.max(), test_labels.max()))
     if class_names is None:
         _check_label_gaps(labels, top, label_files, names_file)
+        _check_test_classes(labels, label_files, names_file)
         class_names = [str(k) for k in range(top + 1)]
     if top >= len(class_names):
         split, index = _first_label_at_least(labels, len(class_names))
@@ -355,6 +356,11 @@ def _checked(train_images, train_labels, test_images, test_labels, class_names, 
                         f"{len(class_names)} classes that {names_file or source} names: fix the label, or add "
                         f"its class to the list")
     counts = np.bincount(train_labels, minlength=len(class_names))
+    if np.count_nonzero(counts) < 2:
+        only = int(train_labels[0])
+        raise DataError(f"{label_files['train']}: all labels are of one class, {class_names[only]!r} ({only}), and a "
+                        f"classifier learns to tell two or more apart: supply training images of at least one other "
+                        f"class")
     empty = [f"{class_names[k]!r} ({k})" for k in np.flatnonzero(counts == 0)]
     warnings = ()
     if len(empty) == 1:
@@ -376,6 +382,20 @@ def _first_label_at_least(labels, value):
         if hits.size:
             return split, int(hits[0])
     raise ValueError(f"no label is {value} or more")
+
+
+def _check_test_classes(labels, label_files, names_file):
+    """Without class names the classes are the labels' numbers, and a number that only the test split
+    has is a class the network is never trained on, so it gets every test image of it wrong: almost
+    always a split made by class (train 0 to 7, test 8 and 9) or a typo. With the names, it is a
+    class meant to have no training images, and only reported."""
+    unseen = np.flatnonzero(~np.isin(labels["test"], labels["train"]))
+    if unseen.size:
+        index = int(unseen[0])
+        listed = f"list the classes in {names_file}" if names_file else "list the class names"
+        raise DataError(f"{label_files['test']}: label {labels['test'][index]} at index {index} is a class that no "
+                        f"training image has, so it cannot be learnt: fix the label, or {listed} when a class "
+                        f"without training images is meant")
 
 
 def _check_label_gaps(labels, top, label_files, names_file):
