@@ -2,6 +2,7 @@
 checked by the rules of fastnet.settings; and the named recipes that `--recipe` starts from."""
 
 import dataclasses
+import math
 
 from fastnet import backends, precision, settings
 from fastnet.errors import FastnetError
@@ -70,6 +71,24 @@ class TrainConfig:
         settings.test_time_augmentation("tta", self.tta)
         backends.get(self.backend)
         return precision.check(self.precision, self.backend)
+
+    def check_against_data(self, sample_shape, source, training):
+        """Apply the rules of the settings that the data limits (fastnet.settings), once a run has its
+        data: samples of `sample_shape` from `source`, and `training` training images left after
+        `val` went to validation. SettingError (FastnetError for image flags on samples that are not
+        images) for the first that this data cannot take."""
+        from fastnet.data.components import PCA_SAMPLE  # here: the settings alone need no SciPy
+
+        settings.batch_size_for("batch_size", self.batch_size, training, self.val)
+        settings.image_flags_for(self.flip or self.translate or self.cutout or self.tta, sample_shape, source)
+        if self.translate:
+            settings.translation_for("translate", self.translate, sample_shape)
+        if self.cutout:
+            settings.cutout_for("cutout", self.cutout, sample_shape)
+        if self.pca:
+            sampled = training > PCA_SAMPLE  # the components are fitted to a sample of the images
+            settings.components_for("pca", self.pca, math.prod(sample_shape), min(training, PCA_SAMPLE), self.val,
+                                    sampled_from=training if sampled else None)
 
 
 # Named starting points for `fastnet train --recipe NAME`; flags given with it override its settings.

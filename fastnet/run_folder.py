@@ -177,11 +177,16 @@ def resumed_config(run_dir, **overrides):
     return TrainConfig(**fields | {k: v for k, v in overrides.items() if v is not None})
 
 
-def restore_state(saved, net, optimizer, rng, fingerprint, run_dir):
-    """Load the parameters, optimizer state and progress of `saved` into this run's objects."""
+def check_same_data(saved, fingerprint, run_dir):
+    """A run resumes on the data it was trained on (its fingerprint): checked before anything else is
+    asked of the data, since other data would fail those checks for the wrong reason."""
     if saved.config.get("data_fingerprint") != fingerprint:
         raise CheckpointError(f"the data differs from the data the run in {run_dir} was trained on: pass "
                               f"--data with the original dataset")
+
+
+def restore_state(saved, net, optimizer, rng, run_dir):
+    """Load the parameters, optimizer state and progress of `saved` into this run's objects."""
     if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
             (saved.projection is None) == bool(saved.config.get("pca")):
         raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")

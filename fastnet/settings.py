@@ -12,7 +12,7 @@ Each function returns the value it checked, converted where the rule says so (an
 import math
 import numbers
 
-from fastnet.errors import SettingError
+from fastnet.errors import FastnetError, SettingError
 
 
 def positive_integer(setting, value, example):
@@ -114,4 +114,71 @@ def test_time_augmentation(setting, value):
     """One of TEST_TIME_AUGMENTATIONS; the command line spells None as none."""
     if value not in TEST_TIME_AUGMENTATIONS:
         raise SettingError(setting, f"{{setting}} {value!r} is not a test-time augmentation: choose flip or none")
+    return value
+
+
+# --- Settings against the data they meet -----------------------------------------------------------
+# TrainConfig.check_against_data applies these once a run has its data and its validation split, before
+# it builds anything or writes its folder. `training` is the number of training images the run trains
+# on, `held_out` how many --val took from them for validation.
+
+def _training_images(training, held_out):
+    noun = "image" if training == 1 else "images"
+    left = f" left after {held_out} are held out for validation" if held_out else ""
+    return f"the {training} training {noun}{left}"
+
+
+def _or_hold_out_fewer(held_out):
+    return f", or hold out fewer than {held_out} for validation" if held_out else ""
+
+
+def batch_size_for(setting, value, training, held_out=0):
+    """A batch is drawn from the training images: at most all of them."""
+    if value > training:
+        raise SettingError(setting, f"{{setting}} {value} is larger than {_training_images(training, held_out)}: "
+                                    f"pass at most {training}{_or_hold_out_fewer(held_out)}")
+    return value
+
+
+def components_for(setting, count, inputs, images, held_out=0, sampled_from=None):
+    """K principal components (--pca K) are K directions among the `inputs` of a sample, fitted to
+    `images` images: the training images (those left after `held_out` went to validation), or a
+    sample of them when `sampled_from`, the number of training images, is given. They need K of each."""
+    limit = min(inputs, images)
+    if count <= limit:
+        return count
+    which, advice = "", ""
+    if images < inputs:  # the images are what is short
+        if sampled_from:
+            which = f" (a sample of the {sampled_from} training images)"
+        elif held_out:
+            which = f" (those left after {held_out} are held out for validation)"
+            advice = _or_hold_out_fewer(held_out)
+    raise SettingError(setting, f"{{setting}} {count} asks for more components than {images} images{which} of "
+                                f"{inputs} inputs can give: pass at most {limit}{advice}")
+
+
+def image_flags_for(asked, sample_shape, source):
+    """Flips, in training or at test time, shifts and cutouts (`asked`: whether a run asks for any)
+    move pixels along a height and a width: the samples of `source` must have them."""
+    if asked and len(sample_shape) not in (2, 3):
+        raise FastnetError(f"--flip, --translate, --cutout and --tta need images, but the samples of {source} have "
+                           f"shape {tuple(sample_shape)}: drop those flags")
+
+
+def translation_for(setting, value, sample_shape):
+    """A shift as large as the image's shorter side can move all of it out of view, leaving a blank."""
+    height, width = sample_shape[:2]
+    if value >= min(height, width):
+        raise SettingError(setting, f"{{setting}} {value} can shift the {height}x{width} images wholly out of "
+                                    f"view: pass at most {min(height, width) - 1}")
+    return value
+
+
+def cutout_for(setting, value, sample_shape):
+    """The blanked square fits in the image."""
+    height, width = sample_shape[:2]
+    if value > min(height, width):
+        raise SettingError(setting, f"{{setting}} {value} is a square larger than the {height}x{width} images: "
+                                    f"pass at most {min(height, width)}")
     return value

@@ -33,6 +33,7 @@ from fastnet.run_folder import (
     MODEL,
     Progress,
     best_epoch,
+    check_same_data,
     checkpoint_stamp,
     claim_run_dir,
     data_fingerprint,
@@ -144,6 +145,9 @@ class TrainingRun:
         self.resumed_stamp = checkpoint_stamp(self.config.out) if self.resume else None
         self.saved = load_resume_checkpoint(self.config.out, self.config.backend) if self.resume else None
         self.prepare_data()
+        if self.saved is not None:
+            check_same_data(self.saved, self.fingerprint, self.config.out)
+        self.config.check_against_data(self.dataset.sample_shape, self.dataset.source, len(self.train_images))
         self.build_model()
         if self.saved is not None:
             self.restore()
@@ -151,9 +155,6 @@ class TrainingRun:
                 self.log(f"the run in {self.config.out} already finished its {self.config.epochs} epochs: "
                          f"nothing to resume")
                 return False
-        if self.config.batch_size > len(self.train_images):
-            raise FastnetError(f"--batch-size {self.config.batch_size} is larger than the {len(self.train_images)} "
-                               f"training images: pass a smaller one")
         self.prepare_inputs()
         self.open_run_folder()
         return True
@@ -193,10 +194,6 @@ class TrainingRun:
                              activation=config.activation, norm=config.norm, dropout=config.dropout,
                              precision=config.precision)
         augmentation = None
-        if config.flip or config.translate or config.cutout or config.tta:
-            if len(dataset.sample_shape) not in (2, 3):
-                raise FastnetError(f"--flip, --translate, --cutout and --tta need images, but the samples of "
-                                   f"{dataset.source} have shape {dataset.sample_shape}: drop those flags")
         if config.flip or config.translate or config.cutout:
             augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
         self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip,
@@ -208,7 +205,7 @@ class TrainingRun:
         self.progress = Progress()
 
     def restore(self):
-        self.progress = restore_state(self.saved, self.net, self.optimizer, self.rng, self.fingerprint, self.config.out)
+        self.progress = restore_state(self.saved, self.net, self.optimizer, self.rng, self.config.out)
         self.checkpoint_step = self.progress.step
 
     def prepare_inputs(self):

@@ -24,7 +24,7 @@ from fastnet.data import (
     split_validation,
     statistics,
 )
-from fastnet.errors import DataError
+from fastnet.errors import DataError, SettingError
 from helpers import (
     CLASSES,
     make_arrays,
@@ -605,8 +605,12 @@ def test_principal_components_of_a_sample_are_drawn_from_the_generator():
     # Any sample finds the space of the three strong directions the data was made of (its axes within
     # that space turn with the sample): the cosines of the angles between two samples' spaces are ~1.
     np.testing.assert_allclose(np.linalg.svd(fit(1).T @ fit(2), compute_uv=False), 1, atol=1e-3)
-    with pytest.raises(DataError, match="--pca 101 asks for more components than 100 images of 48 inputs"):
+    with pytest.raises(SettingError, match="pca 101 asks for more components than 100 images of 48 inputs can give: "
+                                           "pass at most 48"):
         data.principal_components(images, shift, scale, 101, np.random.default_rng(0), kernels, sample=100)
+    with pytest.raises(SettingError, match=r"pca 41 asks for more components than 40 images \(a sample of the 300 "
+                                           r"training images\) of 48 inputs can give: pass at most 40$"):
+        data.principal_components(images, shift, scale, 41, np.random.default_rng(0), kernels, sample=40)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

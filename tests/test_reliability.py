@@ -10,6 +10,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -50,6 +51,16 @@ def npy_with(flags=(), **changes):
         for key, change in changes.items():
             arrays[key] = change(arrays[key])
         return ["train", "--data", write_npy(root / "bad", arrays, names=[f"c{i}" for i in range(10)]), *flags]
+    return build
+
+
+def labelled(write, train, test):
+    """`fastnet train` on make_arrays' dataset in the layout `write` writes (write_npy, write_batches),
+    its labels changed by `train` and `test`, and no class names: the labels are all there is."""
+    def build(root, tiny, run):
+        arrays = make_arrays()
+        arrays["train_labels"], arrays["test_labels"] = train(arrays["train_labels"]), test(arrays["test_labels"])
+        return ["train", "--data", write(root / "labelled", arrays, names=None), "--batch-size", "5"]
     return build
 
 
@@ -238,6 +249,46 @@ CASES = {
                                ["resizes the images of an image tree", "drop --image-size"]),
     "empty test split": (npy_with(test_images=lambda x: x[:0], test_labels=lambda x: x[:0]),
                          ["test split", "no images"]),
+    # Settings against the data they meet (the finished run's data: 300 training images of 4x4x3, 3 classes)
+    "translate as large as the image": (lambda root, tiny, run: ["train", "--translate", "4"],
+                                        ["--translate 4 can shift the 4x4 images wholly out of view",
+                                         "pass at most 3"]),
+    "translate past the shorter side": (npy_with(["--translate", "16", "--batch-size", "5"],
+                                                 train_images=lambda x: x.reshape(len(x), 16, 64, 3),
+                                                 test_images=lambda x: x.reshape(len(x), 16, 64, 3)),
+                                        ["--translate 16", "16x64 images", "pass at most 15"]),
+    "cutout larger than the image": (lambda root, tiny, run: ["train", "--cutout", "5"],
+                                     ["--cutout 5 is a square larger than the 4x4 images", "pass at most 4"]),
+    "batch larger than what val leaves": (lambda root, tiny, run: ["train", "--val", "250", "--batch-size", "64"],
+                                          ["--batch-size 64 is larger than the 50 training images",
+                                           "left after 250 are held out for validation",
+                                           "pass at most 50, or hold out fewer than 250 for validation"]),
+    "more pca components than what val leaves": (lambda root, tiny, run: ["train", "--pca", "45", "--val", "260",
+                                                                          "--batch-size", "8"],
+                                                 ["--pca 45 asks for more components than 40 images",
+                                                  "(those left after 260 are held out for validation) of 48 inputs",
+                                                  "pass at most 40, or hold out fewer than 260 for validation"]),
+    "image size on a CIFAR-10 archive": (lambda root, tiny, run: ["train", "--data", write_archive(
+        root / "cifar-10-python.tar.gz", make_arrays()), "--image-size", "8x8"],
+        ["--image-size resizes the images of an image tree", "is a CIFAR-10 archive", "drop --image-size"]),
+    "image size on CIFAR-10 batches": (lambda root, tiny, run: ["train", "--data", write_batches(
+        root / "b", make_arrays()), "--image-size", "8x8"],
+        ["--image-size resizes the images of an image tree", "is a CIFAR-10 batches folder", "drop --image-size"]),
+    "npy test class that train lacks": (labelled(write_npy, train=lambda y: np.where(y == 9, 8, y),
+                                                 test=with_one(9, at=2)),
+                                        ["test_labels.npy: label 9 at index 2 is a class that no training image has",
+                                         "list the classes in", "class_names.txt"]),
+    "batches test class that train lacks": (labelled(write_batches, train=lambda y: np.where(y == 9, 8, y),
+                                                     test=with_one(9, at=2)),
+                                            ["test_batch in", "label 9 at index 2 is a class that no training",
+                                             "list the classes in batches.meta"]),
+    "npy of one class": (labelled(write_npy, train=np.zeros_like, test=np.zeros_like),
+                         ["train_labels.npy: all labels are of one class, '0' (0)", "two or more",
+                          "supply training images of at least one other class"]),
+    "tree of one class": (tree_with(lambda tree: [shutil.rmtree(tree / split / name) for split in ("train", "test")
+                                                  for name in ("Moth", "zebra")]),
+                          ["the train split of image tree", "all labels are of one class, 'ant' (0)",
+                           "supply training images"]),
     # Checkpoints
     "checkpoint missing": (lambda root, tiny, run: ["evaluate", root / "none.npz", "--data", tiny],
                            ["none.npz does not exist"]),

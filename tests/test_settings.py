@@ -118,3 +118,48 @@ def test_pca_whiten_and_tta_say_the_same_from_python_and_from_the_command_line(n
     assert_one_line_error(result)
     assert result.stderr == f"fastnet: error: {from_python.value.on_command_line()}\n"
     assert not list(tmp_path.iterdir())  # refused before any data, model or run folder was looked for
+
+
+# The rules of the settings that the data limits, which TrainConfig.check_against_data applies once a run
+# has its data: here 300 training images of 4x4x3 (of 8x5 where the shape is given), less those --val
+# holds out. settings, the setting named, and the whole message as Python reads it.
+DATA_RULES = [
+    (dict(translate=4), "translate", "translate 4 can shift the 4x4 images wholly out of view: pass at most 3"),
+    (dict(translate=5, shape=(8, 5)), "translate",
+     "translate 5 can shift the 8x5 images wholly out of view: pass at most 4"),
+    (dict(cutout=5), "cutout", "cutout 5 is a square larger than the 4x4 images: pass at most 4"),
+    (dict(cutout=6, shape=(8, 5)), "cutout", "cutout 6 is a square larger than the 8x5 images: pass at most 5"),
+    (dict(batch_size=301), "batch_size", "batch_size 301 is larger than the 300 training images: pass at most 300"),
+    (dict(batch_size=2, val=299), "batch_size",
+     ("batch_size 2 is larger than the 1 training image left after 299 are held out for validation: pass at most 1, "
+      "or hold out fewer than 299 for validation")),
+    (dict(pca=49), "pca", "pca 49 asks for more components than 300 images of 48 inputs can give: pass at most 48"),
+    (dict(pca=41, val=260, batch_size=8), "pca",
+     ("pca 41 asks for more components than 40 images (those left after 260 are held out for validation) of 48 "
+      "inputs can give: pass at most 40, or hold out fewer than 260 for validation")),
+]
+
+
+def data_check(shape=(4, 4, 3), **chosen):
+    config = TrainConfig(**chosen)
+    config.check_against_data(shape, "npy files in d", 300 - config.val)
+
+
+@pytest.mark.parametrize("chosen, setting, message", DATA_RULES, ids=[str(rule[0]) for rule in DATA_RULES])
+def test_a_setting_the_data_cannot_take_is_one_setting_error_that_says_the_largest_it_can(chosen, setting, message):
+    with pytest.raises(SettingError) as refused:
+        data_check(**chosen)
+    assert refused.value.setting == setting and str(refused.value) == message
+    flag = "--" + setting.replace("_", "-")
+    assert refused.value.on_command_line() == message.replace(setting, flag, 1)
+
+
+def test_the_largest_value_a_message_offers_is_accepted():
+    data_check(translate=3, cutout=4, batch_size=300, pca=48)
+    data_check(shape=(8, 5), translate=4, cutout=5)
+    data_check(batch_size=40, pca=40, val=260)
+
+
+def test_image_flags_on_samples_that_are_not_images_are_refused_before_their_sizes_are_read():
+    with pytest.raises(FastnetError, match=r"need images, but the samples of npy files in d have shape \(48,\): drop"):
+        data_check(shape=(48,), translate=2, cutout=2)

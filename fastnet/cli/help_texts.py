@@ -199,7 +199,8 @@ and their mirror images, so that a flip only changes the signs of some
 components. With --translate or --cutout, each batch is augmented as pixels
 and then projected: one more product per step. model.npz keeps the
 projection: evaluate, predict and fastnet.load take raw images, and find the
-numbers that training printed. --pca 0 trains on the pixels.
+numbers that training printed. --pca 0 trains on the pixels. K components
+need K inputs per image and K training images (those left after --val).
 
 Test-time flips (--tta flip). Every evaluation scores the mean of the logits
 of each image and of its mirror image: for a network trained with --flip,
@@ -209,6 +210,8 @@ line says test+flip), tta in metrics.jsonl, and the best epoch with --val.
 evaluate and predict use the run's --tta unless given one. Evaluation takes
 twice as long; it is not part of the training seconds. --flip, --translate,
 --cutout and --tta need images: samples of shape (H, W) or (H, W, C).
+--translate must be less than the images' shorter side (a shift as long can
+leave nothing in view), and --cutout at most that side.
 
 Mixed precision (--precision bf16). Every product reads bfloat16 operands
 and sums in float32; the master weights, the optimizer state, the loss, layer

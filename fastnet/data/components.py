@@ -8,7 +8,7 @@ import math
 import numpy as np
 import scipy.linalg
 
-from fastnet.errors import DataError
+from fastnet import settings
 
 PCA_SAMPLE = 5_000  # training images the principal components of --pca are estimated from
 PROJECT_CHUNK = 1024
@@ -41,9 +41,8 @@ def principal_components(images: np.ndarray, shift: np.ndarray, scale: np.ndarra
     flat = images.reshape(len(images), -1)
     size = flat.shape[1]
     rows = np.sort(rng.choice(len(flat), size=min(sample or PCA_SAMPLE, len(flat)), replace=False))
-    if not 0 < count < min(size, len(rows)) + 1:
-        raise DataError(f"--pca {count} asks for more components than {len(rows)} images of {size} inputs "
-                        f"can give: pass at most {min(size, len(rows))}")
+    settings.positive_integer("pca", count, 256)
+    settings.components_for("pca", count, size, len(rows), sampled_from=len(flat) if len(rows) < len(flat) else None)
     standardised = np.empty((len(rows), size), shift.dtype)
     kernels.gather_normalize(flat, rows, shift, scale, standardised)
     mean = standardised.mean(axis=0)

@@ -30,6 +30,9 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 BATCHES_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 NPY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
+# What a message calls each layout but an image tree.
+LAYOUT_NAMES = {"npy": "a folder of .npy files", "batches": "a CIFAR-10 batches folder",
+                "archive": "a CIFAR-10 archive"}
 _HINT = ("pass --data with a folder of class folders (train/<class>/, test/<class>/), a CIFAR-10 archive, batches "
          "folder or .npy folder, or run `fastnet data download`")
 
@@ -135,10 +138,11 @@ def load_dataset(path: str | os.PathLike | None = None, test_fraction: float = 0
         return folders.load_image_tree(found, test_fraction, rng, image_size=image_size)
     if settings.test_fraction("test_fraction", test_fraction):
         raise SettingError("test_fraction", f"{{setting}} holds out a test split from an image tree without a test/ "
-                                            f"folder, and {found} is a {kind} dataset with its own: drop {{setting}}")
+                                            f"folder, and {found} is {LAYOUT_NAMES[kind]} with its own: drop "
+                                            f"{{setting}}")
     if settings.image_size("image_size", image_size):
-        raise SettingError("image_size", f"{{setting}} resizes the images of an image tree, and {found} is a {kind} "
-                                         f"dataset, whose images are arrays already: drop {{setting}}")
+        raise SettingError("image_size", f"{{setting}} resizes the images of an image tree, and {found} is "
+                                         f"{LAYOUT_NAMES[kind]}, whose images are arrays already: drop {{setting}}")
     if kind == "npy":
         return _load_npy(found)
     if kind == "batches":
@@ -344,6 +348,7 @@ def _checked(train_images, train_labels, test_images, test_labels, class_names, 
     top = int(max(train_labels.max(), test_labels.max()))
     if class_names is None:
         _check_label_gaps(labels, top, label_files, names_file)
+        _check_test_classes(labels, label_files, names_file)
         class_names = [str(k) for k in range(top + 1)]
     if top >= len(class_names):
         split, index = _first_label_at_least(labels, len(class_names))
@@ -351,6 +356,11 @@ def _checked(train_images, train_labels, test_images, test_labels, class_names, 
                         f"{len(class_names)} classes that {names_file or source} names: fix the label, or add "
                         f"its class to the list")
     counts = np.bincount(train_labels, minlength=len(class_names))
+    if np.count_nonzero(counts) < 2:
+        only = int(train_labels[0])
+        raise DataError(f"{label_files['train']}: all labels are of one class, {class_names[only]!r} ({only}), and a "
+                        f"classifier learns to tell two or more apart: supply training images of at least one other "
+                        f"class")
     empty = [f"{class_names[k]!r} ({k})" for k in np.flatnonzero(counts == 0)]
     warnings = ()
     if len(empty) == 1:
@@ -372,6 +382,20 @@ def _first_label_at_least(labels, value):
         if hits.size:
             return split, int(hits[0])
     raise ValueError(f"no label is {value} or more")
+
+
+def _check_test_classes(labels, label_files, names_file):
+    """Without class names the classes are the labels' numbers, and a number that only the test split
+    has is a class the network is never trained on, so it gets every test image of it wrong: almost
+    always a split made by class (train 0 to 7, test 8 and 9) or a typo. With the names, it is a
+    class meant to have no training images, and only reported."""
+    unseen = np.flatnonzero(~np.isin(labels["test"], labels["train"]))
+    if unseen.size:
+        index = int(unseen[0])
+        listed = f"list the classes in {names_file}" if names_file else "list the class names"
+        raise DataError(f"{label_files['test']}: label {labels['test'][index]} at index {index} is a class that no "
+                        f"training image has, so it cannot be learnt: fix the label, or {listed} when a class "
+                        f"without training images is meant")
 
 
 def _check_label_gaps(labels, top, label_files, names_file):
