@@ -22,10 +22,12 @@ from fastnet.run_folder import TIMING_METRICS, resumed_config
 from fastnet.train import train
 from helpers import (
     assert_one_line_error,
+    declaring_png,
     fastnet,
     make_arrays,
     make_tree,
     save_image,
+    sparse_file,
     start_fastnet,
     write_archive,
     write_batches,
@@ -140,6 +142,11 @@ def pickled_npz(root):
     np.savez(root / "pickled.npz", format=np.array(checkpoint.FORMAT),
              config=np.array([{"code": "would run on load"}], dtype=object))
     return root / "pickled.npz"
+
+
+def links_in_a_loop(tree):
+    os.symlink("b.png", tree / "train" / "ant" / "a.png")
+    os.symlink("a.png", tree / "train" / "ant" / "b.png")
 
 
 CASES = {
@@ -281,6 +288,28 @@ CASES = {
                                                      ["no image files in", "junk or its subfolders", "pass image"]),
     "predict with an unknown tta": (lambda root, tiny, run: ["predict", run, root / "image.png", "--tta", "crop"],
                                     ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+    # Hostile files
+    "tree with a decompression bomb": (tree_with(lambda tree: declaring_png(tree / "train" / "ant" / "bomb.png",
+                                                                            50_000, 50_000)),
+                                       ["train/ant/bomb.png: its header declares more than the 64 megapixels",
+                                        "(8000 x 8000) fastnet decodes, so its pixels are not read", "resize it"]),
+    "tree with an image over Pillow's warning": (tree_with(lambda tree: declaring_png(
+        tree / "train" / "ant" / "big.png", 10_000, 10_000)),
+        ["train/ant/big.png: its header declares 10000 x 10000 pixels", "more than the 64 megapixels"]),
+    "tree with a named pipe for an image": (tree_with(lambda tree: os.mkfifo(tree / "train" / "ant" / "pipe.png")),
+                                            ["train/ant/pipe.png: a named pipe (FIFO), not a regular file",
+                                             "replace it with an image file, or remove it"]),
+    "tree with a link to a device for an image": (tree_with(lambda tree: os.symlink(
+        "/dev/zero", tree / "train" / "ant" / "zero.png")),
+        ["train/ant/zero.png: a symbolic link to /dev/zero", "which is a character device, not a regular file"]),
+    "tree with a 2 GiB file named .png": (tree_with(lambda tree: sparse_file(
+        tree / "train" / "ant" / "huge.png", 2**31, head=(tree / "train" / "ant" / "000.png").read_bytes())),
+        ["train/ant/huge.png: a file of 2.0 GiB", "larger than any image fastnet decodes needs (1 GiB at most)"]),
+    "tree with a link that loops": (tree_with(links_in_a_loop), ["train/ant/a.png: a symbolic link that loops",
+                                                                "fix or remove the link"]),
+    "tree with a link to nothing": (tree_with(lambda tree: os.symlink(tree / "gone.png",
+                                                                      tree / "train" / "ant" / "gone.png")),
+                                    ["train/ant/gone.png: a symbolic link to", "gone.png, which does not exist"]),
 }
 
 
@@ -306,7 +335,9 @@ def finished_run(tmp_path_factory):
 
 
 def snapshot(folder):
-    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+    """Each path under `folder` with its size and modification time; of a symbolic link, its own (its
+    target may loop, or be gone)."""
+    return {path: (path.lstat().st_size, path.lstat().st_mtime_ns) for path in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -320,7 +351,9 @@ def test_bad_input_is_one_line_with_status_2_and_writes_nothing(name, finished_r
         args = [*args, "--out", tmp_path / "run"]
     before, run_before = snapshot(tmp_path), snapshot(run)
 
-    result = fastnet(*args)
+    # A bad input is refused at once and in little memory: a command that would hang (on a named pipe) or
+    # take the machine's memory (decoding a bomb) fails the test instead.
+    result = fastnet(*args, timeout=120, memory=2 * 2**30)
 
     assert_one_line_error(result, *phrases)
     assert any(word in result.stderr for word in ADVICE), f"no advice in: {result.stderr}"

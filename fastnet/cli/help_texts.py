@@ -267,8 +267,12 @@ image is classified once. A folder that cannot be listed is one line and
 exit status 2. Each file gets one line:
   photos/cat.png: cat 61.2%, dog 20.4%, frog 6.0%
 A file that cannot be read gets one error line on stderr; the others are
-still classified, and the exit status is then 1. A missing model, or no
-image files at all, is one line and exit status 2.
+still classified, and the exit status is then 1. So does a file that is not
+regular (a named pipe or a device, through a link too), a link that loops
+or leads nowhere, a file over 1 GiB, and an image whose header declares more
+than 64 megapixels (8000 x 8000): each is refused before its pixels are
+read. A missing model, or no image files at all, is one line and exit
+status 2.
 
 --json prints one object: {{"model", "top", "predictions": [{{"file", "top":
 [{{"class", "index", "probability"}}]}} or {{"file", "error"}}]}}.
