@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from fastnet import backends, checkpoint, precision
+from fastnet import __version__, backends, checkpoint, precision
 from fastnet.config import TrainConfig
 from fastnet.run_folder import TIMING_METRICS, resumed_config
 from fastnet.train import train
@@ -147,6 +147,29 @@ def pickled_npz(root):
 def links_in_a_loop(tree):
     os.symlink("b.png", tree / "train" / "ant" / "a.png")
     os.symlink("a.png", tree / "train" / "ant" / "b.png")
+
+
+def edited_copy(original, folder, changes):
+    """A copy of the .npz file `original` in `folder` with `changes`: each replaces an array by a value, by
+    what a function makes of the array (of the JSON object of config), or removes it (None)."""
+    with np.load(original) as f:
+        arrays = {name: f[name] for name in f.files}
+    for name, change in changes.items():
+        if change is None:
+            arrays.pop(name)
+        elif name == "config" and callable(change):
+            arrays[name] = np.array(json.dumps(change(json.loads(str(arrays[name])))))
+        else:
+            arrays[name] = np.asarray(change)
+    folder.mkdir(parents=True)
+    np.savez(folder / original.name, **arrays)
+    return folder / original.name
+
+
+def edited_model(**changes):
+    """`fastnet evaluate` with a copy of the finished run's model.npz edited (edited_copy)."""
+    return lambda root, tiny, run: ["evaluate", edited_copy(run / "model.npz", root / "edited", changes), "--data",
+                                    tiny]
 
 
 CASES = {
@@ -310,6 +333,24 @@ CASES = {
     "tree with a link to nothing": (tree_with(lambda tree: os.symlink(tree / "gone.png",
                                                                       tree / "train" / "ant" / "gone.png")),
                                     ["train/ant/gone.png: a symbolic link to", "gone.png, which does not exist"]),
+    "model in a newer format": (edited_model(format="fastnet-checkpoint-2", fastnet_version="9.0.0"),
+                                ["written by fastnet 9.0.0 in checkpoint format 2", "newer than the format 1",
+                                 f"this fastnet {__version__} reads: use fastnet 9.0.0 to read it"]),
+    "model in an older format from before versions": (edited_model(format="fastnet-checkpoint-0", fastnet_version=None),
+                                                      ["written by a fastnet older than 0.1.0 in checkpoint format 0",
+                                                       "retrain with this fastnet"]),
+    "model without its format field": (edited_model(format=None), [f"written by fastnet {__version__} and altered",
+                                                                   "its format field is missing"]),
+    "model with an array removed": (edited_model(mean=None), ["altered since: it has no mean array; retrain"]),
+    "model with a weight of the wrong shape": (edited_model(param_2=np.zeros((5, 3), np.float32)),
+                                               ["altered since: param_2 is float32 (5, 3)",
+                                                "where its sizes need float32 (4, 3)"]),
+    "model with a nonsense config value": (edited_model(config=lambda config: config | {"tta": "sideways"}),
+                                           ["altered since: its config sets tta to 'sideways', which no run can use"]),
+    "checkpoint with its optimizer state cut": (lambda root, tiny, run: ["train", "--resume", edited_copy(
+        run / "checkpoint.npz", root / "resumable", {"optim_velocity_1": None}).parent],
+        ["resumable/checkpoint.npz was written by", "its optimizer state or progress is incomplete or malformed",
+         "('optim_velocity_1')"]),
 }
 
 
@@ -371,6 +412,15 @@ def test_a_class_without_examples_is_reported_not_refused(tmp_path):
     result = fastnet("train", "--data", data, "--epochs", 1, "--hidden", 4, "--batch-size", 5, "--out", tmp_path / "r")
     assert result.returncode == 0, result.stderr
     assert "warning: class 'c3' (3) has no training examples" in result.stdout
+
+
+def test_a_model_names_the_fastnet_that_wrote_it_and_one_from_before_versions_still_loads(finished_run, tmp_path):
+    _, run = finished_run
+    saved = checkpoint.load(str(run / "model.npz"))
+    assert str(saved.arrays["fastnet_version"]) == __version__ and saved.writer == f"fastnet {__version__}"
+    older = checkpoint.load(str(edited_copy(run / "model.npz", tmp_path / "older", {"fastnet_version": None})))
+    assert older.writer == "a fastnet older than 0.1.0"
+    assert all(np.array_equal(p, q) for p, q in zip(older.net.params, saved.net.params, strict=True))
 
 
 def test_resuming_a_finished_run_changes_nothing(finished_run):
