@@ -47,8 +47,16 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
     def check(self):
-        """Apply the rule of every setting (fastnet.settings) before anything is read: SettingError
-        for the first that no run can use. Returns what config.json records of the precision."""
+        """Apply the rule of every setting (fastnet.settings) before anything is read, and ask whether
+        this machine can run the backend and precision: SettingError (FastnetError) for the first that no
+        run (this machine) can use. Returns what config.json records of the precision."""
+        self.check_rules()
+        backends.get(self.backend)
+        return precision.check(self.precision, self.backend)
+
+    def check_rules(self):
+        """The rule of every setting alone, whatever the machine: what the configuration saved in a
+        checkpoint must keep (fastnet.checkpoint)."""
         defaults = TrainConfig()
         settings.positive_integer("epochs", self.epochs, defaults.epochs)
         settings.positive_integer("batch_size", self.batch_size, defaults.batch_size)
@@ -69,8 +77,7 @@ class TrainConfig:
         settings.components("pca", self.pca)
         settings.whitening("whiten", self.whiten, self.pca)
         settings.test_time_augmentation("tta", self.tta)
-        backends.get(self.backend)
-        return precision.check(self.precision, self.backend)
+        settings.seed("seed", self.seed)
 
     def check_against_data(self, sample_shape, source, training):
         """Apply the rules of the settings that the data limits (fastnet.settings), once a run has its

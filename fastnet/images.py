@@ -4,9 +4,18 @@ A file becomes pixels the same way whoever reads it: oriented as its EXIF tag sa
 scaled rather than clipped to 8 bits, transparent pixels put on white (as a viewer shows them), and
 then converted to the Pillow mode asked for. Kept apart from fastnet.predict so that the processes
 that decode a training set import Pillow and NumPy, not the trainer.
+
+Only a regular file is read, and only up to a limit: a named pipe or a device where an image should be
+would block the reader or never end, and a few bytes of PNG can declare 50,000 x 50,000 pixels (7.5 GB
+of RGB). Symbolic links are followed wherever they lead (a dataset of links into a shared store of
+pictures is common), but what they reach is held to the same rules.
 """
 
+import errno
+import math
 import os
+import stat
+import warnings
 
 import numpy as np
 
@@ -19,6 +28,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class ImageError(FastnetError):
     """An image file that cannot be read or used; the message starts with the file's name."""
+
+
+# The most pixels an image may declare: 64 megapixels, far beyond any picture a network of fastnet's is
+# trained on or classifies (each is resized to its input size; CIFAR-10's is 32 x 32), and below
+# Pillow's own warning (89 megapixels), so that no image fastnet decodes makes Pillow warn.
+MAX_PIXELS = 64_000_000
+MAX_PIXELS_TEXT = f"{MAX_PIXELS // 10**6} megapixels ({math.isqrt(MAX_PIXELS)} x {math.isqrt(MAX_PIXELS)})"
+# The largest file read as an image: 1 GiB, above the largest image within MAX_PIXELS stored
+# uncompressed (16-bit RGBA, 8 bytes a pixel: 512 MB).
+MAX_FILE_BYTES = 2**30
+MAX_FILE_TEXT = f"{MAX_FILE_BYTES // 2**30} GiB"
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def is_image_name(name):
@@ -92,31 +115,110 @@ def pillow():
     return Image, ImageOps
 
 
+def regular_file(path):
+    """os.stat of the file at `path`, through symbolic links, when it may be read as an image: an
+    ImageError otherwise, whose message names what it is instead (a link that loops or leads nowhere,
+    a named pipe, a device, a file larger than MAX_FILE_BYTES). Nothing is opened."""
+    try:
+        found = os.stat(path)
+    except OSError as exc:
+        raise ImageError(f"{path}: {_unreachable(path, exc)}") from exc
+    for is_kind, kind in _KINDS:
+        if is_kind(found.st_mode):
+            raise ImageError(f"{path}: {_through_link(path, kind)}, not a regular file, and only regular files are "
+                             f"read as images; replace it with an image file, or remove it")
+    if found.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"{path}: a file of {found.st_size / 2**30:.1f} GiB, larger than any image fastnet decodes "
+                         f"needs ({MAX_FILE_TEXT} at most), so it is not read; replace it with an image file, or "
+                         f"remove it")
+    return found
+
+
+def _unreachable(path, exc):
+    """Why os.stat failed, in the user's words, with what to do."""
+    link = os.path.islink(path)
+    if link and exc.errno == errno.ELOOP:
+        return "a symbolic link that loops (following it leads back to it); fix or remove the link"
+    if link and exc.errno == errno.ENOENT:
+        return f"a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+    if exc.errno == errno.ENOENT:
+        return "no such file; check the path"
+    if exc.errno == errno.EACCES:
+        return f"cannot be read ({exc.strerror}); check its permissions"
+    return f"cannot be read ({exc.strerror}); check the file"
+
+
+def _through_link(path, kind):
+    return f"a symbolic link to {os.readlink(path)}, which is {kind}" if os.path.islink(path) else kind
+
+
+def _open_regular(path):
+    """The file at `path`, opened for reading only if regular_file allows it. The open does not wait
+    (O_NONBLOCK), and what was opened is checked again, in case the name changed hands in between."""
+    regular_file(path)
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ImageError(f"{path}: {_unreachable(path, exc)}") from exc
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise ImageError(f"{path}: not a regular file, and only regular files are read as images; replace it with "
+                         f"an image file, or remove it")
+    return os.fdopen(handle, "rb")
+
+
+def too_many_pixels(path, size=None):
+    """The ImageError of a file whose header declares more than MAX_PIXELS: `size` (width, height)
+    when known, else only that it declares more (Pillow refused it first)."""
+    declared = f"{size[0]} x {size[1]} pixels, more than" if size else "more than"
+    return ImageError(f"{path}: its header declares {declared} the {MAX_PIXELS_TEXT} fastnet decodes, so its "
+                      f"pixels are not read; resize it, or replace it with a smaller image")
+
+
 def decode(path, mode):
     """The pixels of the image file at `path` in Pillow `mode` ("L", "RGB" or "RGBA"), as uint8 of
-    shape (height, width) or (height, width, channels), at the file's own size after EXIF rotation."""
-    Image, ImageOps = pillow()
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: no such file; check the path")
+    shape (height, width) or (height, width, channels), at the file's own size after EXIF rotation.
+    Refused before decoding: what regular_file refuses, and a header that declares more than MAX_PIXELS."""
+    Image, _ = pillow()
+    with _open_regular(path) as file, warnings.catch_warnings():
+        # Pillow warns on stderr of images over its own limit, all of which are over MAX_PIXELS and
+        # refused below in one line; beyond twice its limit it raises DecompressionBombError.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = _header(path, file)
+        with opened:
+            if opened.width * opened.height > MAX_PIXELS:
+                raise too_many_pixels(path, opened.size)
+            return _pixels(path, opened, mode)
+
+
+def _header(path, file):
+    """The image Pillow opens from `file`, having read its header only."""
+    Image, _ = pillow()
     # Pillow raises a zoo of types on malformed files (OSError, SyntaxError, ValueError, struct.error,
     # DecompressionBombError, ...); each of them means "this file cannot be used", and is reported so.
     try:
-        opened = Image.open(path)  # reads the header only
-    except PermissionError as exc:
-        raise ImageError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from exc
+        return Image.open(file)
+    except Image.DecompressionBombError as exc:
+        raise too_many_pixels(path) from exc
     except Exception as exc:
         raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
-    with opened:
-        try:
-            opened.load()
-        except Exception as exc:  # the header was fine, so it is the file that is broken
-            raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
-                             f"cannot be read; replace it with an intact copy") from exc
-        try:
-            ImageOps.exif_transpose(opened, in_place=True)  # in place: most files need no turn, and no copy
-            return np.asarray(to_mode(opened, mode), dtype=np.uint8)
-        except Exception as exc:
-            raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
+
+
+def _pixels(path, opened, mode):
+    """The pixels of an image whose header Pillow has read, decoded and converted as decode says."""
+    Image, ImageOps = pillow()
+    try:
+        opened.load()
+    except Image.DecompressionBombError as exc:  # a frame or tile of a file larger than the image it declares
+        raise too_many_pixels(path) from exc
+    except Exception as exc:  # the header was fine, so it is the file that is broken
+        raise ImageError(f"{path}: this {opened.format or 'image'} file is damaged or truncated, so its pixels "
+                         f"cannot be read; replace it with an intact copy") from exc
+    try:
+        ImageOps.exif_transpose(opened, in_place=True)  # in place: most files need no turn, and no copy
+        return np.asarray(to_mode(opened, mode), dtype=np.uint8)
+    except Exception as exc:
+        raise ImageError(f"{path}: {describe(exc)}; pass a PNG, JPEG or BMP image") from exc
 
 
 def resize(pixels, height, width):
@@ -143,11 +245,9 @@ def to_mode(picture, mode):
 
 
 def describe(exc):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if isinstance(exc, UnidentifiedImageError):
         return "not an image file Pillow can read"
-    if isinstance(exc, Image.DecompressionBombError):
-        return "too many pixels to decode safely"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."

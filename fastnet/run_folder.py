@@ -172,7 +172,8 @@ def resumed_config(run_dir, **overrides):
     what may change without changing the numbers) applied."""
     saved = load_resume_checkpoint(run_dir, overrides.get("backend"))
     fields = {name: saved.config[name] for name in TrainConfig.__dataclass_fields__ if name in saved.config}
-    fields["hidden"] = tuple(fields["hidden"])
+    if "hidden" in fields:
+        fields["hidden"] = tuple(fields["hidden"])
     fields["out"] = run_dir
     return TrainConfig(**fields | {k: v for k, v in overrides.items() if v is not None})
 
@@ -187,12 +188,17 @@ def check_same_data(saved, fingerprint, run_dir):
 
 def restore_state(saved, net, optimizer, rng, run_dir):
     """Load the parameters, optimizer state and progress of `saved` into this run's objects."""
+    path = os.path.join(run_dir, CHECKPOINT)
     if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
             (saved.projection is None) == bool(saved.config.get("pca")):
-        raise CheckpointError(f"the model in {run_dir} does not match its own config: the checkpoint is corrupt")
+        raise checkpoint.altered(path, saved.writer, "its network does not match its own config")
     net.load_params(saved.trained_net.params)
-    optimizer.load_state_arrays(saved.arrays)
-    return Progress.from_checkpoint(saved.arrays, rng)
+    try:
+        optimizer.load_state_arrays(saved.arrays)
+        return Progress.from_checkpoint(saved.arrays, rng)
+    except (KeyError, ValueError, TypeError) as exc:  # a key, or a field of progress, missing or malformed
+        raise checkpoint.altered(path, saved.writer, f"its optimizer state or progress is incomplete or malformed "
+                                                     f"({checkpoint.first_line(exc)})") from exc
 
 
 def write_metrics(out, history):

@@ -64,6 +64,13 @@ def image_size(setting, value):
     return int(value[0]), int(value[1])
 
 
+def seed(setting, value):
+    """What NumPy's generators take as a seed: an integer, 0 or more."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise SettingError(setting, f"{{setting}} must be an integer 0 or more, got {value}: pass one such as 0")
+    return int(value)
+
+
 def pixels(setting, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise SettingError(setting, f"{{setting}} is a size in pixels, got {value}: pass 0 or more")
@@ -82,8 +89,8 @@ def one_of(setting, value, choices, advice=None):
 def widths(setting, values, example, at_least=1):
     """Layer widths: at least `at_least` of them, each a positive integer."""
     values = tuple(values) if values is not None else ()
-    if (len(values) < at_least or min(values, default=1) < 1
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values)):
+    if (len(values) < at_least or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values)
+            or min(values, default=1) < 1):  # min() after the types: "lots" would not compare with 1
         what = "a comma list of positive widths" if at_least == 1 else f"at least {at_least} positive widths"
         raise SettingError(setting, f"{{setting}} must be {what}, got {values}: pass one such as {example}")
     return tuple(int(v) for v in values)

@@ -1,19 +1,24 @@
 """What several test files share: the two comparisons every numerical test goes through, where the real
 data is, the machinery that compares a backend's kernels with their NumPy twins, small datasets and
-image trees in the layouts users keep, and the real command run in a subprocess."""
+image trees in the layouts users keep, files made to hurt (a decompression bomb's header, a sparse
+huge file), and the real command run in a subprocess."""
 
 import contextlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
 import pathlib
 import pickle
+import resource
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -470,7 +475,7 @@ def write_npy(folder, arrays, names=None):
     return folder
 
 
-# --- Small image trees, every file kind a user's folder may hold (test_folders, test_reliability) -------
+# --- Small image trees of every file kind, and files made to hurt (test_folders, test_predict, test_reliability) ---
 
 SIZE = (5, 6)  # height, width
 # (suffix, Pillow mode) of the files of a class, in turn: every mode a user's folder may hold.
@@ -489,6 +494,29 @@ def save_image(path, mode, rng, size=SIZE):
         picture = picture.convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, **({"transparency": 0} if mode == "P" else {}))
+    return path
+
+
+def declaring_png(path, width, height):
+    """A PNG file of a few dozen bytes whose header declares width x height pixels: a 4 x 4 image with
+    the size in its IHDR chunk rewritten and the chunk's CRC made to fit, as a decompression bomb's."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(buffer, "PNG")
+    raw = bytearray(buffer.getvalue())
+    assert raw[12:16] == b"IHDR"  # after the 8-byte signature, the first chunk: length, type, 13 bytes, CRC
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(raw[12:29]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw)
+    return path
+
+
+def sparse_file(path, size, head=b""):
+    """A file of `size` bytes that starts with `head` and takes no disk beyond it: the rest is a hole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(head)
+        file.truncate(size)
     return path
 
 
@@ -521,8 +549,13 @@ high = 0.3
 """
 
 
-def fastnet(*args, env=None, cwd=None, timeout=600):
+def fastnet(*args, env=None, cwd=None, timeout=600, memory=None):
+    """The command, run to its end: a CompletedProcess with stdout and stderr as text. `memory` caps
+    its address space in bytes, so that a command that would take the machine's memory fails instead
+    (as `timeout` makes one that would hang fail)."""
     command, options = _command(args, env)
+    if memory is not None:
+        options["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     return subprocess.run(command, **options, capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 

@@ -230,14 +230,14 @@ def test_an_unreadable_file_is_one_error_naming_it(tmp_path, cache, monkeypatch)
     locked = root / "train" / "ant" / "003.png"
     if os.geteuid() != 0:
         locked.chmod(0)
-    else:  # root reads any file: make Pillow meet the error it would get
-        opened = Image.open
+    else:  # root reads any file: make the open meet the error it would get
+        opened = os.open
 
         def refuse(path, *args, **kwargs):
             if pathlib.Path(path) == locked.resolve():
                 raise PermissionError(13, "Permission denied", str(path))
             return opened(path, *args, **kwargs)
-        monkeypatch.setattr(Image, "open", refuse)
+        monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(FastnetError, match=r"003\.png: cannot be read .*check its permissions"):
         data.load_image_tree(root, workers=1)
 

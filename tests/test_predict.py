@@ -17,7 +17,7 @@ from fastnet import checkpoint
 from fastnet.evaluation import evaluate, normalizer
 from fastnet.model import MLP
 from fastnet.predict import image_geometry, percent, softmax, top_k
-from helpers import assert_one_line_error, start_fastnet
+from helpers import assert_one_line_error, declaring_png, sparse_file, start_fastnet
 from helpers import fastnet as run_fastnet
 
 NAMES = ["dark", "mid", "bright"]
@@ -221,6 +221,63 @@ def test_a_link_to_a_folder_outside_the_tree_is_followed(tiny_model, tmp_path):
     assert files == [str(folder / "linked" / "o.png"), str(folder / "p.png")]
 
 
+def named_pipe(folder):
+    os.mkfifo(folder / "pipe.png")
+    return [folder / "pipe.png"]
+
+
+def link_to_a_device(folder):
+    os.symlink("/dev/zero", folder / "zero.png")
+    return [folder / "zero.png"]
+
+
+def links_in_a_loop(folder):
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    return [folder / "a.png", folder / "b.png"]
+
+
+def link_to_nothing(folder):
+    os.symlink(folder / "gone.jpg", folder / "gone.png")
+    return [folder / "gone.png"]
+
+
+REFUSED = "not a regular file, and only regular files are read as images; replace it with an image file, or remove it"
+TOO_LARGE = ("more than the 64 megapixels (8000 x 8000) fastnet decodes, so its pixels are not read; resize it, or "
+             "replace it with a smaller image")
+# Files made to hurt, each with the message it must get: {case: (make it in a folder: its paths, message)}.
+HOSTILE = {
+    "decompression bomb": (lambda folder: [declaring_png(folder / "bomb.png", 50_000, 50_000)],
+                           f"its header declares {TOO_LARGE}"),
+    "over Pillow's warning": (lambda folder: [declaring_png(folder / "big.png", 10_000, 10_000)],
+                              f"its header declares 10000 x 10000 pixels, {TOO_LARGE}"),
+    "named pipe": (named_pipe, f"a named pipe (FIFO), {REFUSED}"),
+    "link to a device": (link_to_a_device, f"a symbolic link to /dev/zero, which is a character device, {REFUSED}"),
+    "2 GiB file": (lambda folder: [sparse_file(folder / "huge.png", 2**31, head=(folder / "a-good.png").read_bytes())],
+                   ("a file of 2.0 GiB, larger than any image fastnet decodes needs (1 GiB at most), so it is not "
+                    "read; replace it with an image file, or remove it")),
+    "links in a loop": (links_in_a_loop, ("a symbolic link that loops (following it leads back to it); fix or "
+                                          "remove the link")),
+    "link to nothing": (link_to_nothing, ("a symbolic link to {folder}/gone.jpg, which does not exist; fix or "
+                                          "remove the link")),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_file_among_images_gets_one_line_and_the_others_are_classified(case, tiny_model, tmp_path):
+    """At once and in little memory: a command that hangs or takes the machine's memory fails the test."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = [save_image(folder / "a-good.png", uniform(200)), save_image(folder / "z-good.jpg", uniform(40))]
+    make, message = HOSTILE[case]
+    hostile = make(folder)
+    result = run_fastnet("predict", tiny_model, folder, timeout=120, memory=2**30)
+    assert result.returncode == 1, result.stderr
+    expected = message.replace("{folder}", str(folder))
+    assert result.stderr.splitlines() == [f"fastnet: error: {path}: {expected}" for path in hostile]
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == list(map(str, good))
+
+
 def test_csv_gives_the_json_classes_and_probabilities(tiny_model, tmp_path):
     folder = tmp_path / "photos"
     nested_tree(folder)
@@ -283,13 +340,16 @@ def test_csv_is_never_half_written(tmp_path):
 def test_an_interrupted_run_leaves_no_csv(tiny_model, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    save_image(folder / "a.png", uniform(40))
-    os.mkfifo(folder / "b.png")  # reading it waits for a writer that never comes: the run is stopped there
+    names = [f"{i:04d}-{'long name ' * 10}.png" for i in range(1000)]
+    for i, name in enumerate(names):
+        save_image(folder / name, uniform(i % 256))
     table = tmp_path / "out" / "p.csv"
     table.parent.mkdir()
+    # Its stdout is read one line, and then not until it is stopped: the run waits to print once the
+    # pipe is full (64 KiB, a few hundred of its 1000 long lines), so it is stopped with its table begun.
     process = start_fastnet("predict", tiny_model, folder, "--csv", table)
     try:
-        assert process.stdout.readline().startswith(f"{folder / 'a.png'}: ")
+        assert process.stdout.readline().startswith(f"{folder / names[0]}: ")
         os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:

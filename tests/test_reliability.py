@@ -17,17 +17,19 @@ import time
 import numpy as np
 import pytest
 
-from fastnet import backends, checkpoint, precision, storage
+from fastnet import __version__, backends, checkpoint, precision, storage
 from fastnet.config import TrainConfig
 from fastnet.run_folder import resumed_config
 from fastnet.train import train
 from helpers import (
     assert_one_line_error,
     assert_same_outcome,
+    declaring_png,
     fastnet,
     make_arrays,
     make_tree,
     save_image,
+    sparse_file,
     start_fastnet,
     write_archive,
     write_batches,
@@ -152,6 +154,34 @@ def pickled_npz(root):
     np.savez(root / "pickled.npz", format=np.array(checkpoint.FORMAT),
              config=np.array([{"code": "would run on load"}], dtype=object))
     return root / "pickled.npz"
+
+
+def links_in_a_loop(tree):
+    os.symlink("b.png", tree / "train" / "ant" / "a.png")
+    os.symlink("a.png", tree / "train" / "ant" / "b.png")
+
+
+def edited_copy(original, folder, changes):
+    """A copy of the .npz file `original` in `folder` with `changes`: each replaces an array by a value, by
+    what a function makes of the array (of the JSON object of config), or removes it (None)."""
+    with np.load(original) as f:
+        arrays = {name: f[name] for name in f.files}
+    for name, change in changes.items():
+        if change is None:
+            arrays.pop(name)
+        elif name == "config" and callable(change):
+            arrays[name] = np.array(json.dumps(change(json.loads(str(arrays[name])))))
+        else:
+            arrays[name] = np.asarray(change)
+    folder.mkdir(parents=True)
+    np.savez(folder / original.name, **arrays)
+    return folder / original.name
+
+
+def edited_model(**changes):
+    """`fastnet evaluate` with a copy of the finished run's model.npz edited (edited_copy)."""
+    return lambda root, tiny, run: ["evaluate", edited_copy(run / "model.npz", root / "edited", changes), "--data",
+                                    tiny]
 
 
 CASES = {
@@ -333,6 +363,46 @@ CASES = {
                                                      ["no image files in", "junk or its subfolders", "pass image"]),
     "predict with an unknown tta": (lambda root, tiny, run: ["predict", run, root / "image.png", "--tta", "crop"],
                                     ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+    # Hostile files
+    "tree with a decompression bomb": (tree_with(lambda tree: declaring_png(tree / "train" / "ant" / "bomb.png",
+                                                                            50_000, 50_000)),
+                                       ["train/ant/bomb.png: its header declares more than the 64 megapixels",
+                                        "(8000 x 8000) fastnet decodes, so its pixels are not read", "resize it"]),
+    "tree with an image over Pillow's warning": (tree_with(lambda tree: declaring_png(
+        tree / "train" / "ant" / "big.png", 10_000, 10_000)),
+        ["train/ant/big.png: its header declares 10000 x 10000 pixels", "more than the 64 megapixels"]),
+    "tree with a named pipe for an image": (tree_with(lambda tree: os.mkfifo(tree / "train" / "ant" / "pipe.png")),
+                                            ["train/ant/pipe.png: a named pipe (FIFO), not a regular file",
+                                             "replace it with an image file, or remove it"]),
+    "tree with a link to a device for an image": (tree_with(lambda tree: os.symlink(
+        "/dev/zero", tree / "train" / "ant" / "zero.png")),
+        ["train/ant/zero.png: a symbolic link to /dev/zero", "which is a character device, not a regular file"]),
+    "tree with a 2 GiB file named .png": (tree_with(lambda tree: sparse_file(
+        tree / "train" / "ant" / "huge.png", 2**31, head=(tree / "train" / "ant" / "000.png").read_bytes())),
+        ["train/ant/huge.png: a file of 2.0 GiB", "larger than any image fastnet decodes needs (1 GiB at most)"]),
+    "tree with a link that loops": (tree_with(links_in_a_loop), ["train/ant/a.png: a symbolic link that loops",
+                                                                "fix or remove the link"]),
+    "tree with a link to nothing": (tree_with(lambda tree: os.symlink(tree / "gone.png",
+                                                                      tree / "train" / "ant" / "gone.png")),
+                                    ["train/ant/gone.png: a symbolic link to", "gone.png, which does not exist"]),
+    "model in a newer format": (edited_model(format="fastnet-checkpoint-2", fastnet_version="9.0.0"),
+                                ["written by fastnet 9.0.0 in checkpoint format 2", "newer than the format 1",
+                                 f"this fastnet {__version__} reads: use fastnet 9.0.0 to read it"]),
+    "model in an older format from before versions": (edited_model(format="fastnet-checkpoint-0", fastnet_version=None),
+                                                      ["written by a fastnet older than 0.1.0 in checkpoint format 0",
+                                                       "retrain with this fastnet"]),
+    "model without its format field": (edited_model(format=None), [f"written by fastnet {__version__} and altered",
+                                                                   "its format field is missing"]),
+    "model with an array removed": (edited_model(mean=None), ["altered since: it has no mean array; retrain"]),
+    "model with a weight of the wrong shape": (edited_model(param_2=np.zeros((5, 3), np.float32)),
+                                               ["altered since: param_2 is float32 (5, 3)",
+                                                "where its sizes need float32 (4, 3)"]),
+    "model with a nonsense config value": (edited_model(config=lambda config: config | {"tta": "sideways"}),
+                                           ["altered since: its config sets tta to 'sideways', which no run can use"]),
+    "checkpoint with its optimizer state cut": (lambda root, tiny, run: ["train", "--resume", edited_copy(
+        run / "checkpoint.npz", root / "resumable", {"optim_velocity_1": None}).parent],
+        ["resumable/checkpoint.npz was written by", "its optimizer state or progress is incomplete or malformed",
+         "('optim_velocity_1')"]),
 }
 
 
@@ -358,7 +428,9 @@ def finished_run(tmp_path_factory):
 
 
 def snapshot(folder):
-    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+    """Each path under `folder` with its size and modification time; of a symbolic link, its own (its
+    target may loop, or be gone)."""
+    return {path: (path.lstat().st_size, path.lstat().st_mtime_ns) for path in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -372,7 +444,9 @@ def test_bad_input_is_one_line_with_status_2_and_writes_nothing(name, finished_r
         args = [*args, "--out", tmp_path / "run"]
     before, run_before = snapshot(tmp_path), snapshot(run)
 
-    result = fastnet(*args)
+    # A bad input is refused at once and in little memory: a command that would hang (on a named pipe) or
+    # take the machine's memory (decoding a bomb) fails the test instead.
+    result = fastnet(*args, timeout=120, memory=2 * 2**30)
 
     assert_one_line_error(result, *phrases)
     assert any(word in result.stderr for word in ADVICE), f"no advice in: {result.stderr}"
@@ -390,6 +464,15 @@ def test_a_class_without_examples_is_reported_not_refused(tmp_path):
     result = fastnet("train", "--data", data, "--epochs", 1, "--hidden", 4, "--batch-size", 5, "--out", tmp_path / "r")
     assert result.returncode == 0, result.stderr
     assert "warning: class 'c3' (3) has no training examples" in result.stdout
+
+
+def test_a_model_names_the_fastnet_that_wrote_it_and_one_from_before_versions_still_loads(finished_run, tmp_path):
+    _, run = finished_run
+    saved = checkpoint.load(str(run / "model.npz"))
+    assert str(saved.arrays["fastnet_version"]) == __version__ and saved.writer == f"fastnet {__version__}"
+    older = checkpoint.load(str(edited_copy(run / "model.npz", tmp_path / "older", {"fastnet_version": None})))
+    assert older.writer == "a fastnet older than 0.1.0"
+    assert all(np.array_equal(p, q) for p, q in zip(older.net.params, saved.net.params, strict=True))
 
 
 def test_resuming_a_finished_run_changes_nothing(finished_run):

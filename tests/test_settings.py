@@ -27,6 +27,7 @@ RULES = [
     ("epochs", 0, "must be a positive integer, got 0", None),
     ("batch_size", 2.5, "must be a positive integer, got 2.5", None),
     ("hidden", (64, 0), "must be a comma list of positive widths", None),
+    ("hidden", ("64", 0), "must be a comma list of positive widths, got ('64', 0)", None),  # text, from a file
     ("lr", float("nan"), "must be a positive number, got nan", lambda v: Schedule("constant", v, 10)),
     ("warmup", 1.0, "is a fraction of the run in [0, 1), got 1.0", lambda v: Schedule("onecycle", 0.1, 10, v)),
     ("schedule", "linear", "'linear': choose one of constant, step", lambda v: Schedule(v, 0.1, 10)),
@@ -47,6 +48,7 @@ RULES = [
     ("tta", "crop", "'crop' is not a test-time augmentation: choose flip or none", model_evaluated_with),
     ("val", -5, "must be 0 or more, got -5", None),
     ("checkpoint_every", 0, "must be a positive integer, got 0", None),
+    ("seed", -1, "must be an integer 0 or more, got -1: pass one such as 0", None),
 ]
 
 

@@ -131,8 +131,9 @@ The run folder (--out, default runs/<timestamp>/) holds:
   model.npz       the model after the last finished epoch, or with --val
                   after the first epoch with the best validation accuracy
                   (never chosen by test accuracy): the parameters, the
-                  preprocessing statistics, the class names and the
-                  configuration; what evaluate, predict and fastnet.load take
+                  preprocessing statistics, the class names, the
+                  configuration and the version of fastnet that wrote it;
+                  what evaluate, predict and fastnet.load take
   checkpoint.npz  all of model.npz, and what resuming needs: the optimizer
                   state, the epoch and step, the random generator's state,
                   the current epoch's shuffle and running sums, and a
@@ -148,7 +149,10 @@ The run folder (--out, default runs/<timestamp>/) holds:
 Every file but .lock is written to a temporary name, flushed to disk and
 renamed, so a crash or kill -9 at any moment leaves the old version or the
 new one, never half a file. model.npz and checkpoint.npz load with
-np.load(path, allow_pickle=False): a checkpoint cannot run code.
+np.load(path, allow_pickle=False): a checkpoint cannot run code. A file in
+another fastnet's format, or edited since it was written (an array removed
+or of another shape, a setting no run can use), is refused with one line
+that names the version of fastnet that wrote it.
 
 Stopping and resuming. Ctrl-C (SIGINT) or SIGTERM stops training after the
 current step, writes checkpoint.npz, prints how to continue, and exits with
@@ -289,8 +293,12 @@ image is classified once. A folder that cannot be listed is one line and
 exit status 2. Each file gets one line:
   photos/cat.png: cat 61.2%, dog 20.4%, frog 6.0%
 A file that cannot be read gets one error line on stderr; the others are
-still classified, and the exit status is then 1. A missing model, or no
-image files at all, is one line and exit status 2.
+still classified, and the exit status is then 1. So does a file that is not
+regular (a named pipe or a device, through a link too), a link that loops
+or leads nowhere, a file over 1 GiB, and an image whose header declares more
+than 64 megapixels (8000 x 8000): each is refused before its pixels are
+read. A missing model, or no image files at all, is one line and exit
+status 2.
 
 --json prints one object: {{"model", "top", "predictions": [{{"file", "top":
 [{{"class", "index", "probability"}}]}} or {{"file", "error"}}]}}.

@@ -30,7 +30,7 @@ import numpy as np
 
 from fastnet import settings, storage
 from fastnet.errors import DataError, SettingError
-from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, resize, shown, unfollowed, walk
+from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, regular_file, resize, shown, unfollowed, walk
 
 # How files become pixels, part of the cache key: change it whenever the decoded arrays would change.
 RULE = "RGB; EXIF orientation; 16-bit grey scaled; transparent on white; v1"
@@ -94,11 +94,7 @@ def _list_split(root: pathlib.Path, split: str, classes: list) -> _Listing:
         for file_name in files:
             relative = os.path.join(prefix, file_name)
             path = os.path.join(root, relative)
-            try:
-                stat = os.stat(path)
-            except OSError as exc:
-                raise DataError(f"cannot read {path} ({exc.strerror}): check the file and its permissions, "
-                                f"or remove it") from exc
+            stat = regular_file(path)  # a named pipe, a device or a link that loops: refused before decoding
             listing.files.append((relative, stat.st_size, stat.st_mtime_ns))
             listing.labels.append(label)
         if not files:
