@@ -22,6 +22,7 @@ from fastnet.config import TrainConfig
 from fastnet.run_folder import resumed_config
 from fastnet.train import train
 from helpers import (
+    ROOT,
     assert_one_line_error,
     assert_same_outcome,
     declaring_png,
@@ -455,6 +456,24 @@ def test_bad_input_is_one_line_with_status_2_and_writes_nothing(name, finished_r
 
 def test_the_table_covers_what_the_issue_lists():
     assert len(CASES) > 50  # docs/testing.md promises more than 50 bad inputs
+
+
+def test_every_bad_input_is_in_the_testing_guide():
+    """docs/testing.md's table of bad inputs has a row for each case of CASES, and no other, whose
+    message holds every phrase the case's test checks."""
+    guide = (ROOT / "docs" / "testing.md").read_text()
+    section = guide[guide.index("## Every bad input and what it gets"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip().replace("\\|", "|") for cell in line.replace("\\|", "\0").split("|")]
+        cells = [cell.replace("\0", "|") for cell in cells]
+        if len(cells) == 5 and cells[1] not in ("case", "---"):
+            rows[cells[1]] = cells[3]
+    assert sorted(rows) == sorted(CASES)
+    for name, (_, phrases) in CASES.items():
+        missing = [phrase for phrase in phrases if phrase not in rows[name]]
+        assert not missing, f"{name}: the guide's message lacks {missing}"
 
 
 def test_a_class_without_examples_is_reported_not_refused(tmp_path):
