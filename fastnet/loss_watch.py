@@ -6,7 +6,7 @@ The watch reads the loss each step already returns, a Python float, and compares
 consecutive blocks of steps with the lowest block mean so far, which starts at ln(classes): the loss
 of a uniform guess, near which an untrained network starts, so that a run that blows up in its first
 block is seen too. It changes no number of the run.
-The thresholds come from the runs in docs/recipes.md ("When the loss blows up").
+The thresholds come from the runs that docs/recipes.md ("When the loss blows up") sums up.
 """
 
 import dataclasses
@@ -17,9 +17,9 @@ from fastnet.config import TrainConfig
 # A block is the steps of this many images (25 at the default batch of 128), an epoch at most: long
 # enough that its mean moves little by chance, short enough to see a blow-up in the epoch it starts.
 BLOCK_IMAGES = 3200
-# Measured on CIFAR-10: the runs that trained well rose at most 1.32-fold over their lowest block (the
-# one-cycle warm-up's noise included), those that wobbled at too high a rate and recovered up to 1.72-fold,
-# the blow-ups at least 2.2-fold, most of them tens- to millions-fold.
+# In the runs on CIFAR-10 of benchmarks/RESULTS.md, those that trained well rose at most 1.32-fold over
+# their lowest block (the one-cycle warm-up's noise included), those that wobbled at too high a rate and
+# recovered up to 1.72-fold, the blow-ups at least 2.23-fold, most of them tens- to millions-fold.
 RISE = 2.0
 # A rise is measured from this share of ln(classes), a uniform guess's loss, at least: below it a
 # network fits its training set so nearly that a few hard images can double a block's mean.
