@@ -18,6 +18,7 @@ import numpy as np
 from fastnet import checkpoint, storage
 from fastnet.config import TrainConfig
 from fastnet.errors import CheckpointError, FastnetError
+from fastnet.loss_watch import LossWatch
 
 # The metrics that measure time: they differ between runs that are otherwise bit-identical.
 TIMING_METRICS = ("epoch_seconds", "samples_per_second", "train_seconds")
@@ -111,17 +112,20 @@ class Progress:
     correct: int = 0
     seconds: float = 0.0              # this epoch's training time so far, over every session
     history: list = dataclasses.field(default_factory=list)  # the metrics of every finished epoch
+    watch: LossWatch | None = None    # the training loss, followed for a blow-up
 
     def state(self, rng):
         """The JSON-able part, with the generator's exact position."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "order"}
-        return fields | {"rng": rng.bit_generator.state}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("order", "watch")}
+        watch = dataclasses.asdict(self.watch) if self.watch is not None else None
+        return fields | {"watch": watch, "rng": rng.bit_generator.state}
 
     @classmethod
     def from_checkpoint(cls, arrays, rng):
         fields = json.loads(str(arrays["progress"]))
         rng.bit_generator.state = fields.pop("rng")
-        return cls(**fields, order=arrays.get("order"))
+        watch = fields.pop("watch", None)  # None too in the checkpoints of runs from before the watch
+        return cls(**fields, order=arrays.get("order"), watch=LossWatch(**watch) if watch is not None else None)
 
 
 def data_fingerprint(labels, mean, std, input_size, num_classes):

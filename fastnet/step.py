@@ -62,11 +62,12 @@ def training_step(net, optimizer, images, labels, shift, scale, batch, lr, optio
 
 @np.errstate(over="ignore", invalid="ignore")  # divergence is reported below, in one line
 def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, batch_size, epoch, step,
-                pause=None, options=None):
+                pause=None, options=None, watch=None):
     """Train on images[order] in minibatches, starting at global step `step`, each step as options (a
     StepOptions, by default StepOptions()) says.
 
-    After each step, pause(steps taken so far) may return True to stop there. Returns (sum of batch
+    After each step, watch.see(the step's loss) follows the loss (a loss_watch.LossWatch), and
+    pause(steps taken so far) may return True to stop there. Returns (sum of batch
     losses times batch sizes, number of correct training predictions, number of images trained on).
     """
     options = StepOptions() if options is None else options  # a fresh one: StepOptions is mutable
@@ -80,6 +81,8 @@ def train_epoch(net, optimizer, schedule, images, labels, shift, scale, order, b
             follow()
             if not math.isfinite(loss):
                 raise diverged(epoch, step, f"the loss is {loss}", schedule.lr)
+            if watch is not None:
+                watch.see(loss)
             loss_sum += loss * len(batch)
             correct += batch_correct
             step += 1

@@ -26,6 +26,7 @@ from fastnet import backends, checkpoint, data, distributed, storage
 from fastnet.data import downloading
 from fastnet.errors import FastnetError, SettingError, StorageError
 from fastnet.evaluation import evaluation_inputs, normalizer
+from fastnet.loss_watch import LossWatch
 from fastnet.model import MLP
 from fastnet.optim import Optimizer, Schedule
 from fastnet.run_folder import (
@@ -202,11 +203,14 @@ class TrainingRun:
                                    weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
         steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
         self.schedule = Schedule(config.schedule, config.lr, config.epochs * steps_per_epoch, config.warmup)
-        self.progress = Progress()
+        self.progress = Progress(watch=LossWatch.for_run(config.batch_size, steps_per_epoch, dataset.num_classes))
 
     def restore(self):
+        fresh = self.progress.watch
         self.progress = restore_state(self.saved, self.net, self.optimizer, self.rng, self.config.out)
         self.checkpoint_step = self.progress.step
+        if self.progress.watch is None:  # a checkpoint from before the watch: it follows the loss from here
+            self.progress.watch = fresh
 
     def prepare_inputs(self):
         """What the steps read (the images, or their principal components with --pca), what
@@ -335,7 +339,8 @@ class TrainingRun:
         self.train_images, self.train_labels = images, labels
         self.flat_train = images.reshape(len(images), -1)
         self.progress = dataclasses.replace(Progress(), epochs_done=self.progress.epochs_done,
-                                            step=self.progress.step, history=self.progress.history)
+                                            step=self.progress.step, history=self.progress.history,
+                                            watch=self.progress.watch)
 
     def train_one_epoch(self, pause, stop):
         """The next epoch, or the rest of one a pause interrupted; True when the run should end here."""
@@ -347,7 +352,7 @@ class TrainingRun:
         loss_sum, correct, seen = train_epoch(
             net, self.optimizer, self.schedule, self.flat_train, self.train_labels, self.train_shift,
             self.train_scale, progress.order[progress.seen:], config.batch_size, epoch, progress.step, pause,
-            self.options)
+            self.options, progress.watch)
         progress.seconds += time.perf_counter() - started
         progress.loss_sum += loss_sum
         progress.correct += correct
@@ -361,10 +366,14 @@ class TrainingRun:
             return False
 
         summary = self.epoch_metrics(epoch)
+        # Taken before the checkpoint, which records that it was given: a resumed run does not repeat it.
+        warning = progress.watch.warning(epoch, config.lr, config.batch_size, len(self.train_images))
         self.progress = dataclasses.replace(Progress(), epochs_done=epoch, step=progress.step,
-                                            history=progress.history + [summary])
+                                            history=progress.history + [summary], watch=progress.watch)
         self.save_checkpoint(finished_epoch=epoch)
         self.log(format_epoch(summary, config.epochs))
+        if warning is not None:
+            self.log(warning)
         if self.processes.stopping and self.progress.epochs_done < config.epochs:
             raise interrupted(stop.signum or signal.SIGTERM, self.progress, self.out, self.processes.resume_command)
         return bool(self.after_epoch is not None and self.after_epoch(summary))

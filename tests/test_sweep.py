@@ -2,6 +2,7 @@
 in an SQLite database, and results that agree with it."""
 
 import csv
+import gc
 import json
 import shlex
 import sqlite3
@@ -9,6 +10,9 @@ import sqlite3
 import pytest
 
 from fastnet.run_folder import TIMING_METRICS
+from fastnet.sweep import space as spaces
+from fastnet.sweep.run import SweepConfig, cluster
+from fastnet.sweep.trial import run_trial
 from helpers import SWEEP_SPACE as SPACE
 from helpers import assert_one_line_error, fastnet
 
@@ -110,3 +114,40 @@ def test_a_sweep_folder_that_cannot_be_made_is_one_line(tiny_npy, tmp_path):
     result = fastnet("sweep", "--data", tiny_npy, "--val", 50, "--out", tmp_path / "a-file" / "sweep")
     assert_one_line_error(result, f"cannot write to --out {tmp_path / 'a-file' / 'sweep'} (Not a directory)",
                           "pass a writable folder")
+
+
+# --- A worker's memory from trial to trial ------------------------------------------------------------
+
+def test_a_worker_keeps_one_storage_for_all_its_trials(tiny_npy, tmp_path):
+    """A new Optuna storage per trial was a new SQLAlchemy engine, whose dialect the ORM's caches of
+    compiled statements kept: the dialects alive grew by one a trial, and a worker's memory with them."""
+    import optuna
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="memory", storage=url, direction="maximize")
+    (tmp_path / "space.toml").write_text("[lr]\nchoices = [0.05]\n")
+    job = {"study": "memory", "storage": url, "space": spaces.load(str(tmp_path / "space.toml")),
+           "fixed": {"data": str(tiny_npy), "val": 60, "epochs": 1, "hidden": (4,)},
+           "trials_dir": str(tmp_path / "trials"), "threads": 1, "pruner": "none", "trials": 5, "seed": 0,
+           "sweep": "test"}
+
+    def dialects():
+        gc.collect()
+        return sum(isinstance(o, sqlalchemy.engine.Dialect) for o in gc.get_objects())
+
+    states = [run_trial(job | {"job": "test/0"})["state"]]
+    after_one = dialects()
+    states += [run_trial(job | {"job": f"test/{number}"})["state"] for number in range(1, 5)]
+
+    assert states == ["COMPLETE"] * 5
+    assert dialects() == after_one
+
+
+def test_the_local_workers_keep_no_profile_history():
+    """Dask's statistical profiler keeps one profile a second of a worker's work, for 1,000 seconds: a
+    sweep's own workers grew with it trial after trial, for a dashboard nobody sees."""
+    with cluster(SweepConfig(workers=1)) as client:
+        enabled = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert list(enabled.values()) == [False] and list(profiling.values()) == [False]

@@ -111,7 +111,11 @@ overrides that setting (and --pca 0 turns off the recipe's --whiten too):
 Output. After every epoch, one line: the epoch, training loss and accuracy,
 validation and test loss and accuracy, the epoch's training time, and
 samples per second (of training, without evaluation). On a terminal, a
-progress bar runs within each epoch. At the end, one line says after how
+progress bar runs within each epoch. A run whose training loss rises to more
+than twice its lowest (in means over 3,200 images) is blowing up: after that
+epoch one warning line names --lr and --batch-size and the lower --lr to
+try, and the run goes on (docs/recipes.md, 'When the loss blows up', says
+where the default schedule is safe). At the end, one line says after how
 many seconds of training the test accuracy first reached 50, 55, 60, 65 and
 70 %.
 

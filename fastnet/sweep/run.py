@@ -237,12 +237,16 @@ def _cause(exc):
 def cluster(config):
     """A Dask client: of the scheduler at config.scheduler, or of a LocalCluster of config.workers
     processes that run one trial each."""
+    import dask
     from distributed import Client, LocalCluster
 
     if config.scheduler is None:
         # Dask's HTTP server on a free loopback port, and none of its logs: the sweep reports what a
-        # trial raised, and a worker's notes on shutting down are not for the user.
-        with _children_started_quietly():
+        # trial raised, and a worker's notes on shutting down are not for the user. Nor its statistical
+        # profiler, for that dashboard: its history, a profile for every second of work up to 1,000 of
+        # them, grew a worker by 0.5 MB per 7-second trial (benchmarks/RESULTS.md). The nannies keep
+        # the setting for the workers they restart.
+        with _children_started_quietly(), dask.config.set({"distributed.worker.profile.enabled": False}):
             local = LocalCluster(n_workers=config.workers or os.cpu_count(), threads_per_worker=1, processes=True,
                                  dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
         with local, Client(local) as client:
