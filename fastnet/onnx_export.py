@@ -4,11 +4,12 @@ class probabilities, built with the `onnx` package (pip install 'fastnet[onnx]')
 The graph does what `fastnet predict` does, operation for operation, so that ONNX Runtime gives the
 same probabilities:
 
-    images (N, H, W, C) uint8 -> Cast -> Flatten (N, D) -> Sub shift -> Mul scale     standardise
-    [-> MatMul projection (D, K)]                        --pca, whitening in its columns
+    images (N, H, W, C) uint8 -> Cast -> Sub shift -> Mul scale                      standardise
+    [--tta: each view of them: Slice, step -1 on W (mirror); Pad with 0, Slice (shift)]
+    -> Flatten (N, D) [-> MatMul projection (D, K)]      --pca, whitening in its columns
     per hidden layer: MatMul W -> Add b [-> LayerNormalization] -> activation
     last layer: MatMul W -> Add b                        the logits
-    [--tta flip: the same on the images mirrored (Slice, step -1 on W); (a + b) * 0.5]
+    [--tta: the views' logits added in turn, then divided by their number]
     -> Cast double -> Softmax -> Cast float              probabilities (N, classes)
     [ArgMax of the logits                                top_class (N,) int64]
 
@@ -25,11 +26,11 @@ import os
 import numpy as np
 
 import fastnet
-from fastnet import checkpoint, predict, storage
+from fastnet import checkpoint, data, predict, storage
 from fastnet.activations import LEAKY_RELU_SLOPE
 from fastnet.backends.numpy_backend import GELU_CUBIC, GELU_SQRT_2_OVER_PI
 from fastnet.errors import FastnetError
-from fastnet.evaluation import normalizer
+from fastnet.evaluation import TTA, TTA_ACTIONS, TTA_VIEWS, normalizer
 from fastnet.model import LAYERNORM_EPS
 
 try:
@@ -145,14 +146,60 @@ def _network(g, x, net, prefix):
     raise ValueError("a network has at least one layer")
 
 
-def _preprocess(g, x, preprocessing, prefix):
+def _standardise(g, x, preprocessing):
     if preprocessing.shift is not None:
-        x = g.op("Sub", [x, "preprocess.shift"], f"{prefix}preprocess/shifted")
+        x = g.op("Sub", [x, "preprocess.shift"], "preprocess/shifted")
     if preprocessing.scale is not None:
-        x = g.op("Mul", [x, "preprocess.scale"], f"{prefix}preprocess/scaled")
+        x = g.op("Mul", [x, "preprocess.scale"], "preprocess/scaled")
+    return x
+
+
+def _project(g, x, preprocessing, prefix):
     if preprocessing.projection is not None:
         x = g.op("MatMul", [x, "preprocess.projection"], f"{prefix}preprocess/projected")
     return x
+
+
+def _view_prefix(view):
+    """The names of a view's nodes start with this: "" for the image as it is, else e.g. "mirror-up1/"."""
+    parts = ["mirror"] if view.flip else []
+    if view.dy:
+        parts.append(f"down{view.dy}" if view.dy > 0 else f"up{-view.dy}")
+    if view.dx:
+        parts.append(f"right{view.dx}" if view.dx > 0 else f"left{-view.dx}")
+    return "-".join(parts) + "/" if parts else ""
+
+
+def _views(g, images, shape, tta):
+    """{name prefix: node} of each view (fastnet.data.View) of the standardised images (N, H, W[, C])
+    that `tta` averages over, in fastnet's order. As augment_gather_normalize makes them: mirrored
+    first, then moved, with 0 (the mean pixel, standardised) coming in from beyond the border, which
+    is why the views are taken after standardising. The mirror image and the padding are made once."""
+    views = data.test_time_views(tta)
+    if len(views) > 1 and len(shape) not in (2, 3):
+        raise ValueError(f"tta {tta} {TTA_ACTIONS[tta]}, but these samples have shape {shape}")
+    margin = max(max(abs(view.dy), abs(view.dx)) for view in views)
+    mirrored, padded, nodes = {False: images}, {}, {}
+    for view in views:
+        prefix = _view_prefix(view)
+        if view.flip not in mirrored:
+            mirrored[True] = g.op("Slice", [images, g.constant("mirror.starts", [-1], np.int64),
+                                            g.constant("mirror.ends", [np.iinfo(np.int64).min], np.int64),
+                                            g.constant("mirror.axes", [2], np.int64),
+                                            g.constant("mirror.steps", [-1], np.int64)], "mirror/images")
+        nodes[prefix] = mirrored[view.flip]
+        if view.dy or view.dx:
+            if view.flip not in padded:
+                # Height and width padded by the largest move on both sides: each move is a window of it.
+                pads = [0, margin, margin] + [0] * (len(shape) - 2)
+                pads = g.constant(f"{'mirror/' if view.flip else ''}pads", pads + pads, np.int64)
+                padded[view.flip] = g.op("Pad", [nodes[prefix], pads], f"{'mirror/' if view.flip else ''}padded")
+            top, left = margin - view.dy, margin - view.dx
+            window = [g.constant(f"{prefix}starts", [top, left], np.int64),
+                      g.constant(f"{prefix}ends", [top + shape[0], left + shape[1]], np.int64),
+                      g.constant(f"{prefix}axes", [1, 2], np.int64)]
+            nodes[prefix] = g.op("Slice", [padded[view.flip], *window], f"{prefix}images")
+    return nodes
 
 
 def graph_for(net, preprocessing=None, input="uint8-images", sample_shape=None, tta=None, top_class=False,
@@ -163,54 +210,46 @@ def graph_for(net, preprocessing=None, input="uint8-images", sample_shape=None, 
     flattened, as fastnet predict takes them; "float": rows (N, D) of the network's dtype. D is the
     length of shift and scale, or the projection's rows, or the network's inputs. tta "flip" (images
     of shape (H, W, C) or (H, W) only) classifies each image by the mean of its logits and its mirror
-    image's. The output "probabilities" (N, classes) is float32, as fastnet's softmax is; top_class
-    adds "top_class" (N,) int64, the argmax of the logits (of their mean with tta). class_names and
-    `metadata` (str: str) go into the model's metadata_props.
+    image's, "flip+shift" by the mean over those two each also shifted a pixel each way
+    (fastnet.data.test_time_views). The output "probabilities" (N, classes) is float32, as fastnet's
+    softmax is; top_class adds "top_class" (N,) int64, the argmax of the logits (of their mean with
+    tta). class_names and `metadata` (str: str) go into the model's metadata_props.
     """
     require_onnx()
     if input not in INPUTS:
         raise ValueError(f"input {input!r} is not one of {INPUTS}")
-    if tta not in (None, "flip"):
-        raise ValueError(f"tta {tta!r} is not a test-time augmentation: choose 'flip' or None")
+    if tta not in TTA:
+        raise ValueError(f"tta {tta!r} is not a test-time augmentation: choose 'flip', 'flip+shift' or None")
     preprocessing = preprocessing or Preprocessing()
     g = _Graph(net.weights[0].dtype)
     size = _input_size(net, preprocessing)
+    images = input == "uint8-images"
+    shape = tuple(sample_shape or (size,)) if images else (size,)
     for key in ("shift", "scale", "projection"):
         value = getattr(preprocessing, key)
         if value is not None:
-            g.constant(f"preprocess.{key}", value)
+            # Per pixel and channel, as the images come: standardised before any view is taken of them.
+            g.constant(f"preprocess.{key}", value if key == "projection" else np.reshape(value, shape))
     _parameters(g, net)
 
-    if input == "uint8-images":
-        shape = tuple(sample_shape or (size,))
+    if images:
         if math.prod(shape) != size:
             raise ValueError(f"images of shape {shape} have {math.prod(shape)} features, the network {size}")
         source = helper.make_tensor_value_info(INPUT_NAMES[input], TensorProto.UINT8, ["N", *shape])
-        pixels = g.op("Cast", [INPUT_NAMES[input]], "pixels", to=g.elem_type)
-        views = {"": pixels}
-        if tta == "flip":
-            if len(shape) not in (2, 3):
-                raise ValueError(f"tta flip mirrors images, but these samples have shape {shape}")
-            # Mirrored before anything but the cast, as fastnet mirrors the rows it reads: the shift
-            # and scale repeat per pixel, so standardising commutes with the flip anyway.
-            g.constant("mirror.starts", [-1], np.int64)
-            g.constant("mirror.ends", [np.iinfo(np.int64).min], np.int64)
-            g.constant("mirror.axes", [2], np.int64)
-            g.constant("mirror.steps", [-1], np.int64)
-            views["mirror/"] = g.op("Slice", [pixels, "mirror.starts", "mirror.ends", "mirror.axes", "mirror.steps"],
-                                    "mirror/pixels")
-        rows = {prefix: g.op("Flatten", [view], f"{prefix}rows", axis=1) for prefix, view in views.items()}
+        standardised = _standardise(g, g.op("Cast", [INPUT_NAMES[input]], "pixels", to=g.elem_type), preprocessing)
+        rows = {prefix: g.op("Flatten", [view], f"{prefix}rows", axis=1)
+                for prefix, view in _views(g, standardised, shape, tta).items()}
     else:
         if tta is not None:
-            raise ValueError("tta flip mirrors images: it needs input='uint8-images' and the images' shape")
+            raise ValueError(f"tta {tta} {TTA_ACTIONS[tta]}: it needs input='uint8-images' and the images' shape")
         source = helper.make_tensor_value_info(INPUT_NAMES[input], g.elem_type, ["N", size])
-        rows = {"": INPUT_NAMES[input]}
+        rows = {"": _standardise(g, INPUT_NAMES[input], preprocessing)}
 
-    logits = [_network(g, _preprocess(g, x, preprocessing, prefix), net, prefix) for prefix, x in rows.items()]
-    if len(logits) == 2:  # as fastnet.predict: logits += mirrored; logits *= 0.5
-        logits = g.op("Mul", [g.op("Add", logits, "tta/sum"), g.scalar(0.5)], "tta/logits")
-    else:
-        logits = logits[0]
+    logits = [_network(g, _project(g, x, preprocessing, prefix), net, prefix) for prefix, x in rows.items()]
+    total = logits[0]
+    for i, view in enumerate(logits[1:], start=1):  # as fastnet.predict: added in turn, then divided
+        total = g.op("Add", [total, view], f"tta/sum{i}")
+    logits = g.op("Div", [total, g.scalar(len(logits))], "tta/logits") if len(logits) > 1 else total
     classes = net.weights[-1].shape[1]
     # fastnet.predict.softmax works in float64, so that a row's tiny probabilities keep their digits.
     wide = logits if g.dtype == np.float64 else g.op("Cast", [logits], "logits/double", to=TensorProto.DOUBLE)
@@ -244,7 +283,7 @@ def _input_size(net, preprocessing):
 def model_for(saved, tta="run", top_class=False):
     """The ONNX model of a loaded checkpoint (fastnet.checkpoint.load) on uint8 images of its sample
     shape, with `tta` as fastnet.load takes it ("run": the run's own)."""
-    chosen = predict.Model(saved, tta).tta  # predict's rules: a flat-sample model refuses flip
+    chosen = predict.Model(saved, tta).tta  # predict's rules: a flat-sample model refuses a tta
     shift, scale = normalizer(saved.mean, saved.std, math.prod(saved.sample_shape), np.uint8, saved.net.dtype)
     config = saved.config
     metadata = {
@@ -293,5 +332,6 @@ def describe(path, model):
         return " and ".join(parts)
 
     properties = {p.key: p.value for p in model.metadata_props}
-    views = ", each averaged with its mirror image" if properties.get("tta") == '"flip"' else ""
+    tta = json.loads(properties.get("tta", "null"))
+    views = f", {TTA_VIEWS[tta]}" if tta in TTA_VIEWS else ""
     return f"wrote {path}: {shown(model.graph.input)} in, {shown(model.graph.output)} out{views}"

@@ -18,7 +18,7 @@ import numpy as np
 
 from fastnet import checkpoint, data, settings, storage
 from fastnet.errors import FastnetError
-from fastnet.evaluation import EVAL_BATCH, normalizer, saved_tta
+from fastnet.evaluation import EVAL_BATCH, normalizer, saved_tta, views_for
 from fastnet.images import IMAGE_SUFFIXES, ImageError, decode, describe, resize, shown, unfollowed, walk
 
 # The Pillow mode that gives a picture the channel count a model was trained on.
@@ -81,16 +81,15 @@ class Model:
     Pixels are uint8 0-255 or floats in [0, 1], as in training.
 
     `tta` is a test-time augmentation of fastnet.evaluation.TTA ("flip": the mean of the logits of each image
-    and of its mirror image), or "run" for the one the model's run was evaluated with.
+    and of its mirror image; "flip+shift": of those two each as it is and moved a pixel each way), or "run"
+    for the one the model's run was evaluated with.
     """
 
     def __init__(self, saved, tta="run"):
         self.net = saved.net  # on raw inputs, with a --pca projection folded in
         self._trained_net, self._projection = saved.trained_net, saved.projection
         self.tta = settings.test_time_augmentation("tta", saved_tta(saved.config, tta))
-        if self.tta == "flip" and len(saved.sample_shape) not in (2, 3):
-            raise FastnetError(f"--tta flip mirrors images, but this model takes samples of shape "
-                               f"{tuple(saved.sample_shape)}: pass --tta none")
+        self._views = views_for(self.tta, saved.sample_shape, "this model takes samples of shape")
         self.mean, self.std = saved.mean, saved.std
         self.sample_shape = tuple(saved.sample_shape)
         self.class_names = list(saved.class_names)
@@ -108,13 +107,16 @@ class Model:
     def logits(self, images):
         """Raw scores (N, classes) in the network's dtype."""
         rows = self._as_rows(images)
-        logits = self._logits(rows)
-        if self.tta == "flip":
-            logits += self._logits(data.mirror_images(rows, self.sample_shape))
-            logits *= 0.5
+        logits = self._logits(rows, self._views[0])
+        for view in self._views[1:]:  # summed in evaluation's order, so that the numbers are its own
+            logits += self._logits(rows, view)
+        if len(self._views) > 1:
+            logits /= len(self._views)
         return logits
 
-    def _logits(self, rows):
+    def _logits(self, rows, view):
+        """The logits of `view` (fastnet.data.View) of each row."""
+        gather = view.gather(self.net.kernels, self.sample_shape)
         shift, scale = normalizer(self.mean, self.std, self.input_size, rows.dtype, self.net.dtype)
         logits = np.empty((len(rows), self.num_classes), self.net.dtype)
         # In slices, so that the float copy of a large batch never has to exist all at once.
@@ -122,9 +124,10 @@ class Model:
             stop = min(start + EVAL_BATCH, len(rows))
             if self._projection is None:
                 inputs = np.empty((stop - start, self.input_size), self.net.dtype)
-                self.net.kernels.gather_normalize(rows, np.arange(start, stop), shift, scale, inputs)
+                gather(rows, np.arange(start, stop), shift, scale, inputs)
             else:
-                inputs = data.project(rows[start:stop], shift, scale, self._projection, self.net.kernels)
+                inputs = data.project(rows[start:stop], shift, scale, self._projection, self.net.kernels,
+                                      gather=gather)
             logits[start:stop] = self._trained_net.forward(inputs)
         return logits
 

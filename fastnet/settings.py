@@ -97,8 +97,10 @@ def widths(setting, values, example, at_least=1):
 
 
 # Test-time augmentations (--tta): None evaluates each image as it is; "flip" on the mean of the logits
-# of the image and of its mirror image, which a network trained with --flip has learnt to classify alike.
-TEST_TIME_AUGMENTATIONS = (None, "flip")
+# of the image and of its mirror image, which a network trained with --flip has learnt to classify alike;
+# "flip+shift" on the mean over those two, each also moved a pixel each way, for one trained with
+# --translate too (fastnet.data.test_time_views).
+TEST_TIME_AUGMENTATIONS = (None, "flip", "flip+shift")
 
 
 def components(setting, value):
@@ -120,7 +122,8 @@ def whitening(setting, whiten, pca):
 def test_time_augmentation(setting, value):
     """One of TEST_TIME_AUGMENTATIONS; the command line spells None as none."""
     if value not in TEST_TIME_AUGMENTATIONS:
-        raise SettingError(setting, f"{{setting}} {value!r} is not a test-time augmentation: choose flip or none")
+        raise SettingError(setting, f"{{setting}} {value!r} is not a test-time augmentation: choose flip, flip+shift "
+                                    "or none")
     return value
 
 

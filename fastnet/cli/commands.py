@@ -10,7 +10,7 @@ from fastnet.cli.flag_types import tta_flag
 from fastnet.cli.parser import UsageError
 from fastnet.config import TrainConfig, recipe_config
 from fastnet.errors import StorageError
-from fastnet.evaluation import saved_tta
+from fastnet.evaluation import TTA_VIEWS, saved_tta
 from fastnet.run_folder import resumed_config
 from fastnet.sweep.space import FIXED
 from fastnet.train import train
@@ -93,7 +93,7 @@ def evaluation_report(args):
 
 def print_report(evaluation):
     names, confusion = evaluation["class_names"], evaluation["confusion"]
-    views = ", each averaged with its mirror image" if evaluation["tta"] == "flip" else ""
+    views = f", {TTA_VIEWS[evaluation['tta']]}" if evaluation["tta"] else ""
     print(f"test accuracy {evaluation['accuracy']:.2%}  loss {evaluation['loss']:.4f}  on {evaluation['images']} "
           f"images from {evaluation['source']}{views}")
     width = max(len(n) for n in names)

@@ -210,13 +210,18 @@ projection: evaluate, predict and fastnet.load take raw images, and find the
 numbers that training printed. --pca 0 trains on the pixels. K components
 need K inputs per image and K training images (those left after --val).
 
-Test-time flips (--tta flip). Every evaluation scores the mean of the logits
-of each image and of its mirror image: for a network trained with --flip,
-which has learnt to classify the two alike. It changes what the run reports,
-never how it trains: each epoch's test and validation figures (the epoch
-line says test+flip), tta in metrics.jsonl, and the best epoch with --val.
-evaluate and predict use the run's --tta unless given one. Evaluation takes
-twice as long; it is not part of the training seconds. --flip, --translate,
+Test-time flips and shifts (--tta flip, --tta flip+shift). Every evaluation
+scores the mean of the logits of each image and of its mirror image: for a
+network trained with --flip, which has learnt to classify the two alike.
+flip+shift averages 10 views: those two, each as it is and shifted one pixel
+up, down, left and right (padded with the mean pixel, as --translate pads),
+for a network trained with --flip and --translate. It changes what the run
+reports, never how it trains: each epoch's test and validation figures (the
+epoch line says test+flip or test+flip+shift), tta in metrics.jsonl, and the
+best epoch with --val. evaluate and predict use the run's --tta unless given
+one. Evaluation takes 2 or 10 times as long (a --pca run projects each view
+once, before the first epoch); it is not part of the training seconds, but
+it is of the command's wall time. --flip, --translate,
 --cutout and --tta need images: samples of shape (H, W) or (H, W, C).
 --translate must be less than the images' shorter side (a shift as long can
 leave nothing in view), and --cutout at most that side.
@@ -256,7 +261,7 @@ model on the test split of --data. The model is evaluated as training
 evaluated it, so the accuracy is the test_acc that metrics.jsonl records for
 the epoch model.npz holds. --tta: the run's own test-time augmentation unless
 given; the first line says when each image was averaged with its mirror
-image. The data must have the inputs and classes the model was trained on:
+image (and their shifts). The data must have the inputs and classes the model was trained on:
 else one line names the data it was trained on.
 
 --json prints one JSON object: accuracy, loss, tta, images, source,
@@ -283,8 +288,9 @@ opens). Each image is turned upright as its EXIF tag says, converted to the
 model's channels (RGB for CIFAR-10, greyscale for one channel, transparent
 pixels on white), and resized to the model's input size (stretched, not
 cropped). The preprocessing saved with the model follows, as in train and
-evaluate, so an image gets the same logits as in evaluate: flip-averaged
-when the run was evaluated so, unless --tta says otherwise.
+evaluate, so an image gets the same logits as in evaluate: averaged over its
+mirror image (and their shifts) when the run was evaluated so, unless --tta
+says otherwise.
 
 A folder stands for the image files anywhere under it, in the order of
 their paths relative to it, sorted: the files whose names end in
@@ -336,8 +342,9 @@ components of a --pca run (whitened or not), runs the network (every
 activation and layer norm) and ends in the class probabilities: output
 "probabilities", float32 (N, classes). --top-class adds "top_class", int64
 (N,), the most likely class. A run evaluated with --tta flip keeps it in the
-graph (each image's logits averaged with its mirror image's) unless --tta
-none; --tta flip adds it to any model of images. The model's metadata_props
+graph (each image's logits averaged with its mirror image's), and one with
+--tta flip+shift its 10 views (Pad and Slice), unless --tta none; --tta flip
+or flip+shift adds it to any model of images. The model's metadata_props
 hold the class names (JSON), the fastnet version and the run's settings.
 
 FILE is written under a temporary name in its folder and renamed when

@@ -100,8 +100,9 @@ def add_run_settings(run, defaults, leave_out=()):
             f"of their pixels, fitted to {PCA_SAMPLE:,} training images; 0: pixels")
     setting("--whiten", action=argparse.BooleanOptionalAction, help="with --pca: scale every component to unit "
             "variance (PCA whitening)")
-    setting("--tta", type=none_word, metavar="flip|none", help="test-time augmentation of every evaluation: flip "
-            "averages the logits of each image and its mirror image")
+    setting("--tta", type=none_word, metavar="flip|flip+shift|none", help="test-time augmentation of every "
+            "evaluation: flip averages the logits of each image and its mirror image; flip+shift those of both "
+            "as they are and shifted a pixel up, down, left and right (10 views)")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (see Recipes below); other flags "
             "override its settings")
 
@@ -154,7 +155,7 @@ def build_parser():
     e.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
     add_data_and_backend(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    e.add_argument("--tta", metavar="flip|none", help="test-time augmentation (default: the one the run "
+    e.add_argument("--tta", metavar="flip|flip+shift|none", help="test-time augmentation (default: the one the run "
                    "was evaluated with)")
     e.add_argument("--out", metavar="DIR", help="also write DIR/report.json: accuracy, per-class precision, "
                    "recall and F1, confusion matrix")
@@ -227,7 +228,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--csv", metavar="FILE", help="also write one CSV row per image: path, class, probability, "
                    "then class_2, probability_2, ... up to --top K, and error")
-    p.add_argument("--tta", metavar="flip|none", help="test-time augmentation (default: the one the run "
+    p.add_argument("--tta", metavar="flip|flip+shift|none", help="test-time augmentation (default: the one the run "
                    "was evaluated with)")
     p.add_argument("--backend", help=f"kernel backend: {', '.join(backends.available())} "
                    "(default: $FASTNET_BACKEND or numpy)")
@@ -238,8 +239,8 @@ def build_parser():
                 "probabilities out", help_texts.EXPORT_EPILOG)
     x.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder of fastnet train, or a model.npz it wrote")
     x.add_argument("--to", metavar="FILE", help="the .onnx file to write (default: model.onnx beside the model)")
-    x.add_argument("--tta", metavar="flip|none", help="test-time augmentation in the graph (default: the one the "
-                   "run was evaluated with)")
+    x.add_argument("--tta", metavar="flip|flip+shift|none", help="test-time augmentation in the graph (default: "
+                   "the one the run was evaluated with)")
     x.add_argument("--top-class", action="store_true", help="a second output, top_class: each image's most "
                    "likely class index")
 

@@ -6,14 +6,14 @@
     statistics.py    per-channel (or per-feature) mean and std, which inputs are standardised with
     split.py         the validation split held out by --val
     components.py    principal components and projection onto them (--pca)
-    augmentation.py  the random flips, translations and cutouts of each batch
+    augmentation.py  the random flips, translations and cutouts of each batch; test-time views
 
 The functions and classes are re-exported here, so `from fastnet import data; data.load_dataset()`
 works. The module-level values (STATS_CHUNK, CIFAR10_URL, NPY_FILES, ...) are not: a copy here would
 not be the value the code reads, so read, set or monkeypatch them on the module that holds them.
 """
 
-from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation
+from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation, View, test_time_views
 from fastnet.data.components import mirror_images, mirror_permutation, mirror_signs, principal_components, project
 from fastnet.data.downloading import download
 from fastnet.data.folders import load_image_tree
@@ -26,5 +26,5 @@ __all__ = [
     "download", "feature_stats", "find_dataset", "load_dataset", "load_image_tree", "mirror_images",
     "mirror_permutation", "mirror_signs",
     "principal_components",
-    "project", "split_validation",
+    "project", "split_validation", "test_time_views", "View",
 ]

@@ -1,7 +1,10 @@
 """The random augmentations of each training batch: of pixels (Augmentation), of principal components
-(ComponentFlip), and of pixels projected onto components afterwards (ProjectedAugmentation)."""
+(ComponentFlip), and of pixels projected onto components afterwards (ProjectedAugmentation); and the
+fixed ones that test-time augmentation averages over (View, test_time_views)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -24,10 +27,7 @@ class Augmentation:
     """
 
     def __init__(self, image_shape, flip=False, translate=0, cutout=0):
-        if len(image_shape) not in (2, 3):
-            raise ValueError(f"augmentation needs images of shape (H, W, C) or (H, W), got samples of shape "
-                             f"{tuple(image_shape)}")
-        self.image_shape = tuple(int(s) for s in image_shape) + ((1,) if len(image_shape) == 2 else ())
+        self.image_shape = channel_last(image_shape)
         self.flip = bool(flip)
         self.translate, self.cutout = settings.pixels("translate", translate), settings.pixels("cutout", cutout)
         self._capacity = 0
@@ -85,6 +85,56 @@ class Augmentation:
         images = images.reshape(len(images), *self.image_shape)
         kernels.augment_gather_normalize(images, indices, flips, offsets, centres, self.cutout, shift, scale,
                                          out, out16)
+
+
+def channel_last(image_shape):
+    """(H, W, C) of images of shape (H, W, C), or (H, W) for one channel: the shape the augmentation
+    kernel reads them in."""
+    if len(image_shape) not in (2, 3):
+        raise ValueError(f"augmentation needs images of shape (H, W, C) or (H, W), got samples of shape "
+                         f"{tuple(image_shape)}")
+    return tuple(int(s) for s in image_shape) + ((1,) if len(image_shape) == 2 else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One fixed augmentation of every image, for test-time averaging (--tta): mirrored left to right
+    or not, then moved dy rows down and dx columns right (negative: up, left), with padding (the
+    mean pixel) coming in from beyond the border. These are Augmentation's flip and translation with
+    the same choice for every image, made by the same kernel, so a view is an image the network may
+    have met in training."""
+
+    flip: bool = False
+    dy: int = 0
+    dx: int = 0
+
+    def gather(self, kernels, image_shape):
+        """A function gather(images, indices, shift, scale, out) with gather_normalize's arguments that
+        writes this view of the flattened images[indices] of `image_shape`, normalised, into out."""
+        if self == View():
+            return kernels.gather_normalize  # the image as it is: no per-pixel index arithmetic
+        shape = channel_last(image_shape)
+
+        def gather(images, indices, shift, scale, out):
+            count = len(indices)
+            flips = np.full(count, self.flip, np.uint8)
+            offsets = np.tile(np.array([self.dy, self.dx], np.int64), (count, 1))
+            kernels.augment_gather_normalize(images.reshape(len(images), *shape), indices, flips, offsets,
+                                             np.zeros((count, 2), np.int64), 0, shift, scale, out)
+        return gather
+
+
+# --tta flip+shift: each image and its mirror image, as they are and moved one pixel up, down, left
+# and right, the smallest moves that a network trained with --translate has learnt to classify alike.
+TEST_TIME_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def test_time_views(tta):
+    """The views of each image whose logits test-time augmentation `tta` (settings.TEST_TIME_AUGMENTATIONS)
+    averages, the image as it is first."""
+    flips = (False, True) if tta in ("flip", "flip+shift") else (False,)
+    shifts = TEST_TIME_SHIFTS if tta == "flip+shift" else ((0, 0),)
+    return tuple(View(flip, dy, dx) for flip in flips for dy, dx in shifts)
 
 
 class ComponentFlip:

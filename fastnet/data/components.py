@@ -139,9 +139,12 @@ def mirror_signs(components: np.ndarray, image_shape: tuple[int, ...]) -> np.nda
 
 
 def project(images: np.ndarray, shift: np.ndarray, scale: np.ndarray, projection: np.ndarray, kernels,
-            chunk: int = PROJECT_CHUNK) -> np.ndarray:
+            chunk: int = PROJECT_CHUNK, gather=None) -> np.ndarray:
     """``((images - shift) * scale) @ projection`` as an (N, projection.shape[1]) array, computed with
-    the backend's kernels one chunk at a time, so that the standardised pixels never exist all at once."""
+    the backend's kernels one chunk at a time, so that the standardised pixels never exist all at once.
+    ``gather`` standardises the rows instead of kernels.gather_normalize, with its arguments: a
+    View.gather, to project that view of the images."""
+    gather = gather or kernels.gather_normalize
     flat = images.reshape(len(images), -1)
     out = np.empty((len(flat), projection.shape[1]), projection.dtype)
     standardised = np.empty((min(chunk, len(flat)), flat.shape[1]), projection.dtype)
@@ -149,6 +152,6 @@ def project(images: np.ndarray, shift: np.ndarray, scale: np.ndarray, projection
     for start in range(0, len(flat), chunk):
         stop = min(start + chunk, len(flat))
         rows = standardised[:stop - start]
-        kernels.gather_normalize(flat, np.arange(start, stop), shift, scale, rows)
+        gather(flat, np.arange(start, stop), shift, scale, rows)
         kernels.dense_forward(rows, projection, no_bias, out[start:stop])
     return out
