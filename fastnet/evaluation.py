@@ -34,7 +34,7 @@ def views_for(tta, sample_shape, samples="these samples have shape"):
     refusal of a tta that moves pixels on samples without a height and a width."""
     if tta is not None and len(sample_shape) not in (2, 3):
         raise FastnetError(f"--tta {tta} {TTA_ACTIONS[tta]}, but {samples} {tuple(sample_shape)}: pass --tta none")
-    return data.test_time_views(tta)
+    return data.tta_views(tta)
 
 
 @dataclasses.dataclass

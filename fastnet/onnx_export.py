@@ -175,7 +175,7 @@ def _views(g, images, shape, tta):
     that `tta` averages over, in fastnet's order. As augment_gather_normalize makes them: mirrored
     first, then moved, with 0 (the mean pixel, standardised) coming in from beyond the border, which
     is why the views are taken after standardising. The mirror image and the padding are made once."""
-    views = data.test_time_views(tta)
+    views = data.tta_views(tta)
     if len(views) > 1 and len(shape) not in (2, 3):
         raise ValueError(f"tta {tta} {TTA_ACTIONS[tta]}, but these samples have shape {shape}")
     margin = max(max(abs(view.dy), abs(view.dx)) for view in views)
@@ -211,7 +211,7 @@ def graph_for(net, preprocessing=None, input="uint8-images", sample_shape=None, 
     length of shift and scale, or the projection's rows, or the network's inputs. tta "flip" (images
     of shape (H, W, C) or (H, W) only) classifies each image by the mean of its logits and its mirror
     image's, "flip+shift" by the mean over those two each also shifted a pixel each way
-    (fastnet.data.test_time_views). The output "probabilities" (N, classes) is float32, as fastnet's
+    (fastnet.data.tta_views). The output "probabilities" (N, classes) is float32, as fastnet's
     softmax is; top_class adds "top_class" (N,) int64, the argmax of the logits (of their mean with
     tta). class_names and `metadata` (str: str) go into the model's metadata_props.
     """

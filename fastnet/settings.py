@@ -99,7 +99,7 @@ def widths(setting, values, example, at_least=1):
 # Test-time augmentations (--tta): None evaluates each image as it is; "flip" on the mean of the logits
 # of the image and of its mirror image, which a network trained with --flip has learnt to classify alike;
 # "flip+shift" on the mean over those two, each also moved a pixel each way, for one trained with
-# --translate too (fastnet.data.test_time_views).
+# --translate too (fastnet.data.tta_views).
 TEST_TIME_AUGMENTATIONS = (None, "flip", "flip+shift")
 
 

@@ -1,6 +1,7 @@
 """Augmentation: what flip, translation and cutout do to a small image anyone can check by hand, in
 every backend, and the random choices that Augmentation draws for them: their ranges, their
-determinism for a seed, and that drawing allocates nothing."""
+determinism for a seed, and that drawing allocates nothing; and the fixed views of test-time
+augmentation (--tta), against shifted and mirrored images built here with NumPy alone."""
 
 import tracemalloc
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastnet import backends
-from fastnet.data import Augmentation
+from fastnet.data import Augmentation, View, tta_views
 from helpers import assert_close
 
 # One 3 x 4 image, one channel, pixels 1 .. 12 row by row:
@@ -84,6 +85,45 @@ def test_channels_move_together_and_float_images_work(backend):
     expected = images[1, :, ::-1][:, 1:]  # flipped, then one column left
     assert_close(out.reshape(3, 4, 3)[:, :3], expected, rtol=0)
     assert not out.reshape(3, 4, 3)[:, 3].any()
+
+
+# --- Test-time views -----------------------------------------------------------------------------------
+
+def test_the_tta_views_of_each_tta():
+    assert tta_views(None) == (View(),)
+    assert tta_views("flip") == (View(), View(flip=True))
+    # The image and its mirror image, each as it is and one pixel up, down, left and right.
+    moves = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]
+    assert tta_views("flip+shift") == tuple(View(flip, dy, dx) for flip in (False, True) for dy, dx in moves)
+
+
+def shifted_by_hand(standardised, flip, dy, dx):
+    """(N, H, W[, C]) standardised images mirrored (columns reversed), then moved dy rows down and dx
+    columns right inside a border of zeros: a frame of zeros two pixels wide, and a window of it."""
+    images = standardised[:, :, ::-1] if flip else standardised
+    height, width = images.shape[1:3]
+    framed = np.zeros((len(images), height + 4, width + 4, *images.shape[3:]), images.dtype)
+    framed[:, 2:2 + height, 2:2 + width] = images
+    return framed[:, 2 - dy:2 - dy + height, 2 - dx:2 - dx + width]
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2), (3, 4)], ids=["colour", "grey"])
+@pytest.mark.parametrize("view", [View(), View(flip=True), View(dy=-1), View(dy=1), View(dx=-1), View(dx=1),
+                                  View(True, -1, 0), View(True, 0, 1), View(dy=2, dx=-1)], ids=repr)
+def test_a_view_gathers_the_mirrored_and_shifted_image_standardised(backend, shape, view):
+    kernels = backends.get(backend)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, *shape), dtype=np.uint8)
+    shift = np.tile(np.float32([100, 120])[:shape[2] if len(shape) == 3 else 1], 12)
+    scale = np.tile(np.float32([0.02, 0.03])[:shape[2] if len(shape) == 3 else 1], 12)
+    indices = np.array([4, 0, 2])
+    out = np.full((3, images[0].size), np.nan, np.float32)
+    view.gather(kernels, shape)(images.reshape(5, -1), indices, shift, scale, out)
+    standardised = (images[indices].astype(np.float64) - shift.reshape(shape)) * scale.reshape(shape)
+    expected = shifted_by_hand(standardised, view.flip, view.dy, view.dx)
+    assert_close(out.reshape(3, *shape), expected, rtol=1e-6, atol=1e-6, dtype=np.float32)
+    if view.dy or view.dx:  # what came in from beyond the border is exactly the mean pixel
+        assert (out == 0).sum() == (expected == 0).sum() > 0
 
 
 # --- Drawing the per-sample choices -------------------------------------------------------------------

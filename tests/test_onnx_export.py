@@ -109,6 +109,8 @@ MODELS = {
     "pca-whiten-flip-tta": {"pca": 12, "whiten": True, "flip": True, "tta": "flip", "activation": "gelu",
                             "norm": "layernorm", "dropout": 0.1},
     "tta-flip": {"tta": "flip"},
+    "tta-flip-shift": {"flip": True, "translate": 1, "tta": "flip+shift"},
+    "pca-whiten-translate-flip-shift-tta": {"pca": 12, "whiten": True, "translate": 1, "tta": "flip+shift"},
     "float64": {"dtype": "float64", "norm": "layernorm"},
 }
 
@@ -134,6 +136,7 @@ def test_other_shapes_of_images(shape, tmp_path):
     assert_same_as_fastnet(tmp_path / "run", images, tta=None)
     if len(shape) > 1:  # a flat sample cannot be mirrored: see test_flip_of_flat_samples_is_refused
         assert_same_as_fastnet(tmp_path / "run", images, tta="flip")
+        assert_same_as_fastnet(tmp_path / "run", images, tta="flip+shift")
     graph = onnx.load(str(tmp_path / "run" / "judged.onnx")).graph
     dims = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["N", *shape]
@@ -153,6 +156,27 @@ def test_the_flip_is_in_the_graph_whichever_the_run_used(colour, tmp_path):
     onnx_export.export(tmp_path / "flipped", tmp_path / "default.onnx")
     properties = {p.key: p.value for p in onnx.load(str(tmp_path / "default.onnx")).metadata_props}
     assert json.loads(properties["tta"]) == "flip"
+
+
+def test_the_shifts_are_in_the_graph_whichever_the_run_used(colour, tmp_path):
+    """--tta flip+shift on a run evaluated with flips, and flip on one evaluated with flip+shift: each
+    graph is fastnet's with that choice; the 10 views are one mirror Slice, one Pad of each of the two
+    images and a Slice window of it per shift, and the command says what it averaged."""
+    quiet_train(colour, tmp_path / "flipped", tta="flip")
+    quiet_train(colour, tmp_path / "shifted", flip=True, translate=1, tta="flip+shift")
+    images = images_for((4, 4, 3), colour)
+    for run in ("flipped", "shifted"):
+        shifted = assert_same_as_fastnet(tmp_path / run, images, tta="flip+shift")
+        flipped = assert_same_as_fastnet(tmp_path / run, images, tta="flip")
+        assert np.abs(shifted - flipped).max() > 100 * TOLERANCE
+    result = run_fastnet("export", tmp_path / "shifted", "--to", tmp_path / "default.onnx")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(" out, each averaged over 10 views: it and its mirror image, as they are and "
+                                  "shifted a pixel up, down, left and right\n")
+    model = onnx.load(str(tmp_path / "default.onnx"))
+    assert json.loads({p.key: p.value for p in model.metadata_props}["tta"]) == "flip+shift"
+    operators = [node.op_type for node in model.graph.node]
+    assert (operators.count("Pad"), operators.count("Slice"), operators.count("Softmax")) == (2, 1 + 8, 1)
 
 
 def test_any_batch_size(colour, tmp_path):
@@ -239,6 +263,10 @@ def test_the_pieces_refuse_what_they_cannot_build():
         graph_for(net, input="float", tta="flip")
     with pytest.raises(ValueError, match="mirrors images"):
         graph_for(net, input="uint8-images", sample_shape=(12,), tta="flip")
+    with pytest.raises(ValueError, match="tta flip\\+shift mirrors and shifts images"):
+        graph_for(net, input="float", tta="flip+shift")
+    with pytest.raises(ValueError, match="tta flip\\+shift mirrors and shifts images, but these samples have shape"):
+        graph_for(net, input="uint8-images", sample_shape=(12,), tta="flip+shift")
     with pytest.raises(ValueError, match="not one of"):
         graph_for(net, input="pixels")
     with pytest.raises(ValueError, match="not a test-time augmentation"):
@@ -351,15 +379,17 @@ def test_without_the_onnx_package(small_run, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_flip_of_flat_samples_is_refused(tmp_path):
+@pytest.mark.parametrize("tta, phrase", [("flip", "--tta flip mirrors images"),
+                                         ("flip+shift", "--tta flip+shift mirrors and shifts images")])
+def test_flip_of_flat_samples_is_refused(tta, phrase, tmp_path):
     data = classes_of_brightness(tmp_path / "data", (64,))
     quiet_train(data, tmp_path / "run", epochs=1)
-    result = run_fastnet("export", tmp_path / "run", "--tta", "flip", "--to", tmp_path / "m.onnx")
-    assert_one_line_error(result, "--tta flip mirrors images", "--tta none")
+    result = run_fastnet("export", tmp_path / "run", "--tta", tta, "--to", tmp_path / "m.onnx")
+    assert_one_line_error(result, phrase, "this model takes samples of shape (64,)", "--tta none")
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_a_tta_that_does_not_exist(small_run, tmp_path):
     result = run_fastnet("export", small_run, "--tta", "rotate", "--to", tmp_path / "m.onnx")
-    assert_one_line_error(result, "--tta 'rotate'", "flip or none")
+    assert_one_line_error(result, "--tta 'rotate'", "choose flip, flip+shift or none")
     assert os.listdir(tmp_path) == []

@@ -101,7 +101,7 @@ def test_normalizer_standardises_each_channel():
     ({"pca": 49}, "pca 49 asks for more components than 300 images of 48 inputs can give: pass at most 48"),
     ({"pca": 45, "val": 260, "batch_size": 8}, r"pca 45 asks .* than 40 images \(those left after 260 are held out"),
     ({"whiten": True}, "whiten scales principal components, and this run has none: add --pca K"),
-    ({"tta": "crop"}, "tta 'crop' is not a test-time augmentation: choose flip or none"),
+    ({"tta": "crop"}, "tta 'crop' is not a test-time augmentation: choose flip, flip+shift or none"),
 ])
 def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):
     with pytest.raises(FastnetError, match=message):
@@ -302,9 +302,28 @@ def test_after_epoch_may_stop_the_run_and_sees_each_epochs_metrics(tiny_npy, tmp
         assert json.loads(str(saved["progress"]))["epochs_done"] == 2
 
 
+# The views of --tta flip+shift by hand: the image and its mirror image, as they are and moved one pixel
+# up, down, left and right (rows dy down, columns dx right), in evaluation's order.
+FLIP_SHIFT_MOVES = [(flip, dy, dx) for flip in (False, True) for dy, dx in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))]
+
+
+def views_by_hand(standardised, tta):
+    """The views of (N, H, W, C) standardised images that `tta` averages, made with np.pad: zeros (the
+    mean pixel) come in from beyond the border."""
+    moves = FLIP_SHIFT_MOVES if tta == "flip+shift" else [(False, 0, 0), (True, 0, 0)]
+    height, width = standardised.shape[1:3]
+    views = []
+    for flip, dy, dx in moves:
+        image = standardised[:, :, ::-1] if flip else standardised
+        padded = np.pad(image, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        views.append(padded[:, 1 - dy:1 - dy + height, 1 - dx:1 - dx + width])
+    return views
+
+
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("projected", [False, True], ids=["pixels", "pca"])
-def test_flip_averaged_evaluation_scores_the_mean_logits_of_each_image_and_its_mirror(backend, projected, tiny_npy):
+@pytest.mark.parametrize("tta", ["flip", "flip+shift"])
+def test_averaged_evaluation_scores_the_mean_logits_of_the_views_of_each_image(backend, projected, tta, tiny_npy):
     from fastnet import data
     from fastnet.evaluation import evaluation_inputs
     from fastnet.model import MLP
@@ -317,29 +336,34 @@ def test_flip_averaged_evaluation_scores_the_mean_logits_of_each_image_and_its_m
     if projected:
         projection = data.principal_components(dataset.train_images, shift, scale, 6, rng, net.kernels, whiten=True)
     labels = dataset.test_labels
-    flipped, plain = (evaluation_inputs(dataset.test_images, dataset.sample_shape, shift, scale, projection,
-                                        net.kernels, tta).evaluate(net, labels) for tta in ("flip", None))
+    averaged, plain = (evaluation_inputs(dataset.test_images, dataset.sample_shape, shift, scale, projection,
+                                         net.kernels, choice).evaluate(net, labels) for choice in (tta, None))
 
-    # The reference, in float64: the images and their mirror images (reversed columns), standardised
-    # and projected by hand; the network's own forward pass on each, averaged.
-    def inputs(images):
-        standardised = (images.reshape(len(images), -1) - shift.astype(np.float64)) * scale
-        return standardised if projection is None else standardised @ projection.astype(np.float64)
+    # The reference, in float64: the views standardised and made by hand, projected by hand; the
+    # network's own forward pass on each, averaged.
+    standardised = (dataset.test_images - shift.astype(np.float64).reshape(4, 4, 3)) * scale.reshape(4, 4, 3)
+
+    def inputs(view):
+        rows = view.reshape(len(view), -1)
+        return rows if projection is None else rows @ projection.astype(np.float64)
 
     def cross_entropy(logits):
         shifted = logits - logits.max(axis=1, keepdims=True)
         return np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(labels)), labels])
 
-    logits = [net.forward(inputs(x).astype(np.float32)).astype(np.float64)
-              for x in (dataset.test_images, dataset.test_images[:, :, ::-1])]
-    mean = (logits[0] + logits[1]) / 2
-    assert flipped.loss == pytest.approx(cross_entropy(mean), rel=1e-4)
+    views = views_by_hand(standardised, tta)
+    assert len(views) == (10 if tta == "flip+shift" else 2)
+    logits = [net.forward(inputs(view).astype(np.float32)).astype(np.float64) for view in views]
+    mean = np.mean(logits, axis=0)
+    assert averaged.loss == pytest.approx(cross_entropy(mean), rel=1e-4)
     assert plain.loss == pytest.approx(cross_entropy(logits[0]), rel=1e-4)
-    assert plain.loss != pytest.approx(flipped.loss, rel=1e-3)  # the mirror images do count
+    assert plain.loss != pytest.approx(averaged.loss, rel=1e-3)  # the other views do count
+    if tta == "flip+shift":  # and the shifted ones too: the mean of the two unshifted ones is another figure
+        assert averaged.loss != pytest.approx(cross_entropy((logits[0] + logits[5]) / 2), rel=1e-3)
     top_two = np.sort(mean, axis=1)[:, -2:]
     decided = top_two[:, 1] - top_two[:, 0] > 1e-4  # float32 may break a near tie either way
-    assert np.array_equal(flipped.predictions[decided], mean.argmax(axis=1)[decided])
-    assert flipped.accuracy == np.mean(flipped.predictions == labels)
+    assert np.array_equal(averaged.predictions[decided], mean.argmax(axis=1)[decided])
+    assert averaged.accuracy == np.mean(averaged.predictions == labels)
 
 
 def test_a_run_on_data_in_memory_trains_what_a_run_on_files_does_and_writes_nothing(tiny_npy, tmp_path,
@@ -408,3 +432,51 @@ def test_a_whitened_flip_averaged_run_reports_what_evaluate_and_predict_find(tin
                           for tta in ((), ("--tta", "none")))
     assert (shown["tta"], shown["accuracy"], plain_shown["tta"]) == ("flip", metrics[-1]["test_acc"], None)
     assert plain_shown["loss"] == pytest.approx(plain.loss, rel=1e-6)
+
+
+def test_a_flip_and_shift_averaged_run_reports_what_evaluate_predict_and_load_find(tiny_npy, tmp_path):
+    """A --pca --translate run (each view projected once) evaluated with --tta flip+shift: every epoch
+    line and metrics line says so, and evaluate, predict and fastnet.load find its figures from the
+    mean of the 10 views' logits."""
+    from PIL import Image
+
+    from fastnet import predict
+
+    lines = []
+    train(TrainConfig(data=str(tiny_npy), pca=6, flip=True, translate=1, tta="flip+shift", epochs=2, hidden=(8,),
+                      batch_size=32, val=50, out=str(tmp_path)), log=lines.append)
+    metrics = read_metrics(tmp_path)
+    assert [m["tta"] for m in metrics] == ["flip+shift", "flip+shift"]
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    assert all(" val+flip+shift " in line and " test+flip+shift " in line for line in epoch_lines)
+
+    saved, dataset, evaluated = report.evaluate_saved_model(str(tmp_path), str(tiny_npy))
+    kept = metrics[int(saved.arrays["epoch"]) - 1]  # the epoch of the best validation figure
+    assert (evaluated.accuracy, evaluated.loss) == (kept["test_acc"], kept["test_loss"])
+    assert report.evaluate_saved_model(str(tmp_path), str(tiny_npy), tta="flip")[2].loss != evaluated.loss
+
+    # fastnet.load: the mean of the network's logits on the 10 views, made and projected by hand.
+    model = predict.load(tmp_path)
+    assert model.tta == "flip+shift" and predict.load(tmp_path, tta="flip").tta == "flip"
+    shift, scale = normalizer(saved.mean, saved.std, 48, np.uint8, np.float64)
+    standardised = (dataset.test_images - shift.reshape(4, 4, 3)) * scale.reshape(4, 4, 3)
+    by_hand = np.mean([saved.trained_net.forward((view.reshape(len(view), -1) @ saved.projection).astype(np.float32))
+                       for view in views_by_hand(standardised, "flip+shift")], axis=0)
+    np.testing.assert_allclose(model.logits(dataset.test_images), by_hand, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(model.predict(dataset.test_images), evaluated.predictions)
+
+    # The commands say which they used, and find the same numbers.
+    shown = json.loads(fastnet("evaluate", tmp_path, "--data", tiny_npy, "--json").stdout)
+    assert (shown["tta"], shown["accuracy"], shown["loss"]) == ("flip+shift", kept["test_acc"], kept["test_loss"])
+    text = fastnet("evaluate", tmp_path, "--data", tiny_npy).stdout.splitlines()[0]
+    assert text.endswith(", each averaged over 10 views: it and its mirror image, as they are and shifted a pixel "
+                         "up, down, left and right")
+    Image.fromarray(dataset.test_images[0]).save(tmp_path / "first.png")
+    predicted = json.loads(fastnet("predict", tmp_path, tmp_path / "first.png", "--json", "--top", 3).stdout)
+    top = {item["index"]: item["probability"] for item in predicted["predictions"][0]["top"]}
+    np.testing.assert_allclose([top[i] for i in range(3)], model.predict_proba(dataset.test_images[:1])[0],
+                               rtol=1e-5, atol=1e-6)
+    flip_only = json.loads(fastnet("predict", tmp_path, tmp_path / "first.png", "--json", "--top", 3,
+                                   "--tta", "flip").stdout)
+    assert flip_only["predictions"][0]["top"] != predicted["predictions"][0]["top"]

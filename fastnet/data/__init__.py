@@ -13,7 +13,7 @@ works. The module-level values (STATS_CHUNK, CIFAR10_URL, NPY_FILES, ...) are no
 not be the value the code reads, so read, set or monkeypatch them on the module that holds them.
 """
 
-from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation, View, test_time_views
+from fastnet.data.augmentation import Augmentation, ComponentFlip, ProjectedAugmentation, View, tta_views
 from fastnet.data.components import mirror_images, mirror_permutation, mirror_signs, principal_components, project
 from fastnet.data.downloading import download
 from fastnet.data.folders import load_image_tree
@@ -26,5 +26,5 @@ __all__ = [
     "download", "feature_stats", "find_dataset", "load_dataset", "load_image_tree", "mirror_images",
     "mirror_permutation", "mirror_signs",
     "principal_components",
-    "project", "split_validation", "test_time_views", "View",
+    "project", "split_validation", "tta_views", "View",
 ]

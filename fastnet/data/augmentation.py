@@ -1,6 +1,6 @@
 """The random augmentations of each training batch: of pixels (Augmentation), of principal components
 (ComponentFlip), and of pixels projected onto components afterwards (ProjectedAugmentation); and the
-fixed ones that test-time augmentation averages over (View, test_time_views)."""
+fixed ones that test-time augmentation averages over (View, tta_views)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class View:
 TEST_TIME_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 
 
-def test_time_views(tta):
+def tta_views(tta):
     """The views of each image whose logits test-time augmentation `tta` (settings.TEST_TIME_AUGMENTATIONS)
     averages, the image as it is first."""
     flips = (False, True) if tta in ("flip", "flip+shift") else (False,)
