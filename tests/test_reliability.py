@@ -123,6 +123,20 @@ def predict_on(make_args):
     return build
 
 
+def flat_run(command):
+    """`fastnet evaluate` or `predict` with --tta flip+shift on a run trained on flat samples (48,), which
+    have no height or width to mirror and shift."""
+    def build(root, tiny, run):
+        data = brightness_classes(root / "flat", seed=0, classes=3, train=60, test=30, shape=(48,), step=80,
+                                  offset=40, noise=20)
+        train(TrainConfig(data=str(data), epochs=1, hidden=(4,), batch_size=20, out=str(root / "flat-run")),
+              log=lambda line: None)
+        image = save_image(root / "image.png", "RGB", np.random.default_rng(0), size=(4, 4))
+        where = ["--data", data] if command == "evaluate" else [image]
+        return [command, root / "flat-run", *where, "--tta", "flip+shift"]
+    return build
+
+
 def only_junk(root, tiny, run):
     folder = root / "junk" / "deeper"
     folder.mkdir(parents=True)
@@ -353,9 +367,13 @@ CASES = {
                                         ["--pca 49", "48 inputs", "pass at most 48"]),
     "whiten without pca": (lambda root, tiny, run: ["train", "--whiten"], ["--whiten", "add --pca K"]),
     "unknown tta": (lambda root, tiny, run: ["train", "--tta", "crop"],
-                    ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+                    ["--tta 'crop' is not a test-time augmentation: choose flip, flip+shift or none"]),
     "evaluate with an unknown tta": (lambda root, tiny, run: ["evaluate", run, "--tta", "crop"],
-                                     ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+                                     ["--tta 'crop' is not a test-time augmentation: choose flip, flip+shift or none"]),
+    "evaluate a model of flat samples with flip+shift": (flat_run("evaluate"), [
+        "--tta flip+shift mirrors and shifts images, but these samples have shape (48,): pass --tta none"]),
+    "predict with a model of flat samples and flip+shift": (flat_run("predict"), [
+        "--tta flip+shift mirrors and shifts images, but this model takes samples of shape (48,): pass --tta none"]),
     "predict --csv into a missing folder": (predict_on(lambda root: ["--csv", root / "missing" / "p.csv"]),
                                             ["cannot write --csv", "missing/p.csv", "pass a path in a folder"]),
     "predict --csv under a file": (predict_on(lambda root: ["--csv", root / "photos" / "deeper" / "a.png" / "p.csv"]),
@@ -363,7 +381,7 @@ CASES = {
     "predict on a tree of junk and a looping link": (only_junk,
                                                      ["no image files in", "junk or its subfolders", "pass image"]),
     "predict with an unknown tta": (lambda root, tiny, run: ["predict", run, root / "image.png", "--tta", "crop"],
-                                    ["--tta 'crop' is not a test-time augmentation: choose flip or none"]),
+                                    ["--tta 'crop' is not a test-time augmentation: choose flip, flip+shift or none"]),
     # Hostile files
     "tree with a decompression bomb": (tree_with(lambda tree: declaring_png(tree / "train" / "ant" / "bomb.png",
                                                                             50_000, 50_000)),
