@@ -221,10 +221,10 @@ epoch line says test+flip or test+flip+shift), tta in metrics.jsonl, and the
 best epoch with --val. evaluate and predict use the run's --tta unless given
 one. Evaluation takes 2 or 10 times as long (a --pca run projects each view
 once, before the first epoch); it is not part of the training seconds, but
-it is of the command's wall time. --flip, --translate,
---cutout and --tta need images: samples of shape (H, W) or (H, W, C).
---translate must be less than the images' shorter side (a shift as long can
-leave nothing in view), and --cutout at most that side.
+it is of the command's wall time. --flip, --translate, --cutout and --tta
+need images: samples of shape (H, W) or (H, W, C). --translate must be less
+than the images' shorter side (a shift as long can leave nothing in view),
+and --cutout at most that side.
 
 Mixed precision (--precision bf16). Every product reads bfloat16 operands
 and sums in float32; the master weights, the optimizer state, the loss, layer
@@ -261,8 +261,8 @@ model on the test split of --data. The model is evaluated as training
 evaluated it, so the accuracy is the test_acc that metrics.jsonl records for
 the epoch model.npz holds. --tta: the run's own test-time augmentation unless
 given; the first line says when each image was averaged with its mirror
-image (and their shifts). The data must have the inputs and classes the model was trained on:
-else one line names the data it was trained on.
+image (and their shifts). The data must have the inputs and classes the
+model was trained on: else one line names the data it was trained on.
 
 --json prints one JSON object: accuracy, loss, tta, images, source,
 class_names, per_class_accuracy and confusion (confusion[true][predicted]).
