@@ -42,7 +42,8 @@ class TrainConfig:
     clip: float | None = None        # gradient clipping by global norm
     pca: int = 0                     # train on this many principal components of the images; 0: pixels
     whiten: bool = False             # with pca: scale each component to unit variance
-    tta: str | None = None           # "flip": evaluate on the mean logits of each image and its mirror image
+    tta: str | None = None           # "flip": evaluate on the mean logits of each image and its mirror image;
+                                     # "flip+shift": of those two each also shifted a pixel each way
     recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 

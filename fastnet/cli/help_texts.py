@@ -130,8 +130,8 @@ The run folder (--out, default runs/<timestamp>/) holds:
                   test_loss, test_acc, epoch_seconds, samples_per_second, lr,
                   train_seconds (the training time so far, the --pca fit
                   included), val_loss and val_acc with --val, and tta
-                  ("flip") when the test and validation figures are
-                  flip-averaged
+                  ("flip" or "flip+shift") when the test and validation
+                  figures are averaged over views of each image
   model.npz       the model after the last finished epoch, or with --val
                   after the first epoch with the best validation accuracy
                   (never chosen by test accuracy): the parameters, the
