@@ -45,7 +45,7 @@ RULES = [
     ("clip", 0.0, "must be a positive gradient norm, got 0.0", None),
     ("pca", -1, "must be a number of components, got -1: pass one such as 256, or 0 for none", None),
     ("whiten", True, "scales principal components, and this run has none: add --pca K", None),
-    ("tta", "crop", "'crop' is not a test-time augmentation: choose flip or none", model_evaluated_with),
+    ("tta", "crop", "'crop' is not a test-time augmentation: choose flip, flip+shift or none", model_evaluated_with),
     ("val", -5, "must be 0 or more, got -5", None),
     ("checkpoint_every", 0, "must be a positive integer, got 0", None),
     ("seed", -1, "must be an integer 0 or more, got -1: pass one such as 0", None),

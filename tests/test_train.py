@@ -101,7 +101,7 @@ def test_normalizer_standardises_each_channel():
     ({"pca": 49}, "pca 49 asks for more components than 300 images of 48 inputs can give: pass at most 48"),
     ({"pca": 45, "val": 260, "batch_size": 8}, r"pca 45 asks .* than 40 images \(those left after 260 are held out"),
     ({"whiten": True}, "whiten scales principal components, and this run has none: add --pca K"),
-    ({"tta": "crop"}, "tta 'crop' is not a test-time augmentation: choose flip, flip+shift or none"),
+    ({"tta": "crop"}, r"tta 'crop' is not a test-time augmentation: choose flip, flip\+shift or none"),
 ])
 def test_impossible_settings_are_refused(tiny_npy, tmp_path, settings, message):
     with pytest.raises(FastnetError, match=message):
