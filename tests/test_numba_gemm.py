@@ -43,7 +43,7 @@ def layouts(a):
     return {"C": np.ascontiguousarray(a), "transposed": np.ascontiguousarray(a.T).T, "strided": strided}
 
 
-SHAPES = [(1, 1, 1), (1, 300, 7), (5, 1, 9), (17, 33, 15), (130, 70, 47), (64, 3072, 128)]
+SHAPES = [(1, 1, 1), (1, 300, 7), (5, 1, 9), (17, 33, 15), (130, 70, 47), (64, 3072, 128), (1001, 67, 259)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -80,6 +80,20 @@ def test_matmul_on_one_thread_and_two_agree_and_repeat_bit_for_bit():
             assert np.array_equal(out, results[threads]), f"{threads} threads: two calls differ"
         results[threads] = out
     assert_close(results[1], results[2], rtol=float32_tol(513), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, columns, depth", [(1000, 2048, 2048), (1024, 512, 3072), (300, 4096, 64),
+                                                  (128, 2048, 2048), (128, 512, 3072), (64, 128, 3072)])
+def test_column_tiles_are_at_least_a_quarter_as_wide_as_the_product_is_tall(rows, columns, depth):
+    # Every column tile packs all of x's rows again: tiles thinner than that spend their time packing.
+    tiles = numba_gemm.product_tiles(rows, columns, depth, 4)
+    edges = [numba_gemm.product_tile(rows, columns, tiles, part) for part in range(tiles)]
+    assert all((r0, r1) == (0, rows) for r0, r1, _, _ in edges)
+    widths = [c1 - c0 for _, _, c0, c1 in edges]
+    assert sum(widths) == columns and min(widths) >= rows // numba_gemm.MIN_WIDTH_PER_ROW - numba_gemm.ALIGN_COLUMNS
+    grain_alone = numba_gemm.tiles_along(2 * rows * columns * depth, numba_gemm.tile_grain(4), columns,
+                                         numba_gemm.ALIGN_COLUMNS)
+    assert tiles <= grain_alone  # the rule only ever makes tiles wider than the plan's grain would
 
 
 def test_the_backend_holds_the_blas_it_drives_to_one_thread():
