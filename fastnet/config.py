@@ -4,6 +4,8 @@ checked by the rules of fastnet.settings; and the named recipes that `--recipe` 
 import dataclasses
 import math
 
+import numpy as np
+
 from fastnet import backends, precision, settings
 from fastnet.errors import FastnetError
 from fastnet.model import check_settings as check_model_settings
@@ -31,7 +33,7 @@ class TrainConfig:
     image_size: tuple | None = None  # (height, width) every image of an image tree is resized to; None: one size
     out: str | None = None
     dtype: str = "float32"
-    precision: str = "fp32"          # "bf16": mixed precision, bfloat16 GEMM operands (fastnet.model)
+    precision: str = "fp32"          # "bf16": mixed precision, bfloat16 GEMM operands (fastnet.model); "auto"
     activation: str = "relu"
     norm: str | None = None          # "layernorm": on every hidden layer, before the activation
     dropout: float = 0.0             # after every hidden activation
@@ -46,13 +48,17 @@ class TrainConfig:
                                      # "flip+shift": of those two each also shifted a pixel each way
     recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
+    eval_every: int = 1              # evaluate every this many epochs, and after the last
 
     def check(self):
         """Apply the rule of every setting (fastnet.settings) before anything is read, and ask whether
         this machine can run the backend and precision: SettingError (FastnetError) for the first that no
-        run (this machine) can use. Returns what config.json records of the precision."""
+        run (this machine) can use. Returns what config.json records of the precision: its "precision"
+        is the one to run, which "auto" leaves to this machine (fastnet.precision)."""
         self.check_rules()
         backends.get(self.backend)
+        if self.precision == "auto" and np.dtype(self.dtype) != np.float32:
+            return precision.check("fp32") | {"asked": "auto"}  # bf16 keeps float32 master weights
         return precision.check(self.precision, self.backend)
 
     def check_rules(self):
@@ -66,10 +72,13 @@ class TrainConfig:
         check_schedule(self.schedule, self.lr, self.warmup)
         if self.checkpoint_every is not None:
             settings.positive_integer("checkpoint_every", self.checkpoint_every, 1000)
+        settings.positive_integer("eval_every", self.eval_every, 5)
         settings.not_negative("val", self.val, "pass 0 for no validation split")
         settings.test_fraction("test_fraction", self.test_fraction)
         settings.image_size("image_size", self.image_size)
-        check_model_settings(self.dtype, self.activation, self.dropout, self.norm, self.precision)
+        settings.one_of("precision", self.precision, precision.CHOICES)
+        check_model_settings(self.dtype, self.activation, self.dropout, self.norm,
+                             "fp32" if self.precision == "auto" else self.precision)
         settings.fraction("label_smoothing", self.label_smoothing, 0.1)
         settings.pixels("translate", self.translate)
         settings.pixels("cutout", self.cutout)

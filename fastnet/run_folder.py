@@ -142,10 +142,12 @@ def outcome(history, out):
 
 def best_epoch(history):
     """The epoch model.npz keeps: the first with the best validation accuracy when there is a
-    validation split, else the last one. Choosing by test accuracy would tune on the test set."""
-    if "val_acc" not in history[-1]:
+    validation split, else the last one. Choosing by test accuracy would tune on the test set. Under
+    --eval-every, only the evaluated epochs compete; before the first of them, the last epoch is kept."""
+    validated = [i for i, m in enumerate(history) if "val_acc" in m]
+    if not validated:
         return len(history)
-    return max(range(len(history)), key=lambda i: (history[i]["val_acc"], -i)) + 1
+    return max(validated, key=lambda i: (history[i]["val_acc"], -i)) + 1
 
 
 def time_to_accuracy(history, thresholds=(0.50, 0.55, 0.60, 0.65, 0.70)):

@@ -143,6 +143,7 @@ class TrainingRun:
     def prepare(self):
         """Every phase before the epochs; False when a resumed run has none left to train."""
         self.numerics = self.config.check()
+        self.config = dataclasses.replace(self.config, precision=self.numerics["precision"])  # "auto" decided
         self.resumed_stamp = checkpoint_stamp(self.config.out) if self.resume else None
         self.saved = load_resume_checkpoint(self.config.out, self.config.backend) if self.resume else None
         self.prepare_data()
@@ -383,16 +384,17 @@ class TrainingRun:
         config, progress = self.config, self.progress
         summary = {"epoch": epoch, "train_loss": progress.loss_sum / progress.seen,
                    "train_acc": progress.correct / progress.seen}
-        if "test" in self.evaluation_sets:  # not of a driver's data without a test split
+        evaluated = epoch % config.eval_every == 0 or epoch == config.epochs
+        if evaluated and "test" in self.evaluation_sets:  # not of a driver's data without a test split
             test = self.evaluation("test", self.dataset.test_labels)
             summary |= {"test_loss": test[0], "test_acc": test[1]}
         summary |= {"epoch_seconds": progress.seconds, "samples_per_second": progress.seen / progress.seconds,
                     "lr": self.schedule(progress.step - 1),
                     "train_seconds": self.preprocess_seconds + sum(m["epoch_seconds"] for m in progress.history)
                     + progress.seconds}
-        if config.tta:
-            summary["tta"] = config.tta  # the test (and validation) figures are of flip-averaged logits
-        if self.val_images is not None:
+        if config.tta and evaluated:
+            summary["tta"] = config.tta  # the test (and validation) figures are of the views' mean logits
+        if evaluated and self.val_images is not None:
             val = self.evaluation("val", self.val_labels)
             summary |= {"val_loss": val[0], "val_acc": val[1]}
         for name in ("train_loss", "test_loss", "val_loss"):

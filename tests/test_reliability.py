@@ -223,6 +223,7 @@ CASES = {
     "negative val": (lambda root, tiny, run: ["train", "--val", "-5"], ["--val must be 0 or more"]),
     "zero checkpoint-every": (lambda root, tiny, run: ["train", "--checkpoint-every", "0"],
                               ["--checkpoint-every", "not positive"]),
+    "zero eval-every": (lambda root, tiny, run: ["train", "--eval-every", "0"], ["--eval-every", "not positive"]),
     "unknown activation": (lambda root, tiny, run: ["train", "--activation", "swish"], ["--activation", "'swish'"]),
     "unknown norm": (lambda root, tiny, run: ["train", "--norm", "batchnorm"], ["--norm", "layernorm or none"]),
     "dropout of 1": (lambda root, tiny, run: ["train", "--dropout", "1"], ["--dropout is a rate in [0, 1)"]),

@@ -157,6 +157,28 @@ def test_model_npz_keeps_the_epoch_with_the_best_validation_accuracy(tiny_npy, t
     assert without_val["kept"]["epoch"] == 3
 
 
+def test_eval_every_evaluates_those_epochs_and_the_last_and_keeps_the_best_of_them(tiny_npy, tmp_path):
+    from fastnet.run_folder import best_epoch
+
+    summary = quiet_train(data=str(tiny_npy), epochs=5, eval_every=2, hidden=(4,), batch_size=16, lr=0.5,
+                          val=100, seed=2, schedule="constant", tta="flip", out=str(tmp_path))
+    metrics = read_metrics(tmp_path)
+    evaluated = [m["epoch"] for m in metrics if {"test_acc", "val_acc", "tta"} <= set(m)]
+    assert evaluated == [2, 4, 5]
+    assert all({"test_acc", "val_acc", "test_loss", "val_loss", "tta"}.isdisjoint(m) for m in metrics
+               if m["epoch"] not in evaluated)
+    every = quiet_train(
+        data=str(tiny_npy), epochs=5, hidden=(4,), batch_size=16, lr=0.5, val=100, seed=2, schedule="constant",
+        tta="flip", out=str(tmp_path / "every"))
+    # Evaluating less often changes nothing the run trains: the same figures where both evaluated.
+    assert every["test_acc"] == summary["test_acc"] and every["train_loss"] == summary["train_loss"]
+    best = max((m for m in metrics if "val_acc" in m), key=lambda m: m["val_acc"])["epoch"]
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as saved:
+        assert int(saved["epoch"]) == best == summary["kept"]["epoch"] == best_epoch(metrics)
+    assert best_epoch(metrics[:1]) == 1  # nothing validated yet: the last epoch
+    assert best_epoch(metrics[:3]) == 2  # the third epoch was not validated: it cannot be the best
+
+
 def test_time_to_accuracy_reports_the_first_epoch_past_each_threshold():
     from fastnet.run_folder import time_to_accuracy
 

@@ -32,7 +32,8 @@ from fastnet.errors import FastnetError, SpaceError
 DEFAULT_SPACE = Path(__file__).with_name("default_space.toml")
 # Fixed for every trial of a sweep: the data and folders, the validation split that trials are
 # compared on, the epochs that pruning counts, the seed, and what depends on the machine.
-FIXED = ("data", "out", "backend", "val", "epochs", "seed", "recipe", "checkpoint_every", "dtype", "precision")
+FIXED = ("data", "out", "backend", "val", "epochs", "seed", "recipe", "checkpoint_every", "dtype", "precision",
+         "eval_every")
 BOOLEANS = ("flip", "whiten")
 FLOATS = ("lr", "momentum", "weight_decay", "warmup", "dropout", "label_smoothing", "clip")
 INTEGERS = ("batch_size", "translate", "cutout", "pca")

@@ -130,6 +130,8 @@ def run_trial(job):
         if store.get_trial(key).state != optuna.trial.TrialState.RUNNING:
             ended.append("stopped")  # by the sweep: the study already says so
             return True
+        if "val_acc" not in summary:
+            return False
         trial.report(summary["val_acc"], summary["epoch"])
         if trial.should_prune():
             ended.append("pruned")
