@@ -8,6 +8,10 @@ converts to float32 first and runs no faster than float32, with 8 bits of mantis
 so `check` refuses it, as it refuses bf16 that this machine's plan measured slower than float32
 (the backend's bf16_shortfall), unless $FASTNET_BF16_ANY_CPU is 1: for accuracy studies and tests
 of the bf16 arithmetic on any CPU, at float32's speed or below.
+
+"auto", a run's setting only (a recipe's), is bf16 wherever `check` would take bf16 without that
+variable and the backend multiplies bfloat16 itself (not the numpy backend's emulation), else fp32:
+config.json records which.
 """
 
 import os
@@ -16,6 +20,7 @@ from fastnet import backends, cpu, settings
 from fastnet.errors import FastnetError
 
 PRECISIONS = ("fp32", "bf16")
+CHOICES = (*PRECISIONS, "auto")  # what a run may ask for: a precision, or the faster one here
 BF16_INSTRUCTIONS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
 ANY_CPU = "FASTNET_BF16_ANY_CPU"
 
@@ -30,7 +35,9 @@ def check(precision, backend=None, flags=None):
     """What config.json records of `precision` on `backend`: {"precision", and for bf16 "instructions"
     and "gemm"}. Raises FastnetError, one line saying what is missing and what to do, when the CPU
     or the backend cannot run it, or would run it slower than fp32."""
-    settings.one_of("precision", precision, PRECISIONS)
+    settings.one_of("precision", precision, CHOICES)
+    if precision == "auto":
+        return check(resolve(backend, flags), backend, flags) | {"asked": "auto"}
     if precision == "fp32":
         return {"precision": "fp32"}
     found = bf16_instructions(flags)
@@ -48,3 +55,11 @@ def check(precision, backend=None, flags=None):
     if shortfall and not anyway:
         raise FastnetError(f"{shortfall} (or set {ANY_CPU}=1 to run bf16 anyway)")
     return {"precision": "bf16", "instructions": found or [f"none ({ANY_CPU}=1)"], "gemm": gemm}
+
+
+def resolve(backend=None, flags=None):
+    """What "auto" runs as on `backend` here: "bf16" where the CPU multiplies bfloat16, the backend
+    has a GEMM that uses the instructions and its plan did not measure bf16 slower; else "fp32"."""
+    fast = (bf16_instructions(flags) and hasattr(backends.get(backend), "bf16_gemm")
+            and backends.bf16_gemm(backend) is not None and not backends.bf16_shortfall(backend))
+    return "bf16" if fast else "fp32"

@@ -139,6 +139,37 @@ def test_bf16_that_would_be_slower_than_fp32_is_refused_unless_insisted_on(monke
     assert precision.check("bf16", "numba", flags={"avx512_bf16"})["precision"] == "bf16"
 
 
+@pytest.mark.parametrize("gemm, plan, flags, runs", [
+    (("mkl", ["AMX-BF16", "AVX512-BF16"]), None, {"amx_bf16", "avx512_bf16"}, "bf16"),
+    (("onednn", ["AVX512-BF16"]), None, {"avx512_bf16"}, "bf16"),
+    (("mkl", []), None, {"avx512_bf16"}, "fp32"),  # MKL on a Zen 4: its GEMM converts to float32
+    (("mkl", ["AVX512-BF16"]), a_plan(0.77), {"avx512_bf16"}, "fp32"),  # this machine's plan measured it slower
+    (("onednn", ["AVX512-BF16"]), None, {"avx2", "fma"}, "fp32"),  # the CPU has no bf16 instructions
+])
+def test_auto_is_bf16_only_where_bf16_is_faster(monkeypatch, gemm, plan, flags, runs):
+    numba_gemm = pytest.importorskip("fastnet.backends.numba_gemm", reason="the numba backend needs numba")
+    from fastnet.backends.numba_blas import Bf16Gemm
+
+    name, instructions = gemm
+    monkeypatch.setattr(numba_gemm, "BF16_GEMM", Bf16Gemm(name, "lib.so", 1, "1.0", instructions))
+    monkeypatch.setattr(numba_gemm, "MEASURED", plan)
+    monkeypatch.setenv(precision.ANY_CPU, "1")  # "auto" never takes the override's slow bf16
+    numerics = precision.check("auto", "numba", flags=flags)
+    assert numerics["precision"] == runs and numerics["asked"] == "auto"
+    # The numpy backend's bf16 is an emulation, slower than its float32 everywhere.
+    assert precision.check("auto", "numpy", flags={"amx_bf16", "avx512_bf16"})["precision"] == "fp32"
+
+
+def test_a_run_asked_for_auto_records_the_precision_it_ran(backend, tiny_npy, tmp_path):
+    settings = dict(data=str(tiny_npy), backend=backend, hidden=(8,), epochs=1, batch_size=30, precision="auto")
+    for dtype in ("float32", "float64"):
+        train(TrainConfig(**settings, dtype=dtype, out=str(tmp_path / dtype)), log=lambda line: None)
+        config = json.loads((tmp_path / dtype / "config.json").read_text())
+        ran = precision.resolve(backend) if dtype == "float32" else "fp32"  # bf16 keeps float32 master weights
+        assert config["precision"] == config["numerics"]["precision"] == ran
+        assert config["numerics"]["asked"] == "auto"
+
+
 @pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["bench", "--steps", "1", "--backend", "numpy"]])
 def test_the_cli_refuses_bf16_in_one_line_and_writes_nothing(monkeypatch, capsys, tiny_npy, tmp_path, command):
     monkeypatch.delenv(precision.ANY_CPU, raising=False)

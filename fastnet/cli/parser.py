@@ -12,7 +12,7 @@ from fastnet.data.components import PCA_SAMPLE
 from fastnet.errors import FastnetError
 from fastnet.model import ACTIVATIONS
 from fastnet.optim import OPTIMIZERS, SCHEDULES
-from fastnet.precision import PRECISIONS
+from fastnet.precision import CHOICES, PRECISIONS
 from fastnet.sweep.run import PRUNERS
 from fastnet.sweep.space import FIXED
 from fastnet.workloads import WORKLOADS
@@ -94,8 +94,10 @@ def add_run_settings(run, defaults, leave_out=()):
     setting("--translate", type=int, metavar="PIXELS", help="augment: random shifts of up to PIXELS")
     setting("--cutout", type=int, metavar="PIXELS", help="augment: blank a random PIXELS x PIXELS square")
     setting("--clip", type=float, metavar="NORM", help="clip gradients to this global norm")
-    setting("--precision", choices=PRECISIONS, help="bf16: mixed precision, the GEMMs on bfloat16 operands, "
-            "on CPUs with AMX-BF16 or AVX512-BF16")
+    setting("--eval-every", type=positive_int, metavar="EPOCHS", help="evaluate on the test (and validation) "
+            "images every EPOCHS epochs, and after the last")
+    setting("--precision", choices=CHOICES, help="bf16: mixed precision, the GEMMs on bfloat16 operands, "
+            "on CPUs with AMX-BF16 or AVX512-BF16; auto: bf16 where it is faster here, else fp32")
     setting("--pca", type=whole_number, metavar="K", help="train on the images' top K principal components instead "
             f"of their pixels, fitted to {PCA_SAMPLE:,} training images; 0: pixels")
     setting("--whiten", action=argparse.BooleanOptionalAction, help="with --pca: scale every component to unit "
