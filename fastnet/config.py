@@ -43,6 +43,7 @@ class TrainConfig:
     pca: int = 0                     # train on this many principal components of the images; 0: pixels
     whiten: bool = False             # with pca: scale each component to unit variance
     tta: str | None = None           # "flip": evaluate on the mean logits of each image and its mirror image
+    ema: float | None = None         # decay per step of the weight average evaluated and saved (fastnet.averaging)
     recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
 
@@ -77,6 +78,8 @@ class TrainConfig:
         settings.components("pca", self.pca)
         settings.whitening("whiten", self.whiten, self.pca)
         settings.test_time_augmentation("tta", self.tta)
+        if self.ema is not None:
+            settings.decay("ema", self.ema, 0.9998)
         settings.seed("seed", self.seed)
 
     def check_against_data(self, sample_shape, source, training):
