@@ -39,20 +39,19 @@ class WeightAverage:
 
     def __init__(self, net, decay):
         self.decay = float(decay)
-        self.params = net.params
-        self.kernels = net.kernels
+        self.net = net  # the network it follows, through whose kernels it updates
         self.model = MLP(net.sizes, backend=net.backend, dtype=net.dtype, **net.spec())
         self.restart()
 
     def restart(self):
         """Start the average again from the parameters as they are (a run, or a warm start, begins)."""
-        self.model.load_params(self.params)
+        self.model.load_params(self.net.params)
 
     def update(self, step):
         """Move the average after optimizer step `step` (counted from 1)."""
         decay = decay_at(self.decay, step)
-        for average, param in zip(self.model.params, self.params, strict=True):
-            self.kernels.ema_update(average, param, decay)
+        for average, param in zip(self.model.params, self.net.params, strict=True):
+            self.net.kernels.ema_update(average, param, decay)
 
     def state_arrays(self):
         """The averages as a flat {name: array} mapping, for checkpoints."""
