@@ -410,6 +410,10 @@ CASES = {
         run / "checkpoint.npz", root / "resumable", {"optim_velocity_1": None}).parent],
         ["resumable/checkpoint.npz was written by", "its optimizer state or progress is incomplete or malformed",
          "('optim_velocity_1')"]),
+    "checkpoint of an --ema run without its average": (lambda root, tiny, run: ["train", "--resume", edited_copy(
+        run / "checkpoint.npz", root / "resumable", {"config": lambda config: config | {"ema": 0.9}}).parent],
+        ["resumable/checkpoint.npz was written by", "its weight average (--ema) is incomplete or malformed",
+         "('ema_0')"]),
 }
 
 
