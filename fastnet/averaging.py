@@ -12,9 +12,9 @@ is 0.18 at step 1, 0.9 at step 80 and 0.99 at step 890, and reaches a DECAY of 0
 44,990 steps; until then the average is, roughly, of the last tenth of the steps so far.
 
 Averaging reads every parameter once a step, less traffic than the optimizer's own update, so it runs
-on every step: on the --recipe best network (512-2048-2048-10, 5.3 million parameters, batch 128,
-numba backend, 2 cores) the pass took 1.1 ms of a 31-33 ms step, and updating every 4 steps with
-d_t**4 would save under 1 ms a step, less than the steps' own spread, for one more rule.
+on every step: measured on the --recipe best network (benchmarks/RESULTS.md, "Weight averaging"),
+the pass is about 3 % of a step, and updating every 4 steps with d_t**4 saved less than the steps'
+own spread, for one more rule.
 
 The average follows the float32 master weights in bf16 mixed precision (it never reads the bfloat16
 copies), and every rank of a data-parallel run holds the same parameters and so the same average. A
