@@ -46,6 +46,7 @@ class TrainConfig:
     whiten: bool = False             # with pca: scale each component to unit variance
     tta: str | None = None           # "flip": evaluate on the mean logits of each image and its mirror image;
                                      # "flip+shift": of those two each also shifted a pixel each way
+    ema: float | None = None         # decay per step of the weight average evaluated and saved (fastnet.averaging)
     recipe: str | None = None        # the named recipe these settings started from, if any
     checkpoint_every: int | None = None  # steps; a checkpoint is also written after every epoch
     eval_every: int = 1              # evaluate every this many epochs, and after the last
@@ -87,6 +88,8 @@ class TrainConfig:
         settings.components("pca", self.pca)
         settings.whitening("whiten", self.whiten, self.pca)
         settings.test_time_augmentation("tta", self.tta)
+        if self.ema is not None:
+            settings.decay("ema", self.ema, 0.9998)
         settings.seed("seed", self.seed)
 
     def check_against_data(self, sample_shape, source, training):

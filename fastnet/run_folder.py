@@ -192,8 +192,9 @@ def check_same_data(saved, fingerprint, run_dir):
                               f"--data with the original dataset")
 
 
-def restore_state(saved, net, optimizer, rng, run_dir):
-    """Load the parameters, optimizer state and progress of `saved` into this run's objects."""
+def restore_state(saved, net, optimizer, rng, run_dir, average=None):
+    """Load the parameters, optimizer state, weight average (an averaging.WeightAverage, with --ema)
+    and progress of `saved` into this run's objects."""
     path = os.path.join(run_dir, CHECKPOINT)
     if [p.shape for p in saved.trained_net.params] != [p.shape for p in net.params] or \
             (saved.projection is None) == bool(saved.config.get("pca")):
@@ -201,10 +202,17 @@ def restore_state(saved, net, optimizer, rng, run_dir):
     net.load_params(saved.trained_net.params)
     try:
         optimizer.load_state_arrays(saved.arrays)
-        return Progress.from_checkpoint(saved.arrays, rng)
+        progress = Progress.from_checkpoint(saved.arrays, rng)
     except (KeyError, ValueError, TypeError) as exc:  # a key, or a field of progress, missing or malformed
         raise checkpoint.altered(path, saved.writer, f"its optimizer state or progress is incomplete or malformed "
                                                      f"({checkpoint.first_line(exc)})") from exc
+    if average is not None:
+        try:
+            average.load_state_arrays(saved.arrays)
+        except (KeyError, ValueError) as exc:
+            raise checkpoint.altered(path, saved.writer, f"its weight average (--ema) is incomplete or malformed "
+                                                         f"({checkpoint.first_line(exc)})") from exc
+    return progress
 
 
 def write_metrics(out, history):

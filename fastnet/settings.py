@@ -41,6 +41,15 @@ def fraction(setting, value, example, what="must be in [0, 1)"):
     return float(value)
 
 
+def decay(setting, value, example):
+    """The decay of a moving average per step: in (0, 1), where 0 would forget all but the last value
+    and 1 never move."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 < value < 1):
+        raise SettingError(setting, f"{{setting}} is a decay per step, in (0, 1), got {value}: pass one such as "
+                                    f"{example}")
+    return float(value)
+
+
 def test_fraction(setting, value):
     """The share of an image tree's train/ held out as its test split when it has no test/; 0: none."""
     return fraction(setting, value, 0.1, what="is the share of train/ held out as the test split, in [0, 1)")

@@ -55,7 +55,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     "momentum", "nesterov", "adam", "adamw"), lr (the schedule's peak), momentum, weight_decay (L2 on
     the weight matrices, added to the gradient: scikit-learn's alpha over the batch size), schedule
     ("constant", "step", "cosine", "onecycle") and warmup as in fastnet train; activation ("relu",
-    "leaky_relu", "gelu", "tanh"), norm (None or "layernorm"), dropout; backend ("numpy", "numba";
+    "leaky_relu", "gelu", "tanh"), norm (None or "layernorm"), dropout; ema (None, or the decay per step
+    of the weight average that becomes the fitted network, as --ema; fastnet.averaging); backend ("numpy", "numba";
     None: $FASTNET_BACKEND or numpy), threads (None: the backend's default, which joblib's workers
     set to their share of the cores), precision ("fp32" or "bf16").
 
@@ -65,18 +66,18 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     continue from the last fit's network and standardisation; partial_fit trains one epoch on the
     samples it is given (classes on the first call). verbose prints fastnet train's lines.
 
-    Fitted: classes_, n_features_in_ (and feature_names_in_), network_ (the fastnet.MLP), mean_ and
-    std_ (the standardisation of each feature), n_iter_, loss_, loss_curve_, validation_scores_ and
-    best_validation_score_ (with early_stopping, else None), n_threads_.
+    Fitted: classes_, n_features_in_ (and feature_names_in_), network_ (the fastnet.MLP; with ema, the
+    weight average), mean_ and std_ (the standardisation of each feature), n_iter_, loss_, loss_curve_,
+    validation_scores_ and best_validation_score_ (with early_stopping, else None), n_threads_.
     """
 
     def __init__(self, hidden_layer_sizes=_DEFAULTS.hidden, *, max_iter=_DEFAULTS.epochs,
                  batch_size=_DEFAULTS.batch_size, optimizer=_DEFAULTS.optimizer, lr=_DEFAULTS.lr,
                  momentum=_DEFAULTS.momentum, weight_decay=_DEFAULTS.weight_decay, schedule=_DEFAULTS.schedule,
                  warmup=_DEFAULTS.warmup, activation=_DEFAULTS.activation, norm=_DEFAULTS.norm,
-                 dropout=_DEFAULTS.dropout, backend=None, threads=None, precision=_DEFAULTS.precision,
-                 early_stopping=False, validation_fraction=0.1, n_iter_no_change=10, tol=1e-4, random_state=None,
-                 warm_start=False, verbose=False):
+                 dropout=_DEFAULTS.dropout, ema=_DEFAULTS.ema, backend=None, threads=None,
+                 precision=_DEFAULTS.precision, early_stopping=False, validation_fraction=0.1, n_iter_no_change=10,
+                 tol=1e-4, random_state=None, warm_start=False, verbose=False):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -89,6 +90,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.activation = activation
         self.norm = norm
         self.dropout = dropout
+        self.ema = ema
         self.backend = backend
         self.threads = threads
         self.precision = precision
@@ -132,7 +134,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             else:
                 run.after_epoch = tracker
                 run.train_on(X, codes)
-            tracker.net = run.net
+            tracker.net = run.model
             threads = backends.parallelism(run.net.backend)["threads"]
             try:
                 run.run_epochs(until=run.progress.epochs_done + (1 if incremental else self.max_iter))
@@ -204,7 +206,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                              optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
                              weight_decay=self.weight_decay, schedule=self.schedule, warmup=self.warmup, seed=seed,
                              val=val, activation=self.activation, norm=self.norm, dropout=self.dropout,
-                             precision=self.precision)
+                             ema=self.ema, precision=self.precision)
         statistics = (lambda images: (self.mean_, self.std_)) if continuing else data.feature_stats
         run = TrainingRun(config, log=print if self.verbose else (lambda line: None), after_epoch=tracker,
                           dataset=dataset, statistics=statistics, folder=False)
@@ -216,12 +218,14 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                                  f"the settings now make a {'-'.join(map(str, run.net.sizes))} one: set "
                                  f"warm_start=False to start anew")
             run.net.load_params(before.params)
+            if run.average is not None:
+                run.average.restart()
         return run
 
     def _keep(self, run, classes, tracker, continuing, threads):
         """The fitted attributes, from the run as it stands: set only once a fit has trained, so that a
         fit that fails leaves the estimator as it was (but for what validate_data sets)."""
-        tracker.restore_best(run.net)
+        tracker.restore_best(run.model)
         if not continuing:
             self.loss_curve_, self.validation_scores_ = [], None
         self.loss_curve_ = self.loss_curve_ + tracker.losses
@@ -229,7 +233,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             self.validation_scores_ = (self.validation_scores_ or []) + tracker.scores
         self.n_threads_ = threads
         self._run = run
-        self.network_ = run.net
+        self.network_ = run.model
         self._shift, self._scale = run.shift, run.scale
         self.mean_, self.std_ = run.mean, run.std
         self.classes_ = classes

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastnet import backends, data
+from fastnet.averaging import WeightAverage
 from fastnet.errors import DivergenceError
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
@@ -35,6 +36,8 @@ class StepOptions:
     # called as share(batch, rng) -> (the rows of batch this process trains on, the generator its
     # draws come from): a data-parallel driver's share of each global batch
     share: object = None
+    # an averaging.WeightAverage to move after every update (--ema); None: no average
+    average: object = None
 
 
 def training_step(net, optimizer, images, labels, shift, scale, batch, lr, options):
@@ -57,6 +60,8 @@ def training_step(net, optimizer, images, labels, shift, scale, batch, lr, optio
     if options.clip is not None:
         net.clip_grad_norm(ws.grads, options.clip)
     optimizer.step(ws.grads, lr)
+    if options.average is not None:
+        options.average.update(optimizer.steps_taken)
     return loss, correct
 
 
@@ -111,7 +116,9 @@ def warm_up(net, optimizer, images_dtype, options=None):
                                   copies=scratch.param_copies)
     # Not the run's generator, nor its after_backward hook: the scratch steps are no part of the run.
     scratch_options = dataclasses.replace(options, rng=np.random.default_rng(0), after_backward=None, share=None,
-                                          layer_done=None)
+                                          layer_done=None, average=None)
+    if options.average is not None:  # the scratch network's own, which compiles the average's kernel
+        scratch_options.average = WeightAverage(scratch, options.average.decay)
     ws = scratch.workspace(2)
     images = np.zeros((4, 3), images_dtype)
     shift, scale = np.zeros(3, net.dtype), np.ones(3, net.dtype)

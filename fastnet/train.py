@@ -7,8 +7,9 @@ dropout key per hidden layer (the kernels' draw_uniform turns a key into the lay
 
 The parts live in their own modules: the settings and recipes (fastnet.config), the step and the
 epoch (fastnet.step), evaluation (fastnet.evaluation), the run folder and resuming
-(fastnet.run_folder), stop requests (fastnet.signals), and how the run's processes share the work
-(distributed.SingleProcess or distributed.DataParallel).
+(fastnet.run_folder), stop requests (fastnet.signals), how the run's processes share the work
+(distributed.SingleProcess or distributed.DataParallel), and the weight average that --ema evaluates
+and saves in place of the trained network (fastnet.averaging).
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 from fastnet import backends, checkpoint, data, distributed, storage
+from fastnet.averaging import WeightAverage
 from fastnet.data import downloading
 from fastnet.errors import FastnetError, SettingError, StorageError
 from fastnet.evaluation import evaluation_inputs, normalizer
@@ -188,8 +190,15 @@ class TrainingRun:
         self.fingerprint = data_fingerprint(self.train_labels, self.mean, self.std, dataset.input_size,
                                             dataset.num_classes)
 
+    @property
+    def model(self):
+        """The network the run evaluates and saves as model.npz: the weight average with --ema, else
+        the network it trains."""
+        return self.average.model if self.average is not None else self.net
+
     def build_model(self):
-        """The network, its augmentation, optimizer and schedule, and a fresh Progress."""
+        """The network, its weight average (--ema), augmentation, optimizer and schedule, and a fresh
+        Progress."""
         config, dataset = self.config, self.dataset
         self.sizes = [config.pca or dataset.input_size, *config.hidden, dataset.num_classes]
         self.net = net = MLP(self.sizes, backend=config.backend, dtype=config.dtype, seed=self.rng,
@@ -198,8 +207,9 @@ class TrainingRun:
         augmentation = None
         if config.flip or config.translate or config.cutout:
             augmentation = data.Augmentation(dataset.sample_shape, config.flip, config.translate, config.cutout)
+        self.average = WeightAverage(net, config.ema) if config.ema is not None else None
         self.options = StepOptions(self.rng, augmentation, config.label_smoothing, config.clip,
-                                   **self.processes.step_hooks())
+                                   average=self.average, **self.processes.step_hooks())
         self.optimizer = Optimizer(net.params, config.optimizer, momentum=config.momentum,
                                    weight_decay=config.weight_decay, backend=config.backend, copies=net.param_copies)
         steps_per_epoch = math.ceil(len(self.train_images) / config.batch_size)
@@ -208,7 +218,7 @@ class TrainingRun:
 
     def restore(self):
         fresh = self.progress.watch
-        self.progress = restore_state(self.saved, self.net, self.optimizer, self.rng, self.config.out)
+        self.progress = restore_state(self.saved, self.net, self.optimizer, self.rng, self.config.out, self.average)
         self.checkpoint_step = self.progress.step
         if self.progress.watch is None:  # a checkpoint from before the watch: it follows the loss from here
             self.progress.watch = fresh
@@ -300,16 +310,18 @@ class TrainingRun:
         net, progress, dataset = self.net, self.progress, self.dataset
         if not all(np.isfinite(p).all() for p in net.params):
             raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", self.config.lr)
-        self.processes.check_same_parameters(net.params)
+        self.processes.check_same_parameters(net.params + (self.model.params if self.average is not None else []))
         if not self.writes:
             return
         if finished_epoch is not None:
             write_metrics(self.out, progress.history)
             if best_epoch(progress.history) == finished_epoch:
-                checkpoint.save(os.path.join(self.out, MODEL), net, self.mean, self.std, dataset.sample_shape,
+                checkpoint.save(os.path.join(self.out, MODEL), self.model, self.mean, self.std, dataset.sample_shape,
                                 dataset.class_names, self.run_config, {"epoch": np.array(finished_epoch)},
                                 self.projection)
         extra = self.optimizer.state_arrays() | {"progress": np.array(json.dumps(progress.state(self.rng)))}
+        if self.average is not None:
+            extra |= self.average.state_arrays()
         if progress.order is not None:
             extra["order"] = progress.order
         checkpoint.save(os.path.join(self.out, CHECKPOINT), net, self.mean, self.std, dataset.sample_shape,
@@ -394,6 +406,8 @@ class TrainingRun:
                     + progress.seconds}
         if config.tta and evaluated:
             summary["tta"] = config.tta  # the test (and validation) figures are of the views' mean logits
+        if config.ema is not None and evaluated:
+            summary["ema"] = config.ema  # ... and of the weight average
         if evaluated and self.val_images is not None:
             val = self.evaluation("val", self.val_labels)
             summary |= {"val_loss": val[0], "val_acc": val[1]}
@@ -403,9 +417,9 @@ class TrainingRun:
         return summary
 
     def evaluation(self, name, labels):
-        """(loss, accuracy) of the network on evaluation set `name`; split across the ranks of a
-        data-parallel run."""
-        return self.processes.split_evaluation(self.evaluation_sets[name], self.net, labels)
+        """(loss, accuracy) of the model (the weight average with --ema) on evaluation set `name`; split
+        across the ranks of a data-parallel run."""
+        return self.processes.split_evaluation(self.evaluation_sets[name], self.model, labels)
 
     def finish(self):
         for line in time_to_accuracy(self.progress.history):
@@ -431,7 +445,9 @@ def principal_component_inputs(images, shift, scale, count, rng, kernels, saved=
 
 
 def format_epoch(m, epochs):
-    views = "+" + m["tta"] if "tta" in m else ""
+    """The epoch's line; "test+flip" for figures on flip-averaged logits (--tta flip), "test(ema)" for
+    figures of the weight average (--ema)."""
+    views = ("+" + m["tta"] if "tta" in m else "") + ("(ema)" if "ema" in m else "")
     val = f"  val{views} {m['val_loss']:.3f} {m['val_acc']:6.2%}" if "val_acc" in m else ""
     test = f"  test{views} {m['test_loss']:.3f} {m['test_acc']:6.2%}" if "test_acc" in m else ""
     return (f"epoch {m['epoch']:>{len(str(epochs))}}/{epochs}  train {m['train_loss']:.3f} {m['train_acc']:6.2%}"

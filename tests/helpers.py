@@ -588,9 +588,11 @@ def assert_one_line_error(result, *phrases):
 # --- Runs compared (test_reliability, test_storage_faults) ------------------------------------------
 
 def run_outcome(run):
-    """What must be bit-identical between runs: parameters, optimizer state, and metrics but timings."""
+    """What must be bit-identical between runs: parameters, optimizer state, the weight average (--ema),
+    and metrics but timings."""
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        arrays = {name: f[name] for name in f.files if name.startswith(("param_", "optim_", "input_projection"))}
+        arrays = {name: f[name] for name in f.files
+                  if name.startswith(("param_", "optim_", "ema_", "input_projection"))}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return arrays, [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in metrics]
 

@@ -129,6 +129,21 @@ def test_reruns_on_two_ranks_are_bit_identical_and_rank_0_alone_writes(tmp_path,
     assert config["parallelism"]["threads"] == 1  # two ranks on two cores: one thread each
 
 
+def test_rank_0_saves_the_weight_average_that_one_process_saves(tmp_path, images):
+    """--ema on two ranks: every rank averages the same parameters, and model.npz, which rank 0 writes,
+    holds the average that one process computes on the same batches, to float32 rounding; the epoch
+    figures, evaluated split across the ranks, are the average's too."""
+    together, alone = train_both_ways(tmp_path, images, 2, "--backend", "numba", "--epochs", 2, "--hidden", "7",
+                                      "--batch-size", 30, "--ema", 0.9)
+    models = [checkpoint.load(os.path.join(run, "model.npz")).net.params for run in (together, alone)]
+    for p, q, raw in zip(*models, parameters(alone), strict=True):
+        assert np.max(np.abs(p - q)) <= 1e-5 * np.max(np.abs(q))
+        assert np.max(np.abs(q - raw)) > 1e-3 * np.max(np.abs(q))  # the average, not the parameters
+    split, whole = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (together, alone))
+    assert split["ema"] == whole["ema"] == 0.9 and split["test_acc"] == whole["test_acc"]
+    assert split["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
 def test_overlapping_the_sums_with_backward_gives_the_same_bits(tmp_path, images):
     """--overlap sends the upper layers' bucket from a thread while backward computes the first layer
     (300 x 300 floats are more than a bucket's worth); each number is still summed in rank order."""

@@ -1,5 +1,5 @@
-"""The loss, accuracy and norm kernels and the optimizers' update steps of every backend but numpy
-against their NumPy twins, as check_kernel (helpers.py) compares them."""
+"""The loss, accuracy and norm kernels, the optimizers' update steps and the weight average's of every
+backend but numpy against their NumPy twins, as check_kernel (helpers.py) compares them."""
 
 import math
 
@@ -211,3 +211,55 @@ def test_optimizer_steps_give_the_same_bits_on_any_threads_and_plan(other, kerne
             getattr(backends.get(other), kernel)(arrays[0], grad.copy(), *arrays[1:], *tail, copy)
         outcomes.append([a.tobytes() for a in (*arrays, copy)])
     assert all(outcome == outcomes[0] for outcome in outcomes[1:]), f"{other}.{kernel} depends on its threads"
+
+
+# --- Weight averaging ---------------------------------------------------------------------------------
+
+@covers("ema_update")
+@pytest.mark.parametrize("param_layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.one_of(st.tuples(dims), st.tuples(dims, dims)), seed=seeds,
+       decay=st.sampled_from([2 / 11, 0.5, 0.9, 0.9998]))
+@example(shape=(1,), seed=0, decay=0.9998)
+@example(shape=(71,), seed=0, decay=0.5)
+@example(shape=(33, 17), seed=0, decay=2 / 11)  # step 1's warmed-up decay
+def test_ema_update_matches_numpy(other, param_layout, dtype, shape, seed, decay):
+    """One step of the average, on a weight matrix or a bias, the parameter in the given layout (the
+    average is C-contiguous, as the WeightAverage allocates it): the average must match numpy's and the
+    parameter be left alone."""
+    def make_args():
+        rng = np.random.default_rng(seed)
+        average = rng.standard_normal(shape).astype(dtype)
+        return average, laid_out(rng.standard_normal(shape).astype(dtype), param_layout), decay
+
+    check_kernel(other, "ema_update", make_args, {"average": 1}, f" {param_layout} {shape} decay {decay}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpys_ema_update_is_the_moving_average(dtype):
+    """The reference against the formula, average = decay * average + (1 - decay) * param, in float64
+    here: to within the rounding of the average's dtype."""
+    rng = np.random.default_rng(3)
+    average, param = rng.standard_normal((9, 5)).astype(dtype), rng.standard_normal((9, 5)).astype(dtype)
+    expected = 0.9 * average.astype(np.float64) + 0.1 * param.astype(np.float64)
+    kept = param.copy()
+    backends.get("numpy").ema_update(average, param, 0.9)
+    assert average.dtype == np.dtype(dtype) and np.array_equal(param, kept)
+    assert_matches(average, expected.astype(dtype), 2, f"numpy.ema_update {dtype}")
+
+
+def test_ema_update_gives_the_same_bits_on_any_threads_and_plan(other):
+    """The numba backend averages in the optimizers' runs of the flat parameter: on 1 and 2 threads, at
+    the default plan and at the finest, the average comes out bit for bit the same."""
+    rng = np.random.default_rng(7)
+    shape = (77, 13)  # 1,001 elements: 63 runs of 16 at the finest plan, the last of 9
+    average, param = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    outcomes = []
+    for threads, plan in ((1, "default"), (2, "default"), (1, "finest"), (2, "finest")):
+        mine = average.copy()
+        with backends.use_threads(other, threads), tile_plan(other, plan):
+            backends.get(other).ema_update(mine, param, 0.9)
+        outcomes.append(mine.tobytes())
+    assert all(outcome == outcomes[0] for outcome in outcomes[1:]), f"{other}.ema_update depends on its threads"
+    assert outcomes[0] != average.tobytes()

@@ -232,6 +232,12 @@ CASES = {
     "negative translate": (lambda root, tiny, run: ["train", "--translate", "-2"],
                            ["--translate is a size in pixels, got -2"]),
     "zero clip": (lambda root, tiny, run: ["train", "--clip", "0"], ["--clip must be a positive gradient norm"]),
+    "ema of 1": (lambda root, tiny, run: ["train", "--ema", "1"], ["--ema is a decay per step, in (0, 1), got 1.0"]),
+    "zero ema": (lambda root, tiny, run: ["train", "--ema", "0"], ["--ema is a decay per step, in (0, 1), got 0.0"]),
+    "negative ema": (lambda root, tiny, run: ["train", "--ema", "-0.5"], ["--ema is a decay per step", "got -0.5"]),
+    "nan ema": (lambda root, tiny, run: ["train", "--ema", "nan"], ["--ema is a decay per step", "got nan"]),
+    "ema above 1": (lambda root, tiny, run: ["train", "--ema", "1.5"], ["--ema is a decay per step", "got 1.5",
+                                                                       "such as 0.9998"]),
     "unknown recipe": (lambda root, tiny, run: ["train", "--recipe", "slow"], ["--recipe", "'slow'"]),
     "flip on samples that are not images": (npy_with(["--flip", "--batch-size", "5"],
                                                      train_images=lambda x: x.reshape(len(x), -1),
@@ -423,6 +429,10 @@ CASES = {
         run / "checkpoint.npz", root / "resumable", {"optim_velocity_1": None}).parent],
         ["resumable/checkpoint.npz was written by", "its optimizer state or progress is incomplete or malformed",
          "('optim_velocity_1')"]),
+    "checkpoint of an --ema run without its average": (lambda root, tiny, run: ["train", "--resume", edited_copy(
+        run / "checkpoint.npz", root / "resumable", {"config": lambda config: config | {"ema": 0.9}}).parent],
+        ["resumable/checkpoint.npz was written by", "its weight average (--ema) is incomplete or malformed",
+         "('ema_0')"]),
 }
 
 
@@ -560,9 +570,10 @@ REGULARISED = dict(activation="tanh", norm="layernorm", dropout=0.2, label_smoot
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("extra", [{}, REGULARISED, {"pca": 6, "flip": True}, {"pca": 6, "flip": True, "translate": 1},
                                    {"pca": 6, "whiten": True, "flip": True, "tta": "flip"},
-                                   {"precision": "bf16"}, {"precision": "bf16", "pca": 6, **REGULARISED}],
+                                   {"precision": "bf16"}, {"precision": "bf16", "pca": 6, **REGULARISED},
+                                   {"ema": 0.9}, {"ema": 0.99, "precision": "bf16", "pca": 6, **REGULARISED}],
                          ids=["plain", "regularised", "pca-flip", "pca-translate", "whitened-tta", "bf16",
-                              "bf16-pca-regularised"])
+                              "bf16-pca-regularised", "ema", "ema-bf16-pca-regularised"])
 def test_a_run_resumed_after_epoch_k_is_bit_identical(backend, extra, finished_run, tmp_path, monkeypatch):
     monkeypatch.setenv(precision.ANY_CPU, "1")  # bf16 on any CPU: the numbers, not the speed, are tested
     tiny, _ = finished_run

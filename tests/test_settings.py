@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fastnet.averaging import WeightAverage
 from fastnet.config import TrainConfig
 from fastnet.data import Augmentation
 from fastnet.errors import FastnetError, SettingError
@@ -49,6 +50,8 @@ RULES = [
     ("val", -5, "must be 0 or more, got -5", None),
     ("checkpoint_every", 0, "must be a positive integer, got 0", None),
     ("seed", -1, "must be an integer 0 or more, got -1: pass one such as 0", None),
+    ("ema", 1.0, "is a decay per step, in (0, 1), got 1.0: pass one such as 0.9998",
+     lambda v: WeightAverage(MLP([3, 2]), v)),
 ]
 
 
@@ -82,7 +85,8 @@ def test_the_defaults_and_the_edges_of_each_range_are_accepted():
     TrainConfig().check()
     TrainConfig(momentum=0.0, weight_decay=0.0, warmup=0.0, dropout=0.0, label_smoothing=0.0, val=0,
                 translate=0, cutout=0, pca=0, clip=1e-3, checkpoint_every=1, epochs=1, batch_size=1,
-                hidden=(1,)).check()
+                hidden=(1,), ema=1e-6).check()
+    TrainConfig(ema=1 - 1e-9).check()
 
 
 def test_none_is_the_command_lines_word_for_no_norm_and_not_the_librarys():

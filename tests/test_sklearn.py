@@ -72,6 +72,22 @@ def test_fit_is_a_training_run_of_its_settings():
     assert set(clf.predict(X)) <= {"ant", "bee", "cat"} and clf.score(X, labels) > 0.9
 
 
+def test_ema_fits_the_weight_average_of_the_run_fit_makes():
+    """With ema, network_ is the TrainingRun's weight average, bit for bit, and not its raw network; with
+    early_stopping the best epoch is chosen, and kept, by the average's validation accuracy."""
+    X, y = blobs()
+    clf = MLPClassifier((8,), max_iter=3, batch_size=16, ema=0.9, random_state=5).fit(X, y)
+    run = TrainingRun(TrainConfig(hidden=(8,), epochs=3, batch_size=16, ema=0.9, seed=5), log=lambda line: None,
+                      dataset=data.Dataset(X, y.astype(np.int64), None, None, ("0", "1", "2"), "test"),
+                      statistics=data.feature_stats, folder=False)
+    run.execute()
+    for ours, average, raw in zip(clf.network_.params, run.model.params, run.net.params, strict=True):
+        np.testing.assert_array_equal(ours, average)
+        assert not np.array_equal(ours, raw)
+    stopped = MLPClassifier((8,), max_iter=3, batch_size=16, ema=0.9, random_state=5, early_stopping=True).fit(X, y)
+    assert stopped.score(stopped._run.val_images, stopped._run.val_labels) == stopped.best_validation_score_
+
+
 def test_each_feature_is_standardised_by_its_own_mean_and_std():
     rng = np.random.default_rng(0)
     informative = rng.integers(0, 2, 400)
@@ -270,6 +286,7 @@ def test_bad_input_raises_what_scikit_learn_raises():
     ("optimizer", "lbfgs", "unknown optimizer 'lbfgs'"),
     ("backend", "gpu", "unknown backend 'gpu'"),
     ("threads", 0, "threads must be a positive integer"),
+    ("ema", 1.0, "ema is a decay per step, in \\(0, 1\\), got 1.0"),
     ("validation_fraction", 0.01, "validation_fraction=0.01 of 60 samples holds out 1"),
 ])
 def test_a_bad_setting_is_a_value_error_that_names_the_parameter(setting, value, named):

@@ -1,13 +1,14 @@
 """A training step allocates nothing once it has run: no NumPy buffer (tracemalloc), no array of
 Numba's runtime, and every buffer of the network and the optimizer stays where it was. The step
 measured is the trainer's own, fastnet.step.training_step, in float32 and bf16, with and without
-augmentation, dropout, layer norm, label smoothing and clipping."""
+augmentation, dropout, layer norm, label smoothing and clipping, and with a weight average (--ema)."""
 
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from fastnet.averaging import WeightAverage
 from fastnet.data import Augmentation, ComponentFlip, ProjectedAugmentation
 from fastnet.model import MLP
 from fastnet.optim import Optimizer
@@ -23,7 +24,7 @@ ALLOCATION_THRESHOLD = 16 * 1024
 ALLOCATION_IMAGE = (16, 16, 2)  # ALLOCATION_SIZES[0] inputs
 PROJECTED_IMAGE = (32, 16, 2)  # pixels that a projection takes to ALLOCATION_SIZES[0] inputs
 REGULARISED = dict(activation="gelu", dropout=0.2, norm="layernorm")
-VARIANTS = ["default", "regularised", "components", "projected", "bf16", "regularised bf16"]
+VARIANTS = ["default", "regularised", "components", "projected", "bf16", "regularised bf16", "averaged"]
 
 
 def allocation_setup(backend, variant="default"):
@@ -31,7 +32,8 @@ def allocation_setup(backend, variant="default"):
     (pixel augmentation, dropout, layer norm, label smoothing, clipping), "components" (images
     stored as principal components and flipped by sign, as fastnet train --pca K --flip trains),
     "projected" (pixel augmentation, then a projection, as --pca K --translate N trains), and
-    "bf16" and "regularised bf16", the first two in mixed precision."""
+    "bf16" and "regularised bf16", the first two in mixed precision, and "averaged" (a weight average,
+    fastnet train --ema). Returns the network, its optimizer, the steps and their StepOptions."""
     rng = np.random.default_rng(0)
     spec = REGULARISED if variant in ("regularised", "regularised bf16") else {}
     precision = "bf16" if variant.endswith("bf16") else "fp32"
@@ -57,12 +59,14 @@ def allocation_setup(backend, variant="default"):
         augmentation = ProjectedAugmentation(Augmentation(PROJECTED_IMAGE, flip=True, translate=2, cutout=4),
                                              projection)
     options = StepOptions(rng)  # fastnet train hands its generator to every step, with or without draws
-    if variant not in ("default", "bf16"):
+    if variant not in ("default", "bf16", "averaged"):
         options = StepOptions(rng, augmentation, label_smoothing=0.1, clip=1.0)
+    if variant == "averaged":
+        options.average = WeightAverage(net, 0.99)
     step = [lambda b=b: training_step(net, optimizer, images, labels, shift, scale, b, 0.01, options) for b in batches]
     for s in step[:3]:  # warm-up: compiles, and allocates the workspace
         s()
-    return net, optimizer, [step[i % len(step)] for i in range(20)]
+    return net, optimizer, [step[i % len(step)] for i in range(20)], options
 
 
 def peak_allocation(steps):
@@ -78,9 +82,11 @@ def peak_allocation(steps):
         tracemalloc.stop()
 
 
-def buffers(net, optimizer):
+def buffers(net, optimizer, options):
     ws = net.workspace(ALLOCATION_BATCH)
     arrays = [*net.params, *ws.activations, *ws.deltas[1:], *ws.grads, ws.labels]
+    if options.average is not None:
+        arrays += options.average.model.params
     arrays += [a for group in (ws.pre, ws.xhat, ws.inv_std, ws.hidden, ws.uniform) for a in group if a is not None]
     if net.precision == "bf16":
         arrays += [*ws.activations16, *ws.deltas16[1:], *net.weights16]
@@ -90,18 +96,18 @@ def buffers(net, optimizer):
 def test_the_allocation_probe_sees_numpys_temporaries():
     """The NumPy backend gathers the batch with fancy indexing, a temporary copy: the probe below
     must see it, or it could not see a backend allocating either."""
-    net, optimizer, steps = allocation_setup("numpy")
+    net, optimizer, steps, _ = allocation_setup("numpy")
     assert peak_allocation(steps) > ALLOCATION_THRESHOLD
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_training_step_allocates_nothing_after_warm_up(other, variant):
-    net, optimizer, steps = allocation_setup(other, variant)
-    before = [(a, a.ctypes.data) for a in buffers(net, optimizer)]
+    net, optimizer, steps, options = allocation_setup(other, variant)
+    before = [(a, a.ctypes.data) for a in buffers(net, optimizer, options)]
     peak = peak_allocation(steps)
     assert peak < ALLOCATION_THRESHOLD, f"{other}: 20 training steps allocated up to {peak} bytes"
     # The same arrays, at the same addresses: nothing was replaced or reallocated.
-    after = buffers(net, optimizer)
+    after = buffers(net, optimizer, options)
     assert len(after) == len(before)
     for (array, address), now in zip(before, after, strict=True):
         assert now is array and now.ctypes.data == address
@@ -164,7 +170,7 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
     was_enabled = _nrt_python.memsys_stats_enabled()
     _nrt_python.memsys_enable_stats()
     try:
-        net, optimizer, steps = allocation_setup("numba", variant)
+        net, optimizer, steps, _ = allocation_setup("numba", variant)
         recorder = NrtAllocationRecorder(net.kernels, rtsys, nrt_allocations_per_array_argument(rtsys))
         net.kernels = optimizer.kernels = recorder  # what MLP and Optimizer call their kernels through
         for s in steps:
@@ -180,7 +186,8 @@ def test_numba_kernels_allocate_no_arrays_in_a_training_step(variant):
                             "gelu_backward", "draw_uniform", "dropout", "softmax_cross_entropy_smoothed",
                             "sum_of_squares", "momentum_step"},
             "components": {"gather_flip_components", "dense_relu_backward", "momentum_step"},
-            "projected": {"augment_gather_normalize", "dense_forward", "dense_relu_backward", "momentum_step"}}[variant]
+            "projected": {"augment_gather_normalize", "dense_forward", "dense_relu_backward", "momentum_step"},
+            "averaged": {"dense_relu_backward", "momentum_step", "ema_update"}}[variant]
     assert recorder.calls >= 20 * 12 and set(recorder.extra) >= used
     # The trainer's gather writes the batch's bf16 copy, so no pass rounds it again.
     assert "round_to_bf16" not in recorder.extra

@@ -502,3 +502,64 @@ def test_a_flip_and_shift_averaged_run_reports_what_evaluate_predict_and_load_fi
     flip_only = json.loads(fastnet("predict", tmp_path, tmp_path / "first.png", "--json", "--top", 3,
                                    "--tta", "flip").stdout)
     assert flip_only["predictions"][0]["top"] != predicted["predictions"][0]["top"]
+
+
+# --- Weight averaging (--ema) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ema_saves_the_moving_average_of_every_steps_parameters(backend, precision, tiny_npy, tmp_path, monkeypatch):
+    """model.npz holds the average computed here, in float64, from the parameters after every step:
+    average_0 = the initial parameters, average_t = d_t average_(t-1) + (1 - d_t) param_t with
+    d_t = min(0.6, (1 + t) / (10 + t)), which warms up until step 13 and is 0.6 after it. In bf16 it is
+    the average of the float32 master weights. checkpoint.npz keeps the raw parameters."""
+    from fastnet import precision as precisions
+
+    monkeypatch.setenv(precisions.ANY_CPU, "1")  # bf16 on any CPU: the numbers are tested, not the speed
+    seen = []  # the parameters each step starts from: the initial ones, then those after each step
+
+    def record(net, ws, loss, correct):
+        seen.append([p.astype(np.float64) for p in net.params])
+
+    quiet = dict(log=lambda line: None, after_backward=record)
+    train(TrainConfig(data=str(tiny_npy), backend=backend, precision=precision, epochs=2, hidden=(16,),
+                      norm="layernorm", batch_size=32, ema=0.6, out=str(tmp_path)), **quiet)
+    final = checkpoint.load(str(tmp_path / "checkpoint.npz")).net.params
+    steps = seen[1:] + [[p.astype(np.float64) for p in final]]
+    assert len(steps) == 2 * 10  # 300 images in batches of 32
+    average = seen[0]
+    for t, params in enumerate(steps, start=1):
+        decay = min(0.6, (1 + t) / (10 + t))
+        average = [decay * a + (1 - decay) * p for a, p in zip(average, params, strict=True)]
+
+    saved = checkpoint.load(str(tmp_path / "model.npz")).net.params
+    assert len(saved) == 6  # W1, b1, the layer norm's gain and bias, W2, b2
+    for i, (got, want, raw) in enumerate(zip(saved, average, final, strict=True)):
+        # Each step rounds the average to float32 once or twice, and later steps shrink earlier errors.
+        tol = 4 * len(steps) * np.finfo(np.float32).eps * float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"param_{i}")
+        assert np.abs(raw - want).max() > 100 * tol, f"param_{i}: the average is not apart from the parameters"
+
+
+def test_ema_evaluation_reports_what_evaluate_finds_in_model_npz(tiny_npy, tmp_path):
+    """Every epoch's test figures are of the average, as model.npz holds it: `fastnet evaluate` finds the
+    reported loss and accuracy there, and other figures in the raw parameters of checkpoint.npz, which
+    are those of the same run without --ema, bit for bit: the average changes no step."""
+    args = ["train", "--data", tiny_npy, "--epochs", 2, "--hidden", 8, "--batch-size", 32]
+    plain = fastnet(*args, "--out", tmp_path / "plain")
+    result = fastnet(*args, "--ema", 0.9, "--out", tmp_path / "run")
+    assert result.returncode == 0 and plain.returncode == 0, result.stderr + plain.stderr
+    raw = [checkpoint.load(str(tmp_path / run / "checkpoint.npz")).net.params for run in ("run", "plain")]
+    assert all(p.tobytes() == q.tobytes() for p, q in zip(*raw, strict=True))
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["ema"] == 0.9
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and f"test(ema) {last['test_loss']:.3f} {last['test_acc']:6.2%}" in lines[-1]
+    found = {}
+    for name in ("model.npz", "checkpoint.npz"):
+        evaluated = fastnet("evaluate", tmp_path / "run" / name, "--data", tiny_npy, "--json")
+        assert evaluated.returncode == 0, evaluated.stderr
+        found[name] = json.loads(evaluated.stdout)
+    assert found["model.npz"]["accuracy"] == last["test_acc"]
+    assert found["model.npz"]["loss"] == pytest.approx(last["test_loss"], rel=1e-6)
+    assert found["checkpoint.npz"]["loss"] != pytest.approx(last["test_loss"], rel=1e-3)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["ema"] == 0.9

@@ -66,6 +66,7 @@ KERNELS = (
     "nesterov_step",
     "adam_step",
     "adamw_step",
+    "ema_update",
 )
 
 # What a backend may provide besides its kernels (see use_threads and parallelism below).

@@ -42,7 +42,7 @@ This module is the backend that the registry loads: the hooks are here, and the 
 from the modules that hold them, each named for what it holds: numba_elementwise (gathering a batch,
 the bfloat16 conversions, the activations, dropout), numba_dense (the dense layer's tile loops,
 their epilogues, and products), numba_layernorm, numba_loss (the losses and count_correct) and
-numba_update (clipping's sum of squares and the optimizer steps).
+numba_update (clipping's sum of squares, the optimizer steps and the weight average's).
 """
 
 import contextlib
@@ -97,6 +97,7 @@ from fastnet.backends.numba_loss import (  # noqa: F401
 from fastnet.backends.numba_update import (  # noqa: F401
     adam_step,
     adamw_step,
+    ema_update,
     momentum_step,
     nesterov_step,
     sgd_step,

@@ -1,5 +1,5 @@
-"""The Numba backend's parameter update: the sum of squares that gradient clipping reads, and the
-optimizers' steps.
+"""The Numba backend's parameter update: the sum of squares that gradient clipping reads, the
+optimizers' steps, and the step of the weights' moving average (--ema).
 
 Each kernel is an entry that flattens its arrays and computes its rule's factors, and one tile loop
 (_update_tiles) whose element update is chosen at compile time: the rule is a literal, as the dense
@@ -32,7 +32,7 @@ def sum_of_squares(x):
 # --- Optimizer updates -----------------------------------------------------------------------------
 
 
-SGD, MOMENTUM, NESTEROV, ADAM = range(4)
+SGD, MOMENTUM, NESTEROV, ADAM, EMA = range(5)
 
 
 def _update_run(rule, p, g, s1, s2, f):
@@ -72,6 +72,11 @@ def _update_run_compiled(rule, p, g, s1, s2, f):
                 s2[i] = s2[i] * f[1] + f[5] * gi * gi
                 p[i] = p[i] * f[6] - f[7] * s1[i] / (np.sqrt(s2[i] / f[8]) + f[2])
         return adam
+    if rule == EMA:  # p is the average, g the parameter it follows
+        def ema(rule, p, g, s1, s2, f):
+            for i in range(p.size):
+                p[i] += f[0] * (g[i] - p[i])
+        return ema
     return None
 
 
@@ -158,3 +163,17 @@ def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, s
         _update_tiles(ADAM, p, g, m1, v1, factors, None)
     else:
         _update_tiles(ADAM, p, g, m1, v1, factors, param16.reshape(-1))
+
+
+# --- Weight averaging ------------------------------------------------------------------------------
+
+
+@on_contiguous("average")
+@njit(cache=True, nogil=True, error_model="numpy")
+def ema_update(average, param, decay):
+    """average += (1 - decay) * (param - average): one step of the moving average, in the optimizers'
+    runs, with the average in the parameter's place and the parameter in the gradient's."""
+    real = average.dtype.type
+    factors = (real(1.0 - decay),)  # computed in double and rounded once, as the reference's
+    a = average.reshape(-1)
+    _update_tiles(EMA, a, np.ravel(param), a, a, factors, None)

@@ -462,3 +462,12 @@ def _adam(param, grad, m, v, lr, beta1, beta2, eps, l2_decay, decoupled_decay, s
     denom = np.sqrt(v / (1 - beta2 ** step)) + eps
     param -= step_size * m / denom
     _write_bf16(param, param16)
+
+
+# --- Weight averaging ------------------------------------------------------------------------------
+
+def ema_update(average, param, decay):
+    """average = decay * average + (1 - decay) * param, in place: one step of an exponential moving
+    average of a parameter (fastnet.averaging). Computed as average += (1 - decay) * (param - average),
+    whose one small product keeps the average exact where it already equals the parameter."""
+    average += (1 - decay) * (param - average)

@@ -129,18 +129,22 @@ The run folder (--out, default runs/<timestamp>/) holds:
   metrics.jsonl   one JSON object per epoch: epoch, train_loss, train_acc,
                   test_loss, test_acc, epoch_seconds, samples_per_second, lr,
                   train_seconds (the training time so far, the --pca fit
-                  included), val_loss and val_acc with --val, and tta
-                  ("flip" or "flip+shift") when the test and validation
-                  figures are averaged over views of each image
-  model.npz       the model after the last finished epoch, or with --val
-                  after the first epoch with the best validation accuracy
-                  (never chosen by test accuracy): the parameters, the
+                  included), val_loss and val_acc with --val, tta ("flip"
+                  or "flip+shift") when the test and validation figures
+                  are averaged over views of each image, and ema (the
+                  decay) when they are the weight average's
+  model.npz       the model (with --ema, the weight average) after the
+                  last finished epoch, or with --val after the first epoch
+                  with the best validation accuracy (never chosen by test
+                  accuracy): the parameters, the
                   preprocessing statistics, the class names, the
                   configuration and the version of fastnet that wrote it;
                   what evaluate, predict and fastnet.load take
   checkpoint.npz  all of model.npz, and what resuming needs: the optimizer
-                  state, the epoch and step, the random generator's state,
-                  the current epoch's shuffle and running sums, and a
+                  state (with --ema, the trained parameters in place of
+                  the average, and the average too), the epoch and step,
+                  the random generator's state, the current epoch's
+                  shuffle and running sums, and a
                   fingerprint of the training data; written after every
                   epoch, every --checkpoint-every steps, and when Ctrl-C or
                   SIGTERM stops the run
@@ -225,6 +229,13 @@ it is of the command's wall time. --flip, --translate, --cutout and --tta
 need images: samples of shape (H, W) or (H, W, C). --translate must be less
 than the images' shorter side (a shift as long can leave nothing in view),
 and --cutout at most that side.
+
+Weight averaging (--ema DECAY). After every step t, each parameter's
+moving average becomes d * average + (1 - d) * parameter, with
+d = min(DECAY, (1 + t) / (10 + t)): the warm-up keeps the initial weights
+from weighing on it early on. Every evaluation (test, validation, --tta, the
+best epoch with --val) is of the average, the epoch line says test(ema), and
+model.npz holds it. A DECAY such as 0.9998 is in (0, 1).
 
 Mixed precision (--precision bf16). Every product reads bfloat16 operands
 and sums in float32; the master weights, the optimizer state, the loss, layer

@@ -105,6 +105,8 @@ def add_run_settings(run, defaults, leave_out=()):
     setting("--tta", type=none_word, metavar="flip|flip+shift|none", help="test-time augmentation of every "
             "evaluation: flip averages the logits of each image and its mirror image; flip+shift those of both "
             "as they are and shifted a pixel up, down, left and right (10 views)")
+    setting("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights with this "
+            "decay per step, and evaluate and save it as the model")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (see Recipes below); other flags "
             "override its settings")
 

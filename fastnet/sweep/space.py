@@ -35,7 +35,7 @@ DEFAULT_SPACE = Path(__file__).with_name("default_space.toml")
 FIXED = ("data", "out", "backend", "val", "epochs", "seed", "recipe", "checkpoint_every", "dtype", "precision",
          "eval_every")
 BOOLEANS = ("flip", "whiten")
-FLOATS = ("lr", "momentum", "weight_decay", "warmup", "dropout", "label_smoothing", "clip")
+FLOATS = ("lr", "momentum", "weight_decay", "warmup", "dropout", "label_smoothing", "clip", "ema")
 INTEGERS = ("batch_size", "translate", "cutout", "pca")
 VARIABLE = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.name not in FIXED)
 
