@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from fastnet.config import RECIPES
 from helpers import assert_one_line_error, fastnet
 
 
@@ -65,9 +66,10 @@ def test_more_threads_than_numba_started_with_is_one_line(tiny_npy, tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--pca", "6"], {"norm": "layernorm", "translate": 2, "pca": 6, "backend": "numba"}),  # 512 > 48 pixels
-    (["--norm", "none", "--translate", "0", "--pca", "0", "--backend", "numpy"],
-     {"norm": None, "translate": 0, "pca": 0, "backend": "numpy"}),
+    (["--pca", "6"],  # 512 components are more than 48 pixels
+     {"norm": "layernorm", "translate": 2, "pca": 6, "backend": "numba", "ema": RECIPES["best"]["ema"]}),
+    (["--norm", "none", "--translate", "0", "--pca", "0", "--backend", "numpy", "--ema", "none"],
+     {"norm": None, "translate": 0, "pca": 0, "backend": "numpy", "ema": None}),
 ], ids=["recipe", "overridden"])
 def test_flags_override_a_recipe_even_to_none(tiny_npy, tmp_path, flags, expected):
     result = fastnet("train", "--data", tiny_npy, "--recipe", "best", "--epochs", 1, "--hidden", 4, *flags,

@@ -236,6 +236,7 @@ CASES = {
     "zero ema": (lambda root, tiny, run: ["train", "--ema", "0"], ["--ema is a decay per step, in (0, 1), got 0.0"]),
     "negative ema": (lambda root, tiny, run: ["train", "--ema", "-0.5"], ["--ema is a decay per step", "got -0.5"]),
     "nan ema": (lambda root, tiny, run: ["train", "--ema", "nan"], ["--ema is a decay per step", "got nan"]),
+    "word ema": (lambda root, tiny, run: ["train", "--ema", "abc"], ["--ema", "'abc' is not a decay", "or none"]),
     "ema above 1": (lambda root, tiny, run: ["train", "--ema", "1.5"], ["--ema is a decay per step", "got 1.5",
                                                                        "such as 0.9998"]),
     "unknown recipe": (lambda root, tiny, run: ["train", "--recipe", "slow"], ["--recipe", "'slow'"]),

@@ -51,6 +51,17 @@ def norm_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a normalisation: choose layernorm or none") from None
 
 
+def decay_or_none(text):
+    """--ema: a decay for the settings' rule to judge, or none for no average (how a recipe's is
+    turned off)."""
+    if text == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decay: pass one such as 0.9998, or none") from None
+
+
 def none_word(text):
     """The command line's none as Python's None; any other word as it is, for the setting's rule
     (fastnet.settings) to judge, so that its message is the one the Python API gives."""

@@ -6,7 +6,16 @@ import textwrap
 
 from fastnet import __version__, backends, distributed
 from fastnet.cli import help_texts
-from fastnet.cli.flag_types import image_size, names, none_word, norm_name, positive_int, whole_number, widths
+from fastnet.cli.flag_types import (
+    decay_or_none,
+    image_size,
+    names,
+    none_word,
+    norm_name,
+    positive_int,
+    whole_number,
+    widths,
+)
 from fastnet.config import RECIPES, TrainConfig
 from fastnet.data.components import PCA_SAMPLE
 from fastnet.errors import FastnetError
@@ -105,8 +114,8 @@ def add_run_settings(run, defaults, leave_out=()):
     setting("--tta", type=none_word, metavar="flip|flip+shift|none", help="test-time augmentation of every "
             "evaluation: flip averages the logits of each image and its mirror image; flip+shift those of both "
             "as they are and shifted a pixel up, down, left and right (10 views)")
-    setting("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights with this "
-            "decay per step, and evaluate and save it as the model")
+    setting("--ema", type=decay_or_none, metavar="DECAY|none", help="keep an exponential moving average of the "
+            "weights with this decay per step, and evaluate and save it as the model")
     setting("--recipe", choices=RECIPES, help="start from a named recipe (see Recipes below); other flags "
             "override its settings")
 
