@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fastnet import precision
 from fastnet.averaging import WeightAverage
 from fastnet.config import TrainConfig
 from fastnet.data import Augmentation
@@ -38,7 +39,8 @@ RULES = [
     ("activation", "swish", "'swish': choose one of relu", lambda v: MLP([3, 2], activation=v)),
     ("dropout", 1.0, "is a rate in [0, 1), got 1.0", lambda v: MLP([3, 2], dropout=v)),
     ("norm", "batchnorm", "'batchnorm': choose layernorm, or None", lambda v: MLP([3, 2], norm=v)),
-    ("precision", "fp16", "'fp16': choose one of fp32, bf16", lambda v: MLP([3, 2], precision=v)),
+    # A run may ask for "auto" (fastnet.precision); a network is built in the precision that decided.
+    ("precision", "fp16", "'fp16': choose one of fp32, bf16, auto", lambda v: precision.check(v)),
     ("label_smoothing", -0.1, "must be in [0, 1), got -0.1",
      lambda v: MLP([3, 2]).loss_and_grads([[0.0, 0.0, 0.0]], [0], label_smoothing=v)),
     ("translate", -1, "is a size in pixels, got -1", lambda v: Augmentation((4, 4, 3), translate=v)),

@@ -139,7 +139,7 @@ def _threading_layer():
 PARTITION = {
     "forward x @ W": "tiles of output columns, in multiples of 16 (rows for an output narrower than 32 columns "
                      "and than the batch), one per plan's tile_flops (bf16_tile_flops for bf16 operands), a "
-                     "multiple of tile_multiple",
+                     "multiple of tile_multiple, each at least a quarter as wide as the batch is tall",
     "weight gradient x.T @ dout": "tiles of dW's rows, as many as tile_flops (bf16_tile_flops) and tile_multiple "
                                   "make",
     "input gradient dout @ W.T": "tiles as the forward's, claimed after dW's from the same counter",
