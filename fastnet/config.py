@@ -115,11 +115,11 @@ class TrainConfig:
 # docs/recipes.md says how they were found.
 RECIPES = {
     "fast": dict(backend="numba", precision="auto", pca=256, whiten=True, hidden=(1024, 1024), activation="gelu",
-                 norm="layernorm", epochs=20, lr=0.05, flip=True, translate=2, dropout=0.1, label_smoothing=0.1,
-                 tta="flip+shift", eval_every=5),
+                 norm="layernorm", epochs=20, lr=0.05, flip=True, dropout=0.1, label_smoothing=0.1, tta="flip+shift",
+                 eval_every=5),
     "best": dict(backend="numba", precision="auto", pca=512, whiten=True, hidden=(2048, 2048), activation="gelu",
                  norm="layernorm", epochs=80, lr=0.03, weight_decay=5e-4, flip=True, translate=2, dropout=0.1,
-                 label_smoothing=0.1, tta="flip+shift", eval_every=5, ema=0.9995),
+                 label_smoothing=0.1, tta="flip+shift", eval_every=5),
 }
 
 

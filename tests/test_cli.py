@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from fastnet.config import RECIPES
 from helpers import assert_one_line_error, fastnet
 
 
@@ -66,8 +65,8 @@ def test_more_threads_than_numba_started_with_is_one_line(tiny_npy, tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--pca", "6"],  # 512 components are more than 48 pixels
-     {"norm": "layernorm", "translate": 2, "pca": 6, "backend": "numba", "ema": RECIPES["best"]["ema"]}),
+    (["--pca", "6", "--ema", "0.999"],  # 512 components are more than 48 pixels
+     {"norm": "layernorm", "translate": 2, "pca": 6, "backend": "numba", "ema": 0.999}),
     (["--norm", "none", "--translate", "0", "--pca", "0", "--backend", "numpy", "--ema", "none"],
      {"norm": None, "translate": 0, "pca": 0, "backend": "numpy", "ema": None}),
 ], ids=["recipe", "overridden"])
@@ -77,6 +76,16 @@ def test_flags_override_a_recipe_even_to_none(tiny_npy, tmp_path, flags, expecte
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert {name: config[name] for name in expected} == expected and config["dropout"] == 0.1
+
+
+def test_ema_takes_a_decay_or_none():
+    import argparse
+
+    from fastnet.cli.flag_types import decay_or_none
+
+    assert decay_or_none("none") is None and decay_or_none("0.9995") == 0.9995
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'abc' is not a decay: pass one such as 0\.9998, or none"):
+        decay_or_none("abc")
 
 
 def test_data_comes_from_fastnet_data_when_no_flag(tiny_npy, tmp_path):
