@@ -296,15 +296,16 @@ def test_the_command_writes_what_it_says(colour, tmp_path):
 
 
 def test_the_best_recipes_model_runs(tmp_path):
-    """--recipe best's architecture (512 whitened components, 2048-2048, GELU, layer norm, flips at test
-    time), trained for one epoch on small images so that it takes seconds."""
+    """--recipe best's architecture (512 whitened components, 2048-2048, GELU, layer norm, flips and shifts
+    at test time), trained for one epoch on small images so that it takes seconds."""
     data = classes_of_brightness(tmp_path / "data", (16, 16, 3), counts={"train": 600, "test": 100})
     run = tmp_path / "run"
     trained = run_fastnet("train", "--data", data, "--recipe", "best", "--epochs", 1, "--backend", "numpy",
                           "--out", run)
     assert trained.returncode == 0, trained.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["sizes"] == [512, 2048, 2048, 3] and config["activation"] == "gelu" and config["tta"] == "flip"
+    assert config["sizes"] == [512, 2048, 2048, 3] and config["activation"] == "gelu"
+    assert config["tta"] == "flip+shift"
     exported = run_fastnet("export", run, "--to", tmp_path / "best.onnx", "--top-class")
     assert exported.returncode == 0, exported.stderr
     images = images_for((16, 16, 3), data)
