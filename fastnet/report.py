@@ -56,6 +56,18 @@ def read_metrics(path):
     return epochs
 
 
+def kept_epoch(epochs):
+    """(the index in `epochs` of the epoch whose model the run keeps in model.npz, whether validation
+    chose it), by run_folder.best_epoch's rule: the best validation accuracy, else the last epoch. Never
+    the best test accuracy, which would be a choice made on the test set. Records without a number
+    for val_acc (hand-written or damaged ones) do not compete."""
+    from fastnet.run_folder import best_epoch
+
+    validated = [{"val_acc": _number(r.get("val_acc"))} if _number(r.get("val_acc")) is not None else {}
+                 for r in epochs]
+    return best_epoch(validated) - 1, any(validated)
+
+
 def _number(value):
     """A finite float, or None: metrics written by hand or by older versions may hold anything."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -159,7 +171,12 @@ def _save_png(figure, path):
 
 
 def plot_curves(epochs, path, title=""):
-    """Loss and accuracy per epoch, train against test (and validation when there is one)."""
+    """Loss and accuracy per epoch, train against test (and validation when there is one), as a PNG."""
+    _save_png(curves_figure(epochs, title), path)
+
+
+def curves_figure(epochs, title=""):
+    """plot_curves's figure: its axes are the loss's and the accuracy's, the kept model starred."""
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     figure = _figure(11, 4.2)
@@ -175,12 +192,12 @@ def plot_curves(epochs, path, title=""):
             # Markers, so that a run with a single epoch still shows its points.
             axes.plot(x, y, style, color=colour, marker="o", markersize=3.5, linewidth=1.8, label=split)
 
-    tests = [(_number(r.get("test_acc")), e) for r, e in zip(epochs, x, strict=True)]
-    tests = [(acc, e) for acc, e in tests if acc is not None]
-    if tests:
-        best, best_epoch = max(tests, key=lambda pair: pair[0])
-        acc_axes.plot([best_epoch], [best * 100], marker="*", markersize=14, color="tab:red", linestyle="none",
-                      label=f"best test {best:.2%} (epoch {best_epoch})", zorder=3)
+    kept, by_validation = kept_epoch(epochs)
+    kept_test = _number(epochs[kept].get("test_acc"))
+    if kept_test is not None:
+        chosen = "best validation" if by_validation else "last epoch"
+        acc_axes.plot([x[kept]], [kept_test * 100], marker="*", markersize=14, color="tab:red", linestyle="none",
+                      label=f"kept model: test {kept_test:.2%} (epoch {x[kept]}, {chosen})", zorder=3)
 
     loss_axes.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     acc_axes.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
@@ -194,7 +211,7 @@ def plot_curves(epochs, path, title=""):
             axes.legend(frameon=False)
     if title:
         figure.suptitle(title)
-    _save_png(figure, path)
+    return figure
 
 
 def plot_confusion(confusion, class_names, path, title="Confusion matrix"):
@@ -301,7 +318,7 @@ def run_summary(run_dir):
     epochs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     sizes = config.get("sizes")
     done = [e for e in (_number(r.get("epoch")) for r in epochs) if e is not None]
-    accuracies = [a for a in (_number(r.get("test_acc")) for r in epochs) if a is not None]
+    kept = kept_epoch(epochs)[0] if epochs else None
     speeds = [s for s in (_number(r.get("samples_per_second")) for r in epochs) if s is not None]
     planned = config.get("epochs")
     return {
@@ -311,7 +328,9 @@ def run_summary(run_dir):
         "model": "-".join(map(str, sizes)) if isinstance(sizes, list) and sizes else None,
         "epochs_done": int(max(done)) if done else (len(epochs) or (0 if config else None)),
         "epochs_planned": planned if isinstance(planned, int) and not isinstance(planned, bool) else None,
-        "best_test_acc": max(accuracies) if accuracies else None,
+        # The test accuracy of the model the run keeps (kept_epoch), not the best over its epochs.
+        "test_acc": _number(epochs[kept].get("test_acc")) if epochs else None,
+        "kept_epoch": kept + 1 if epochs else None,
         # The median, because the first epoch of a JIT backend or a busy machine skews a mean.
         "samples_per_second": statistics.median(speeds) if speeds else None,
         "date": _run_date(run_dir, config),
@@ -360,11 +379,11 @@ def format_runs(rows):
             return MISSING
         return f"{show(row['epochs_done'], str)}/{show(row['epochs_planned'], str)}"
 
-    header = ("run", "backend", "model", "epochs", "best test", "samples/s", "date")
-    right = {"epochs", "best test", "samples/s"}
+    header = ("run", "backend", "model", "epochs", "kept test", "samples/s", "date")
+    right = {"epochs", "kept test", "samples/s"}
     table = [header] + [(
         row["name"], show(row["backend"], str), show(row["model"], str), epochs(row),
-        show(row["best_test_acc"], lambda a: f"{a:.2%}"),
+        show(row["test_acc"], lambda a: f"{a:.2%}"),
         show(row["samples_per_second"], lambda s: f"{s:,.0f}"),
         show(row["date"], str)) for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

@@ -142,6 +142,18 @@ def test_plot_run_prefers_a_fresh_report_json_and_draws_what_it_says(tiny_run):
     assert_one_line_error(fastnet("plot", tiny_run), "moved-away", "does not exist")
 
 
+@pytest.mark.parametrize(("val_accs", "kept", "chosen"), [
+    ([None, None, None], 2, "last epoch"), ([0.50, 0.55, 0.52], 1, "best validation")])
+def test_plot_stars_the_kept_model_not_the_best_test_epoch(val_accs, kept, chosen):
+    tests = [0.30, 0.35, 0.45]
+    epochs = [json.loads(epoch_line(e + 1, tests[e], 100.0, val_acc=v)) for e, v in enumerate(val_accs)]
+    acc_axes = report.curves_figure(epochs).axes[1]
+    stars = [line for line in acc_axes.lines if line.get_marker() == "*"]
+    assert len(stars) == 1
+    assert list(stars[0].get_xdata()) == [kept + 1] and list(stars[0].get_ydata()) == pytest.approx([tests[kept] * 100])
+    assert stars[0].get_label() == f"kept model: test {tests[kept]:.2%} (epoch {kept + 1}, {chosen})"
+
+
 def test_plot_of_many_classes_stays_readable(tmp_path):
     rng = np.random.default_rng(0)
     confusion = rng.integers(0, 20, (60, 60)) + np.diag(rng.integers(50, 100, 60))
@@ -170,9 +182,10 @@ def write_run(folder, config, metrics_text=None):
         (folder / "metrics.jsonl").write_text(metrics_text)
 
 
-def epoch_line(epoch, test_acc, speed):
+def epoch_line(epoch, test_acc, speed, val_acc=None):
+    validation = {} if val_acc is None else {"val_loss": 1.2, "val_acc": val_acc}
     return json.dumps({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.1,
-                       "test_acc": test_acc, "epoch_seconds": 1.0, "samples_per_second": speed}) + "\n"
+                       "test_acc": test_acc, "epoch_seconds": 1.0, "samples_per_second": speed} | validation) + "\n"
 
 
 def test_runs_lists_finished_half_finished_and_broken_runs(tiny_run):
@@ -180,6 +193,8 @@ def test_runs_lists_finished_half_finished_and_broken_runs(tiny_run):
     config = {"backend": "numba", "sizes": [3072, 256, 10], "epochs": 5}
     write_run(runs / "half", config, epoch_line(1, 0.31, 100.0) + epoch_line(2, 0.42, 400.0)
               + epoch_line(3, 0.40, 200.0) + '{"epoch": 4, "test_a')  # killed while writing epoch 4
+    write_run(runs / "validated", config, epoch_line(1, 0.30, 100.0, val_acc=0.50)
+              + epoch_line(2, 0.35, 100.0, val_acc=0.55) + epoch_line(3, 0.45, 100.0, val_acc=0.52))
     write_run(runs / "starting", config)                       # no metrics.jsonl yet
     write_run(runs / "empty-metrics", config, "")
     write_run(runs / "corrupt", "{not json", "garbage\n")
@@ -190,10 +205,13 @@ def test_runs_lists_finished_half_finished_and_broken_runs(tiny_run):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["run", "backend", "model", "epochs", "best", "test", "samples/s", "date"]
+    assert lines[0].split() == ["run", "backend", "model", "epochs", "kept", "test", "samples/s", "date"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert set(rows) == {"tiny", "half", "starting", "empty-metrics", "corrupt"}
-    assert rows["half"][1:5] == ["numba", "3072-256-10", "3/5", "42.00%"] and rows["half"][5] == "200"
+    assert set(rows) == {"tiny", "half", "validated", "starting", "empty-metrics", "corrupt"}
+    # The test accuracy of the model each run keeps: the last epoch's, or the best validation epoch's;
+    # never the best test accuracy (42 % and 45 %), which would choose by the test set.
+    assert rows["half"][1:5] == ["numba", "3072-256-10", "3/5", "40.00%"] and rows["half"][5] == "200"
+    assert rows["validated"][4] == "35.00%"
     assert rows["starting"][3:6] == ["0/5", "-", "-"]
     assert rows["corrupt"][1:6] == ["-", "-", "-", "-", "-"]
     assert rows["tiny"][1:4] == ["numpy", "48-8-3", "3/3"]
@@ -201,7 +219,8 @@ def test_runs_lists_finished_half_finished_and_broken_runs(tiny_run):
     listed = json.loads(fastnet("runs", runs, "--json").stdout)["runs"]
     tiny = next(row for row in listed if row["name"] == "tiny")
     metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert tiny["best_test_acc"] == max(m["test_acc"] for m in metrics)
+    assert tiny["test_acc"] == metrics[-1]["test_acc"] and tiny["kept_epoch"] == len(metrics)
+    assert next(row for row in listed if row["name"] == "validated")["kept_epoch"] == 2
     assert tiny["samples_per_second"] == pytest.approx(statistics.median(m["samples_per_second"] for m in metrics))
     assert next(row for row in listed if row["name"] == "corrupt")["model"] is None
 

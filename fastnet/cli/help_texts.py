@@ -374,7 +374,8 @@ Example:
 
 Writes curves.png and confusion.png into the run folder. curves.png shows
 the training, validation and test loss and accuracy of every epoch, from
-metrics.jsonl, with the best test accuracy marked. confusion.png is the
+metrics.jsonl, with a star on the epoch whose model the run kept (model.npz):
+its best validation epoch with --val, else its last. confusion.png is the
 confusion matrix on the test split, each row divided by its class's count,
 labelled with the class names. It comes from evaluating the run's model.npz
 on --data. Without --data, it comes from the run's report.json (written by
@@ -392,10 +393,13 @@ RUNS_EPILOG = """\
 Prints a table of the runs in DIR, oldest first. A run is a folder with a
 config.json, as fastnet train writes; DIR may be one itself.
   $ fastnet runs
-  run   backend  model         epochs  best test  samples/s  date
+  run   backend  model         epochs  kept test  samples/s  date
   wide  numba    3072-1024-10   18/18     56.30%     12,200  2026-12-02 10:15
   long  numpy    3072-512-10     7/18     52.40%      8,700  2026-12-02 11:30
-"epochs" is finished/planned; samples/s is the median over the epochs (the
+"epochs" is finished/planned; "kept test" is the test accuracy of the model
+the run keeps in model.npz (its best validation epoch with --val, else its
+last), not the best of its epochs' test accuracies, which would pick a
+model by the test set; samples/s is the median over the epochs (the
 first epoch of a JIT backend would skew a mean); the date is when the run
 started. A run that is still going, was killed or is corrupt shows - where a
 figure is unknown. --json prints the same as one object: {"dir", "runs"}.

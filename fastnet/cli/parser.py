@@ -262,7 +262,8 @@ def build_parser():
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by fastnet train")
     add_data_and_backend(pl)
 
-    r = command(commands, "runs", "list past runs: model, epochs, best test accuracy, speed", help_texts.RUNS_EPILOG)
+    r = command(commands, "runs", "list past runs: model, epochs, the kept model's test accuracy, speed",
+                help_texts.RUNS_EPILOG)
     r.add_argument("dir", nargs="?", default="runs", metavar="DIR",
                    help="the folder that holds the runs (default: %(default)s)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
