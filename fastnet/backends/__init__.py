@@ -25,9 +25,13 @@ import os
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from fastnet.backends import numpy_backend
+from fastnet.backends import numba_cache, numpy_backend
 from fastnet.cpu import FreeCores
 from fastnet.errors import FastnetError
+
+# Here, because every kernel module is this package's: its cached kernels are checked against the
+# sources before any of them is imported.
+numba_cache.drop_stale_kernels()
 
 KERNELS = (
     "gather_normalize",
