@@ -421,8 +421,9 @@ class _SliceRecorder(np.ndarray):
         return part
 
 
-def test_channel_stats_uses_module_chunk_size(monkeypatch):
-    images = np.random.default_rng(3).random((40, 4, 4, 2), dtype=np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])  # summed in float64; counted
+def test_channel_stats_uses_module_chunk_size(monkeypatch, dtype):
+    images = (np.random.default_rng(3).random((40, 4, 4, 2), dtype=np.float32) * 255).astype(dtype)
     recorder = images.view(_SliceRecorder)
     recorder.info = []
     monkeypatch.setattr(statistics, "STATS_CHUNK", 6)
@@ -432,6 +433,21 @@ def test_channel_stats_uses_module_chunk_size(monkeypatch):
     np.testing.assert_allclose(std, expected[1], atol=1e-6)
     # Never more than one chunk converted at a time, and every image seen exactly once.
     assert recorder.info == [6, 6, 6, 6, 6, 6, 4]
+
+
+@pytest.mark.parametrize("shape", [(300, 8, 8, 3), (77, 5, 5), (40, 3, 3, 4), (9, 2, 2, 1)])
+def test_channel_stats_of_uint8_images_are_the_exact_moments_rounded_once(shape):
+    from fractions import Fraction
+    rng = np.random.default_rng(sum(shape))
+    # Values bunched near 255 as well as spread: sums of squares large and variances small.
+    images = np.clip(rng.normal(rng.uniform(0, 255), rng.uniform(0.5, 90), shape), 0, 255).astype(np.uint8)
+    values = images.reshape(-1, shape[-1] if len(shape) == 4 else 1).astype(np.int64)
+    mean, std = channel_stats(images, chunk=13)
+    for channel, column in enumerate(values.T):
+        n, total, squares = len(column), int(column.sum()), int((column * column).sum())
+        exact_variance = Fraction(n * squares - total * total, (255 * n) ** 2)
+        assert mean[channel] == np.float32(float(Fraction(total, 255 * n)))
+        assert std[channel] == np.float32(max(np.sqrt(float(exact_variance)), 1e-3))
 
 
 def test_channel_stats_floors_constant_channels():
