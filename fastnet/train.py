@@ -13,6 +13,7 @@ and saves in place of the trained network (fastnet.averaging).
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -307,12 +308,25 @@ class TrainingRun:
         """checkpoint.npz; at the end of `finished_epoch`, metrics.jsonl and (when the epoch is the
         best) model.npz first. The checkpoint comes last, so no file is ever behind it: what a
         failed write or a crash leaves undone, the run resumed from the checkpoint writes again."""
-        net, progress, dataset = self.net, self.progress, self.dataset
+        net, progress = self.net, self.progress
         if not all(np.isfinite(p).all() for p in net.params):
             raise diverged(progress.epochs_done + 1, progress.step, "a parameter is NaN or infinite", self.config.lr)
         self.processes.check_same_parameters(net.params + (self.model.params if self.average is not None else []))
         if not self.writes:
             return
+        try:
+            self.write_checkpoint(finished_epoch)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not os.path.isdir(self.out):
+                self.checkpoint_step = None  # gone with its folder: nothing to resume
+                raise StorageError(f"cannot save to the --out folder {self.out}: it was removed during the run, with "
+                                   f"all the run had saved", "train again into a folder that nothing else removes"
+                                   ) from exc
+            raise storage.unwritable_out(self.out, self.out, exc) from exc
+
+    def write_checkpoint(self, finished_epoch):
+        """save_checkpoint's files, in its order, each written whole or not at all (storage.write_atomically)."""
+        net, progress, dataset = self.net, self.progress, self.dataset
         if finished_epoch is not None:
             write_metrics(self.out, progress.history)
             if best_epoch(progress.history) == finished_epoch:

@@ -101,6 +101,21 @@ def test_the_hold_dies_with_a_killed_run(tiny, tmp_path):
     assert (out / ".lock").read_text().split()[0] == str(resumed.pid)
 
 
+def test_a_run_whose_folder_is_removed_under_it_stops_with_one_line(tiny, tmp_path):
+    out = tmp_path / "run"
+    run = stopped_after(tiny, out, "checkpoint.npz")
+    try:
+        shutil.rmtree(out)
+        os.kill(run.pid, signal.SIGCONT)
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        run.kill()
+    assert run.returncode == 3 and "Traceback" not in stderr
+    assert stderr.strip() == (f"fastnet: error: cannot save to the --out folder {out}: it was removed during the run, "
+                              f"with all the run had saved, then train again into a folder that nothing else removes")
+    assert not out.exists()  # nothing written back into a folder of that name
+
+
 def test_a_finished_runs_folder_is_free(tiny, tmp_path):
     out = tmp_path / "run"
     for _ in range(2):
