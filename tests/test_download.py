@@ -4,8 +4,10 @@ The server's behaviour (honour Range or not, cut the body short, fail) is switch
 records every request so the tests can tell a resumed download from a fresh one, and none at all.
 """
 
+import errno
 import hashlib
 import http.server
+import os
 import socket
 import threading
 
@@ -125,6 +127,67 @@ def test_interrupted_download_keeps_the_part_for_resuming(server, tmp_path):
     server.cut_after = None
     assert fetch(server, tmp_path).read_bytes() == PAYLOAD
     assert server.requests[-1][1] == "bytes=80000-"
+
+
+class FullDisk:
+    """A .part file on a disk that has room for `room` more bytes; past it, writes fail as a full disk's
+    do, and so does the flush of bytes still buffered (open's buffer holds up to 8 KB)."""
+
+    def __init__(self, file, room):
+        self.file, self.room, self.buffered = file, room, 0
+
+    def write(self, block):
+        if len(block) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(block)
+        return self.file.write(block)
+
+    def flush(self):
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+
+@pytest.mark.parametrize("room", [0, 70_000, len(PAYLOAD) - 1])
+def test_a_full_disk_is_a_storage_error_and_the_part_resumes(server, tmp_path, monkeypatch, room):
+    import builtins
+
+    from fastnet.data import downloading
+    from fastnet.errors import StorageError
+    monkeypatch.setattr(downloading, "open", lambda path, mode: FullDisk(builtins.open(path, mode), room),
+                        raising=False)
+    with pytest.raises(StorageError) as err:
+        fetch(server, tmp_path)
+    part = tmp_path / f"{NAME}.part"
+    message = str(err.value)
+    assert message.startswith(f"cannot write {part} (No space left on device): free space on the filesystem "
+                              f"mounted at ") and message.endswith(", then run the same command again")
+    assert err.value.exit_status == 3 and not (tmp_path / NAME).exists()
+    kept = part.read_bytes()
+    assert kept == PAYLOAD[:len(kept)] and len(kept) <= room
+    monkeypatch.undo()
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD  # the same command, once there is room
+    assert server.requests[-1][1] == (f"bytes={len(kept)}-" if kept else None)
+
+
+def test_bytes_the_disk_refuses_at_the_last_flush_are_a_storage_error_not_offline(server, tmp_path, monkeypatch):
+    import builtins
+
+    from fastnet.data import downloading
+    from fastnet.errors import StorageError
+
+    class RefusedAtFlush(FullDisk):
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(downloading, "open", lambda path, mode: RefusedAtFlush(builtins.open(path, mode), 10**9),
+                        raising=False)
+    with pytest.raises(StorageError, match=r"No space left on device\): free space"):
+        fetch(server, tmp_path)
 
 
 def test_wrong_checksum_is_a_data_error_and_leaves_nothing(server, tmp_path):

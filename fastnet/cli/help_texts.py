@@ -547,4 +547,5 @@ FASTNET_DATA). Without a network, fastnet data download fails with one line
 that says where to put the file.
 
 Exit statuses: 0 done, 2 no network, a corrupt download or an unwritable
-folder."""
+folder, 3 the storage refused a write (a full disk): the same command then
+resumes the partial download."""

@@ -17,6 +17,7 @@ import urllib.request
 
 from tqdm import tqdm
 
+from fastnet import storage
 from fastnet.data.layouts import CIFAR10_ARCHIVE, _reason, default_data_path
 from fastnet.errors import DataError
 
@@ -116,10 +117,19 @@ def _fetch(url: str, part: pathlib.Path, progress: bool, timeout: float) -> None
         with out, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=part.name[:-5], disable=not progress) as bar:
             while block := response.read(1 << 16):
-                try:
-                    out.write(block)
-                except OSError as exc:
-                    raise DataError(f"cannot write {part} ({_reason(exc)}): free some disk space") from exc
+                _write(out, part, block)
                 bar.update(len(block))
+            _write(out, part)  # what is still buffered: a full disk may refuse it only now, not at the close
     if total is not None and part.stat().st_size < total:
         raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes; run again to resume")
+
+
+def _write(out, part, block=None):
+    """Write `block` to the open `part` file `out`, or flush it when there is no block. A write the
+    storage refuses (a full disk) is a StorageError that says what to free, and the part is kept:
+    the same command then resumes it."""
+    try:
+        out.write(block) if block is not None else out.flush()
+    except OSError as exc:
+        raise storage.refused(part, exc) or DataError(f"cannot write {part} ({_reason(exc)}): pass a writable "
+                                                      f"folder") from exc
