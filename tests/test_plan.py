@@ -118,3 +118,13 @@ def test_a_bad_plan_or_blas_in_the_environment_is_one_line(variable, value, phra
     from helpers import assert_one_line_error
     result = fastnet("plan", env={variable: value, "FASTNET_PLAN_FILE": str(tmp_path / "plan.json")})
     assert_one_line_error(result, phrase)
+
+
+def test_a_plan_file_that_cannot_be_written_is_one_line_before_any_timing(tmp_path):
+    from helpers import assert_one_line_error
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "plan.json"  # its folder is a file: nothing can be written there, even by root
+    result = fastnet("plan", "--measure", env={"FASTNET_PLAN_FILE": str(path)})
+    assert_one_line_error(result, f"cannot write the plan to {path} (File exists): set FASTNET_PLAN_FILE to a file "
+                                  f"in a writable folder")  # one line: no "plan: timing" line came first
+    assert result.returncode == 2 and (tmp_path / "a-file").read_text() == ""

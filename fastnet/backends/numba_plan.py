@@ -29,8 +29,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastnet import cpu
+from fastnet import cpu, storage
 from fastnet.backends import numba_blas
+from fastnet.errors import FastnetError
 
 TILE_FLOPS = (1 << 23, 1 << 25, 1 << 27, 1 << 40)  # 8, 32 and 128 MFLOP a tile; 1 << 40: a tile per core
 STEPS = {"R1": 100, "R2": 250}  # about half a second of each on a 2-core machine
@@ -99,6 +100,8 @@ def measure(log=print, steps=None, repeats=REPEATS):
     the fastest BLAS; keep the fastest of each as this machine's plan, with how much faster (or
     slower) bf16 steps ran than float32's, and return it."""
     steps = steps or STEPS
+    path = plan_file()
+    _writable(path)  # before minutes of timing, not after
     fp32 = _time_candidates("fp32", {blas: {"FASTNET_BLAS": blas} for blas in _blases()}, steps, repeats, log)
     blas, tile_flops = _fastest(fp32)
     plan = {"fingerprint": fingerprint(), "measured": datetime.date.today().isoformat(), "blas": blas,
@@ -113,12 +116,27 @@ def measure(log=print, steps=None, repeats=REPEATS):
                                 / _quiet_seconds(bf16, gemm, plan["entries"]["bf16_tile_flops"], workload)
                                 for workload in steps}
         plan["timings"] = fp32 + bf16
-    path = plan_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(plan, indent=1))
-    os.replace(temporary, path)  # never a half-written plan
+    try:
+        storage.write_text_atomically(path, json.dumps(plan, indent=1))  # never a half-written plan
+    except OSError as exc:
+        raise _unwritable(path, exc) from exc
     return plan
+
+
+def _writable(path):
+    """Make the plan file's folder, and check that a file can be written there, or raise why not."""
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise storage.refused(path, exc) or _unwritable(path, exc) from exc
+
+
+def _unwritable(path, exc):
+    return FastnetError(f"cannot write the plan to {path} ({exc.strerror}): set FASTNET_PLAN_FILE to a file in a "
+                        f"writable folder, or FASTNET_CACHE to a writable folder")
 
 
 def _time_candidates(precision, candidates, steps, repeats, log):
