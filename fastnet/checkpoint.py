@@ -120,6 +120,10 @@ def _read(path):
                                       f"model.npz a training run wrote")
         with np.load(path, allow_pickle=False) as f:
             return {name: f[name] for name in f.files}
+    except MemoryError as exc:  # a header that claims more than the machine has; the bytes are never read
+        raise CheckpointError(f"checkpoint {path} declares an array larger than this machine's memory "
+                              f"({first_line(exc)}): if the file is smaller than that, it is truncated or corrupt, "
+                              f"so retrain or pass another file; else load it on a machine with more memory") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
             raise CheckpointError(f"{path} holds Python objects that only pickle can load, and pickle can "

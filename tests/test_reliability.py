@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -169,6 +170,30 @@ def pickled_npz(root):
     np.savez(root / "pickled.npz", format=np.array(checkpoint.FORMAT),
              config=np.array([{"code": "would run on load"}], dtype=object))
     return root / "pickled.npz"
+
+
+def declaring_npy(file, shape):
+    """An .npy file whose header declares a uint8 array of `shape`, followed by a few bytes of it."""
+    np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    file.write(bytes(64))
+
+
+# A petabyte: beyond any machine's memory and a process's address space, whatever the kernel's overcommit.
+PETABYTE = (2**50,)
+
+
+def npy_declaring_a_petabyte(root, tiny):
+    folder = root / "petabyte-npy"
+    shutil.copytree(tiny, folder)
+    with open(folder / "train_images.npy", "wb") as file:
+        declaring_npy(file, (*PETABYTE, 4, 4, 3))
+    return folder
+
+
+def npz_declaring_a_petabyte(root):
+    with zipfile.ZipFile(root / "petabyte.npz", "w") as archive, archive.open("param_0.npy", "w") as member:
+        declaring_npy(member, PETABYTE)
+    return root / "petabyte.npz"
 
 
 def links_in_a_loop(tree):
@@ -355,6 +380,13 @@ CASES = {
                                                       "--data", tiny], ["unreadable", "truncated"]),
     "checkpoint needing pickle": (lambda root, tiny, run: ["evaluate", pickled_npz(root), "--data", tiny],
                                   ["only pickle can load", "refused"]),
+    "checkpoint declaring a petabyte": (lambda root, tiny, run: ["evaluate", npz_declaring_a_petabyte(root), "--data",
+                                                                 tiny],
+                                        ["petabyte.npz declares an array larger than this machine's memory",
+                                         "(Unable to allocate", "it is truncated or corrupt"]),
+    "npy declaring a petabyte": (lambda root, tiny, run: ["train", "--data", npy_declaring_a_petabyte(root, tiny)],
+                                 ["train_images.npy declares an array larger than this machine's memory",
+                                  "(Unable to allocate", "it is truncated or corrupt, so rewrite it"]),
     "model input size differs": (lambda root, tiny, run: ["evaluate", run / "model.npz", "--data",
                                                           other_data(root, shape=(5, 5, 3))],
                                  ["(48 inputs, 3 classes)", "has 75 inputs", "--data"]),

@@ -281,6 +281,10 @@ def _load_npy(folder: pathlib.Path) -> Dataset:
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"{folder / name} is truncated or not a plain .npy array ({_reason(exc)}): "
                             "rewrite it") from exc
+        except MemoryError as exc:  # what its header declares: the bytes are never read
+            raise DataError(f"{folder / name} declares an array larger than this machine's memory ({_reason(exc)}): "
+                            f"if the file is smaller than that, it is truncated or corrupt, so rewrite it; else train "
+                            f"on fewer images or on a machine with more memory") from exc
         if not isinstance(arrays[name], np.ndarray):
             raise DataError(f"{folder / name} is an .npz archive, not an .npy array: save each array with np.save")
     class_names = None
