@@ -145,6 +145,23 @@ def test_the_same_listing_in_another_order_of_events_gives_the_same_key():
     assert folders.cache_key(files) != folders.cache_key(files[:1])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "a header declaring a petabyte"])
+def test_a_damaged_cache_file_is_decoded_again(tmp_path, cache, monkeypatch, damage):
+    root = make_tree(tmp_path / "pets", np.random.default_rng(2))
+    first = data.load_image_tree(root, workers=1)
+    for cached in (cache / "images").iterdir():
+        if damage == "truncated":
+            cached.write_bytes(cached.read_bytes()[:200])
+        else:
+            with open(cached, "wb") as file:
+                np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False,
+                                                            "shape": (2**50,)})
+    calls = count_decodes(monkeypatch)
+    again = data.load_image_tree(root, workers=1)
+    assert sorted(calls) == [12, 27]  # both splits decoded again
+    np.testing.assert_array_equal(again.train_images, first.train_images)
+
+
 def test_the_cache_is_not_inside_the_users_folder_and_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTNET_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -291,7 +291,7 @@ def _cached_or_decoded(root, split, files, reference, workers):
         images = np.load(path, allow_pickle=False)
         if images.dtype == np.uint8 and images.shape == (len(files), *reference[1]):
             return images, None
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, MemoryError):  # MemoryError: a header declaring more than there is
         pass  # absent, or damaged by something other than fastnet: decode again
     images = decode_all(root, [f[0] for f in files], reference, workers, label=f"decoding {split}/")
     temporary = folder / f".{path.stem}.{os.getpid()}.part"
