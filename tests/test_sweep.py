@@ -146,6 +146,36 @@ def test_a_worker_keeps_one_storage_for_all_its_trials(tiny_npy, tmp_path):
     assert dialects() == after_one
 
 
+def test_a_trials_warnings_are_in_its_row_of_trials_csv(tmp_path):
+    """A trial's log lines go nowhere, so its warnings are kept with the trial and noted in trials.csv."""
+    import numpy as np
+    import optuna
+
+    from fastnet.sweep.run import write_results
+    from helpers import write_npy
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)  # class 3 has test images and no training image
+    data = write_npy(tmp_path / "data", {"train_images": rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8),
+                                         "train_labels": labels,
+                                         "test_images": rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8),
+                                         "test_labels": np.arange(40) % 4}, names=["a", "b", "c", "d"])
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="warned", storage=url, direction="maximize")
+    (tmp_path / "space.toml").write_text("[lr]\nchoices = [0.05]\n")
+    space = spaces.load(str(tmp_path / "space.toml"))
+    job = {"study": "warned", "storage": url, "space": space, "job": "test/0", "trials_dir": str(tmp_path / "trials"),
+           "fixed": {"data": str(data), "val": 60, "epochs": 1, "hidden": (4,)}, "threads": 1, "pruner": "none",
+           "trials": 1, "seed": 0, "sweep": "test"}
+    assert run_trial(job)["state"] == "COMPLETE"
+    warning = "class 'd' (3) has no training examples"
+    assert any(said.startswith(warning) for said in study.trials[0].user_attrs["warnings"])
+    config = SweepConfig(data=str(data), space=str(tmp_path / "space.toml"), study="warned", out=str(tmp_path))
+    write_results(study, config, space, str(tmp_path), url)
+    with open(tmp_path / "trials.csv", newline="") as file:
+        (row,) = list(csv.DictReader(file))
+    assert row["state"] == "COMPLETE" and row["note"].startswith(f"warning: {warning}")
+
+
 def test_the_local_workers_keep_no_profile_history():
     """Dask's statistical profiler keeps one profile a second of a worker's work, for 1,000 seconds: a
     sweep's own workers grew with it trial after trial, for a dashboard nobody sees."""

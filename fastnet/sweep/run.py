@@ -438,7 +438,7 @@ def write_results(study, config, space, out, url):
 
 
 def _note(trial):
-    """Why a failed trial ended, and which trial a retry repeats."""
+    """Why a failed trial ended, which trial a retry repeats, and the warnings its run gave."""
     import optuna
 
     notes = []
@@ -451,6 +451,7 @@ def _note(trial):
     if trial.state.name == "FAIL":
         notes.append(trial.user_attrs.get("error") or trial.user_attrs.get("ended")
                      or "its worker died (its heartbeats stopped)")
+    notes += [f"warning: {warning}" for warning in trial.user_attrs.get("warnings", [])]
     return "; ".join(notes)
 
 

@@ -138,10 +138,17 @@ def run_trial(job):
             return True  # ends the run after this epoch, its checkpoint and model written
         return False
 
+    said = []  # the run's warnings: a trial's log lines are shown nowhere, so its row in trials.csv notes these
+
+    def log(line):
+        if line.startswith("warning: "):
+            said.append(line.removeprefix("warning: "))
+            trial.set_user_attr("warnings", said)  # at once: the trial may fail, or its worker die, before it ends
+
     result = {"number": trial.number, "settings": drawn, "out": out}
     try:
         with backends.use_threads(settings.get("backend"), job["threads"]):
-            summary = train(TrainConfig(**settings), log=lambda line: None, after_epoch=after_epoch)
+            summary = train(TrainConfig(**settings), log=log, after_epoch=after_epoch)
     except StorageError as exc:  # not the settings' fault: they are tried again, once the sweep's driver stops
         trial.set_user_attr("error", exc.problem)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
