@@ -4,8 +4,6 @@ checked by the rules of fastnet.settings; and the named recipes that `--recipe` 
 import dataclasses
 import math
 
-import numpy as np
-
 from fastnet import backends, precision, settings
 from fastnet.errors import FastnetError
 from fastnet.model import check_settings as check_model_settings
@@ -58,9 +56,7 @@ class TrainConfig:
         is the one to run, which "auto" leaves to this machine (fastnet.precision)."""
         self.check_rules()
         backends.get(self.backend)
-        if self.precision == "auto" and np.dtype(self.dtype) != np.float32:
-            return precision.check("fp32") | {"asked": "auto"}  # bf16 keeps float32 master weights
-        return precision.check(self.precision, self.backend)
+        return precision.check(self.precision, self.backend, dtype=self.dtype)
 
     def check_rules(self):
         """The rule of every setting alone, whatever the machine: what the configuration saved in a

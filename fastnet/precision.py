@@ -16,6 +16,8 @@ config.json records which.
 
 import os
 
+import numpy as np
+
 from fastnet import backends, cpu, settings
 from fastnet.errors import FastnetError
 
@@ -31,13 +33,13 @@ def bf16_instructions(flags=None):
     return [name for flag, name in BF16_INSTRUCTIONS if flag in flags]
 
 
-def check(precision, backend=None, flags=None):
-    """What config.json records of `precision` on `backend`: {"precision", and for bf16 "instructions"
-    and "gemm"}. Raises FastnetError, one line saying what is missing and what to do, when the CPU
-    or the backend cannot run it, or would run it slower than fp32."""
+def check(precision, backend=None, flags=None, dtype=np.float32):
+    """What config.json records of `precision` on `backend`, for master weights of `dtype`: {"precision",
+    and for bf16 "instructions" and "gemm"}. Raises FastnetError, one line saying what is missing and
+    what to do, when the CPU or the backend cannot run it, or would run it slower than fp32."""
     settings.one_of("precision", precision, CHOICES)
     if precision == "auto":
-        return check(resolve(backend, flags), backend, flags) | {"asked": "auto"}
+        return check(resolve(backend, flags, dtype), backend, flags) | {"asked": "auto"}
     if precision == "fp32":
         return {"precision": "fp32"}
     found = bf16_instructions(flags)
@@ -57,9 +59,10 @@ def check(precision, backend=None, flags=None):
     return {"precision": "bf16", "instructions": found or [f"none ({ANY_CPU}=1)"], "gemm": gemm}
 
 
-def resolve(backend=None, flags=None):
+def resolve(backend=None, flags=None, dtype=np.float32):
     """What "auto" runs as on `backend` here: "bf16" where the CPU multiplies bfloat16, the backend
-    has a GEMM that uses the instructions and its plan did not measure bf16 slower; else "fp32"."""
-    fast = (bf16_instructions(flags) and hasattr(backends.get(backend), "bf16_gemm")
+    has a GEMM that uses the instructions and its plan did not measure bf16 slower; else "fp32", and
+    always for float64 master weights, since bf16 keeps float32 ones."""
+    fast = (np.dtype(dtype) == np.float32 and bf16_instructions(flags) and hasattr(backends.get(backend), "bf16_gemm")
             and backends.bf16_gemm(backend) is not None and not backends.bf16_shortfall(backend))
     return "bf16" if fast else "fp32"

@@ -156,6 +156,8 @@ def test_auto_is_bf16_only_where_bf16_is_faster(monkeypatch, gemm, plan, flags, 
     monkeypatch.setenv(precision.ANY_CPU, "1")  # "auto" never takes the override's slow bf16
     numerics = precision.check("auto", "numba", flags=flags)
     assert numerics["precision"] == runs and numerics["asked"] == "auto"
+    # bf16 keeps float32 master weights: float64 ones run in fp32 wherever bf16 would pay.
+    assert precision.check("auto", "numba", flags=flags, dtype=np.float64) == {"precision": "fp32", "asked": "auto"}
     # The numpy backend's bf16 is an emulation, slower than its float32 everywhere.
     assert precision.check("auto", "numpy", flags={"amx_bf16", "avx512_bf16"})["precision"] == "fp32"
 
