@@ -341,17 +341,30 @@ def sgemm_peak(lib="numpy", sizes=PEAK_SIZES):
 
 
 def blas_libraries():
+    """The BLAS libraries this process has loaded, as describe_pools says them."""
     from threadpoolctl import threadpool_info
 
-    return ", ".join(f"{lib['internal_api']} {lib.get('architecture') or ''}".strip() for lib in threadpool_info()
-                     if lib["user_api"] == "blas")
+    return describe_pools(threadpool_info())
+
+
+def describe_pools(pools, blas_only=True):
+    """One line of thread pools as threadpoolctl (or thread_pools) lists them: each library, its
+    version, its kernel type where it has one (OpenBLAS's) and its threads, e.g. "openblas 0.3.31
+    SkylakeX (2 threads)"; the BLAS libraries alone unless `blas_only` is False. Every tool that
+    names the BLAS beside a figure says it so."""
+    def described(pool):
+        named = (pool["internal_api"], pool.get("version"), pool.get("architecture"))
+        threads = pool["num_threads"]
+        return " ".join(str(part) for part in named if part) + f" ({threads} thread{'s' * (threads != 1)})"
+
+    return ", ".join(described(pool) for pool in pools if not blas_only or pool.get("user_api") == "blas")
 
 
 def thread_pools():
     """Thread pools and OS threads of this process, as seen at the end of its measurement."""
     from threadpoolctl import threadpool_info
 
-    pools = [{k: p.get(k) for k in ("internal_api", "prefix", "version", "num_threads", "architecture")}
+    pools = [{k: p.get(k) for k in ("user_api", "internal_api", "prefix", "version", "num_threads", "architecture")}
              for p in threadpool_info()]
     return {"threadpools": pools, "os_threads": len(os.listdir("/proc/self/task"))}
 

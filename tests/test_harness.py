@@ -135,7 +135,8 @@ def test_compare_sklearn_reports_the_ratios_against_scikit_learn(capsys):
     spec = importlib.util.spec_from_file_location("compare_sklearn", ROOT / "tools" / "compare_sklearn.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    pools = [{"internal_api": "openblas", "version": "0.3", "architecture": "SkylakeX", "num_threads": 2}]
+    pools = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3", "architecture": "SkylakeX",
+              "num_threads": 2}, {"user_api": "openmp", "internal_api": "openmp", "version": None, "num_threads": 2}]
 
     def fit(side, seconds, accuracy, inside=None):
         return run(seconds, samples=20_000, steps=100) | {"side": side, "test_accuracy": accuracy,
@@ -152,6 +153,7 @@ def test_compare_sklearn_reports_the_ratios_against_scikit_learn(capsys):
     assert "fastnet:numpy / sklearn: 1.50x the samples/s, test accuracy -10.00 points" in out and "NOT met" in out
     assert "FAILED 1 of 2: the fastnet:numpy measurement exited 1: boom" in out
     assert "the epochs took 90% of the fit" in out
+    assert out.count("  openblas 0.3 SkylakeX (2 threads)\n") == 3  # beside each side's row: the BLAS, not OpenMP
 
 
 # --- tools/compare_workloads.py, the driver -------------------------------------------------------

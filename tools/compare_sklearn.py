@@ -112,8 +112,7 @@ def report(sides, results, sizes, args):
         spread = f"{statistics.median(epoch):.3f} ({epoch[0]:.3f}-{epoch[-1]:.3f})"
         ratio = s["samples_per_second"] / figures[REFERENCE][0] if REFERENCE in figures else float("nan")
         pools = runs[0]["threadpools"]
-        blas = ", ".join(f"{p['internal_api']} {p['version']} {p['architecture'] or ''} {p['num_threads']}t".strip()
-                         for p in pools if p["internal_api"] in ("openblas", "mkl"))
+        blas = harness.describe_pools(pools)
         print(f"{side:<20}{spread:>22}{s['samples_per_second']:>11,.0f}{ratio:>10.2f}{accuracy:>10.2%}"
               f"{s['warmup_seconds']:>11.2f}{s['cpu_per_wall']:>9.2f}{s['other_load']:>8.2f}  {blas}")
         if runs[0].get("epochs_seconds") is not None:

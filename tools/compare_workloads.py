@@ -117,9 +117,7 @@ def print_env(sides, results, peaks):
                for s in sides]
     for key, r in workers + [(f"{lib} sgemm peak worker", p) for lib, p in peaks.items()]:
         if r and "threadpools" in r:
-            pools = "; ".join(f"{p['internal_api']} {p['version'] or ''} {p['num_threads']} threads"
-                              + (f" arch {p['architecture']}" if p.get("architecture") else "")
-                              for p in r["threadpools"])
+            pools = harness.describe_pools(r["threadpools"], blas_only=False)
             extra = ""
             if "torch_threads" in r:
                 extra = (f"; torch threads {r['torch_threads_default']} by default, {r['torch_threads']} set, "
@@ -248,8 +246,7 @@ def main():
             print(f"sgemm peak {lib}: {p['error']}")
         else:
             sizes = ", ".join(f"{n}: {g:.0f}" for n, g in p["by_size"].items())
-            arch = ", ".join(f"{t['internal_api']} {t['architecture']}"
-                             for t in p["threadpools"] if t.get("architecture"))
+            arch = harness.describe_pools(p["threadpools"])
             print(f"sgemm peak {lib}: {p['gflops']:.1f} GFLOP/s at {p['size']}x{p['size']}  (by size: {sizes}; "
                   f"loaded: {arch or 'no OpenBLAS'}; others kept {p['other_load']:.2f} cores busy)")
     good = {lib: p["gflops"] for lib, p in peaks.items() if "error" not in p}

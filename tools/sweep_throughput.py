@@ -28,16 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastnet.cpu import DISTURBED, cpu_model, run_child  # noqa: E402  (after the path is set)
+from fastnet.harness import blas_libraries  # noqa: E402
 
 ONE_POINT = "[lr]\nchoices = [0.05]\n"  # fastnet train's own learning rate: the default run, every trial
-
-
-def blas_kernel():
-    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
-    from threadpoolctl import threadpool_info
-
-    return ", ".join(f"{lib['internal_api']} {lib.get('version')} {lib.get('architecture') or ''}".strip()
-                     for lib in threadpool_info() if lib["user_api"] == "blas")
 
 
 def run_layout(layout, args, folder):
@@ -93,7 +86,7 @@ def main():
     print(f"\nfastnet sweep, {args.trials} trials of {args.epochs} epochs of fastnet train's defaults "
           f"(MLP 3072-512-512-10, batch 128, {args.backend} backend), CIFAR-10, pruning off; {args.repeats} "
           f"interleaved runs per layout, medians")
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; BLAS: {blas_kernel()}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; BLAS: {blas_libraries()}")
     print(f"{'layout':<22}{'trials/h':>10}{'min-max':>13}{'s/trial':>9}{'wall s':>8}{'others':>8}")
     for (workers, threads), rs in runs.items():
         rates = sorted(r["trials_per_hour"] for r in rs)
