@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from helpers import fastnet
@@ -85,11 +86,19 @@ def test_another_machines_plan_or_a_broken_file_is_ignored(measured, tmp_path):
                                             "entries": {"tile_flops": 7, "tile_multiple": 1}}))
     broken = tmp_path / "broken.json"
     broken.write_text('{"fingerprint": ')
+    older = tmp_path / "older.json"  # measured before fastnet recorded oneDNN's version, on another NumPy
+    older.write_text(json.dumps(plan | {"fingerprint": {k: v for k, v in plan["fingerprint"].items() if k != "onednn"}
+                                        | {"numpy": "1.0.0"}}))
     code = "from fastnet.backends import numba_gemm; print(numba_gemm.plan()['tile_flops'])"
-    for path in (elsewhere, broken):
+    cpu = plan["fingerprint"]["cpu"]
+    onednn = plan["fingerprint"]["onednn"] or "not installed"
+    changes = f"numpy 1.0.0 (now {np.__version__}), onednn unrecorded (now {onednn})"
+    for path, why in ((elsewhere, f"was measured with cpu another CPU (now {cpu}), so it is ignored"),
+                      (older, f"was measured with {changes}, so it is ignored"),
+                      (broken, "is unreadable, so it is ignored")):
         assert int(in_new_process(code, path)) == numba_gemm.DEFAULT_PLAN["tile_flops"]
         shown = fastnet("plan", env={"FASTNET_PLAN_FILE": str(path)})
-        assert shown.returncode == 0 and "is another machine's plan or unreadable, so it is ignored" in shown.stdout
+        assert shown.returncode == 0 and f"plan: defaults: {path} {why} (fastnet plan --measure)" in shown.stdout
 
 
 def test_fastnet_plan_shows_the_plan_in_force(measured, tmp_path):

@@ -62,25 +62,43 @@ def fingerprint():
             **{package: _version(package) for package in ("numpy", "numba", "mkl", "onednn")}}
 
 
-def load():
-    """The plan measured on this machine, or None: none kept, another machine's, or unreadable."""
+def _saved():
+    """What the plan file holds, if it is a JSON object with a fingerprint; else None."""
     try:
         saved = json.loads(plan_file().read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint():
-        return None
-    return saved
+    return saved if isinstance(saved, dict) and isinstance(saved.get("fingerprint"), dict) else None
+
+
+def load():
+    """The plan measured on this machine, or None: none kept, another machine's, or unreadable."""
+    saved = _saved()
+    return saved if saved is not None and saved["fingerprint"] == fingerprint() else None
 
 
 def status():
-    """One line on where the plan in force comes from."""
-    path, saved = plan_file(), load()
-    if saved is not None:
+    """One line on where the plan in force comes from; for a plan that is ignored, what changed."""
+    path, saved = plan_file(), _saved()
+    if saved is not None and saved["fingerprint"] == fingerprint():
         return f"measured on {saved['measured']} ({path})"
+    if saved is not None:
+        now = fingerprint()
+        then = saved["fingerprint"]
+        changes = ", ".join(f"{name} {_shown(then, name)} (now {_shown(now, name)})"
+                            for name in sorted({*then, *now}) if then.get(name, then) != now.get(name, now))
+        return f"defaults: {path} was measured with {changes}, so it is ignored (fastnet plan --measure)"
     if path.exists():
-        return f"defaults: {path} is another machine's plan or unreadable, so it is ignored (fastnet plan --measure)"
+        return f"defaults: {path} is unreadable, so it is ignored (fastnet plan --measure)"
     return "defaults: not measured on this machine (fastnet plan --measure)"
+
+
+def _shown(fingerprint, name):
+    """A fingerprint's entry in words; a plan from an older fastnet may not record every entry."""
+    if name not in fingerprint:
+        return "unrecorded"
+    value = fingerprint[name]
+    return "not installed" if value is None else (", ".join(value) if isinstance(value, list) else str(value))
 
 
 def _blases():

@@ -451,9 +451,11 @@ fastnet train refuses --precision bf16 where they were slower. The plan goes to
 $FASTNET_PLAN_FILE, by default plan.json in fastnet's cache folder
 ($FASTNET_CACHE, else $XDG_CACHE_HOME/fastnet, else ~/.cache/fastnet), with
 this machine's fingerprint: the CPU, its vector instructions, its cores, and
-the NumPy, Numba and MKL versions. Every later run on this machine uses it; a
-plan measured on another machine is ignored. For one command, FASTNET_BLAS,
-FASTNET_BF16_GEMM and FASTNET_PLAN override it (see fastnet --help).
+the NumPy, Numba, MKL and oneDNN versions. Every later run on this machine
+uses it; a plan whose fingerprint differs (another machine's, or this one's
+before an upgrade) is ignored, and fastnet plan names what changed. For one
+command, FASTNET_BLAS, FASTNET_BF16_GEMM and FASTNET_PLAN override it (see
+fastnet --help).
 config.json records the plan of each run and where it came from.
 
 A plan changes speed, not results, except through the BLAS it names: each
