@@ -17,6 +17,7 @@ import numpy as np
 from fastnet import checkpoint, data, storage
 from fastnet.errors import CheckpointError, FastnetError
 from fastnet.evaluation import evaluation_inputs, normalizer, saved_tta
+from fastnet.run_folder import best_epoch
 
 MISSING = "-"
 
@@ -61,8 +62,6 @@ def kept_epoch(epochs):
     chose it), by run_folder.best_epoch's rule: the best validation accuracy, else the last epoch. Never
     the best test accuracy, which would be a choice made on the test set. Records without a number
     for val_acc (hand-written or damaged ones) do not compete."""
-    from fastnet.run_folder import best_epoch
-
     validated = [{"val_acc": _number(r.get("val_acc"))} if _number(r.get("val_acc")) is not None else {}
                  for r in epochs]
     return best_epoch(validated) - 1, any(validated)
@@ -318,7 +317,7 @@ def run_summary(run_dir):
     epochs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     sizes = config.get("sizes")
     done = [e for e in (_number(r.get("epoch")) for r in epochs) if e is not None]
-    kept = kept_epoch(epochs)[0] if epochs else None
+    kept = kept_epoch(epochs)[0] if epochs else None  # model.npz's epoch, counted from 0
     speeds = [s for s in (_number(r.get("samples_per_second")) for r in epochs) if s is not None]
     planned = config.get("epochs")
     return {
@@ -329,8 +328,8 @@ def run_summary(run_dir):
         "epochs_done": int(max(done)) if done else (len(epochs) or (0 if config else None)),
         "epochs_planned": planned if isinstance(planned, int) and not isinstance(planned, bool) else None,
         # The test accuracy of the model the run keeps (kept_epoch), not the best over its epochs.
-        "test_acc": _number(epochs[kept].get("test_acc")) if epochs else None,
-        "kept_epoch": kept + 1 if epochs else None,
+        "test_acc": None if kept is None else _number(epochs[kept].get("test_acc")),
+        "kept_epoch": None if kept is None else kept + 1,
         # The median, because the first epoch of a JIT backend or a busy machine skews a mean.
         "samples_per_second": statistics.median(speeds) if speeds else None,
         "date": _run_date(run_dir, config),

@@ -129,7 +129,10 @@ def _write(out, part, block=None):
     storage refuses (a full disk) is a StorageError that says what to free, and the part is kept:
     the same command then resumes it."""
     try:
-        out.write(block) if block is not None else out.flush()
+        if block is None:
+            out.flush()
+        else:
+            out.write(block)
     except OSError as exc:
         raise storage.refused(part, exc) or DataError(f"cannot write {part} ({_reason(exc)}): pass a writable "
                                                       f"folder") from exc

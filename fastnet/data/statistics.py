@@ -76,8 +76,8 @@ def _uint8_moments(images, channels, chunk):
     """_moments of uint8 values scaled to [0, 1], exactly: how often each of the 256 values occurs in
     each channel gives the sums of the values and of their squares as integers, and the mean and the
     variance as fractions, each rounded to float64 once. A count reads each byte once, where the
-    float64 path converts and subtracts: on CIFAR-10's training images (153.6 M bytes) it took 0.36 s
-    against 2.5 to 3.2 s, with the same float32 statistics."""
+    float64 path converts and subtracts: several times faster, with the same float32 statistics
+    (benchmarks/RESULTS.md, "Channel statistics counted")."""
     counts = np.zeros((channels, 256), np.int64)
     for start in range(0, len(images), chunk):
         block = np.asarray(images[start:start + chunk]).reshape(-1, channels)
