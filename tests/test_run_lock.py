@@ -48,6 +48,9 @@ def stopped_after(tiny, out, name):
     first = start_fastnet(*train_args(tiny, out))
     wait_for(out / name, first)
     os.kill(first.pid, signal.SIGSTOP)
+    # kill returns before the signal is delivered; until waitpid sees the stop, the run may still be writing.
+    _, status = os.waitpid(first.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), "the first run finished before it could be stopped"
     epochs = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
     assert first.poll() is None and epochs < EPOCHS, "the first run finished before it could be stopped"
     return first
