@@ -184,12 +184,15 @@ def curves_figure(epochs, title=""):
     series = (("train", "tab:blue", "-"), ("val", "tab:green", "--"), ("test", "tab:orange", "-"))
     for split, colour, style in series:
         for axes, metric, factor in ((loss_axes, "loss", 1.0), (acc_axes, "acc", 100.0)):
-            values = [_number(record.get(f"{split}_{metric}")) for record in epochs]
-            if all(v is None for v in values):
+            # Only the epochs that were evaluated: with --eval-every a gap between them is not a break in
+            # the curve, and a NaN there would leave each point unjoined.
+            points = [(e, v * factor) for e, record in zip(x, epochs, strict=True)
+                      if (v := _number(record.get(f"{split}_{metric}"))) is not None]
+            if not points:
                 continue
-            y = [np.nan if v is None else v * factor for v in values]
             # Markers, so that a run with a single epoch still shows its points.
-            axes.plot(x, y, style, color=colour, marker="o", markersize=3.5, linewidth=1.8, label=split)
+            axes.plot(*zip(*points, strict=True), style, color=colour, marker="o", markersize=3.5, linewidth=1.8,
+                      label=split)
 
     kept, by_validation = kept_epoch(epochs)
     kept_test = _number(epochs[kept].get("test_acc"))

@@ -154,6 +154,18 @@ def test_plot_stars_the_kept_model_not_the_best_test_epoch(val_accs, kept, chose
     assert stars[0].get_label() == f"kept model: test {tests[kept]:.2%} (epoch {kept + 1}, {chosen})"
 
 
+def test_plot_joins_the_test_points_of_a_run_evaluated_every_other_epoch():
+    """--eval-every 2: epochs 1 and 3 have no test figures, and the test curve joins epochs 2 and 4."""
+    epochs = [json.loads(epoch_line(e, 0.3 + 0.01 * e, 100.0)) for e in range(1, 5)]
+    for record in epochs[::2]:
+        del record["test_loss"], record["test_acc"]
+    for axes, value in zip(report.curves_figure(epochs).axes, ("test_loss", "test_acc"), strict=True):
+        test = next(line for line in axes.lines if line.get_label() == "test")
+        assert list(test.get_xdata()) == [2, 4]
+        factor = 100 if value == "test_acc" else 1
+        assert list(test.get_ydata()) == pytest.approx([epochs[1][value] * factor, epochs[3][value] * factor])
+
+
 def test_plot_of_many_classes_stays_readable(tmp_path):
     rng = np.random.default_rng(0)
     confusion = rng.integers(0, 20, (60, 60)) + np.diag(rng.integers(50, 100, 60))
