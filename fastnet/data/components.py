@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.linalg
 
 from fastnet import settings
 
@@ -80,6 +79,8 @@ def principal_components(images: np.ndarray, shift: np.ndarray, scale: np.ndarra
 def _top_eigenpairs(symmetric: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``count`` largest eigenvalues of a symmetric matrix, largest first, and their eigenvectors.
     Only those are computed: for 512 of 3072, three times faster than all of them."""
+    import scipy.linalg  # here, as every fastnet command would otherwise wait 0.2 s for it to load
+
     size = len(symmetric)
     values, vectors = scipy.linalg.eigh(symmetric, subset_by_index=(size - count, size - 1))
     return values[::-1], vectors[:, ::-1]
