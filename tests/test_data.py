@@ -512,8 +512,22 @@ def test_split_validation_follows_the_generator():
     other = split_validation(labels, labels, 100, np.random.default_rng(8))[3]
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
-    expected = np.sort(np.random.default_rng(7).permutation(1000)[:100])
-    np.testing.assert_array_equal(first, expected)
+
+
+def test_split_validation_holds_out_each_class_in_proportion_to_its_size():
+    """Shares 60, 30, 9.9 and 0.1 of 100: rounded down to 60, 30, 9 and 0, and the one left goes to the
+    class that rounding cost most. A random split would be 60 +- 5, 30 +- 4, 10 +- 3, 0 or 1."""
+    labels = np.repeat([2, 0, 3, 1], [600, 300, 99, 1])  # classes in no particular order of size
+    for seed in range(5):
+        _, train_labels, _, val_labels = split_validation(labels, labels, 100, np.random.default_rng(seed))
+        assert {c: int(np.sum(val_labels == c)) for c in range(4)} == {2: 60, 0: 30, 3: 10, 1: 0}
+        assert np.bincount(train_labels).tolist() == [270, 1, 540, 89]
+
+
+def test_split_validation_draws_which_of_equal_classes_gets_the_sample_that_rounding_leaves():
+    labels = np.repeat([0, 1, 2], 5)
+    chosen = {int(split_validation(labels, labels, 1, np.random.default_rng(seed))[3][0]) for seed in range(20)}
+    assert chosen == {0, 1, 2}  # not always the first class
 
 
 @pytest.mark.parametrize("count", [0, -1, 10, 11, 2.5])

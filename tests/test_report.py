@@ -231,7 +231,9 @@ def test_runs_lists_finished_half_finished_and_broken_runs(tiny_run):
     listed = json.loads(fastnet("runs", runs, "--json").stdout)["runs"]
     tiny = next(row for row in listed if row["name"] == "tiny")
     metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert tiny["test_acc"] == metrics[-1]["test_acc"] and tiny["kept_epoch"] == len(metrics)
+    val_accs = [epoch["val_acc"] for epoch in metrics]
+    kept = val_accs.index(max(val_accs))  # the first of the best validation epochs, as model.npz keeps
+    assert tiny["test_acc"] == metrics[kept]["test_acc"] and tiny["kept_epoch"] == kept + 1
     assert next(row for row in listed if row["name"] == "validated")["kept_epoch"] == 2
     assert tiny["samples_per_second"] == pytest.approx(statistics.median(m["samples_per_second"] for m in metrics))
     assert next(row for row in listed if row["name"] == "corrupt")["model"] is None

@@ -101,8 +101,9 @@ lr/25 to lr over the first --warmup of the steps (0.3 when not given), then
 down along half a cosine to lr/25/1e4; step is lr, then lr/10 after half the
 steps and lr/100 after three quarters; cosine goes from lr down to 0 along
 half a cosine; constant stays at lr. All but onecycle first ramp up from 0
-when --warmup is above 0. --val N holds out N training images, drawn by the
-seed, and reports validation loss and accuracy too.
+when --warmup is above 0. --val N holds out N training images, each class in
+proportion to its size, drawn by the seed, and reports validation loss and
+accuracy too.
 
 Recipes. --recipe NAME starts from these settings; any flag given with it
 overrides that setting (and --pca 0 turns off the recipe's --whiten too):
