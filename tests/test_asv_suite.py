@@ -69,11 +69,10 @@ def make_small(module):
         module.EpochMemory.num_images = 3 * max(w.batch_size for w in suite.WORKLOADS.values())
         module.FullDatasetMemory.images_per_batch, module.FullDatasetMemory.steps = 300, 2
         # What is checked is that each snippet runs, not how long a cold compile takes: NumbaStartup's
-        # cold and warm snippets share one cache folder, so that the warm one's first step loads what
-        # the cold one compiled instead of compiling it all again (half a minute on a cold machine).
-        shared = f"import os\nos.environ['NUMBA_CACHE_DIR'] = {os.path.abspath('numba-cache')!r}\n"  # in tmp_path
-        module._POPULATE = shared + module._POPULATE.removeprefix(module._FRESH_CACHE)
-        module._FRESH_CACHE = shared
+        # snippets use the package's own cache, which the rest of the suite fills, instead of empty
+        # folders that each cost a compile of every kernel (half a minute on a cold machine).
+        module._POPULATE = module._POPULATE.removeprefix(module._FRESH_CACHE)
+        module._FRESH_CACHE = ""
 
 
 def run_timeraw(snippets):
