@@ -209,8 +209,10 @@ def curves_figure(epochs, title=""):
         if len(set(x)) == 1:  # one epoch: matplotlib would zoom into fractions of it
             axes.set_xlim(x[0] - 1, x[0] + 1)
         axes.grid(True, alpha=0.3)
-        if axes.lines:
-            axes.legend(frameon=False)
+    # One legend for both plots, below them, where no curve can run under it: the loss plot's series
+    # are the accuracy plot's, which adds the kept model's star.
+    if acc_axes.lines:
+        figure.legend(handles=acc_axes.lines, loc="outside lower center", ncols=len(acc_axes.lines), frameon=False)
     if title:
         figure.suptitle(title)
     return figure

@@ -154,6 +154,21 @@ def test_plot_stars_the_kept_model_not_the_best_test_epoch(val_accs, kept, chose
     assert stars[0].get_label() == f"kept model: test {tests[kept]:.2%} (epoch {kept + 1}, {chosen})"
 
 
+def test_plot_legend_lies_below_both_plots_where_no_curve_runs():
+    epochs = [json.loads(epoch_line(e, 0.3 + 0.01 * e, 100.0, val_acc=0.4)) for e in range(1, 4)]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = report.curves_figure(epochs)
+    canvas = FigureCanvasAgg(figure)  # laid out and drawn as the saved PNG is
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert [axes.get_legend() for axes in figure.axes] == [None, None]
+    [legend] = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["train", "val", "test",
+                                                                "kept model: test 31.00% (epoch 1, best validation)"]
+    assert legend.get_window_extent(renderer).y1 <= min(axes.get_tightbbox(renderer).y0 for axes in figure.axes)
+
+
 def test_plot_joins_the_test_points_of_a_run_evaluated_every_other_epoch():
     """--eval-every 2: epochs 1 and 3 have no test figures, and the test curve joins epochs 2 and 4."""
     epochs = [json.loads(epoch_line(e, 0.3 + 0.01 * e, 100.0)) for e in range(1, 5)]
