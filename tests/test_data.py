@@ -492,24 +492,27 @@ def test_channel_stats_does_not_depend_on_chunking(count, chunk, seed):
 # ---- split_validation ------------------------------------------------------------------------------
 
 def test_split_validation_partitions_the_samples():
-    labels = np.arange(100, dtype=np.int64)
-    images = np.repeat(labels[:, None], 3, axis=1).astype(np.uint8)  # image i holds value i
+    ids = np.arange(100, dtype=np.int64)
+    labels = ids % 4
+    images = np.repeat(ids[:, None], 3, axis=1).astype(np.uint8)  # image i holds value i
     tr_x, tr_y, va_x, va_y = split_validation(images, labels, 20, np.random.default_rng(0))
     assert len(tr_x) == len(tr_y) == 80 and len(va_x) == len(va_y) == 20
-    assert set(tr_y).isdisjoint(va_y) and set(tr_y) | set(va_y) == set(range(100))
-    assert (np.diff(tr_y) > 0).all() and (np.diff(va_y) > 0).all()  # original order kept
-    np.testing.assert_array_equal(tr_x[:, 0], tr_y)  # images travel with their labels
-    np.testing.assert_array_equal(va_x[:, 2], va_y)
+    train_ids, val_ids = tr_x[:, 0].astype(int), va_x[:, 2].astype(int)
+    assert set(train_ids).isdisjoint(val_ids) and set(train_ids) | set(val_ids) == set(range(100))
+    assert (np.diff(train_ids) > 0).all() and (np.diff(val_ids) > 0).all()  # original order kept
+    np.testing.assert_array_equal(tr_y, labels[train_ids])  # labels travel with their images
+    np.testing.assert_array_equal(va_y, labels[val_ids])
     assert all(a.flags.c_contiguous for a in (tr_x, tr_y, va_x, va_y))
     tr_x[:] = 0
     assert images.any()  # a copy, not a view
 
 
 def test_split_validation_follows_the_generator():
-    labels = np.arange(1000)
-    first = split_validation(labels, labels, 100, np.random.default_rng(7))[3]
-    again = split_validation(labels, labels, 100, np.random.default_rng(7))[3]
-    other = split_validation(labels, labels, 100, np.random.default_rng(8))[3]
+    ids = np.arange(1000)
+    labels = ids % 7
+    first = split_validation(ids, labels, 100, np.random.default_rng(7))[2]
+    again = split_validation(ids, labels, 100, np.random.default_rng(7))[2]
+    other = split_validation(ids, labels, 100, np.random.default_rng(8))[2]
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 
@@ -530,12 +533,25 @@ def test_split_validation_draws_which_of_equal_classes_gets_the_sample_that_roun
     assert chosen == {0, 1, 2}  # not always the first class
 
 
-@pytest.mark.parametrize("count", [0, -1, 10, 11, 2.5])
+def test_split_validation_never_takes_a_class_s_last_sample():
+    """Shares of 99 out of 103: 0.96 for each class of one, 96.1 for the class of 100. Each class of
+    one has the largest remainder, yet keeps its sample: the big class gives all 99."""
+    labels = np.repeat([0, 1, 2, 3], [1, 1, 1, 100])
+    for seed in range(5):
+        _, train_labels, _, val_labels = split_validation(labels, labels, 99, np.random.default_rng(seed))
+        assert np.bincount(train_labels).tolist() == [1, 1, 1, 1] and np.bincount(val_labels).tolist() == [0, 0, 0, 99]
+    with pytest.raises(DataError) as err:
+        split_validation(np.arange(5), np.arange(5), 1, np.random.default_rng(0))
+    assert _one_line(err).endswith("each of the 5 classes of the training set has one sample, which it keeps to be "
+                                   "trained on; pass --val 0")
+
+
+@pytest.mark.parametrize("count", [0, -1, 9, 11, 2.5])
 def test_split_validation_rejects_bad_counts(count):
-    labels = np.arange(10)
+    labels = np.arange(10) % 2  # two classes, each of which keeps one sample
     with pytest.raises(DataError) as err:
         split_validation(labels, labels, count, np.random.default_rng(0))
-    assert "between 1 and 9" in _one_line(err)
+    assert f"--val {count} must be between 1 and 8: the training set has 10 samples in 2 classes" in _one_line(err)
 
 
 def test_dataset_properties_for_flat_samples():

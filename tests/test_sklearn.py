@@ -288,6 +288,7 @@ def test_bad_input_raises_what_scikit_learn_raises():
     ("threads", 0, "threads must be a positive integer"),
     ("ema", 1.0, "ema is a decay per step, in \\(0, 1\\), got 1.0"),
     ("validation_fraction", 0.01, "validation_fraction=0.01 of 60 samples holds out 1"),
+    ("validation_fraction", 0.97, "holds out 59: .* one sample of each of the 3 classes"),
 ])
 def test_a_bad_setting_is_a_value_error_that_names_the_parameter(setting, value, named):
     X, y = blobs(60)

@@ -11,15 +11,20 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Hold out ``count`` samples, each class in proportion to its size and drawn by ``rng`` within it,
     as scikit-learn's classifiers split off their validation samples: a split that happened to miss a
-    small class would choose the epoch without it. Returns (train_images, train_labels, val_images,
-    val_labels)."""
+    small class would choose the epoch without it. As the test split of an image tree, it never takes
+    a class's last sample, which stays to be trained on. Returns (train_images, train_labels,
+    val_images, val_labels)."""
     total = len(images)
     if len(labels) != total:
         raise DataError(f"cannot split {total} images with {len(labels)} labels: pass matching arrays")
-    if not isinstance(count, (int, np.integer)) or not 0 < count < total:
-        raise DataError(f"--val {count} must be between 1 and {total - 1}: the training set has {total} samples; "
-                        "pass a smaller one")
     _, sizes = np.unique(labels, return_counts=True)
+    most = total - len(sizes)
+    if not most:
+        raise DataError(f"--val {count} finds nothing to hold out: each of the {total} classes of the training set "
+                        "has one sample, which it keeps to be trained on; pass --val 0")
+    if not isinstance(count, (int, np.integer)) or not 0 < count <= most:
+        raise DataError(f"--val {count} must be between 1 and {most}: the training set has {total} samples in "
+                        f"{len(sizes)} classes, and each class keeps one to be trained on; pass a smaller one")
     quotas = class_quotas(sizes, count, rng)
     by_class = np.lexsort((rng.random(total), labels))  # each class's samples together, in random order
     rank = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # a sample's place within its class
@@ -31,11 +36,16 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np
 
 
 def class_quotas(sizes: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """How many of each class's ``sizes`` samples to hold out so that they sum to ``count``: each share
-    rounded down, then one more for the classes whose shares lost most to the rounding, equal losses
-    in an order drawn by ``rng``. Integer arithmetic, so that no share is misjudged by a rounding error."""
-    scaled = sizes.astype(np.int64) * count
-    quotas, lost = np.divmod(scaled, sizes.sum())
+    """How many of each class's ``sizes`` samples to hold out so that they sum to ``count``, at most
+    ``sizes.sum() - len(sizes)``: each share rounded down, then one more at a time for the classes whose
+    shares lost most to the rounding, equal losses in an order drawn by ``rng``, passing over a class
+    left with one sample. Integer arithmetic, so that no share is misjudged by a rounding error."""
+    # count < sizes.sum(), so no share rounded down takes a class's last sample: only the ones added can.
+    quotas, lost = np.divmod(sizes.astype(np.int64) * count, sizes.sum())
+    order = np.lexsort((rng.permutation(len(sizes)), -lost))
     short = count - int(quotas.sum())
-    quotas[np.lexsort((rng.permutation(len(sizes)), -lost))[:short]] += 1
+    while short:
+        open_classes = order[quotas[order] < sizes[order] - 1][:short]
+        quotas[open_classes] += 1
+        short -= len(open_classes)
     return quotas
