@@ -306,7 +306,12 @@ def _describe_run(config):
     sizes = config.get("sizes")
     parts = []
     if isinstance(sizes, list) and sizes:
-        parts.append("-".join(map(str, sizes)) + " MLP")
+        described = "-".join(map(str, sizes)) + " MLP"
+        components = _components(config)
+        if components:
+            whitened = "whitened " if config.get("whiten") else ""
+            described += f" on {components} {whitened}principal components"
+        parts.append(described)
     for key, label in (("backend", "{} backend"), ("optimizer", "{}"), ("lr", "lr {}"), ("batch_size", "batch {}")):
         if config.get(key) is not None:
             parts.append(label.format(config[key]))
@@ -320,7 +325,6 @@ def run_summary(run_dir):
     nothing (a run that is still going, was killed or is corrupt)."""
     config = read_json(os.path.join(run_dir, "config.json")) or {}
     epochs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    sizes = config.get("sizes")
     done = [e for e in (_number(r.get("epoch")) for r in epochs) if e is not None]
     kept = kept_epoch(epochs)[0] if epochs else None  # model.npz's epoch, counted from 0
     speeds = [s for s in (_number(r.get("samples_per_second")) for r in epochs) if s is not None]
@@ -329,7 +333,7 @@ def run_summary(run_dir):
         "name": os.path.basename(os.path.abspath(run_dir)),
         "path": run_dir,
         "backend": config.get("backend") if isinstance(config.get("backend"), str) else None,
-        "model": "-".join(map(str, sizes)) if isinstance(sizes, list) and sizes else None,
+        "model": _model_name(config),
         "epochs_done": int(max(done)) if done else (len(epochs) or (0 if config else None)),
         "epochs_planned": planned if isinstance(planned, int) and not isinstance(planned, bool) else None,
         # The test accuracy of the model the run keeps (kept_epoch), not the best over its epochs.
@@ -339,6 +343,22 @@ def run_summary(run_dir):
         "samples_per_second": statistics.median(speeds) if speeds else None,
         "date": _run_date(run_dir, config),
     }
+
+
+def _model_name(config):
+    """The layer sizes, the first marked "pca" when the run trained on principal components (--pca):
+    128 inputs are then 128 components, not 128 pixels."""
+    sizes = config.get("sizes")
+    if not (isinstance(sizes, list) and sizes):
+        return None
+    name = "-".join(map(str, sizes))
+    return f"pca{name}" if _components(config) else name
+
+
+def _components(config):
+    """The number of principal components a run trained on (--pca), or None."""
+    pca = config.get("pca")
+    return pca if isinstance(pca, int) and not isinstance(pca, bool) and pca > 0 else None
 
 
 def _run_date(run_dir, config):

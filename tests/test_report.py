@@ -209,6 +209,17 @@ def write_run(folder, config, metrics_text=None):
         (folder / "metrics.jsonl").write_text(metrics_text)
 
 
+def test_runs_and_plot_titles_mark_a_network_trained_on_principal_components(tmp_path):
+    """--pca 128: the first size is 128 components of 3072 pixels, which a bare 128-1024-10 hides."""
+    write_run(tmp_path / "pca", {"sizes": [128, 1024, 10], "pca": 128, "whiten": True}, epoch_line(1, 0.5, 100.0))
+    write_run(tmp_path / "raw", {"sizes": [3072, 1024, 10], "pca": 0}, epoch_line(1, 0.5, 100.0))
+    models = {row["name"]: row["model"] for row in json.loads(fastnet("runs", tmp_path, "--json").stdout)["runs"]}
+    assert models == {"pca": "pca128-1024-10", "raw": "3072-1024-10"}
+    assert report._describe_run({"sizes": [128, 1024, 10], "pca": 128, "whiten": True}) == (
+        "128-1024-10 MLP on 128 whitened principal components")
+    assert report._describe_run({"sizes": [3072, 1024, 10], "pca": 0}) == "3072-1024-10 MLP"
+
+
 def epoch_line(epoch, test_acc, speed, val_acc=None):
     validation = {} if val_acc is None else {"val_loss": 1.2, "val_acc": val_acc}
     return json.dumps({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.1,

@@ -397,13 +397,15 @@ config.json, as fastnet train writes; DIR may be one itself.
   run   backend  model         epochs  kept test  samples/s  date
   wide  numba    3072-1024-10   18/18     56.30%     12,200  2026-12-02 10:15
   long  numpy    3072-512-10     7/18     52.40%      8,700  2026-12-02 11:30
-"epochs" is finished/planned; "kept test" is the test accuracy of the model
-the run keeps in model.npz (its best validation epoch with --val, else its
-last), not the best of its epochs' test accuracies, which would pick a
-model by the test set; samples/s is the median over the epochs (the
-first epoch of a JIT backend would skew a mean); the date is when the run
-started. A run that is still going, was killed or is corrupt shows - where a
-figure is unknown. --json prints the same as one object: {"dir", "runs"}.
+"model" is the layer sizes, pca128-... for a network trained on 128
+principal components (--pca 128); "epochs" is finished/planned; "kept test"
+is the test accuracy of the model the run keeps in model.npz (its best
+validation epoch with --val, else its last), not the best of its epochs'
+test accuracies, which would pick a model by the test set; samples/s is the
+median over the epochs (the first epoch of a JIT backend would skew a mean);
+the date is when the run started. A run that is still going, was killed or
+is corrupt shows - where a figure is unknown. --json prints the same as one
+object: {"dir", "runs"}.
 
 Exit statuses: 0 done (also when DIR holds no run), 2 no such folder."""
 
