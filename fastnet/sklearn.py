@@ -188,11 +188,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if self.early_stopping:
             fraction = settings.fraction("validation_fraction", self.validation_fraction, 0.1)
             val = math.ceil(fraction * samples)
-            classes = len(np.unique(dataset.train_labels))
-            if val < 2 or val > samples - classes:
+            most = data.most_held_out(dataset.train_labels)
+            if val < 2 or val > most:
                 raise ValueError(f"validation_fraction={fraction:g} of {samples} samples holds out {val}: the "
                                  f"validation split needs 2 or more, and the training split one sample of each of "
-                                 f"the {classes} classes; change validation_fraction, or pass more samples")
+                                 f"the {samples - most} classes; change validation_fraction, or pass more samples")
             settings.positive_integer("n_iter_no_change", self.n_iter_no_change, 10)
             settings.not_negative("tol", self.tol, "pass 0 to count any improvement")
         hidden = self.hidden_layer_sizes

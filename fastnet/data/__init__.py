@@ -18,13 +18,13 @@ from fastnet.data.components import mirror_images, mirror_permutation, mirror_si
 from fastnet.data.downloading import download
 from fastnet.data.folders import load_image_tree
 from fastnet.data.layouts import Dataset, default_data_path, find_dataset, load_dataset
-from fastnet.data.split import split_validation
+from fastnet.data.split import most_held_out, split_validation
 from fastnet.data.statistics import channel_stats, feature_stats
 
 __all__ = [
     "Augmentation", "ComponentFlip", "Dataset", "ProjectedAugmentation", "channel_stats", "default_data_path",
     "download", "feature_stats", "find_dataset", "load_dataset", "load_image_tree", "mirror_images",
-    "mirror_permutation", "mirror_signs",
+    "mirror_permutation", "mirror_signs", "most_held_out",
     "principal_components",
     "project", "split_validation", "tta_views", "View",
 ]

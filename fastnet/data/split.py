@@ -18,7 +18,7 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np
     if len(labels) != total:
         raise DataError(f"cannot split {total} images with {len(labels)} labels: pass matching arrays")
     _, sizes = np.unique(labels, return_counts=True)
-    most = total - len(sizes)
+    most = most_held_out(labels)
     if not most:
         raise DataError(f"--val {count} finds nothing to hold out: each of the {total} classes of the training set "
                         "has one sample, which it keeps to be trained on; pass --val 0")
@@ -33,6 +33,11 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int, rng: np
     # A mask keeps both parts in their original order, so epochs see a stable sequence for a seed.
     return (np.ascontiguousarray(images[~held]), np.ascontiguousarray(labels[~held]),
             np.ascontiguousarray(images[held]), np.ascontiguousarray(labels[held]))
+
+
+def most_held_out(labels: np.ndarray) -> int:
+    """The most samples of `labels` that a validation split may hold out: all but one of each class."""
+    return len(labels) - len(np.unique(labels))
 
 
 def class_quotas(sizes: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
